@@ -101,7 +101,7 @@ def environment() -> dict:
 def run_name(method: str, name: str, seed: int, timestamp: str | None = None) -> str:
     """``<method>__<name>__s<seed>__<timestamp>``; parts are checked so the name parses back unambiguously."""
     for label, part in (("method", method), ("name", name)):
-        if not _NAME_OK.match(part):
+        if not _NAME_OK.fullmatch(part):  # fullmatch: '$' alone would accept a trailing newline
             raise ValueError(f"Run {label} '{part}' must be letters, digits, '.', '+' or '-' (no '_', no spaces).")
     timestamp = timestamp or _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     return f"{method}__{name}__s{int(seed)}__{timestamp}"
@@ -129,14 +129,19 @@ class Run:
         self.root = Path(root) if root is not None else RUNS_DIR
         self.final_path = self.root / self.folder
         self.partial_path = self.root / (self.folder + ".partial")
+        self.failed_path = self.root / (self.folder + ".failed")
+        self._path = self.partial_path
         self.config = to_jsonable(config)
+        if "seed" in self.config and self.config["seed"] != self.seed:
+            # config.json, the folder name and list_runs must agree on the one seed that was set
+            raise ValueError(f"config seed {self.config['seed']!r} differs from the run seed {self.seed}; pass the same seed.")
         self.summary: dict = {}
         self._metrics = None
 
-    # while open, everything is written under the .partial folder
     @property
     def path(self) -> Path:
-        return self.final_path if self.final_path.exists() else self.partial_path
+        """Where the run is now: ``.partial`` while open, the final folder after a clean exit, ``.failed`` after an error."""
+        return self._path
 
     def __enter__(self) -> "Run":
         set_seed(self.seed)
@@ -176,9 +181,11 @@ class Run:
         if exc_type is None:
             _write_json(self.partial_path / "summary.json", self.summary)
             self.partial_path.rename(self.final_path)
+            self._path = self.final_path
             return False
         (self.partial_path / "error.txt").write_text("".join(traceback.format_exception(exc_type, exc, tb)))
-        self.partial_path.rename(self.root / (self.folder + ".failed"))
+        self.partial_path.rename(self.failed_path)
+        self._path = self.failed_path
         return False  # re-raise
 
 

@@ -1,0 +1,53 @@
+"""Shared fixtures: the real HH-RLHF copy beside the repository, the real SmolLM2 tokenizer, and a tiny random
+Llama model built from it (real vocabulary and shapes, 2 layers, trains in milliseconds)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+HH_DIR = REPO.parent / "shared" / "data" / "hh-rlhf"
+
+
+def pytest_collection_modifyitems(config, items):
+    # GPU tests are skipped with a visible reason on machines without CUDA, never faked.
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def hh_dir() -> Path:
+    assert (HH_DIR / "harmless-base" / "test.jsonl.gz").exists(), (
+        f"The HH-RLHF test data is expected at {HH_DIR} (the shared/ folder beside the repository).")
+    return HH_DIR
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer():
+    """The real SmolLM2 tokenizer from the embedded default (converts the GGUF once into the cache)."""
+    from workbench.models import EMBEDDED_POLICY, load_tokenizer
+
+    return load_tokenizer(EMBEDDED_POLICY)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm_tokenizer) -> Path:
+    from workbench.models import save_tiny_causal_lm
+
+    return save_tiny_causal_lm(smollm_tokenizer, tmp_path_factory.mktemp("tiny-llama"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def hh_pairs(hh_dir):
+    """A few real multi-turn HH pairs, short enough for fast tests."""
+    from workbench.data import load_hh
+
+    examples, _ = load_hh("harmless-base", "test", hh_dir)
+    short = [ex for ex in examples if len(ex["prompt"]) >= 3
+             and sum(len(m["content"]) for m in ex["prompt"] + ex["chosen"] + ex["rejected"]) < 600]
+    return short[:6]
