@@ -39,7 +39,7 @@ else
     while kill -0 "$pid" 2>/dev/null; do
       sleep 1
       if (( (SECONDS - t0) % 15 == 0 )); then
-        say "  ... $((SECONDS - t0)) s, $(grep -c '^Collecting\|^Processing' "$log" || true) packages fetched so far"
+        say "  ... $((SECONDS - t0)) s: $(tail -n 1 "$log" | cut -c1-70)"
       fi
     done
     wait "$pid" || rc=$?
