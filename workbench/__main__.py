@@ -1,4 +1,4 @@
-"""Command line: ``python -m workbench main`` (or the ``workbench`` script)."""
+"""Command line: ``python -m workbench main`` / ``python -m workbench train METHOD`` (or the ``workbench`` script)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,22 @@ def main(argv: list[str] | None = None) -> int:
     p_main.add_argument("--model", default=defaults.model.model_name_or_path,
                         help="policy: hub name, local directory or embedded:<name> (default: %(default)s)")
     p_main.add_argument("--no-4bit", action="store_true", help="load the base unquantized instead of NF4 4-bit")
+    p_train = sub.add_parser("train", help="train one arm (sft, dpo, kto, orpo, simpo) and print its run folder")
+    p_train.add_argument("method", help="sft, dpo, kto, orpo or simpo")
+    p_train.add_argument("--loss-type", help="DPO family only: e.g. sigmoid, ipo, hinge, or sigmoid,bco_pair,sft")
+    p_train.add_argument("--loss-weights", help="weights for a combined --loss-type, e.g. 0.8,0.2,1.0")
+    p_train.add_argument("--beta", type=float)
+    p_train.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
+    p_train.add_argument("--learning-rate", type=float)
+    p_train.add_argument("--sft-run", help="SFT run folder to start from (it becomes the reference)")
+    p_train.add_argument("--model", help="policy: hub name, local directory or embedded:<name>")
+    p_train.add_argument("--no-4bit", action="store_true")
+    p_train.add_argument("--seed", type=int, default=0)
+    p_train.add_argument("--run-name", default="default")
+    p_train.add_argument("--split", default="test", help="HH-RLHF split file to read (default: test, the local one)")
+    p_train.add_argument("--data-source", help="local hh-rlhf directory or 'hub'")
+    p_train.add_argument("--n-train", type=int)
+    p_train.add_argument("--n-score", type=int, default=64)
     args = parser.parse_args(argv)
 
     if args.command == "main":
@@ -31,6 +47,24 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(pipeline.MainConfig) if f.name != "model"}
         cfg = pipeline.MainConfig(**kwargs, model=ModelConfig(model_name_or_path=args.model, load_in_4bit=not args.no_4bit))
         pipeline.run_main(cfg)
+    elif args.command == "train":
+        from . import train
+        from .models import ModelConfig
+
+        if args.method not in train.METHODS:
+            parser.error(f"unknown method '{args.method}'; choose from {', '.join(train.METHODS)}")
+        kw = dict(seed=args.seed, run_name=args.run_name, max_steps=args.max_steps, sft_run=args.sft_run,
+                  data=train.DataConfig(split=args.split, source=args.data_source, n_train=args.n_train, n_score=args.n_score))
+        if args.model or args.no_4bit:
+            kw["model"] = ModelConfig(**({"model_name_or_path": args.model} if args.model else {}), load_in_4bit=not args.no_4bit)
+        for name in ("beta", "learning_rate"):
+            if getattr(args, name) is not None:
+                kw[name] = getattr(args, name)
+        if args.loss_type:
+            kw["loss_type"] = args.loss_type.split(",")
+        if args.loss_weights:
+            kw["loss_weights"] = [float(w) for w in args.loss_weights.split(",")]
+        train.train(args.method, train.METHODS[args.method][0](**kw))
     return 0
 
 

@@ -230,31 +230,47 @@ def render_prompt(tokenizer, messages: list[dict]) -> str:
 
 
 def render_completion(tokenizer, prompt: list[dict], completion: list[dict]) -> str:
-    """The completion's text: the templated full conversation minus the templated prompt.
+    """The completion's text as the template renders it after the prompt (end-of-turn markers included)."""
+    prompt_ids, (completion_ids,) = encode_many(tokenizer, prompt, [completion])
+    return tokenizer.decode(completion_ids)
 
-    This is the split TRL makes for conversational preference data, so the end-of-turn tokens the template
-    adds after the reply belong to the completion and are scored with it.
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def encode_many(tokenizer, prompt: list[dict], completions: list[list[dict]], max_length: int | None = None):
+    """(prompt_ids, [completion_ids, ...]) for one prompt and its completions, tokenised as TRL's DPOTrainer does.
+
+    The prompt (with the generation cue) and each full conversation are tokenised through the chat template;
+    the completions start where all of them stop agreeing with the tokenised prompt, so end-of-turn tokens belong
+    to the completion and a template that renders the prompt differently alone cannot shift the cut.
+    With ``max_length``, the prompt is cut from the left (the latest turns are kept), then each completion from
+    the right, so that prompt + completion fits.
     """
-    prompt_text = render_prompt(tokenizer, prompt)
-    full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-    if not full.startswith(prompt_text):
-        raise ValueError("The chat template renders the prompt differently alone than inside the full "
-                         "conversation, so the completion cannot be cut off it. Use another template.")
-    return full[len(prompt_text):]
+    def ids(messages, **kw):
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kw)["input_ids"])
+
+    prompt_ids = ids(prompt, add_generation_prompt=True)
+    fulls = [ids(prompt + c) for c in completions]
+    cut = min(_common_prefix(prompt_ids, f) for f in fulls)
+    prompt_ids, completion_ids = prompt_ids[:cut], [f[cut:] for f in fulls]
+    if max_length is not None:
+        longest = max(len(c) for c in completion_ids)
+        if len(prompt_ids) + longest > max_length:
+            prompt_ids = prompt_ids[-max(max_length - longest, max_length // 2):]
+        completion_ids = [c[: max_length - len(prompt_ids)] for c in completion_ids]
+    return prompt_ids, completion_ids
 
 
 def encode(tokenizer, prompt: list[dict], completion: list[dict], max_length: int | None = None) -> tuple[list[int], list[int]]:
-    """Token ids of (prompt, completion), tokenised separately as TRL does.
-
-    With ``max_length``, the prompt is cut from the left (the latest turns are kept) and then the completion
-    from the right, so that prompt + completion fits.
-    """
-    prompt_ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(render_completion(tokenizer, prompt, completion), add_special_tokens=False)["input_ids"]
-    if max_length is not None and len(prompt_ids) + len(completion_ids) > max_length:
-        keep_prompt = max(max_length - len(completion_ids), max_length // 2)
-        prompt_ids = prompt_ids[-keep_prompt:]
-        completion_ids = completion_ids[: max_length - len(prompt_ids)]
+    """(prompt_ids, completion_ids) of one prompt and completion; see ``encode_many``."""
+    prompt_ids, (completion_ids,) = encode_many(tokenizer, prompt, [completion], max_length)
     return prompt_ids, completion_ids
 
 
@@ -353,16 +369,27 @@ def save_tiny_causal_lm(tokenizer, out_dir: str | Path, seed: int = 0, layers: i
 # Log-probabilities of completions
 
 
-def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """log p(x_t | x_<t) for every position t >= 1 of a right-padded batch.
+def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                target_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(x_t | x_<t) for the positions t >= 1 of a right-padded batch.
 
     input_ids, attention_mask: (B, T). Returns (B, T-1): entry [b, t-1] is the log-prob of token t.
+    With ``target_mask`` (B, T-1, bool), only those entries are computed (the rest are 0): the LM head then runs
+    on the completion tokens alone, not on every prompt position, which saves most of its (B, T, V) work.
     Differentiable; callers that only score wrap it in ``torch.no_grad()``.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, T-1, V)
     targets = input_ids[:, 1:]
-    # log_softmax(z)[y] = z_y - logsumexp(z), without materialising a second (B, T-1, V) tensor
-    return torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    if target_mask is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, T-1, V)
+        # log_softmax(z)[y] = z_y - logsumexp(z), without materialising a second (B, T-1, V) tensor
+        return torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft, LoRA layers stay live
+    backbone = getattr(lm, lm.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]  # (B, T-1, H)
+    logits = lm.get_output_embeddings()(hidden[target_mask]).float()  # (N, V), N = number of target tokens
+    picked = logits.gather(1, targets[target_mask].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    out = torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device)
+    return out.masked_scatter(target_mask, picked)
 
 
 def pad_right(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int):
@@ -381,6 +408,15 @@ def pad_right(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_
         attention_mask[i, : len(p) + len(c)] = 1
         completion_mask[i, len(p) : len(p) + len(c)] = True
     return input_ids, attention_mask, completion_mask
+
+
+def reference_adapter(model):
+    """Context in which ``model`` is the reference: the frozen adapter named "ref" when there is one (the SFT
+    adapter a preference arm started from), else the base with adapters disabled. TRL's trainers choose the
+    reference the same way, through the same helper."""
+    from trl.trainer.utils import use_adapter
+
+    return use_adapter(model, "ref" if "ref" in getattr(model, "peft_config", {}) else None)
 
 
 @dataclass
@@ -402,8 +438,8 @@ def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[li
     """Per-token log-probs of each completion given its prompt, batched and length-bucketed.
 
     Items are sorted by length so each batch pads little, scored ``batch_size`` at a time, then returned in
-    the input order. Prompt and padding tokens are masked out. With ``reference=True`` the LoRA adapter is
-    disabled: the scores are the reference model's, from the same weights in memory.
+    the input order. Prompt and padding tokens are masked out. With ``reference=True`` the scores are the
+    reference model's (see ``reference_adapter``), from the same weights in memory.
     """
     if reference and not hasattr(model, "disable_adapter"):
         raise ValueError("reference=True needs a model with a LoRA adapter (the reference is the adapter disabled).")
@@ -419,14 +455,14 @@ def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[li
             idx = order[start : start + batch_size]
             ids, attn, cmask = pad_right([prompt_ids[i] for i in idx], [completion_ids[i] for i in idx], pad_id)
             ids, attn = ids.to(dev), attn.to(dev)
+            mask = cmask[:, 1:].to(dev)  # (B, T-1): which next-token predictions are completion tokens
             if reference:
-                with model.disable_adapter():
-                    lp = token_logps(model, ids, attn)
+                with reference_adapter(model):
+                    lp = token_logps(model, ids, attn, mask)
             else:
-                lp = token_logps(model, ids, attn)
-            mask = cmask[:, 1:]  # (B, T-1), aligned with lp
+                lp = token_logps(model, ids, attn, mask)
             for row, i in enumerate(idx):
-                out[i] = lp[row][mask[row].to(dev)].cpu()
+                out[i] = lp[row][mask[row]].cpu()
     finally:
         model.train(was_training)
     return CompletionLogps(per_token=out)

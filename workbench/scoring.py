@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .models import completion_logps, encode
+from .models import completion_logps, encode_many
 
 
 def score_pairs(model, tokenizer, examples: list[dict], *, beta: float = 0.1, batch_size: int = 8,
@@ -24,10 +24,9 @@ def score_pairs(model, tokenizer, examples: list[dict], *, beta: float = 0.1, ba
         raise ValueError(f"beta must be > 0 (got {beta}): it scales the implicit reward β·log(π/π_ref).")
     prompts, completions = [], []
     for ex in examples:
-        for side in ("chosen", "rejected"):
-            p, c = encode(tokenizer, ex["prompt"], ex[side], max_length=max_length)
-            prompts.append(p)
-            completions.append(c)
+        p, (c, r) = encode_many(tokenizer, ex["prompt"], [ex["chosen"], ex["rejected"]], max_length=max_length)
+        prompts += [p, p]
+        completions += [c, r]
     kw = dict(pad_id=tokenizer.pad_token_id, batch_size=batch_size)
     policy = completion_logps(model, prompts, completions, **kw)
     reference = completion_logps(model, prompts, completions, reference=True, **kw)
@@ -72,6 +71,9 @@ def summarize(records: list[dict]) -> dict:
          ("chosen_reward", "rejected_reward", "margin", "correct", "reference_prefers_chosen",
           "policy_chosen_logp", "policy_rejected_logp", "chosen_tokens", "rejected_tokens")}
     longer_chosen = torch.tensor([float(r["chosen_tokens"] > r["rejected_tokens"]) for r in records])
+    # sequence-level log π/π_ref on the dataset's responses: how far the policy moved from its reference there
+    logratio_chosen = torch.tensor([r["policy_chosen_logp"] - r["reference_chosen_logp"] for r in records])
+    logratio_rejected = torch.tensor([r["policy_rejected_logp"] - r["reference_rejected_logp"] for r in records])
     return {
         "n_pairs": len(records),
         "rewards/chosen": t["chosen_reward"].mean().item(),
@@ -80,7 +82,10 @@ def summarize(records: list[dict]) -> dict:
         "rewards/accuracies": t["correct"].mean().item(),
         "logps/chosen": t["policy_chosen_logp"].mean().item(),
         "logps/rejected": t["policy_rejected_logp"].mean().item(),
+        "logratio/chosen": logratio_chosen.mean().item(),
+        "logratio/rejected": logratio_rejected.mean().item(),
         "reference/prefers_chosen_per_token": t["reference_prefers_chosen"].mean().item(),
+        # accuracy of the length-only baseline "the longer answer wins" on the same pairs
         "baseline/longer_is_chosen": longer_chosen.mean().item(),
         "lengths/chosen_tokens": t["chosen_tokens"].mean().item(),
         "lengths/rejected_tokens": t["rejected_tokens"].mean().item(),

@@ -1,0 +1,62 @@
+"""Step time of the workbench's DPO against raw TRL DPOTrainer: same model object, data, batch and settings,
+in one process, alternating step by step so both see the same machine state.
+
+    python benchmarks/bench_dpo_step.py [--steps 6] [--pairs-per-step 4] [--max-length 256] [--model embedded:...]
+
+Prints each step's time, the mean ratio workbench/TRL (goal: <= 1.02) and pairs/s. The workbench's trainer is
+built by ``workbench.train.build_trainer``, exactly as ``train("dpo", ...)`` builds it.
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+import trl
+
+from workbench import data, models, train
+from workbench.runs import Run
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--pairs-per-step", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--model", default=models.EMBEDDED_POLICY)
+    args = ap.parse_args()
+
+    cfg = train.DPOArgs(model=models.ModelConfig(model_name_or_path=args.model), per_device_train_batch_size=args.pairs_per_step,
+                        max_length=args.max_length, max_steps=args.steps, runs_dir=tempfile.mkdtemp(), run_name="bench",
+                        logging_steps=1)
+    tok = models.load_tokenizer(args.model)
+    examples, _ = data.load_hh("harmless-base", "test", tokenizer=tok, max_length=args.max_length)
+    dataset = train._dataset("pairs", examples[: args.steps * args.pairs_per_step])
+    policy, tok = models.load_policy(cfg.model)
+
+    with Run("bench", "dpo-step", seed=0, config={}, root=cfg.runs_dir) as run:
+        ours = train.build_trainer("dpo", cfg, policy, tok, dataset, run)
+        raw_args = trl.DPOConfig(**{k: getattr(cfg, k) for k in (
+            "beta", "loss_type", "learning_rate", "per_device_train_batch_size", "max_length", "max_steps", "seed",
+            "bf16", "gradient_checkpointing", "logging_steps", "report_to", "save_strategy")}, output_dir=tempfile.mkdtemp())
+        raw = trl.DPOTrainer(model=policy, args=raw_args, train_dataset=dataset, processing_class=tok)
+        batches = list(ours.get_train_dataloader())
+        print(f"model {args.model} ({'4-bit' if cfg.model.load_in_4bit else 'unquantized'}), {args.pairs_per_step} pairs/step, "
+              f"max_length {args.max_length}, device {models.device()}, {torch.get_num_threads()} threads")
+        times = {"workbench": [], "trl": []}
+        for i, batch in enumerate(batches):
+            order = [("workbench", ours), ("trl", raw)] if i % 2 == 0 else [("trl", raw), ("workbench", ours)]
+            for name, trainer in order:  # alternate who goes first
+                t = time.perf_counter()
+                trainer.training_step(policy, batch)
+                times[name].append(time.perf_counter() - t)
+            print(f"  step {i}: workbench {times['workbench'][-1]:.2f} s   trl {times['trl'][-1]:.2f} s")
+    w, r = statistics.mean(times["workbench"][1:]), statistics.mean(times["trl"][1:])  # first step warms up
+    print(f"mean step (steps 1..{len(batches) - 1}): workbench {w:.3f} s, trl {r:.3f} s")
+    print(f"ratio workbench/trl = {w / r:.3f}  (goal <= 1.02)")
+    print(f"pairs/s: workbench {args.pairs_per_step / w:.2f}, trl {args.pairs_per_step / r:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Training arms on the tiny model: every arm runs, writes a complete run folder, and uses the right reference;
+bad input fails early and clearly; a NaN loss stops the run with a diagnostic."""
+
+import json
+
+import pytest
+import torch
+import trl
+
+from workbench import models, train
+from workbench.models import ModelConfig
+from workbench.runs import load_run
+
+
+@pytest.fixture(scope="module")
+def common(tiny_model_dir, hh_dir, tmp_path_factory):
+    """Settings that make one step take about a second on the tiny model."""
+    return dict(
+        model=ModelConfig(model_name_or_path=str(tiny_model_dir)),
+        data=train.DataConfig(split="test", source=str(hh_dir), n_train=4, n_score=3, max_length=160),
+        runs_dir=str(tmp_path_factory.mktemp("runs")),
+        max_steps=1, per_device_train_batch_size=2, max_length=160,
+    )
+
+
+@pytest.fixture(scope="module")
+def sft_run(common):
+    return train.train("sft", train.SFTArgs(**common))
+
+
+def _complete(path):
+    run = load_run(path)
+    assert (path / "adapter" / "adapter_config.json").exists()
+    assert not (path / "trainer").exists(), "trainer scratch output is removed"
+    records = run.records("heldout_pairs")
+    assert len(records) == 3
+    assert len(records.loc[0, "chosen_token_logratio"]) == records.loc[0, "chosen_tokens"]
+    assert "loss" in run.metrics.columns and run.summary["train/steps"] == 1
+    split = json.loads((path / "split.json").read_text())
+    assert not set(split["train_ids"]) & set(split["heldout_ids"]), "training and held-out pairs are disjoint"
+    assert set(records["id"]) <= set(split["heldout_ids"])
+    return run
+
+
+def test_configs_subclass_trl_and_are_cpu_safe():
+    trl_configs = {"sft": trl.SFTConfig, "dpo": trl.DPOConfig, "kto": trl.KTOConfig,
+                   "orpo": train.ORPOConfig, "simpo": train.CPOConfig}
+    for method, (config_cls, *_rest) in train.METHODS.items():
+        cfg = config_cls()
+        assert isinstance(cfg, trl_configs[method]), f"{method}: every TRL option must be available"
+        if not torch.cuda.is_available():
+            assert cfg.bf16 is False, f"{method}: bf16 on a CPU"
+        assert cfg.seed == 0 and cfg.model.load_in_4bit
+    assert issubclass(train.DPOArgs, trl.DPOConfig) and issubclass(train.KTOArgs, trl.KTOConfig)
+    assert train.SimPOArgs().loss_type == "simpo" and train.SimPOArgs().cpo_alpha == 0.0
+
+
+def test_sft_run_is_complete(sft_run):
+    run = _complete(sft_run)
+    assert run.config["learning_rate"] == 2e-4 and sft_run.name.startswith("sft__default__s0__")
+
+
+@pytest.mark.parametrize("loss_type,label", [(["sigmoid"], "dpo"), (["ipo"], "ipo"),
+                                             (["sigmoid", "bco_pair", "sft"], "dpo+bco-pair+sft")])
+def test_dpo_family_from_sft_uses_sft_as_reference(common, sft_run, loss_type, label):
+    weights = {"loss_weights": [0.8, 0.2, 1.0]} if len(loss_type) == 3 else {}
+    path = train.train("dpo", train.DPOArgs(sft_run=str(sft_run), loss_type=loss_type, **weights, **common))
+    assert path.name.startswith(f"{label}__default__s0__")
+    run = _complete(path)
+    # the reference of the preference arm is the SFT policy: its reference log-probs on the held-out pairs are the
+    # SFT run's policy log-probs on the same pairs (same seed, same held-out split)
+    ref = run.records("heldout_pairs").set_index("id")
+    for t in loss_type:  # each pair carries its loss under the arm's objective (batch-level "sft" excepted)
+        assert (f"loss/{t}" in ref.columns) == (t != "sft")
+    sft = load_run(sft_run).records("heldout_pairs").set_index("id")
+    for side in ("chosen", "rejected"):
+        torch.testing.assert_close(torch.tensor(ref[f"reference_{side}_logp"].values),
+                                   torch.tensor(sft.loc[ref.index, f"policy_{side}_logp"].values), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["kto", "orpo", "simpo"])
+def test_other_arms_train_one_step(common, method):
+    config_cls = train.METHODS[method][0]
+    kw = {"per_device_train_batch_size": 4} if method == "kto" else {}  # KTO's KL estimate needs a batch > 1 pair
+    run = _complete(train.train(method, config_cls(**{**common, **kw})))
+    assert run.path.name.startswith(f"{method}__")
+
+
+def test_trained_adapter_reloads_to_the_scored_policy(common, sft_run, hh_dir):
+    run = load_run(sft_run)
+    policy, tok = models.load_policy(common["model"], adapter=str(sft_run / "adapter"))
+    rec = run.records("heldout_pairs").iloc[0]
+    from workbench.data import load_hh
+
+    examples, _ = load_hh("harmless-base", "test", hh_dir)
+    ex = next(e for e in examples if e["id"] == rec["id"])
+    p, c = models.encode(tok, ex["prompt"], ex["chosen"], max_length=160)
+    lp = models.completion_logps(policy, [p], [c], pad_id=tok.pad_token_id)
+    assert lp.sum.item() == pytest.approx(rec["policy_chosen_logp"], abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input and failure
+
+
+def test_bad_configs_fail_before_loading_anything(common, tmp_path):
+    with pytest.raises(ValueError, match="Unknown method 'ppo2'"):
+        train.train("ppo2")
+    with pytest.raises(TypeError, match="DPOArgs"):
+        train.train("dpo", train.KTOArgs(**common))
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        train.train("dpo", train.DPOArgs(beta=0.0, **common))
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        train.train("kto", train.KTOArgs(beta=-1.0, **common))
+    with pytest.raises(ValueError, match=r"Unknown DPO loss_type \['sigmod'\]"):
+        train.train("dpo", train.DPOArgs(loss_type=["sigmod"], **common))
+    with pytest.raises(FileNotFoundError, match="no adapter/ folder"):
+        train.train("dpo", train.DPOArgs(sft_run=str(tmp_path), **common))
+
+
+def test_pairs_without_needed_columns_are_named(common):
+    with pytest.raises(ValueError, match=r"pairs\[1\] lacks column\(s\) \['rejected'\]"):
+        train.train("dpo", train.DPOArgs(**common), pairs=[
+            {"id": "a", "prompt": [], "chosen": [{"role": "assistant", "content": "x"}],
+             "rejected": [{"role": "assistant", "content": "y"}]},
+            {"id": "b", "prompt": [], "chosen": [{"role": "assistant", "content": "x"}]}])
+    with pytest.raises(ValueError, match="'chosen' must be"):
+        train.train("dpo", train.DPOArgs(**common), pairs=[{"id": "a", "prompt": [], "chosen": "x", "rejected": "y"}])
+
+
+def test_nan_loss_stops_the_run_with_a_diagnostic(common, monkeypatch):
+    def nan_loss(self, model, inputs, *args, **kwargs):
+        return torch.tensor(float("nan"), requires_grad=True)
+
+    monkeypatch.setattr(trl.DPOTrainer, "compute_loss", nan_loss)
+    with pytest.raises(train.NonFiniteLossError, match="loss became nan at step 0"):
+        train.train("dpo", train.DPOArgs(run_name="nan", **common))
+    from pathlib import Path
+
+    failed = [p for p in Path(common["runs_dir"]).iterdir() if p.name.startswith("dpo__nan__") and p.name.endswith(".failed")]
+    assert len(failed) == 1
+    diag = json.loads((failed[0] / "nan_diagnostic.json").read_text())
+    assert diag["step"] == 0 and diag["loss"] == "nan" and len(diag["batch_starts"]) == 4  # 2 pairs × (chosen, rejected)
+    assert "NonFiniteLossError" in (failed[0] / "error.txt").read_text()
+
+
+def test_cli_train_builds_the_config(monkeypatch):
+    from workbench import __main__ as cli
+
+    seen = {}
+    monkeypatch.setattr(train, "train", lambda method, cfg: seen.update(method=method, cfg=cfg))
+    cli.main(["train", "dpo", "--loss-type", "sigmoid,sft", "--loss-weights", "1,0.5", "--beta", "0.2",
+              "--max-steps", "3", "--seed", "4"])
+    cfg = seen["cfg"]
+    assert seen["method"] == "dpo" and isinstance(cfg, train.DPOArgs)
+    assert (cfg.loss_type, cfg.loss_weights, cfg.beta, cfg.max_steps, cfg.seed) == (["sigmoid", "sft"], [1.0, 0.5], 0.2, 3, 4)

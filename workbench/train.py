@@ -1,0 +1,327 @@
+"""Preference-optimization arms through TRL's trainers: SFT, the DPO family, KTO, ORPO, SimPO.
+
+One entry point, ``train(method, config) -> run folder``. Each arm's config subclasses TRL's own (every TRL
+option works) and adds the workbench's fields: the model, the data, the SFT run to start from. After training,
+the held-out pairs are scored by our own pass (``scoring.score_pairs``): per pair and per token.
+
+The reference model is never a second copy of the weights. The policy is a LoRA adapter (fresh, or the SFT
+run's); TRL's DPO and KTO trainers copy that starting adapter into a frozen adapter named "ref", and the
+reference is the base with "ref" active — the SFT model, or the base itself for a fresh adapter. Our scoring
+uses the same "ref" adapter (``models.reference_adapter``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import trl
+from transformers import TrainerCallback
+
+from . import data, losses, models, scoring
+from .runs import Run
+
+
+def _experimental():
+    """ORPO and CPO/SimPO live in ``trl.experimental`` in TRL 1.16; this is the only import of it."""
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    return ORPOConfig, ORPOTrainer, CPOConfig, CPOTrainer
+
+
+ORPOConfig, ORPOTrainer, CPOConfig, CPOTrainer = _experimental()
+
+
+@dataclass
+class DataConfig:
+    """Which pairs to train on and which to score afterwards."""
+
+    subset: str = "harmless-base"  # HH-RLHF subset, or "all"
+    split: str = "train"  # file to read; "test" is the only one in the shared local copy
+    source: str | None = None  # local hh-rlhf directory or "hub"; None: $WORKBENCH_HH_SOURCE, a local copy, the hub
+    heldout_fraction: float = 0.1  # prompts held out of training (seeded hash of the prompt), scored afterwards
+    n_train: int | None = None  # use only the first n training pairs (None: all)
+    n_score: int = 64  # held-out pairs scored per pair and per token after training
+    max_length: int = 512  # pairs longer than this (tokens) are skipped and counted in the data report
+
+
+@dataclass
+class _WorkbenchFields:
+    """Fields every arm's config adds to TRL's."""
+
+    run_name: str = "default"  # the <name> part of runs/<method>__<name>__s<seed>__<time>/
+    seed: int = 0  # set first, recorded, part of the run folder name
+    model: models.ModelConfig = field(default_factory=models.ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft_run: str | None = None  # an SFT run folder: the policy starts from its adapter, and it is the reference
+    runs_dir: str = "runs"
+    score_batch_size: int = 8
+    score_beta: float | None = None  # β of the scored implicit reward; None: the arm's β if it has a reference, else 0.1
+    # TRL defaults changed for CPU-first use; each is a plain TRL option:
+    bf16: bool = field(default_factory=lambda: torch.cuda.is_available() and torch.cuda.is_bf16_supported())  # TRL: True
+    gradient_checkpointing: bool = False  # TRL: True. Saves memory on big models, costs ~30% time; QLoRA on GPU: set True
+    save_strategy: str = "no"  # the adapter is saved once, into the run folder
+    logging_steps: float = 1
+    report_to: str | list[str] = "none"
+    per_device_train_batch_size: int = 4
+    max_length: int | None = 512
+
+
+@dataclass
+class SFTArgs(_WorkbenchFields, trl.SFTConfig):
+    """Supervised fine-tuning on the chosen responses ("preferred-FT", DPO paper arXiv:2305.18290 §6)."""
+
+    learning_rate: float = 2e-4  # QLoRA's rate for adapters on small models (arXiv:2305.14314, App. B)
+    num_train_epochs: float = 1.0
+
+
+@dataclass
+class DPOArgs(_WorkbenchFields, trl.DPOConfig):
+    """DPO and its variants: ``loss_type`` is any of ``losses.PAIRED_LOSSES`` or a list with ``loss_weights``."""
+
+    beta: float = 0.1  # DPO paper's β (arXiv:2305.18290 §6); IPO's τ
+    learning_rate: float = 5e-6  # DPO used 1e-6 for full fine-tuning; LoRA adapters need a larger step
+    num_train_epochs: float = 1.0
+
+
+@dataclass
+class KTOArgs(_WorkbenchFields, trl.KTOConfig):
+    """KTO on the unpaired view: each pair gives a desirable and an undesirable example (arXiv:2402.01306)."""
+
+    beta: float = 0.1  # KTO paper §4.2
+    learning_rate: float = 5e-6
+    num_train_epochs: float = 1.0
+
+
+@dataclass
+class ORPOArgs(_WorkbenchFields, ORPOConfig):
+    """ORPO: NLL on chosen plus λ·odds-ratio term, no reference model (arXiv:2403.07691). TRL's ``beta`` is λ."""
+
+    beta: float = 0.1  # λ = 0.1 in the ORPO paper §5
+    learning_rate: float = 8e-6  # ORPO paper §5 (full fine-tuning), kept for adapters
+    num_train_epochs: float = 1.0
+
+
+@dataclass
+class SimPOArgs(_WorkbenchFields, CPOConfig):
+    """SimPO: length-normalised log-likelihood margin with a target margin γ, no reference (arXiv:2405.14734)."""
+
+    loss_type: str = "simpo"
+    cpo_alpha: float = 0.0  # no NLL term: pure SimPO (CPO would be cpo_alpha=1, loss_type="sigmoid")
+    beta: float = 2.0  # SimPO paper: β in 2.0-2.5
+    simpo_gamma: float = 1.0  # target margin γ; γ/β = 0.5 as the paper recommends
+    learning_rate: float = 5e-6
+    num_train_epochs: float = 1.0
+
+
+# method name -> (config class, TRL trainer class, dataset view, has a reference model)
+METHODS = {
+    "sft": (SFTArgs, trl.SFTTrainer, "sft", False),
+    "dpo": (DPOArgs, trl.DPOTrainer, "pairs", True),
+    "kto": (KTOArgs, trl.KTOTrainer, "unpaired", True),
+    "orpo": (ORPOArgs, ORPOTrainer, "pairs", False),
+    "simpo": (SimPOArgs, CPOTrainer, "pairs", False),
+}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a training loss is NaN or infinite; the run folder keeps a diagnostic."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Callbacks and the NaN guard
+
+
+class _RunLogger(TrainerCallback):
+    """Copies the trainer's logs into the run's metrics.jsonl."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs:
+            self.run.log(logs, step=state.global_step)
+
+
+def _guarded(trainer_cls, run: Run, tokenizer):
+    """``trainer_cls`` with a check after every loss: a NaN/inf stops training and writes nan_diagnostic.json
+    (step, loss, the batch's first tokens decoded) instead of training on."""
+
+    class Guarded(trainer_cls):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            out = super().compute_loss(model, inputs, *args, **kwargs)
+            loss = out[0] if isinstance(out, tuple) else out
+            if not torch.isfinite(loss).all():
+                ids = next((inputs[k] for k in ("input_ids", "prompt_input_ids", "completion_input_ids") if k in inputs), None)
+                batch = [tokenizer.decode(row[:64], skip_special_tokens=True) for row in ids] if ids is not None else []
+                run.write_json("nan_diagnostic.json", {
+                    "step": self.state.global_step, "loss": loss.detach().float().cpu().tolist(),
+                    "batch_starts": batch, "hint": "lower learning_rate, check beta, or look at these examples"})
+                raise NonFiniteLossError(f"loss became {loss.item()} at step {self.state.global_step}; "
+                                         f"see {run.path / 'nan_diagnostic.json'}")
+            return out
+
+    Guarded.__name__ = Guarded.__qualname__ = f"Guarded{trainer_cls.__name__}"
+    return Guarded
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def method_label(method: str, cfg) -> str:
+    """The run folder's <method>: the arm's name, or for the DPO family the loss type(s) ("dpo" for sigmoid)."""
+    if method != "dpo":
+        return method
+    names = ["dpo" if t == "sigmoid" else t for t in cfg.loss_type]
+    return "+".join(names).replace("_", "-")
+
+
+def validate(method: str, cfg) -> None:
+    """Fail before anything loads: unknown method, wrong config class, β ≤ 0, unknown loss type."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown method '{method}'. Known: {', '.join(METHODS)}.")
+    config_cls = METHODS[method][0]
+    if not isinstance(cfg, config_cls):
+        raise TypeError(f"method '{method}' takes a {config_cls.__name__}, got {type(cfg).__name__}.")
+    if hasattr(cfg, "beta") and not cfg.beta > 0:
+        raise ValueError(f"beta must be > 0 (got {cfg.beta}): it weighs the KL term / scales the implicit reward.")
+    if method == "dpo":
+        unknown = [t for t in cfg.loss_type if t not in losses.PAIRED_LOSSES]
+        if unknown:
+            raise ValueError(f"Unknown DPO loss_type {unknown}. Known: {', '.join(losses.PAIRED_LOSSES)}.")
+    if method == "dpo" and cfg.f_divergence_type != "reverse_kl":
+        raise ValueError("Only f_divergence_type='reverse_kl' (standard DPO) has a reference formula here.")
+    if cfg.sft_run is not None and not (Path(cfg.sft_run) / "adapter").is_dir():
+        raise FileNotFoundError(f"sft_run '{cfg.sft_run}' has no adapter/ folder: give a complete SFT run folder.")
+
+
+def _dataset(view: str, rows: list[dict]):
+    """The TRL dataset for an arm, with the columns its trainer needs (checked here, not deep inside TRL)."""
+    if view == "sft":  # prompt-completion: TRL trains on the completion tokens only
+        rows = [{"prompt": ex["prompt"], "completion": ex["chosen"]} for ex in rows]
+    elif view == "unpaired":
+        rows = [{k: r[k] for k in ("prompt", "completion", "label")} for r in data.unpaired_view(rows)]
+    else:
+        rows = [{k: ex[k] for k in ("prompt", "chosen", "rejected")} for ex in rows]
+    if not rows:
+        raise ValueError("No training examples left after filtering and the held-out split; see data_report.json.")
+    return data.to_dataset(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The entry point
+
+
+def build_trainer(method: str, cfg, policy, tokenizer, dataset, run: Run):
+    """TRL's trainer for ``method`` with the workbench's two additions: the NaN guard and metrics.jsonl logging."""
+    trainer_cls = METHODS[method][1]
+    cfg.output_dir = str(run.path / "trainer")
+    return _guarded(trainer_cls, run, tokenizer)(
+        model=policy, args=cfg, train_dataset=dataset, processing_class=tokenizer, callbacks=[_RunLogger(run)])
+
+
+def add_pair_losses(method: str, cfg, records: list[dict]) -> None:
+    """Add each held-out pair's loss under the arm's own objective (our reference formulas) to its record, as
+    ``loss/<type>``. Batch-coupled terms are left out: TRL's "sft" and "aot" are batch quantities, KTO needs the
+    batch KL estimate, and ORPO's NLL covers prompt tokens; for ORPO the odds-ratio term alone is recorded."""
+    if not records:
+        return
+    col = lambda key: torch.tensor([float(r[key]) for r in records])  # noqa: E731
+    n_c, n_r = col("chosen_tokens"), col("rejected_tokens")
+    pc, pr, rc, rr = (col(k) for k in ("policy_chosen_logp", "policy_rejected_logp",
+                                        "reference_chosen_logp", "reference_rejected_logp"))
+    per_type = {}
+    if method == "dpo":
+        kept = [t for t in cfg.loss_type if t not in ("sft", "aot", "aot_unpaired")]
+        if kept:
+            batch = losses.PairLogps(pc, pr, rc, rr, chosen_lengths=n_c, rejected_lengths=n_r)
+            _, per_type, _, _ = losses.preference_loss(kept, batch, cfg.beta, label_smoothing=cfg.label_smoothing,
+                                                       discopop_tau=cfg.discopop_tau)
+    elif method == "simpo":
+        per_type["simpo"] = losses.simpo_loss(pc / n_c, pr / n_r, cfg.beta, simpo_gamma=cfg.simpo_gamma)[0]
+    elif method == "orpo":
+        per_type["orpo_odds_ratio"] = losses.orpo_loss(pc / n_c, pr / n_r, cfg.beta, chosen_nll_loss=0.0)[0]
+    elif method == "sft":
+        per_type["nll_per_token"] = -pc / n_c
+    for name, values in per_type.items():
+        for r, v in zip(records, values.tolist()):
+            r[f"loss/{name}"] = v
+
+
+REQUIRED_COLUMNS = ("id", "prompt", "chosen", "rejected")
+
+
+def check_pairs(pairs: list[dict], where: str = "pairs") -> None:
+    """Preference pairs in the data layer's format, or a ValueError naming the first bad row and what is missing."""
+    for i, row in enumerate(pairs):
+        missing = [c for c in REQUIRED_COLUMNS if c not in row]
+        if missing:
+            raise ValueError(f"{where}[{i}] lacks column(s) {missing}; each pair needs {list(REQUIRED_COLUMNS)} "
+                             "(prompt: list of messages; chosen/rejected: a list with one assistant message).")
+        for side in ("chosen", "rejected"):
+            if not (isinstance(row[side], list) and len(row[side]) == 1 and row[side][0].get("role") == "assistant"):
+                raise ValueError(f"{where}[{i}] ('{row['id']}'): '{side}' must be [{{'role': 'assistant', 'content': ...}}].")
+
+
+def train(method: str, cfg=None, pairs: list[dict] | None = None) -> Path:
+    """Train one arm and return its run folder (config, env, metrics, adapter, per-pair records, summary).
+
+    ``pairs``: your own preference pairs (data layer format) instead of HH-RLHF; split and scored the same way.
+    """
+    config_cls, _, view, has_reference = METHODS.get(method, (None,) * 4)
+    cfg = cfg if cfg is not None else (config_cls() if config_cls else None)
+    validate(method, cfg)
+    if pairs is not None:
+        check_pairs(pairs)
+    t0 = time.time()
+    with Run(method_label(method, cfg), cfg.run_name, cfg.seed, config=cfg, root=cfg.runs_dir) as run:
+        # --- data: training pairs, and held-out pairs scored at the end
+        tokenizer = models.load_tokenizer(cfg.model.model_name_or_path)
+        if pairs is None:
+            examples, report = data.load_hh(cfg.data.subset, cfg.data.split, cfg.data.source,
+                                            tokenizer=tokenizer, max_length=cfg.data.max_length)
+            run.write_json("data_report.json", report.to_dict())
+        else:
+            examples = pairs
+        train_rows, heldout, split_info = data.split_heldout(examples, cfg.data.heldout_fraction, seed=cfg.seed)
+        train_rows = train_rows[: cfg.data.n_train] if cfg.data.n_train else train_rows
+        run.write_json("split.json", {**split_info, "train_ids": [ex["id"] for ex in train_rows],
+                                      "heldout_ids": [ex["id"] for ex in heldout]})
+        dataset = _dataset(view, train_rows)
+
+        # --- policy; TRL's DPO/KTO trainers copy its starting adapter into a frozen "ref" adapter: the reference
+        sft_adapter = str(Path(cfg.sft_run) / "adapter") if cfg.sft_run else None
+        policy, tokenizer = models.load_policy(cfg.model, adapter=sft_adapter)
+
+        # --- train
+        trainer = build_trainer(method, cfg, policy, tokenizer, dataset, run)
+        result = trainer.train()
+        shutil.rmtree(cfg.output_dir, ignore_errors=True)  # nothing to keep: save_strategy="no", adapter saved below
+        policy.save_pretrained(run.path / "adapter", selected_adapters=["default"])
+
+        # --- score held-out pairs, per pair and per token
+        pairs = heldout[: cfg.data.n_score]
+        beta = cfg.score_beta or (cfg.beta if has_reference else 0.1)
+        records = scoring.score_pairs(policy, tokenizer, pairs, beta=beta,
+                                      batch_size=cfg.score_batch_size, max_length=cfg.max_length)
+        add_pair_losses(method, cfg, records)
+        run.write_records("heldout_pairs", records)
+        run.summary = {
+            **{f"eval/{k}": v for k, v in scoring.summarize(records).items()},
+            "train/loss": result.training_loss,
+            "train/steps": result.global_step,
+            "train/pairs": len(train_rows),
+            "time/train_s": result.metrics.get("train_runtime"),
+            "time/total_s": round(time.time() - t0, 1),
+        }
+        if not all(math.isfinite(v) for v in run.summary.values() if isinstance(v, float)):
+            raise NonFiniteLossError(f"non-finite summary: {json.dumps(run.summary, default=str)}")
+    print(f"[train] {method}: run folder {run.path}", flush=True)
+    return run.path
