@@ -40,7 +40,10 @@ def main():
         raw_args = trl.DPOConfig(**{k: getattr(cfg, k) for k in (
             "beta", "loss_type", "learning_rate", "per_device_train_batch_size", "max_length", "max_steps", "seed",
             "bf16", "gradient_checkpointing", "logging_steps", "report_to", "save_strategy")}, output_dir=tempfile.mkdtemp())
+        policy.delete_adapter("ref")  # each trainer adds its own frozen copy of the starting adapter as "ref"
         raw = trl.DPOTrainer(model=policy, args=raw_args, train_dataset=dataset, processing_class=tok)
+        for trainer in (ours, raw):  # set by Trainer.train(); training_step (forward + backward) reads it
+            trainer.current_gradient_accumulation_steps = 1
         batches = list(ours.get_train_dataloader())
         print(f"model {args.model} ({'4-bit' if cfg.model.load_in_4bit else 'unquantized'}), {args.pairs_per_step} pairs/step, "
               f"max_length {args.max_length}, device {models.device()}, {torch.get_num_threads()} threads")
@@ -51,6 +54,7 @@ def main():
                 t = time.perf_counter()
                 trainer.training_step(policy, batch)
                 times[name].append(time.perf_counter() - t)
+                policy.zero_grad(set_to_none=True)
             print(f"  step {i}: workbench {times['workbench'][-1]:.2f} s   trl {times['trl'][-1]:.2f} s")
     w, r = statistics.mean(times["workbench"][1:]), statistics.mean(times["trl"][1:])  # first step warms up
     print(f"mean step (steps 1..{len(batches) - 1}): workbench {w:.3f} s, trl {r:.3f} s")

@@ -78,6 +78,14 @@ def test_dpo_family_from_sft_uses_sft_as_reference(common, sft_run, loss_type, l
                                    torch.tensor(sft.loc[ref.index, f"policy_{side}_logp"].values), atol=1e-4, rtol=0)
 
 
+def test_precomputed_reference_logps_give_the_same_reference(common, sft_run):
+    path = train.train("dpo", train.DPOArgs(sft_run=str(sft_run), precompute_ref_log_probs=True, run_name="precomp", **common))
+    ref = _complete(path).records("heldout_pairs").set_index("id")
+    sft = load_run(sft_run).records("heldout_pairs").set_index("id")
+    torch.testing.assert_close(torch.tensor(ref["reference_chosen_logp"].values),
+                               torch.tensor(sft.loc[ref.index, "policy_chosen_logp"].values), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("method", ["kto", "orpo", "simpo"])
 def test_other_arms_train_one_step(common, method):
     config_cls = train.METHODS[method][0]

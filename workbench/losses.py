@@ -21,6 +21,7 @@ and the unpaired BCOTrainer (its reward shift δ is absent from DPOTrainer's "bc
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -328,8 +329,9 @@ PAIRED_LOSSES = {
 }
 
 
-def _options_of(fn) -> set[str]:
-    return {name for name, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
+@functools.cache  # signature inspection is slow enough to dominate small batches (the bandit oracle)
+def _options_of(fn) -> frozenset[str]:
+    return frozenset(name for name, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY)
 
 
 def preference_loss(loss_type: str | list[str], batch: PairLogps, beta: float, loss_weights: list[float] | None = None,

@@ -1,0 +1,195 @@
+"""A tabular bandit language model where the best policy is known in closed form: a correctness oracle for the
+preference objectives of ``workbench/losses.py``.
+
+The world: P prompts, K single-token responses per prompt, a fixed non-uniform reference π_ref (P, K) and a true
+reward r (P, K). Preference pairs follow the Bradley–Terry model of r: draw y1, y2 i.i.d. from a sampling
+distribution μ (uniform by default), and y1 is preferred with probability σ(r(y1) − r(y2)). The policy is a table
+of logits θ (P, K), π_θ = softmax(θ), started at θ = log π_ref. A response is one token, so its sequence
+log-prob is log π_θ(y|x), its average per-token log-prob is the same number, and every length is 1.
+
+``train_tabular`` minimises the mean loss of the real formulas over the sampled pairs by full-batch Adam from
+π_ref, and ``tests/test_oracle.py`` compares the result with what each objective should reach:
+
+================  ==============================  ================================================================
+method            checked against                 why
+================  ==============================  ================================================================
+sigmoid (DPO)     π* (exact)                      BT maximum likelihood in the log-ratio: π* ∝ π_ref·exp(r/β)
+sigmoid_norm      π* (exact)                      DPO on per-token log-ratios: DPO itself at length 1
+robust (rDPO)     π* from ε-flipped labels        unbiased for the clean DPO loss; plain DPO on them is not
+ipo               ``ipo_optimal_policy`` (exact)  π ∝ π_ref·exp(p(y ≻ μ)/τ), τ = β: not π*
+cpo (α = 0),      softmax(r/β) (exact)            DPO without π_ref: the BT fit of β·log π itself
+simpo (γ = 0)
+hinge, 2 arms     β·Δ = 1 (exact)                 the subgradient of P·(1 − βΔ)₊ + (1 − P)·(1 + βΔ)₊ is 0 only there
+exo_pair, 2 arms  β·Δ = (2P − 1)·log((1 − ε)/ε)   the expected KL is a KL to the geometric mix of the two targets
+all but apo_down  direction                       E_π[r] and π(best) rise from π_ref; the learned log-ratios
+                                                  (reference-free: log-probs) are ordered as the rewards, up to ties
+discopop          direction at τ = 0.2; against   its slope at zero margin is (1 − log 2)/(4τ) − 3/4 > 0 for
+                  it at the default τ = 0.05      τ < 0.102, so from π_ref it first lowers the chosen margins
+apo_down          moves away (documented)         it lowers the chosen likelihood; with chosen responses no better
+                                                  than the policy's own it ends on a rarely chosen (bad) response
+================  ==============================  ================================================================
+
+Δ is the log-ratio of the better of two arms minus that of the worse, P = σ(r_better − r_worse). The closed forms
+of DPO, rDPO and IPO are also checked without sampling, as zero gradients of the expected loss. No closed form is
+claimed for the other losses (bco_pair, nca_pair, sppo_hard, apo_zero, aot, aot_unpaired, kto, orpo, cpo and simpo
+with their defaults, sft): most score each response's own log-ratio or log-prob against a fixed target, which ties
+their optimum to the normalisation of π, and AOT couples all pairs by sorting. Only their direction is checked.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from workbench import losses
+
+
+class Pairs(NamedTuple):
+    """Sampled preference pairs, each (n,) long: prompt index, preferred response, dispreferred response."""
+
+    prompts: Tensor
+    chosen: Tensor
+    rejected: Tensor
+
+
+@dataclass
+class Bandit:
+    """A tabular preference problem. reference_probs: (P, K) π_ref(y|x), rows sum to 1; rewards: (P, K) r(x, y),
+    in Bradley–Terry units (a reward gap of 1 means the better response wins with probability σ(1) = 0.73)."""
+
+    reference_probs: Tensor
+    rewards: Tensor
+
+    def tilted(self, scores: Tensor) -> Tensor:
+        """π(y|x) ∝ π_ref(y|x)·exp(scores(x, y)), (P, K): the policy whose log-ratio is ``scores`` + const."""
+        return torch.softmax(self.reference_probs.log() + scores, dim=-1)
+
+    def optimal_policy(self, beta: float) -> Tensor:
+        """π*(y|x) ∝ π_ref(y|x)·exp(r(x, y)/β), (P, K): the optimum of E_π[r] − β·KL(π ‖ π_ref)."""
+        return self.tilted(self.rewards / beta)  # arXiv:2305.18290 Eq. 4
+
+    def win_rate(self, mu: Tensor | None = None) -> Tensor:
+        """p(y ≻ μ) = E_{y'~μ}[σ(r(y) − r(y'))], (P, K); μ (P, K) defaults to uniform."""
+        mu = torch.full_like(self.rewards, 1 / self.rewards.shape[-1]) if mu is None else mu
+        gaps = self.rewards[:, :, None] - self.rewards[:, None, :]  # (P, K, K): r(y) − r(y')
+        return (torch.sigmoid(gaps) * mu[:, None, :]).sum(-1)
+
+    def ipo_optimal_policy(self, tau: float, mu: Tensor | None = None) -> Tensor:
+        """The IPO optimum for pairs drawn from μ: log π(y)/π_ref(y) = p(y ≻ μ)/τ + const, (P, K).
+
+        Derivation (arXiv:2310.12036 §5, for one prompt). The loss on an ordered pair is (h(y_w, y_l) − 1/(2τ))²
+        with h(a, b) = g(a) − g(b), g = log π/π_ref. For the unordered pair {a, b}, (a, b) is the order with
+        probability P(a ≻ b) and (b, a) otherwise, so the expected loss is minimised at
+            h(a, b) = P(a ≻ b)/(2τ) − P(b ≻ a)/(2τ) = (2P(a ≻ b) − 1)/(2τ) =: c(a, b).
+        A tabular policy can only realise differences h = g(a) − g(b), so it minimises the μ⊗μ-weighted least
+        squares Σ_{a,b} μ(a)μ(b)·(g(a) − g(b) − c(a, b))². Setting the derivative in g(a) to 0 (c is antisymmetric):
+            g(a) − E_μ[g] = Σ_b μ(b)·c(a, b) = (2p(a ≻ μ) − 1)/(2τ),
+        i.e. g(a) = p(a ≻ μ)/τ + const. TRL's target is 1/(2β) per token; at length 1 this is the paper's with τ = β.
+        """
+        return self.tilted(self.win_rate(mu) / tau)  # arXiv:2310.12036 §5: π ∝ π_ref·exp(τ⁻¹·p(y ≻ μ))
+
+    def sample_pairs(self, n: int, seed: int, mu: Tensor | None = None, label_noise: float = 0.0) -> Pairs:
+        """n Bradley–Terry pairs: x uniform over prompts, y1, y2 i.i.d. from μ(·|x) (uniform if None), y1 preferred
+        with probability σ(r(y1) − r(y2)); then each label is flipped with probability ``label_noise``."""
+        generator = torch.Generator().manual_seed(seed)
+        n_prompts, k = self.rewards.shape
+        mu = torch.full((n_prompts, k), 1 / k) if mu is None else mu
+        prompts = torch.randint(n_prompts, (n,), generator=generator)  # (n,)
+        y1, y2 = torch.multinomial(mu[prompts], 2, replacement=True, generator=generator).T  # (n,) each, i.i.d.
+        p_y1 = torch.sigmoid(self.rewards[prompts, y1] - self.rewards[prompts, y2])  # Bradley–Terry
+        p_y1 = (1 - label_noise) * p_y1 + label_noise * (1 - p_y1)  # a flipped label with probability ε
+        y1_wins = torch.rand(n, generator=generator) < p_y1
+        return Pairs(prompts, torch.where(y1_wins, y1, y2), torch.where(y1_wins, y2, y1))
+
+
+def example_bandit() -> Bandit:
+    """Two prompts, six responses each; π_ref prefers the worse responses, so π* lies far from π_ref."""
+    rewards = torch.tensor([[0.0, 0.4, 0.8, 1.2, 1.6, 2.0],
+                            [1.0, 2.0, 0.0, 1.5, 0.5, 0.25]])
+    reference_probs = torch.tensor([[0.30, 0.25, 0.18, 0.12, 0.10, 0.05],
+                                    [0.10, 0.05, 0.30, 0.10, 0.20, 0.25]])
+    return Bandit(reference_probs, rewards)
+
+
+def total_variation(p: Tensor, q: Tensor) -> float:
+    """½·Σ_y |p(y|x) − q(y|x)|, the worst over prompts (max, not mean); p, q: (P, K)."""
+    return 0.5 * (p - q).abs().sum(-1).max().item()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Objectives: (policy_logps (P, K), reference_logps (P, K), pairs, beta, **options) -> the 0-dim mean loss.
+# Each gathers the (n,) log-probs of the pairs and hands them, unchanged, to the formula of workbench.losses.
+
+
+def _paired_objective(loss_fn: Callable[..., losses.LossOutput]) -> Callable[..., Tensor]:
+    # "ipo", "sigmoid_norm" and "sft" divide by completion lengths; they are all 1 here.
+    length_names = {"chosen_lengths", "rejected_lengths"} & set(inspect.signature(loss_fn).parameters)
+
+    def objective(policy, reference, pairs, beta, **options):
+        x, c, r = pairs
+        lengths = {name: torch.ones(len(x)) for name in length_names}
+        out, _, _ = loss_fn(policy[x, c], policy[x, r], reference[x, c], reference[x, r], beta, **lengths, **options)
+        return out.mean()
+    return objective
+
+
+def _kto_objective(policy, reference, pairs, beta, **options):
+    # The unpaired view: each pair gives a desirable row (its chosen) and an undesirable row (its rejected),
+    # desirable rows first as kto_loss concatenates them. TRL's KL rows pair the prompt of row i with the
+    # completion of row i − 1 of the batch (cyclically); in this order row i − 1 always belongs to another pair.
+    x, c, r = pairs
+    prompts, completions = torch.cat([x, x]), torch.cat([c, r])  # (2n,)
+    kl_completions = completions.roll(1)
+    kl = losses.kto_kl_estimate(policy[prompts, kl_completions], reference[prompts, kl_completions])
+    out, _, _ = losses.kto_loss(policy[x, c], policy[x, r], reference[x, c], reference[x, r], beta, kl=kl, **options)
+    return out.mean()
+
+
+def _reference_free_objective(loss_fn: Callable[..., losses.LossOutput]) -> Callable[..., Tensor]:
+    def objective(policy, reference, pairs, beta, **options):
+        x, c, r = pairs
+        # At length 1 the summed (CPO) and average (ORPO, SimPO) log-probs coincide. The bandit's prompt is only
+        # conditioned on, so ORPO's NLL over "prompt + completion" tokens is the completion's NLL here.
+        nll = losses.token_mean_nll(policy[x, c], torch.ones(len(x)))
+        return loss_fn(policy[x, c], policy[x, r], beta, chosen_nll_loss=nll, **options)[0].mean()
+    return objective
+
+
+OBJECTIVES = {
+    **{name: _paired_objective(fn) for name, fn in losses.PAIRED_LOSSES.items()},
+    "kto": _kto_objective,
+    "orpo": _reference_free_objective(losses.orpo_loss),
+    "cpo": _reference_free_objective(losses.cpo_loss),
+    "simpo": _reference_free_objective(losses.simpo_loss),
+}
+REFERENCE_FREE = {"orpo", "cpo", "simpo"}
+
+
+def train_tabular(loss: str | Callable[..., losses.LossOutput], bandit: Bandit, pairs: Pairs, beta: float,
+                  steps: int = 300, lr: float = 0.1, **options) -> Tensor:
+    """Minimise the mean loss over ``pairs`` in the logits θ (P, K), from θ = log π_ref, by full-batch Adam.
+
+    Args:
+        loss: a key of ``OBJECTIVES`` (TRL's DPO loss types, "kto", "orpo", "cpo", "simpo"), or a paired loss
+            function with the signature of ``losses.dpo_loss`` (to test a formula that is not in the table).
+        beta: the β of the loss (ORPO's λ; SimPO's β).
+        **options: passed to the formula, e.g. ``label_smoothing``, ``simpo_gamma``, ``cpo_alpha``.
+
+    Returns the final policy π_θ, (P, K). There is no seed: the run is deterministic given the pairs (all the
+    randomness is in ``Bandit.sample_pairs``). With the defaults DPO on ``example_bandit`` has converged: more
+    steps move it by < 1e-3 in TV.
+    """
+    objective = OBJECTIVES[loss] if isinstance(loss, str) else _paired_objective(loss)
+    reference = bandit.reference_probs.log()  # (P, K) log π_ref
+    theta = reference.clone().requires_grad_(True)  # (P, K) logits, π_θ = π_ref at the start
+    optimizer = torch.optim.Adam([theta], lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        objective(F.log_softmax(theta, dim=-1), reference, pairs, beta, **options).backward()
+        optimizer.step()
+    return torch.softmax(theta.detach(), dim=-1)
