@@ -152,6 +152,31 @@ def test_completion_logps_batched_equals_one_at_a_time_4bit(tiny_model_dir, smol
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_shared_prompt_logps_equal_one_sequence_at_a_time(tiny_model_dir, hh_pairs, quantized):
+    """Each prompt computed once and continued from its KV cache for chosen and rejected gives the same numbers."""
+    model, tok = models.load_policy(_cfg(tiny_model_dir, load_in_4bit=quantized))
+    _perturb_lora(model, seed=5)
+    prompts, pairs = [], []
+    for ex in hh_pairs:
+        p, cs = models.encode_many(tok, ex["prompt"], [ex["chosen"], ex["rejected"]])
+        prompts.append(p)
+        pairs.append(cs)
+    assert len({len(p) for p in prompts}) > 3, "ragged prompts exercise the padding gap"
+    got = models.shared_prompt_logps(model, prompts, pairs, pad_id=tok.pad_token_id, batch_size=4)
+    got_ref = models.shared_prompt_logps(model, prompts, pairs, pad_id=tok.pad_token_id, batch_size=4, reference=True)
+    model.eval()
+    with torch.no_grad():
+        want = _one_at_a_time(model, [p for p in prompts for _ in range(2)], [c for cs in pairs for c in cs])
+        with model.disable_adapter():
+            want_ref = _one_at_a_time(model, [p for p in prompts for _ in range(2)], [c for cs in pairs for c in cs])
+    for i in range(len(prompts)):
+        for side in range(2):
+            torch.testing.assert_close(got[i][side], want[2 * i + side], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(got_ref[i][side], want_ref[2 * i + side], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got[0][0], got_ref[0][0])
+
+
 def test_completion_logps_rejects_bad_input(tiny_model_dir):
     model, tok = models.load_policy(_cfg(tiny_model_dir, load_in_4bit=False, use_peft=False))
     with pytest.raises(ValueError, match="reference=True"):

@@ -10,39 +10,40 @@ from __future__ import annotations
 
 import torch
 
-from .models import completion_logps, encode_many
+from .models import encode_many, shared_prompt_logps
 
 
 def score_pairs(model, tokenizer, examples: list[dict], *, beta: float = 0.1, batch_size: int = 8,
                 max_length: int | None = None) -> list[dict]:
     """One record per pair (``examples`` in the data layer's format: id, prompt, chosen, rejected).
 
-    Chosen and rejected responses are scored in one length-bucketed pass per model (policy, then reference),
-    so a batch mixes both sides and pads little.
+    One length-bucketed pass per model (policy, then reference); each prompt is computed once and shared by its
+    chosen and rejected response (``models.shared_prompt_logps``).
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0 (got {beta}): it scales the implicit reward β·log(π/π_ref).")
-    prompts, completions = [], []
+    prompts, pair_completions = [], []
     for ex in examples:
         p, (c, r) = encode_many(tokenizer, ex["prompt"], [ex["chosen"], ex["rejected"]], max_length=max_length)
-        prompts += [p, p]
-        completions += [c, r]
+        prompts.append(p)
+        pair_completions.append([c, r])
     kw = dict(pad_id=tokenizer.pad_token_id, batch_size=batch_size)
-    policy = completion_logps(model, prompts, completions, **kw)
-    reference = completion_logps(model, prompts, completions, reference=True, **kw)
+    # each prompt runs once per model, shared by its chosen and rejected response
+    policy = shared_prompt_logps(model, prompts, pair_completions, **kw)
+    reference = shared_prompt_logps(model, prompts, pair_completions, reference=True, **kw)
 
     records = []
     for i, ex in enumerate(examples):
-        c, r = 2 * i, 2 * i + 1  # chosen and rejected rows of pair i
-        pc, pr = policy.sum[c].item(), policy.sum[r].item()
-        rc, rr = reference.sum[c].item(), reference.sum[r].item()
+        (pol_c, pol_r), (ref_c, ref_r) = policy[i], reference[i]
+        (ids_c, ids_r) = pair_completions[i]
+        pc, pr, rc, rr = (t.sum().item() for t in (pol_c, pol_r, ref_c, ref_r))
         chosen_reward, rejected_reward = beta * (pc - rc), beta * (pr - rr)  # DPO implicit reward, Eq. 5
         records.append({
             "id": ex["id"],
             "prompt_turns": len(ex["prompt"]),
-            "prompt_tokens": len(prompts[c]),
-            "chosen_tokens": len(completions[c]),
-            "rejected_tokens": len(completions[r]),
+            "prompt_tokens": len(prompts[i]),
+            "chosen_tokens": len(ids_c),
+            "rejected_tokens": len(ids_r),
             "policy_chosen_logp": pc,
             "policy_rejected_logp": pr,
             "reference_chosen_logp": rc,
@@ -52,13 +53,13 @@ def score_pairs(model, tokenizer, examples: list[dict], *, beta: float = 0.1, ba
             "margin": chosen_reward - rejected_reward,
             "correct": chosen_reward > rejected_reward,
             # does the reference itself already prefer the chosen response? (per token, so length does not decide)
-            "reference_prefers_chosen": rc / len(completions[c]) > rr / len(completions[r]),
-            "chosen_token_ids": completions[c],
-            "rejected_token_ids": completions[r],
-            "chosen_token_logratio": (policy.per_token[c] - reference.per_token[c]).tolist(),
-            "rejected_token_logratio": (policy.per_token[r] - reference.per_token[r]).tolist(),
-            "reference_chosen_token_logps": reference.per_token[c].tolist(),
-            "reference_rejected_token_logps": reference.per_token[r].tolist(),
+            "reference_prefers_chosen": rc / len(ids_c) > rr / len(ids_r),
+            "chosen_token_ids": ids_c,
+            "rejected_token_ids": ids_r,
+            "chosen_token_logratio": (pol_c - ref_c).tolist(),
+            "rejected_token_logratio": (pol_r - ref_r).tolist(),
+            "reference_chosen_token_logps": ref_c.tolist(),
+            "reference_rejected_token_logps": ref_r.tolist(),
         })
     return records
 

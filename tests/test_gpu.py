@@ -1,0 +1,35 @@
+"""The QLoRA path on a CUDA GPU: NF4 weights on the device, bf16 compute, a DPO step. Skipped with a visible
+reason where there is no GPU (conftest.py); run on a GPU machine with `bash scripts/test.sh -m gpu`."""
+
+import pytest
+import torch
+
+from workbench import models, train
+from workbench.models import ModelConfig
+
+pytestmark = pytest.mark.gpu
+
+
+def test_4bit_policy_on_gpu_uses_bf16_compute_and_matches_a_plain_loop(tiny_model_dir, hh_pairs):
+    from bitsandbytes.nn import Linear4bit
+
+    policy, tok = models.load_policy(ModelConfig(model_name_or_path=str(tiny_model_dir)))
+    layers = [m for m in policy.modules() if isinstance(m, Linear4bit)]
+    assert layers and all(m.weight.device.type == "cuda" for m in layers)
+    assert models.compute_dtype("auto") == torch.bfloat16 and layers[0].compute_dtype == torch.bfloat16
+    prompts, completions = [], []
+    for ex in hh_pairs[:3]:
+        p, (c, r) = models.encode_many(tok, ex["prompt"], [ex["chosen"], ex["rejected"]])
+        prompts += [p, p]
+        completions += [c, r]
+    batched = models.completion_logps(policy, prompts, completions, pad_id=tok.pad_token_id, batch_size=4)
+    single = [models.completion_logps(policy, [p], [c], pad_id=tok.pad_token_id).sum for p, c in zip(prompts, completions)]
+    torch.testing.assert_close(batched.sum, torch.cat(single), atol=0.5, rtol=1e-2)  # bf16: loose
+
+
+def test_dpo_step_on_gpu_in_bf16(tiny_model_dir, hh_dir, tmp_path):
+    cfg = train.DPOArgs(model=ModelConfig(model_name_or_path=str(tiny_model_dir)), runs_dir=str(tmp_path), max_steps=2,
+                        data=train.DataConfig(split="test", source=str(hh_dir), n_train=8, n_score=4, max_length=256))
+    assert cfg.bf16 is True
+    path = train.train("dpo", cfg)
+    assert (path / "adapter" / "adapter_model.safetensors").exists()
