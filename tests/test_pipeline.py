@@ -95,9 +95,11 @@ def test_cli_builds_the_config(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(pipeline, "run_main", lambda cfg: seen.setdefault("cfg", cfg))
-    cli.main(["main", "--n-pairs", "5", "--seed", "2", "--model", "some/model", "--no-4bit"])
+    cli.main(["main", "--n-pairs", "5", "--seed", "2", "--model", "some/model", "--no-4bit", "--batch-size", "3",
+              "--beta", "0.5"])
     cfg = seen["cfg"]
     assert (cfg.n_pairs, cfg.seed, cfg.model.model_name_or_path, cfg.model.load_in_4bit) == (5, 2, "some/model", False)
+    assert (cfg.batch_size, cfg.beta, cfg.data_source) == (3, 0.5, None)
 
 
 @pytest.mark.slow

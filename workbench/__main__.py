@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
         if f.name == "model":
             continue
         value = getattr(defaults, f.name)
-        kind = type(value) if value is not None else str
+        kind = next((t for t in (int, float) if t.__name__ in str(f.type).split(" | ")), str)  # "int | None" -> int
         p_main.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=value, help=f"(default: {value})")
     p_main.add_argument("--model", default=defaults.model.model_name_or_path,
                         help="policy: hub name, local directory or embedded:<name> (default: %(default)s)")

@@ -91,6 +91,12 @@ def device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def default_batch_size() -> int:
+    """Sequences (or pairs) per forward when scoring: 8 on a GPU, where batching pays; 2 on a CPU, where a
+    forward is compute-bound and padding in a bigger batch costs more than it saves (benchmarks/bench_scoring.py)."""
+    return 8 if torch.cuda.is_available() else 2
+
+
 def compute_dtype(dtype: str | None = "auto") -> torch.dtype:
     """Resolve "auto" to bfloat16 on a bf16-capable GPU and float32 elsewhere; pass other names through."""
     if dtype in (None, "auto"):
@@ -480,7 +486,7 @@ def _shared_prompt_logps(model, prompts: list[list[int]], completions: list[list
 
 @torch.no_grad()
 def shared_prompt_logps(model, prompts: list[list[int]], completions: list[list[list[int]]], *, pad_id: int,
-                        batch_size: int = 8, reference: bool = False) -> list[list[torch.Tensor]]:
+                        batch_size: int | None = None, reference: bool = False) -> list[list[torch.Tensor]]:
     """``completion_logps`` for several completions of each prompt (a preference pair: chosen and rejected),
     with each prompt computed once instead of once per completion. Batched over prompts, length-bucketed,
     returned in input order: result[i][c] has the per-token log-probs of completions[i][c].
@@ -491,6 +497,7 @@ def shared_prompt_logps(model, prompts: list[list[int]], completions: list[list[
         raise ValueError("reference=True needs a model with a LoRA adapter (the reference is the adapter disabled).")
     if any(len(c) == 0 for cs in completions for c in cs) or any(len(p) == 0 for p in prompts):
         raise ValueError("An empty prompt or completion cannot be scored; filter empty ones first.")
+    batch_size = batch_size or default_batch_size()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + max(map(len, completions[i])))
     out: list = [None] * len(order)
     was_training = model.training

@@ -25,8 +25,8 @@ class MainConfig:
     n_pairs: int = 16  # held-out pairs to score
     max_length: int = 512  # pairs longer than this (prompt + longer response, tokens) are skipped and counted
     beta: float = 0.1  # β of the implicit reward β·log(π/π_ref) (DPO paper's default, arXiv:2305.18290 §6)
-    batch_size: int = 4
-    runs_dir: str = "runs"
+    batch_size: int | None = None  # pairs per scoring forward; None: 8 on a GPU, 2 on a CPU
+    runs_dir: str | None = None  # None: $WORKBENCH_RUNS, else ./runs
     model: models.ModelConfig = field(default_factory=models.ModelConfig)
 
     def __post_init__(self):
@@ -66,7 +66,7 @@ def run_main(cfg: MainConfig | None = None) -> Run:
         _step(f"policy ready: {n_train:,} trainable LoRA parameters; reference = same weights, adapter disabled", t0)
 
         # --- score
-        _step(f"scoring {len(pairs)} pairs under policy and reference (batch {cfg.batch_size})", t0)
+        _step(f"scoring {len(pairs)} pairs under policy and reference (batch {cfg.batch_size or models.default_batch_size()})", t0)
         records = scoring.score_pairs(policy, tokenizer, pairs, beta=cfg.beta, batch_size=cfg.batch_size)
         run.write_records("pairs", records)
         run.summary = {**scoring.summarize(records), "data/kept": report.kept, "data/read": report.read,

@@ -33,7 +33,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-RUNS_DIR = Path(os.environ.get("WORKBENCH_RUNS", "runs"))
+def default_root() -> Path:
+    """Where runs go unless told otherwise: $WORKBENCH_RUNS, else ./runs (read at each call, not at import)."""
+    return Path(os.environ.get("WORKBENCH_RUNS", "runs"))
+
+
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]*$")  # no "__" inside a part: it separates the parts
 _PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "numpy", "pandas",
              "gguf", "plotly", "ipywidgets", "papermill", "workbench")
@@ -126,7 +130,7 @@ class Run:
     def __init__(self, method: str, name: str, seed: int, config, root: str | Path | None = None):
         self.seed = int(seed)
         self.folder = run_name(method, name, self.seed)
-        self.root = Path(root) if root is not None else RUNS_DIR
+        self.root = Path(root) if root is not None else default_root()
         self.final_path = self.root / self.folder
         self.partial_path = self.root / (self.folder + ".partial")
         self.failed_path = self.root / (self.folder + ".failed")
@@ -219,7 +223,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 def list_runs(root: str | Path | None = None) -> pd.DataFrame:
     """One row per complete run under ``root``: method, name, seed, timestamp, path, the config (flattened
     as ``config.<key>``) and the summary metrics. Partial and failed runs are not listed."""
-    root = Path(root) if root is not None else RUNS_DIR
+    root = Path(root) if root is not None else default_root()
     rows = []
     for p in sorted(root.iterdir()) if root.exists() else []:
         if not _is_complete(p):

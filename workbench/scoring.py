@@ -13,7 +13,7 @@ import torch
 from .models import encode_many, shared_prompt_logps
 
 
-def score_pairs(model, tokenizer, examples: list[dict], *, beta: float = 0.1, batch_size: int = 8,
+def score_pairs(model, tokenizer, examples: list[dict], *, beta: float = 0.1, batch_size: int | None = None,
                 max_length: int | None = None) -> list[dict]:
     """One record per pair (``examples`` in the data layer's format: id, prompt, chosen, rejected).
 

@@ -60,8 +60,8 @@ class _WorkbenchFields:
     model: models.ModelConfig = field(default_factory=models.ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft_run: str | None = None  # an SFT run folder: the policy starts from its adapter, and it is the reference
-    runs_dir: str = "runs"
-    score_batch_size: int = 8
+    runs_dir: str | None = None  # None: $WORKBENCH_RUNS, else ./runs
+    score_batch_size: int | None = None  # pairs per scoring forward; None: 8 on a GPU, 2 on a CPU
     score_beta: float | None = None  # β of the scored implicit reward; None: the arm's β if it has a reference, else 0.1
     # TRL defaults changed for CPU-first use; each is a plain TRL option:
     bf16: bool = field(default_factory=lambda: torch.cuda.is_available() and torch.cuda.is_bf16_supported())  # TRL: True
