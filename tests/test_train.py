@@ -126,6 +126,12 @@ def test_bad_configs_fail_before_loading_anything(common, tmp_path):
         train.train("dpo", train.DPOArgs(sft_run=str(tmp_path), **common))
 
 
+def test_reference_from_another_base_is_refused(common, sft_run):
+    other = {**common, "model": ModelConfig(model_name_or_path=models.EMBEDDED_POLICY)}
+    with pytest.raises(ValueError, match="was trained on base .* but this run's model is 'embedded:smollm2"):
+        train.train("dpo", train.DPOArgs(sft_run=str(sft_run), **other))
+
+
 def test_pairs_without_needed_columns_are_named(common):
     with pytest.raises(ValueError, match=r"pairs\[1\] lacks column\(s\) \['rejected'\]"):
         train.train("dpo", train.DPOArgs(**common), pairs=[
@@ -162,3 +168,55 @@ def test_cli_train_builds_the_config(monkeypatch):
     cfg = seen["cfg"]
     assert seen["method"] == "dpo" and isinstance(cfg, train.DPOArgs)
     assert (cfg.loss_type, cfg.loss_weights, cfg.beta, cfg.max_steps, cfg.seed) == (["sigmoid", "sft"], [1.0, 0.5], 0.2, 3, 4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The reward model
+
+
+def _synthetic_pairs(n):
+    """Pairs where content, not length, decides: the polite answer is chosen and is the *shorter* one."""
+    topics = ["bread", "tax forms", "a bike", "tomatoes", "python", "chess", "a resume", "knots", "tea", "a poem"]
+    pairs = []
+    for i in range(n):
+        topic = topics[i % len(topics)]
+        pairs.append({
+            "id": f"synthetic/{i}",
+            "prompt": [{"role": "user", "content": f"Can you help me with {topic}? (#{i})"}],
+            "chosen": [{"role": "assistant", "content": f"Happy to help with {topic}."}],
+            "rejected": [{"role": "assistant", "content": f"No. I will not help you with {topic}, go away and stop asking."}],
+        })
+    return pairs
+
+
+def test_reward_model_learns_a_preference_that_length_does_not_explain(common, tmp_path):
+    cfg = train.RewardArgs(runs_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=8, learning_rate=2e-4,
+                           data=train.DataConfig(heldout_fraction=0.25, n_score=40), seed=1)
+    path = train.train("reward", cfg, pairs=_synthetic_pairs(120))
+    run = load_run(path)
+    assert path.name.startswith("reward__default__s1__")
+    assert (path / "model" / "model.safetensors").exists() and not (path / "adapter").exists()
+    summary = run.summary
+    assert summary["eval/baseline/longer_is_chosen"] == 0.0, "by construction the longer answer always loses"
+    assert summary["eval/rm/accuracy"] >= 0.95, summary
+    records = run.records("heldout_pairs")
+    assert (records["margin"] == records["chosen_score"] - records["rejected_score"]).all()
+    # the saved model reproduces the recorded scores
+    from transformers import AutoModelForSequenceClassification
+
+    from workbench import scoring
+
+    model = AutoModelForSequenceClassification.from_pretrained(path / "model")
+    tok = models.load_tokenizer(str(path / "model"))
+    heldout = [p for p in _synthetic_pairs(120) if p["id"] == records.loc[0, "id"]]
+    again = scoring.score_pairs_with_reward(model, tok, heldout)
+    assert again[0]["chosen_score"] == pytest.approx(records.loc[0, "chosen_score"], abs=1e-4)
+
+
+def test_reward_model_on_a_4bit_decoder_trains_an_adapter(common):
+    path = train.train("reward", train.RewardArgs(**{**common, "model": ModelConfig(model_name_or_path=common["model"].model_name_or_path)}))
+    run = load_run(path)
+    assert (path / "adapter" / "adapter_config.json").exists()
+    assert {"eval/rm/accuracy", "eval/baseline/longer_is_chosen"} <= set(run.summary)
+    with pytest.raises(ValueError, match="sft_run does not apply"):
+        train.train("reward", train.RewardArgs(sft_run=str(path), **common))

@@ -220,12 +220,16 @@ def load_tokenizer(name_or_path: str, padding_side: str = "left"):
     depend on this setting.
     """
     tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    encoder_style = tok.eos_token is None and tok.cls_token is not None and tok.sep_token is not None  # BERT-like
+    if encoder_style:  # the HH template ends assistant turns with EOS; an encoder's separator plays that role
+        tok.eos_token = tok.sep_token
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     if tok.pad_token is None:
         raise ValueError(f"Tokenizer of '{name_or_path}' has neither a pad, an EOS nor an UNK token to pad with.")
     if not tok.chat_template:
-        tok.chat_template = HH_CHAT_TEMPLATE
+        # an encoder classifies from its first token, so its text starts with [CLS] as in pre-training
+        tok.chat_template = ("{{ cls_token }}" if encoder_style else "") + HH_CHAT_TEMPLATE
     tok.padding_side = padding_side
     return tok
 

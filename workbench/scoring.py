@@ -91,3 +91,62 @@ def summarize(records: list[dict]) -> dict:
         "lengths/chosen_tokens": t["chosen_tokens"].mean().item(),
         "lengths/rejected_tokens": t["rejected_tokens"].mean().item(),
     }
+
+
+@torch.no_grad()
+def reward_scores(model, tokenizer, conversations: list[list[dict]], *, max_length: int = 512,
+                  batch_size: int | None = None) -> torch.Tensor:
+    """(n,) scalar rewards of whole conversations (prompt + response), tokenised through the chat template as
+    TRL's RewardTrainer does. A conversation longer than ``max_length`` keeps its first token (an encoder's [CLS])
+    and its end, where the response is."""
+    from .models import default_batch_size, pad_right
+
+    ids = []
+    for conv in conversations:
+        x = list(tokenizer.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"])
+        ids.append(x if len(x) <= max_length else x[:1] + x[len(x) - max_length + 1 :])
+    batch_size = batch_size or default_batch_size()
+    dev = next(model.parameters()).device
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = torch.empty(len(ids))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            input_ids, attention_mask, _ = pad_right([ids[i] for i in idx], [[] for _ in idx], tokenizer.pad_token_id)
+            scores = model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev)).logits[:, 0]
+            out[idx] = scores.float().cpu()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def score_pairs_with_reward(model, tokenizer, examples: list[dict], *, max_length: int = 512,
+                            batch_size: int | None = None) -> list[dict]:
+    """One record per pair: the reward model's score of chosen and rejected, margin, whether it ranks them right."""
+    convs = [ex["prompt"] + ex[side] for ex in examples for side in ("chosen", "rejected")]
+    scores = reward_scores(model, tokenizer, convs, max_length=max_length, batch_size=batch_size)
+    records = []
+    for i, ex in enumerate(examples):
+        c, r = scores[2 * i].item(), scores[2 * i + 1].item()
+        records.append({"id": ex["id"], "chosen_score": c, "rejected_score": r, "margin": c - r, "correct": c > r,
+                        "chosen_chars": len(ex["chosen"][0]["content"]),
+                        "rejected_chars": len(ex["rejected"][0]["content"])})
+    return records
+
+
+def summarize_rewards(records: list[dict]) -> dict:
+    """Pairwise accuracy of a reward model beside the length-only baseline on the same pairs."""
+    if not records:
+        return {}
+    n = len(records)
+    return {
+        "n_pairs": n,
+        "rm/accuracy": sum(r["correct"] for r in records) / n,
+        "rm/margin": sum(r["margin"] for r in records) / n,
+        "rm/chosen_score": sum(r["chosen_score"] for r in records) / n,
+        "rm/rejected_score": sum(r["rejected_score"] for r in records) / n,
+        # "the longer answer wins", by characters so that it does not depend on the reward model's tokenizer
+        "baseline/longer_is_chosen": sum(r["chosen_chars"] > r["rejected_chars"] for r in records) / n,
+    }

@@ -1,4 +1,4 @@
-"""Preference-optimization arms through TRL's trainers: SFT, the DPO family, KTO, ORPO, SimPO.
+"""Training arms through TRL's trainers: SFT, the DPO family, KTO, ORPO, SimPO, and the reward model.
 
 One entry point, ``train(method, config) -> run folder``. Each arm's config subclasses TRL's own (every TRL
 option works) and adds the workbench's fields: the model, the data, the SFT run to start from. After training,
@@ -120,6 +120,22 @@ class SimPOArgs(_WorkbenchFields, CPOConfig):
     num_train_epochs: float = 1.0
 
 
+@dataclass
+class RewardArgs(_WorkbenchFields, trl.RewardConfig):
+    """Bradley–Terry reward model, −log σ(r(x, y_w) − r(x, y_l)) (Ouyang et al. 2022, arXiv:2203.02155 Eq. 1).
+
+    Default backbone: the embedded all-MiniLM-L6-v2 encoder, fully fine-tuned (22M parameters, fast on a CPU).
+    For a decoder backbone (e.g. the policy's base) pass a ModelConfig with 4-bit + LoRA; the score head is then
+    trained in full. ``center_rewards_coefficient`` (TRL option; 0.01 recommended, arXiv:2312.09244 Eq. 2) keeps
+    rewards centred at 0.
+    """
+
+    model: models.ModelConfig = field(default_factory=lambda: models.ModelConfig(
+        model_name_or_path=models.EMBEDDED_REWARD_BACKBONE, load_in_4bit=False, use_peft=False))
+    learning_rate: float = 5e-5  # the usual rate for fine-tuning a BERT-size encoder in full
+    num_train_epochs: float = 1.0
+
+
 # method name -> (config class, TRL trainer class, dataset view, has a reference model)
 METHODS = {
     "sft": (SFTArgs, trl.SFTTrainer, "sft", False),
@@ -127,6 +143,7 @@ METHODS = {
     "kto": (KTOArgs, trl.KTOTrainer, "unpaired", True),
     "orpo": (ORPOArgs, ORPOTrainer, "pairs", False),
     "simpo": (SimPOArgs, CPOTrainer, "pairs", False),
+    "reward": (RewardArgs, trl.RewardTrainer, "pairs", False),
 }
 
 
@@ -198,8 +215,17 @@ def validate(method: str, cfg) -> None:
             raise ValueError(f"Unknown DPO loss_type {unknown}. Known: {', '.join(losses.PAIRED_LOSSES)}.")
     if method == "dpo" and cfg.f_divergence_type != "reverse_kl":
         raise ValueError("Only f_divergence_type='reverse_kl' (standard DPO) has a reference formula here.")
-    if cfg.sft_run is not None and not (Path(cfg.sft_run) / "adapter").is_dir():
-        raise FileNotFoundError(f"sft_run '{cfg.sft_run}' has no adapter/ folder: give a complete SFT run folder.")
+    if method == "reward" and cfg.sft_run is not None:
+        raise ValueError("sft_run does not apply to a reward model: its backbone is set by cfg.model.")
+    if cfg.sft_run is not None:
+        sft = Path(cfg.sft_run)
+        if not (sft / "adapter").is_dir() or not (sft / "config.json").exists():
+            raise FileNotFoundError(f"sft_run '{sft}' has no adapter/ folder or config.json: give a complete SFT run folder.")
+        sft_base = json.loads((sft / "config.json").read_text()).get("model", {}).get("model_name_or_path")
+        if sft_base != cfg.model.model_name_or_path:
+            # an adapter only means something on the base it was trained on; the reference would be wrong
+            raise ValueError(f"sft_run '{sft}' was trained on base '{sft_base}', but this run's model is "
+                             f"'{cfg.model.model_name_or_path}'. Use the same base, or another SFT run.")
 
 
 def _dataset(view: str, rows: list[dict]):
@@ -223,8 +249,15 @@ def build_trainer(method: str, cfg, policy, tokenizer, dataset, run: Run):
     """TRL's trainer for ``method`` with the workbench's two additions: the NaN guard and metrics.jsonl logging."""
     trainer_cls = METHODS[method][1]
     cfg.output_dir = str(run.path / "trainer")
-    return _guarded(trainer_cls, run, tokenizer)(
+    trainer = _guarded(trainer_cls, run, tokenizer)(
         model=policy, args=cfg, train_dataset=dataset, processing_class=tokenizer, callbacks=[_RunLogger(run)])
+    # TRL's RewardTrainer casts the trainable parameters of a quantized model to bf16 (QLoRA's advice for bf16
+    # compute). Where compute is fp32 (the CPU) a bf16 score head then meets fp32 activations: keep them fp32.
+    dtype = models.compute_dtype(cfg.model.dtype)
+    for p in policy.parameters():
+        if p.requires_grad and p.dtype != dtype and p.is_floating_point() and dtype == torch.float32:
+            p.data = p.data.to(dtype)
+    return trainer
 
 
 def add_pair_losses(method: str, cfg, records: list[dict]) -> None:
@@ -298,23 +331,34 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None) -> Path:
 
         # --- policy; TRL's DPO/KTO trainers copy its starting adapter into a frozen "ref" adapter: the reference
         sft_adapter = str(Path(cfg.sft_run) / "adapter") if cfg.sft_run else None
-        policy, tokenizer = models.load_policy(cfg.model, adapter=sft_adapter)
+        load = models.load_reward_model if method == "reward" else models.load_policy
+        policy, tokenizer = load(cfg.model, adapter=sft_adapter)
 
         # --- train
         trainer = build_trainer(method, cfg, policy, tokenizer, dataset, run)
         result = trainer.train()
         shutil.rmtree(cfg.output_dir, ignore_errors=True)  # nothing to keep: save_strategy="no", adapter saved below
-        policy.save_pretrained(run.path / "adapter", selected_adapters=["default"])
+        if hasattr(policy, "peft_config"):
+            policy.save_pretrained(run.path / "adapter", selected_adapters=["default"])
+        else:  # a fully fine-tuned model (the small reward encoder): the weights and the tokenizer
+            policy.save_pretrained(run.path / "model")
+            tokenizer.save_pretrained(run.path / "model")
 
-        # --- score held-out pairs, per pair and per token
-        pairs = heldout[: cfg.data.n_score]
-        beta = cfg.score_beta or (cfg.beta if has_reference else 0.1)
-        records = scoring.score_pairs(policy, tokenizer, pairs, beta=beta,
-                                      batch_size=cfg.score_batch_size, max_length=cfg.max_length)
-        add_pair_losses(method, cfg, records)
+        # --- score held-out pairs: per pair and per token for a policy, per pair for a reward model
+        scored = heldout[: cfg.data.n_score]
+        if method == "reward":
+            records = scoring.score_pairs_with_reward(policy, tokenizer, scored, max_length=cfg.max_length,
+                                                      batch_size=cfg.score_batch_size)
+            summary = scoring.summarize_rewards(records)
+        else:
+            beta = cfg.score_beta or (cfg.beta if has_reference else 0.1)
+            records = scoring.score_pairs(policy, tokenizer, scored, beta=beta,
+                                          batch_size=cfg.score_batch_size, max_length=cfg.max_length)
+            add_pair_losses(method, cfg, records)
+            summary = scoring.summarize(records)
         run.write_records("heldout_pairs", records)
         run.summary = {
-            **{f"eval/{k}": v for k, v in scoring.summarize(records).items()},
+            **{f"eval/{k}": v for k, v in summary.items()},
             "train/loss": result.training_loss,
             "train/steps": result.global_step,
             "train/pairs": len(train_rows),
