@@ -10,14 +10,14 @@ Prints both times, the speed-up (goal >= 2x) and pairs/s, and checks both give t
 import argparse
 import time
 
-from workbench import data, models, scoring
+from workbench import data, logprobs, models, scoring
 
 
 def plain_pair(policy, tok, ex, beta=0.1):
     """The baseline: one pair, two full sequences, no sharing."""
     p, (c, r) = models.encode_many(tok, ex["prompt"], [ex["chosen"], ex["rejected"]])
-    pol = models.completion_logps(policy, [p, p], [c, r], pad_id=tok.pad_token_id, batch_size=2)
-    ref = models.completion_logps(policy, [p, p], [c, r], pad_id=tok.pad_token_id, batch_size=2, reference=True)
+    pol = logprobs.completion_logps(policy, [p, p], [c, r], pad_id=tok.pad_token_id, batch_size=2)
+    ref = logprobs.completion_logps(policy, [p, p], [c, r], pad_id=tok.pad_token_id, batch_size=2, reference=True)
     margin = beta * ((pol.sum[0] - ref.sum[0]) - (pol.sum[1] - ref.sum[1])).item()
     return {"margin": margin, "policy_chosen_logp": pol.sum[0].item()}
 

@@ -4,7 +4,7 @@ reason where there is no GPU (conftest.py); run on a GPU machine with `bash scri
 import pytest
 import torch
 
-from workbench import models, train
+from workbench import logprobs, models, train
 from workbench.models import ModelConfig
 
 pytestmark = pytest.mark.gpu
@@ -22,8 +22,8 @@ def test_4bit_policy_on_gpu_uses_bf16_compute_and_matches_a_plain_loop(tiny_mode
         p, (c, r) = models.encode_many(tok, ex["prompt"], [ex["chosen"], ex["rejected"]])
         prompts += [p, p]
         completions += [c, r]
-    batched = models.completion_logps(policy, prompts, completions, pad_id=tok.pad_token_id, batch_size=4)
-    single = [models.completion_logps(policy, [p], [c], pad_id=tok.pad_token_id).sum for p, c in zip(prompts, completions)]
+    batched = logprobs.completion_logps(policy, prompts, completions, pad_id=tok.pad_token_id, batch_size=4)
+    single = [logprobs.completion_logps(policy, [p], [c], pad_id=tok.pad_token_id).sum for p, c in zip(prompts, completions)]
     torch.testing.assert_close(batched.sum, torch.cat(single), atol=0.5, rtol=1e-2)  # bf16: loose
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from workbench import models
+from workbench import logprobs, models
 from workbench.models import ModelConfig
 
 
@@ -124,13 +124,13 @@ def test_completion_logps_batched_equals_one_at_a_time_unquantized(tiny_model_di
     model, tok = models.load_policy(_cfg(tiny_model_dir, load_in_4bit=False))
     _perturb_lora(model)
     prompts, completions = _ragged_batch(tok, hh_pairs)
-    got = models.completion_logps(model, prompts, completions, pad_id=tok.pad_token_id, batch_size=3)
+    got = logprobs.completion_logps(model, prompts, completions, pad_id=tok.pad_token_id, batch_size=3)
     model.eval()
     with torch.no_grad():
         want = _one_at_a_time(model, prompts, completions)
         with model.disable_adapter():
             want_ref = _one_at_a_time(model, prompts, completions)
-    ref = models.completion_logps(model, prompts, completions, pad_id=tok.pad_token_id, batch_size=5, reference=True)
+    ref = logprobs.completion_logps(model, prompts, completions, pad_id=tok.pad_token_id, batch_size=5, reference=True)
     for i in range(len(prompts)):
         assert got.per_token[i].shape == (len(completions[i]),)
         torch.testing.assert_close(got.per_token[i], want[i], atol=1e-5, rtol=1e-5)
@@ -144,7 +144,7 @@ def test_completion_logps_batched_equals_one_at_a_time_4bit(tiny_model_dir, smol
     model, tok = models.load_policy(_cfg(tiny_model_dir))
     _perturb_lora(model)
     prompts, completions = _ragged_batch(tok, hh_pairs[:3])
-    got = models.completion_logps(model, prompts, completions, pad_id=tok.pad_token_id, batch_size=4)
+    got = logprobs.completion_logps(model, prompts, completions, pad_id=tok.pad_token_id, batch_size=4)
     model.eval()
     with torch.no_grad():
         want = _one_at_a_time(model, prompts, completions)
@@ -163,8 +163,8 @@ def test_shared_prompt_logps_equal_one_sequence_at_a_time(tiny_model_dir, hh_pai
         prompts.append(p)
         pairs.append(cs)
     assert len({len(p) for p in prompts}) > 3, "ragged prompts exercise the padding gap"
-    got = models.shared_prompt_logps(model, prompts, pairs, pad_id=tok.pad_token_id, batch_size=4)
-    got_ref = models.shared_prompt_logps(model, prompts, pairs, pad_id=tok.pad_token_id, batch_size=4, reference=True)
+    got = logprobs.shared_prompt_logps(model, prompts, pairs, pad_id=tok.pad_token_id, batch_size=4)
+    got_ref = logprobs.shared_prompt_logps(model, prompts, pairs, pad_id=tok.pad_token_id, batch_size=4, reference=True)
     model.eval()
     with torch.no_grad():
         want = _one_at_a_time(model, [p for p in prompts for _ in range(2)], [c for cs in pairs for c in cs])
@@ -180,9 +180,9 @@ def test_shared_prompt_logps_equal_one_sequence_at_a_time(tiny_model_dir, hh_pai
 def test_completion_logps_rejects_bad_input(tiny_model_dir):
     model, tok = models.load_policy(_cfg(tiny_model_dir, load_in_4bit=False, use_peft=False))
     with pytest.raises(ValueError, match="reference=True"):
-        models.completion_logps(model, [[1, 2]], [[3]], pad_id=0, reference=True)
+        logprobs.completion_logps(model, [[1, 2]], [[3]], pad_id=0, reference=True)
     with pytest.raises(ValueError, match="empty completion"):
-        models.completion_logps(model, [[1, 2]], [[]], pad_id=0)
+        logprobs.completion_logps(model, [[1, 2]], [[]], pad_id=0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_4bit_lora_policy_trains_and_its_reference_is_the_base(tiny_model_dir, s
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), quantization_config=models.quantization_config(ModelConfig()),
                                                 dtype=torch.float32, device_map={"": "cpu"}).eval()
     prompts, completions = _ragged_batch(tok, hh_pairs[:2])
-    ids, attn, cmask = models.pad_right(prompts, completions, tok.pad_token_id)
+    ids, attn, cmask = logprobs.pad_right(prompts, completions, tok.pad_token_id)
     with torch.no_grad():
         base_logits = base(input_ids=ids, attention_mask=attn).logits
     quantized_before = {n: b.detach().clone() for n, b in policy.named_parameters() if "lora_" not in n}
@@ -212,7 +212,7 @@ def test_4bit_lora_policy_trains_and_its_reference_is_the_base(tiny_model_dir, s
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for _ in range(3):
-        lp = models.token_logps(policy, ids, attn)
+        lp = logprobs.token_logps(policy, ids, attn)
         loss = -(lp * cmask[:, 1:]).sum() / cmask.sum()
         opt.zero_grad()
         loss.backward()
@@ -236,10 +236,10 @@ def test_adapter_round_trips_through_disk(tiny_model_dir, tmp_path, hh_pairs):
     policy, tok = models.load_policy(_cfg(tiny_model_dir))
     _perturb_lora(policy, seed=3)
     prompts, completions = _ragged_batch(tok, hh_pairs[:2])
-    before = models.completion_logps(policy, prompts, completions, pad_id=tok.pad_token_id)
+    before = logprobs.completion_logps(policy, prompts, completions, pad_id=tok.pad_token_id)
     policy.save_pretrained(tmp_path / "adapter")
     again, _ = models.load_policy(_cfg(tiny_model_dir), adapter=str(tmp_path / "adapter"))
-    after = models.completion_logps(again, prompts, completions, pad_id=tok.pad_token_id)
+    after = logprobs.completion_logps(again, prompts, completions, pad_id=tok.pad_token_id)
     torch.testing.assert_close(before.sum, after.sum, atol=1e-5, rtol=1e-5)
 
 
@@ -276,11 +276,11 @@ def test_embedded_smollm2_is_a_real_language_model(smollm_tokenizer):
     prompt = [{"role": "user", "content": "What is the capital of France?"}]
     completion = [{"role": "assistant", "content": "The capital of France is Paris."}]
     p, c = models.encode(tok, prompt, completion)
-    lp = models.completion_logps(policy, [p], [c], pad_id=tok.pad_token_id)
+    lp = logprobs.completion_logps(policy, [p], [c], pad_id=tok.pad_token_id)
     perplexity = math.exp(-lp.sum.item() / lp.n_tokens.item())
     uniform = len(tok)  # a model that knew nothing would have perplexity = vocabulary size (49,152)
     assert perplexity < 20, f"perplexity {perplexity:.1f} on an easy answer; uniform would be {uniform}"
     # and it prefers the right answer to a wrong one
     _, wrong = models.encode(tok, prompt, [{"role": "assistant", "content": "The capital of France is Berlin."}])
-    lp_wrong = models.completion_logps(policy, [p], [wrong], pad_id=tok.pad_token_id)
+    lp_wrong = logprobs.completion_logps(policy, [p], [wrong], pad_id=tok.pad_token_id)
     assert lp.sum.item() > lp_wrong.sum.item() + 2.0

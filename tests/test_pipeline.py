@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from workbench import models, scoring
+from workbench import logprobs, models, scoring
 from workbench.models import ModelConfig
 from workbench.pipeline import MainConfig, run_main
 from workbench.runs import list_runs, load_run
@@ -23,8 +23,8 @@ def test_score_pairs_matches_its_definition(tiny_model_dir, hh_pairs):
     for r, ex in zip(records, hh_pairs):
         p, c = models.encode(tok, ex["prompt"], ex["chosen"])
         _, rj = models.encode(tok, ex["prompt"], ex["rejected"])
-        pol = models.completion_logps(policy, [p, p], [c, rj], pad_id=tok.pad_token_id)
-        ref = models.completion_logps(policy, [p, p], [c, rj], pad_id=tok.pad_token_id, reference=True)
+        pol = logprobs.completion_logps(policy, [p, p], [c, rj], pad_id=tok.pad_token_id)
+        ref = logprobs.completion_logps(policy, [p, p], [c, rj], pad_id=tok.pad_token_id, reference=True)
         assert r["chosen_reward"] == pytest.approx(beta * (pol.sum[0] - ref.sum[0]).item(), abs=1e-4)
         assert r["rejected_reward"] == pytest.approx(beta * (pol.sum[1] - ref.sum[1]).item(), abs=1e-4)
         assert r["margin"] == pytest.approx(r["chosen_reward"] - r["rejected_reward"])

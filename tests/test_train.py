@@ -7,7 +7,7 @@ import pytest
 import torch
 import trl
 
-from workbench import models, train
+from workbench import logprobs, models, train
 from workbench.models import ModelConfig
 from workbench.runs import load_run
 
@@ -44,13 +44,15 @@ def _complete(path):
 
 def test_configs_subclass_trl_and_are_cpu_safe():
     trl_configs = {"sft": trl.SFTConfig, "dpo": trl.DPOConfig, "kto": trl.KTOConfig,
-                   "orpo": train.ORPOConfig, "simpo": train.CPOConfig}
+                   "orpo": train.ORPOConfig, "simpo": train.CPOConfig, "reward": trl.RewardConfig}
     for method, (config_cls, *_rest) in train.METHODS.items():
         cfg = config_cls()
         assert isinstance(cfg, trl_configs[method]), f"{method}: every TRL option must be available"
         if not torch.cuda.is_available():
             assert cfg.bf16 is False, f"{method}: bf16 on a CPU"
-        assert cfg.seed == 0 and cfg.model.load_in_4bit
+        assert cfg.seed == 0
+        # policies default to QLoRA; the reward model to the small embedded encoder, fully trained
+        assert cfg.model.load_in_4bit == (method != "reward")
     assert issubclass(train.DPOArgs, trl.DPOConfig) and issubclass(train.KTOArgs, trl.KTOConfig)
     assert train.SimPOArgs().loss_type == "simpo" and train.SimPOArgs().cpo_alpha == 0.0
 
@@ -103,7 +105,7 @@ def test_trained_adapter_reloads_to_the_scored_policy(common, sft_run, hh_dir):
     examples, _ = load_hh("harmless-base", "test", hh_dir)
     ex = next(e for e in examples if e["id"] == rec["id"])
     p, c = models.encode(tok, ex["prompt"], ex["chosen"], max_length=160)
-    lp = models.completion_logps(policy, [p], [c], pad_id=tok.pad_token_id)
+    lp = logprobs.completion_logps(policy, [p], [c], pad_id=tok.pad_token_id)
     assert lp.sum.item() == pytest.approx(rec["policy_chosen_logp"], abs=1e-4)
 
 

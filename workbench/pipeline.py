@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from . import data, models, scoring
+from . import data, logprobs, models, scoring
 from .runs import Run
 
 
@@ -66,7 +66,7 @@ def run_main(cfg: MainConfig | None = None) -> Run:
         _step(f"policy ready: {n_train:,} trainable LoRA parameters; reference = same weights, adapter disabled", t0)
 
         # --- score
-        _step(f"scoring {len(pairs)} pairs under policy and reference (batch {cfg.batch_size or models.default_batch_size()})", t0)
+        _step(f"scoring {len(pairs)} pairs under policy and reference (batch {cfg.batch_size or logprobs.default_batch_size()})", t0)
         records = scoring.score_pairs(policy, tokenizer, pairs, beta=cfg.beta, batch_size=cfg.batch_size)
         run.write_records("pairs", records)
         run.summary = {**scoring.summarize(records), "data/kept": report.kept, "data/read": report.read,

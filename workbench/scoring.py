@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .models import encode_many, shared_prompt_logps
+from .logprobs import default_batch_size, pad_right, shared_prompt_logps
+from .models import encode_many
 
 
 def score_pairs(model, tokenizer, examples: list[dict], *, beta: float = 0.1, batch_size: int | None = None,
@@ -18,7 +19,7 @@ def score_pairs(model, tokenizer, examples: list[dict], *, beta: float = 0.1, ba
     """One record per pair (``examples`` in the data layer's format: id, prompt, chosen, rejected).
 
     One length-bucketed pass per model (policy, then reference); each prompt is computed once and shared by its
-    chosen and rejected response (``models.shared_prompt_logps``).
+    chosen and rejected response (``logprobs.shared_prompt_logps``).
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0 (got {beta}): it scales the implicit reward β·log(π/π_ref).")
@@ -99,8 +100,6 @@ def reward_scores(model, tokenizer, conversations: list[list[dict]], *, max_leng
     """(n,) scalar rewards of whole conversations (prompt + response), tokenised through the chat template as
     TRL's RewardTrainer does. A conversation longer than ``max_length`` keeps its first token (an encoder's [CLS])
     and its end, where the response is."""
-    from .models import default_batch_size, pad_right
-
     ids = []
     for conv in conversations:
         x = list(tokenizer.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"])

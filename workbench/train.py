@@ -7,7 +7,7 @@ the held-out pairs are scored by our own pass (``scoring.score_pairs``): per pai
 The reference model is never a second copy of the weights. The policy is a LoRA adapter (fresh, or the SFT
 run's); TRL's DPO and KTO trainers copy that starting adapter into a frozen adapter named "ref", and the
 reference is the base with "ref" active — the SFT model, or the base itself for a fresh adapter. Our scoring
-uses the same "ref" adapter (``models.reference_adapter``).
+uses the same "ref" adapter (``logprobs.reference_adapter``).
 """
 
 from __future__ import annotations

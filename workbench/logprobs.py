@@ -1,0 +1,195 @@
+"""Log-probabilities of completions under a policy and its reference: the primitive that DPO scoring, KL drift
+and the widgets reuse. Batched, length-bucketed, prompt and padding masked, the LM head run on completion tokens
+only; each prompt computed once for all of its completions (chosen and rejected)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def default_batch_size() -> int:
+    """Sequences (or pairs) per forward when scoring: 8 on a GPU, where batching pays; 2 on a CPU, where a
+    forward is compute-bound and padding in a bigger batch costs more than it saves (benchmarks/bench_scoring.py)."""
+    return 8 if torch.cuda.is_available() else 2
+
+
+
+def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                target_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(x_t | x_<t) for the positions t >= 1 of a right-padded batch.
+
+    input_ids, attention_mask: (B, T). Returns (B, T-1): entry [b, t-1] is the log-prob of token t.
+    With ``target_mask`` (B, T-1, bool), only those entries are computed (the rest are 0): the LM head then runs
+    on the completion tokens alone, not on every prompt position, which saves most of its (B, T, V) work.
+    Differentiable; callers that only score wrap it in ``torch.no_grad()``.
+    """
+    targets = input_ids[:, 1:]
+    if target_mask is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, T-1, V)
+        # log_softmax(z)[y] = z_y - logsumexp(z), without materialising a second (B, T-1, V) tensor
+        return torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    backbone, head = _backbone_and_head(model)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]  # (B, T-1, H)
+    logits = head(hidden[target_mask]).float()  # (N, V), N = number of target tokens
+    picked = logits.gather(1, targets[target_mask].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    out = torch.zeros(targets.shape, dtype=picked.dtype, device=picked.device)
+    return out.masked_scatter(target_mask, picked)
+
+
+def pad_right(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int):
+    """Concatenate prompt and completion ids and right-pad them.
+
+    Returns input_ids, attention_mask, completion_mask, each (B, T); completion_mask marks completion tokens.
+    Right padding keeps every real token at the position it would have alone, so no position ids are needed.
+    """
+    seqs = [p + c for p, c in zip(prompt_ids, completion_ids)]
+    T = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    completion_mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        attention_mask[i, : len(p) + len(c)] = 1
+        completion_mask[i, len(p) : len(p) + len(c)] = True
+    return input_ids, attention_mask, completion_mask
+
+
+def reference_adapter(model):
+    """Context in which ``model`` is the reference: the frozen adapter named "ref" when there is one (the SFT
+    adapter a preference arm started from), else the base with adapters disabled. TRL's trainers choose the
+    reference the same way, through the same helper."""
+    from trl.trainer.utils import use_adapter
+
+    return use_adapter(model, "ref" if "ref" in getattr(model, "peft_config", {}) else None)
+
+
+@dataclass
+class CompletionLogps:
+    """Log-probabilities of n completions: ``per_token[i]`` has one entry per completion token of item i."""
+
+    per_token: list[torch.Tensor]
+    sum: torch.Tensor = field(init=False)  # (n,) sequence log-prob: sum over completion tokens
+    n_tokens: torch.Tensor = field(init=False)  # (n,)
+
+    def __post_init__(self):
+        self.sum = torch.stack([t.sum() for t in self.per_token]) if self.per_token else torch.zeros(0)
+        self.n_tokens = torch.tensor([len(t) for t in self.per_token], dtype=torch.long)
+
+
+def _backbone_and_head(model):
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft, LoRA layers stay live
+    return getattr(lm, lm.base_model_prefix), lm.get_output_embeddings()
+
+
+def _shared_prompt_logps(model, prompts: list[list[int]], completions: list[list[list[int]]], pad_id: int) -> list[list[torch.Tensor]]:
+    """Per-token log-probs of several completions per prompt, running each prompt through the model once.
+
+    prompts: B token lists; completions: for each prompt, C token lists (C = 2 for chosen and rejected).
+    1. The prompts, right-padded, go through the backbone once and leave their KV cache.
+    2. The B·C completions continue from that cache (repeated C times), each at the positions following its own
+       prompt (explicit position_ids; the padding gap is masked out).
+    3. Completion token j is predicted from the hidden state before it: the prompt's last one for j = 0, the
+       completion's own (j − 1)-th after that; the LM head runs only on those B·C·L_c states.
+    """
+    backbone, head = _backbone_and_head(model)
+    dev = next(model.parameters()).device
+    B, C = len(prompts), len(completions[0])
+    p_len = torch.tensor([len(p) for p in prompts], device=dev)
+    Lp = int(p_len.max())
+    p_ids = torch.full((B, Lp), pad_id, dtype=torch.long, device=dev)
+    for i, p in enumerate(prompts):
+        p_ids[i, : len(p)] = torch.tensor(p, device=dev)
+    p_mask = (torch.arange(Lp, device=dev)[None] < p_len[:, None]).long()  # (B, Lp)
+    out = backbone(input_ids=p_ids, attention_mask=p_mask, use_cache=True)
+    last = out.last_hidden_state[torch.arange(B, device=dev), p_len - 1]  # (B, H): predicts completion token 0
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(C)  # row b·C + c continues prompt b
+
+    flat = [c for cs in completions for c in cs]  # (B·C) lists, prompt-major
+    c_len = torch.tensor([len(c) for c in flat], device=dev)
+    Lc = int(c_len.max())
+    c_ids = torch.full((B * C, Lc), pad_id, dtype=torch.long, device=dev)
+    for i, c in enumerate(flat):
+        c_ids[i, : len(c)] = torch.tensor(c, device=dev)
+    c_mask = torch.arange(Lc, device=dev)[None] < c_len[:, None]  # (B·C, Lc)
+    start = p_len.repeat_interleave(C)  # (B·C,) first position of each completion
+    hidden = backbone(input_ids=c_ids, attention_mask=torch.cat([p_mask.repeat_interleave(C, 0), c_mask.long()], 1),
+                      position_ids=start[:, None] + torch.arange(Lc, device=dev)[None],
+                      past_key_values=cache, use_cache=False).last_hidden_state  # (B·C, Lc, H)
+    predictors = torch.cat([last.repeat_interleave(C, 0)[:, None], hidden[:, :-1]], dim=1)  # (B·C, Lc, H)
+    logits = head(predictors[c_mask]).float()  # (N, V), N = all completion tokens
+    picked = logits.gather(1, c_ids[c_mask].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    per_row = picked.cpu().split(c_len.tolist())
+    return [list(per_row[b * C : (b + 1) * C]) for b in range(B)]
+
+
+@torch.no_grad()
+def shared_prompt_logps(model, prompts: list[list[int]], completions: list[list[list[int]]], *, pad_id: int,
+                        batch_size: int | None = None, reference: bool = False) -> list[list[torch.Tensor]]:
+    """``completion_logps`` for several completions of each prompt (a preference pair: chosen and rejected),
+    with each prompt computed once instead of once per completion. Batched over prompts, length-bucketed,
+    returned in input order: result[i][c] has the per-token log-probs of completions[i][c].
+
+    Needs a decoder with a KV cache (every causal LM in transformers); the numbers equal ``completion_logps``'.
+    """
+    if reference and not hasattr(model, "disable_adapter"):
+        raise ValueError("reference=True needs a model with a LoRA adapter (the reference is the adapter disabled).")
+    if any(len(c) == 0 for cs in completions for c in cs) or any(len(p) == 0 for p in prompts):
+        raise ValueError("An empty prompt or completion cannot be scored; filter empty ones first.")
+    batch_size = batch_size or default_batch_size()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + max(map(len, completions[i])))
+    out: list = [None] * len(order)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            args = ([prompts[i] for i in idx], [completions[i] for i in idx], pad_id)
+            if reference:
+                with reference_adapter(model):
+                    res = _shared_prompt_logps(model, *args)
+            else:
+                res = _shared_prompt_logps(model, *args)
+            for i, r in zip(idx, res):
+                out[i] = r
+    finally:
+        model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], *, pad_id: int,
+                     batch_size: int = 8, reference: bool = False) -> CompletionLogps:
+    """Per-token log-probs of each completion given its prompt, batched and length-bucketed.
+
+    Items are sorted by length so each batch pads little, scored ``batch_size`` at a time, then returned in
+    the input order. Prompt and padding tokens are masked out. With ``reference=True`` the scores are the
+    reference model's (see ``reference_adapter``), from the same weights in memory.
+    """
+    if reference and not hasattr(model, "disable_adapter"):
+        raise ValueError("reference=True needs a model with a LoRA adapter (the reference is the adapter disabled).")
+    if any(len(c) == 0 for c in completion_ids):
+        raise ValueError("An empty completion has no tokens to score; filter empty responses first.")
+    dev = next(model.parameters()).device
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(completion_ids[i]))
+    out: list[torch.Tensor | None] = [None] * len(order)
+    was_training = model.training
+    model.eval()  # no dropout in scoring
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, attn, cmask = pad_right([prompt_ids[i] for i in idx], [completion_ids[i] for i in idx], pad_id)
+            ids, attn = ids.to(dev), attn.to(dev)
+            mask = cmask[:, 1:].to(dev)  # (B, T-1): which next-token predictions are completion tokens
+            if reference:
+                with reference_adapter(model):
+                    lp = token_logps(model, ids, attn, mask)
+            else:
+                lp = token_logps(model, ids, attn, mask)
+            for row, i in enumerate(idx):
+                out[i] = lp[row][mask[row]].cpu()
+    finally:
+        model.train(was_training)
+    return CompletionLogps(per_token=out)
