@@ -4,6 +4,7 @@ only; each prompt computed once for all of its completions (chosen and rejected)
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -97,11 +98,7 @@ def _shared_prompt_logps(model, prompts: list[list[int]], completions: list[list
     dev = next(model.parameters()).device
     B, C = len(prompts), len(completions[0])
     p_len = torch.tensor([len(p) for p in prompts], device=dev)
-    Lp = int(p_len.max())
-    p_ids = torch.full((B, Lp), pad_id, dtype=torch.long, device=dev)
-    for i, p in enumerate(prompts):
-        p_ids[i, : len(p)] = torch.tensor(p, device=dev)
-    p_mask = (torch.arange(Lp, device=dev)[None] < p_len[:, None]).long()  # (B, Lp)
+    p_ids, p_mask, _ = (t.to(dev) for t in pad_right(prompts, [[] for _ in prompts], pad_id))  # (B, Lp)
     out = backbone(input_ids=p_ids, attention_mask=p_mask, use_cache=True)
     last = out.last_hidden_state[torch.arange(B, device=dev), p_len - 1]  # (B, H): predicts completion token 0
     cache = out.past_key_values
@@ -109,11 +106,8 @@ def _shared_prompt_logps(model, prompts: list[list[int]], completions: list[list
 
     flat = [c for cs in completions for c in cs]  # (B·C) lists, prompt-major
     c_len = torch.tensor([len(c) for c in flat], device=dev)
-    Lc = int(c_len.max())
-    c_ids = torch.full((B * C, Lc), pad_id, dtype=torch.long, device=dev)
-    for i, c in enumerate(flat):
-        c_ids[i, : len(c)] = torch.tensor(c, device=dev)
-    c_mask = torch.arange(Lc, device=dev)[None] < c_len[:, None]  # (B·C, Lc)
+    c_ids, c_mask, _ = (t.to(dev) for t in pad_right(flat, [[] for _ in flat], pad_id))  # (B·C, Lc)
+    Lc, c_mask = c_ids.shape[1], c_mask.bool()
     start = p_len.repeat_interleave(C)  # (B·C,) first position of each completion
     hidden = backbone(input_ids=c_ids, attention_mask=torch.cat([p_mask.repeat_interleave(C, 0), c_mask.long()], 1),
                       position_ids=start[:, None] + torch.arange(Lc, device=dev)[None],
@@ -125,6 +119,28 @@ def _shared_prompt_logps(model, prompts: list[list[int]], completions: list[list
     return [list(per_row[b * C : (b + 1) * C]) for b in range(B)]
 
 
+def in_length_buckets(model, lengths: list[int], batch_size: int | None, score, reference: bool = False) -> list:
+    """Run ``score(indices) -> one result per index`` over items sorted by length, ``batch_size`` at a time (so
+    each batch pads little), in eval mode (no dropout), under the reference adapter if asked; results come back
+    in input order. The one batching loop of every scoring function here and in ``scoring``."""
+    if reference and not hasattr(model, "disable_adapter"):
+        raise ValueError("reference=True needs a model with a LoRA adapter (the reference is the adapter disabled).")
+    batch_size = batch_size or default_batch_size()
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    out: list = [None] * len(order)
+    was_training = model.training
+    model.eval()
+    try:
+        with reference_adapter(model) if reference else contextlib.nullcontext():
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                for i, result in zip(idx, score(idx)):
+                    out[i] = result
+    finally:
+        model.train(was_training)
+    return out
+
+
 @torch.no_grad()
 def shared_prompt_logps(model, prompts: list[list[int]], completions: list[list[list[int]]], *, pad_id: int,
                         batch_size: int | None = None, reference: bool = False) -> list[list[torch.Tensor]]:
@@ -134,62 +150,30 @@ def shared_prompt_logps(model, prompts: list[list[int]], completions: list[list[
 
     Needs a decoder with a KV cache (every causal LM in transformers); the numbers equal ``completion_logps``'.
     """
-    if reference and not hasattr(model, "disable_adapter"):
-        raise ValueError("reference=True needs a model with a LoRA adapter (the reference is the adapter disabled).")
     if any(len(c) == 0 for cs in completions for c in cs) or any(len(p) == 0 for p in prompts):
         raise ValueError("An empty prompt or completion cannot be scored; filter empty ones first.")
-    batch_size = batch_size or default_batch_size()
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + max(map(len, completions[i])))
-    out: list = [None] * len(order)
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            args = ([prompts[i] for i in idx], [completions[i] for i in idx], pad_id)
-            if reference:
-                with reference_adapter(model):
-                    res = _shared_prompt_logps(model, *args)
-            else:
-                res = _shared_prompt_logps(model, *args)
-            for i, r in zip(idx, res):
-                out[i] = r
-    finally:
-        model.train(was_training)
-    return out
+    lengths = [len(p) + max(map(len, cs)) for p, cs in zip(prompts, completions)]
+    return in_length_buckets(model, lengths, batch_size, reference=reference, score=lambda idx: _shared_prompt_logps(
+        model, [prompts[i] for i in idx], [completions[i] for i in idx], pad_id))
 
 
 @torch.no_grad()
 def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], *, pad_id: int,
-                     batch_size: int = 8, reference: bool = False) -> CompletionLogps:
+                     batch_size: int | None = None, reference: bool = False) -> CompletionLogps:
     """Per-token log-probs of each completion given its prompt, batched and length-bucketed.
 
-    Items are sorted by length so each batch pads little, scored ``batch_size`` at a time, then returned in
-    the input order. Prompt and padding tokens are masked out. With ``reference=True`` the scores are the
-    reference model's (see ``reference_adapter``), from the same weights in memory.
+    Prompt and padding tokens are masked out. With ``reference=True`` the scores are the reference model's
+    (see ``reference_adapter``), from the same weights in memory.
     """
-    if reference and not hasattr(model, "disable_adapter"):
-        raise ValueError("reference=True needs a model with a LoRA adapter (the reference is the adapter disabled).")
     if any(len(c) == 0 for c in completion_ids):
         raise ValueError("An empty completion has no tokens to score; filter empty responses first.")
     dev = next(model.parameters()).device
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(completion_ids[i]))
-    out: list[torch.Tensor | None] = [None] * len(order)
-    was_training = model.training
-    model.eval()  # no dropout in scoring
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            ids, attn, cmask = pad_right([prompt_ids[i] for i in idx], [completion_ids[i] for i in idx], pad_id)
-            ids, attn = ids.to(dev), attn.to(dev)
-            mask = cmask[:, 1:].to(dev)  # (B, T-1): which next-token predictions are completion tokens
-            if reference:
-                with reference_adapter(model):
-                    lp = token_logps(model, ids, attn, mask)
-            else:
-                lp = token_logps(model, ids, attn, mask)
-            for row, i in enumerate(idx):
-                out[i] = lp[row][mask[row]].cpu()
-    finally:
-        model.train(was_training)
-    return CompletionLogps(per_token=out)
+
+    def score(idx):
+        ids, attn, cmask = pad_right([prompt_ids[i] for i in idx], [completion_ids[i] for i in idx], pad_id)
+        mask = cmask[:, 1:].to(dev)  # (B, T-1): which next-token predictions are completion tokens
+        lp = token_logps(model, ids.to(dev), attn.to(dev), mask)
+        return [lp[row][mask[row]].cpu() for row in range(len(idx))]
+
+    lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
+    return CompletionLogps(per_token=in_length_buckets(model, lengths, batch_size, score, reference=reference))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .logprobs import default_batch_size, pad_right, shared_prompt_logps
+from .logprobs import in_length_buckets, pad_right, shared_prompt_logps
 from .models import encode_many
 
 
@@ -104,21 +104,13 @@ def reward_scores(model, tokenizer, conversations: list[list[dict]], *, max_leng
     for conv in conversations:
         x = list(tokenizer.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"])
         ids.append(x if len(x) <= max_length else x[:1] + x[len(x) - max_length + 1 :])
-    batch_size = batch_size or default_batch_size()
     dev = next(model.parameters()).device
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out = torch.empty(len(ids))
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            input_ids, attention_mask, _ = pad_right([ids[i] for i in idx], [[] for _ in idx], tokenizer.pad_token_id)
-            scores = model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev)).logits[:, 0]
-            out[idx] = scores.float().cpu()
-    finally:
-        model.train(was_training)
-    return out
+
+    def score(idx):
+        input_ids, attention_mask, _ = pad_right([ids[i] for i in idx], [[] for _ in idx], tokenizer.pad_token_id)
+        return model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev)).logits[:, 0].float().cpu()
+
+    return torch.stack(in_length_buckets(model, [len(x) for x in ids], batch_size, score)) if ids else torch.empty(0)
 
 
 def score_pairs_with_reward(model, tokenizer, examples: list[dict], *, max_length: int = 512,
