@@ -38,6 +38,7 @@ their optimum to the normalisation of π, and AOT couples all pairs by sorting. 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -191,5 +192,91 @@ def train_tabular(loss: str | Callable[..., losses.LossOutput], bandit: Bandit, 
     for _ in range(steps):
         optimizer.zero_grad()
         objective(F.log_softmax(theta, dim=-1), reference, pairs, beta, **options).backward()
+        optimizer.step()
+    return torch.softmax(theta.detach(), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RL on the bandit: the same π* is the optimum of E_π[r] − β·KL(π ‖ π_ref), which PPO and RLOO maximise with the
+# KL as a per-sample penalty in the reward. These loops run workbench.ppo's own functions (reward shaping, GAE,
+# whitening, the clipped losses, the minibatch loop; RLOO's leave-one-out baseline) on a tabular policy, so the
+# test of convergence to π* is a test of that code.
+
+
+class _TabularActorCritic:
+    """A tabular policy θ (P, K) and value table v (P,) in the interface of ``ppo.ppo_update``: one "token" per
+    response, so every (mb, T) tensor has T = 1."""
+
+    def __init__(self, theta: Tensor, v: Tensor, prompts: Tensor, responses: Tensor):
+        self.theta, self.v, self.x, self.y = theta, v, prompts, responses
+
+    def logprobs(self, idx):
+        logp = F.log_softmax(self.theta, dim=-1)[self.x[idx]]  # (mb, K)
+        entropy = -(logp.exp() * logp).sum(-1, keepdim=True)
+        return logp.gather(1, self.y[idx, None]), entropy  # (mb, 1) each
+
+    def values(self, idx):
+        return self.v[self.x[idx]][:, None]  # (mb, 1)
+
+    def critic(self):
+        return contextlib.nullcontext()
+
+
+def train_tabular_ppo(bandit: Bandit, beta: float, iterations: int = 150, batch_size: int = 2048, lr: float = 0.05,
+                      seed: int = 0, **ppo_options) -> Tensor:
+    """PPO with reward r(x, y) − β·(log π_old(y|x) − log π_ref(y|x)) from θ = log π_ref; returns π_θ (P, K).
+
+    Each iteration samples ``batch_size`` prompts uniformly and one response each from π_θ, then runs
+    ``ppo.ppo_update`` (4 epochs × 4 minibatches by default; any ``PPOArgs`` field can be passed), with the
+    learning rate annealed linearly to 0 as ``train_ppo`` does."""
+    from workbench import ppo
+
+    cfg = ppo.PPOArgs(**{"ppo_epochs": 4, "num_minibatches": 4, "rollout_batch_size": batch_size, **ppo_options})
+    generator = torch.Generator().manual_seed(seed)
+    n_prompts, _ = bandit.rewards.shape
+    reference = bandit.reference_probs.log()
+    theta = reference.clone().requires_grad_(True)
+    v = torch.zeros(n_prompts, requires_grad=True)
+    optimizer = torch.optim.Adam([theta, v], lr=lr, eps=1e-5)
+    mask = torch.ones(batch_size, 1, dtype=torch.bool)
+    for it in range(iterations):
+        optimizer.param_groups[0]["lr"] = lr * (1 - it / iterations)
+        with torch.no_grad():
+            x = torch.randint(n_prompts, (batch_size,), generator=generator)
+            y = torch.multinomial(torch.softmax(theta, -1)[x], 1, generator=generator).squeeze(1)
+            logprobs = F.log_softmax(theta, -1)[x, y][:, None]  # (N, 1) log π_old
+            kl = ppo.kl_per_token(logprobs, reference[x, y][:, None], cfg.kl_estimator)
+            rewards = ppo.per_token_rewards(bandit.rewards[x, y], kl, mask, beta)
+            advantages, returns = ppo.gae(rewards, v[x][:, None], mask, cfg.gamma, cfg.lam)
+            batch = ppo.Batch(mask, logprobs, v[x][:, None].clone(), ppo.whiten(advantages, mask), returns)
+        ac = _TabularActorCritic(theta, v, x, y)
+        ppo.ppo_update(ac, batch, optimizer, cfg, [theta, v], generator)
+    return torch.softmax(theta.detach(), dim=-1)
+
+
+def train_tabular_rloo(bandit: Bandit, beta: float, iterations: int = 300, n_prompts: int = 512, k: int = 4,
+                       lr: float = 0.05, seed: int = 0, cliprange: float = 0.2) -> Tensor:
+    """RLOO as TRL's RLOOTrainer runs it by default: k samples per prompt, sequence reward r − β·k1-KL, the
+    leave-one-out baseline (``ppo.rloo_advantages``), one clipped-ratio gradient step per batch. Returns π_θ."""
+    from workbench import ppo
+
+    generator = torch.Generator().manual_seed(seed)
+    P, _ = bandit.rewards.shape
+    reference = bandit.reference_probs.log()
+    theta = reference.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([theta], lr=lr, eps=1e-5)
+    mask = torch.ones(n_prompts * k, 1, dtype=torch.bool)
+    for it in range(iterations):
+        optimizer.param_groups[0]["lr"] = lr * (1 - it / iterations)
+        with torch.no_grad():
+            x = torch.randint(P, (n_prompts,), generator=generator).repeat_interleave(k)  # k samples per prompt
+            y = torch.multinomial(torch.softmax(theta, -1)[x], 1, generator=generator).squeeze(1)
+            old = F.log_softmax(theta, -1)[x, y]
+            reward = bandit.rewards[x, y] - beta * (old - reference[x, y])  # TRL: score − β·Σ_t k1
+            advantages = ppo.rloo_advantages(reward.view(n_prompts, k)).view(-1, 1)
+        optimizer.zero_grad()
+        logprobs = F.log_softmax(theta, -1)[x, y][:, None]
+        loss, _ = ppo.policy_loss(logprobs, old[:, None], advantages, mask, cliprange)
+        loss.backward()
         optimizer.step()
     return torch.softmax(theta.detach(), dim=-1)

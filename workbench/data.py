@@ -431,6 +431,32 @@ def unpaired_view(examples: list[dict]) -> list[dict]:
     return rows
 
 
+def prompt_view(examples: list[dict]) -> list[dict]:
+    """Pairs -> the distinct prompts, {"id", "prompt"}, in input order (the id of the first pair with that prompt):
+    what the RL arms roll out on."""
+    seen = {}
+    for ex in examples:
+        seen.setdefault(_prompt_json(ex), {"id": ex["id"], "prompt": ex["prompt"]})
+    return list(seen.values())
+
+
+def _prompt_json(ex: dict) -> str:
+    return json.dumps(ex["prompt"], ensure_ascii=False, sort_keys=True)
+
+
+def _unit_hash(key: str) -> float:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64  # uniform in [0, 1)
+
+
+def half(examples: list[dict], which: str) -> list[dict]:
+    """The pairs whose prompt falls in half "a" or "b" (a fixed hash of the prompt, independent of the seed and of
+    the held-out split): two reward models trained on the two halves saw disjoint prompts, so one can serve as
+    the other's gold evaluator."""
+    if which not in ("a", "b"):
+        raise ValueError(f"half must be 'a' or 'b' (got {which!r}).")
+    return [ex for ex in examples if (_unit_hash("half\x00" + _prompt_json(ex)) < 0.5) == (which == "a")]
+
+
 def split_heldout(examples: list[dict], fraction: float = 0.1, seed: int = 0) -> tuple[list, list, dict]:
     """Deterministic train / held-out split, grouped by prompt.
 
@@ -443,8 +469,7 @@ def split_heldout(examples: list[dict], fraction: float = 0.1, seed: int = 0) ->
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
     train, heldout = [], []
     for ex in examples:
-        key = f"{seed}\x00{json.dumps(ex['prompt'], ensure_ascii=False, sort_keys=True)}".encode()
-        u = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64  # uniform in [0, 1)
+        u = _unit_hash(f"{seed}\x00{_prompt_json(ex)}")
         (heldout if u < fraction else train).append(ex)
     info = {
         "seed": seed,
@@ -454,6 +479,37 @@ def split_heldout(examples: list[dict], fraction: float = 0.1, seed: int = 0) ->
         "method": "sha256(seed, prompt messages as JSON) / 2**64 < fraction -> heldout",
     }
     return train, heldout, info
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Which pairs a run trains on and which it scores afterwards (every training arm has one)."""
+
+    subset: str = "harmless-base"  # HH-RLHF subset, or "all"
+    split: str = "train"  # file to read; "test" is the only one in the shared local copy
+    source: str | None = None  # local hh-rlhf directory or "hub"; None: $WORKBENCH_HH_SOURCE, a local copy, the hub
+    heldout_fraction: float = 0.1  # prompts held out of training (seeded hash of the prompt), scored afterwards
+    half: str | None = None  # train only on prompt half "a" or "b" (see ``half``): e.g. a proxy RM and its gold RM
+    n_train: int | None = None  # use only the first n training pairs (None: all)
+    n_score: int = 64  # held-out pairs (RL arms: also held-out prompts) scored per sample and per token afterwards
+    max_length: int = 512  # pairs longer than this (tokens) are skipped and counted in the data report
+
+
+def load_for_run(cfg: DataConfig, seed: int, tokenizer=None, pairs: list[dict] | None = None):
+    """The training and held-out pairs of a run: (train_rows, heldout, report or None, split record).
+
+    ``pairs`` replaces HH-RLHF with your own pairs (no report). The held-out split is seeded by the run's seed;
+    then ``cfg.half`` and ``cfg.n_train`` narrow the training pairs. The split record (ids on each side, how they
+    were chosen) goes into the run folder as split.json."""
+    report = None
+    if pairs is None:
+        pairs, report = load_hh(cfg.subset, cfg.split, cfg.source, tokenizer=tokenizer, max_length=cfg.max_length)
+    train_rows, heldout, info = split_heldout(pairs, cfg.heldout_fraction, seed=seed)
+    train_rows = half(train_rows, cfg.half) if cfg.half else train_rows
+    train_rows = train_rows[: cfg.n_train] if cfg.n_train else train_rows
+    info = {**info, "half": cfg.half, "n_train_used": len(train_rows),
+            "train_ids": [ex["id"] for ex in train_rows], "heldout_ids": [ex["id"] for ex in heldout]}
+    return train_rows, heldout, report, info
 
 
 def to_dataset(rows: list[dict]):

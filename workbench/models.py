@@ -345,9 +345,14 @@ def load_reward_model(cfg: ModelConfig | None = None, adapter: str | None = None
     return get_peft_model(model, lcfg), tokenizer
 
 
-def save_tiny_causal_lm(tokenizer, out_dir: str | Path, seed: int = 0, layers: int = 2, hidden: int = 64) -> Path:
+def save_tiny_causal_lm(tokenizer, out_dir: str | Path, seed: int = 0, layers: int = 2, hidden: int = 64,
+                        init_std: float = 0.02) -> Path:
     """Write a randomly initialised Llama-architecture model sized to ``tokenizer`` (and the tokenizer) to
-    ``out_dir``: a stand-in with real shapes and a real vocabulary for fast tests and CI notebooks."""
+    ``out_dir``: a stand-in with real shapes and a real vocabulary for fast tests and CI notebooks.
+
+    With the usual ``init_std`` 0.02 its next-token distribution is close to uniform over the whole vocabulary,
+    and no adapter can make any one token likely; ``init_std`` ≈ 0.3 gives logits of std ≈ 2.5, a peaked
+    distribution that RL can move in a few steps."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -361,6 +366,7 @@ def save_tiny_causal_lm(tokenizer, out_dir: str | Path, seed: int = 0, layers: i
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        initializer_range=init_std,
     )
     model = LlamaForCausalLM(config)
     out_dir = Path(out_dir)

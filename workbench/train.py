@@ -38,17 +38,7 @@ def _experimental():
 ORPOConfig, ORPOTrainer, CPOConfig, CPOTrainer = _experimental()
 
 
-@dataclass
-class DataConfig:
-    """Which pairs to train on and which to score afterwards."""
-
-    subset: str = "harmless-base"  # HH-RLHF subset, or "all"
-    split: str = "train"  # file to read; "test" is the only one in the shared local copy
-    source: str | None = None  # local hh-rlhf directory or "hub"; None: $WORKBENCH_HH_SOURCE, a local copy, the hub
-    heldout_fraction: float = 0.1  # prompts held out of training (seeded hash of the prompt), scored afterwards
-    n_train: int | None = None  # use only the first n training pairs (None: all)
-    n_score: int = 64  # held-out pairs scored per pair and per token after training
-    max_length: int = 512  # pairs longer than this (tokens) are skipped and counted in the data report
+DataConfig = data.DataConfig  # re-exported: train.DataConfig is what notebooks and the README use
 
 
 @dataclass
@@ -317,16 +307,10 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None) -> Path:
     with Run(method_label(method, cfg), cfg.run_name, cfg.seed, config=cfg, root=cfg.runs_dir) as run:
         # --- data: training pairs, and held-out pairs scored at the end
         tokenizer = models.load_tokenizer(cfg.model.model_name_or_path)
-        if pairs is None:
-            examples, report = data.load_hh(cfg.data.subset, cfg.data.split, cfg.data.source,
-                                            tokenizer=tokenizer, max_length=cfg.data.max_length)
+        train_rows, heldout, report, split_info = data.load_for_run(cfg.data, cfg.seed, tokenizer, pairs)
+        if report is not None:
             run.write_json("data_report.json", report.to_dict())
-        else:
-            examples = pairs
-        train_rows, heldout, split_info = data.split_heldout(examples, cfg.data.heldout_fraction, seed=cfg.seed)
-        train_rows = train_rows[: cfg.data.n_train] if cfg.data.n_train else train_rows
-        run.write_json("split.json", {**split_info, "train_ids": [ex["id"] for ex in train_rows],
-                                      "heldout_ids": [ex["id"] for ex in heldout]})
+        run.write_json("split.json", split_info)
         dataset = _dataset(view, train_rows)
 
         # --- policy; TRL's DPO/KTO trainers copy its starting adapter into a frozen "ref" adapter: the reference

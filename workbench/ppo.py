@@ -1,0 +1,587 @@
+"""PPO for RLHF, written here (TRL 1.16 has no PPO trainer). Readable top to bottom: the pieces are pure
+functions of tensors, then one loop ``train_ppo``.
+
+Follows InstructGPT (Ouyang et al. 2022, arXiv:2203.02155) and the details collected by Huang et al. 2024
+("The N+ implementation details of RLHF with PPO", arXiv:2403.17031); the details we take, and where:
+  - reward = reward-model score at the end of the response − β·KL per token (``per_token_rewards``);
+    KL estimated per token as k1 = log π − log π_ref, or k3 (``kl_per_token``; Schulman 2020, "Approximating
+    KL divergence"); optionally a penalty for responses that never end (``missing_eos_penalty``);
+  - the response is cut after its first EOS and every later token is masked (``generate``);
+  - logits are divided by the sampling temperature whenever log-probs are computed, so π_old is the
+    distribution that was sampled (``response_forward``);
+  - GAE with γ, λ; advantages whitened per batch; returns = advantages + values (``gae``, ``whiten``);
+  - clipped policy loss and clipped value loss (``policy_loss``, ``value_loss``), several PPO epochs over
+    shuffled minibatches (``ppo_update``), Adam with ε = 1e-5, learning rate annealed linearly to 0,
+    gradient-norm clipping; dropout off (the model stays in eval mode), so the first minibatch's ratio is 1;
+  - a fixed KL coefficient or Ziegler et al.'s adaptive controller (arXiv:1909.08593 §2.2).
+
+Memory: one base model. The policy is the LoRA adapter "default"; the reference is the base with adapters
+disabled, or the frozen SFT adapter "ref" when training starts from an SFT run; the critic is a second LoRA
+adapter "value" with a linear value head on the last hidden state. A separate critic adapter rather than a
+value head on the policy's own hidden states: with a shared trunk the value loss moves the policy too, and
+its weight against the policy loss becomes one more thing to tune (Huang et al. use separate policy and value
+networks). It costs one extra forward and backward per minibatch and a few MB of adapter.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import data, models, scoring
+from .logprobs import pad_right, reference_adapter
+from .runs import Run
+
+# ----------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class PPOArgs:
+    """Our PPO's settings (not a TRL config: TRL 1.16 has no PPO). Defaults follow Huang et al. 2024
+    (arXiv:2403.17031, Table 3) where they apply to LoRA; the learning rate is LoRA's, not full fine-tuning's."""
+
+    run_name: str = "default"
+    seed: int = 0
+    model: models.ModelConfig = field(default_factory=models.ModelConfig)
+    data: data.DataConfig = field(default_factory=lambda: data.DataConfig(n_score=16))  # n_score: held-out prompts and pairs
+    sft_run: str | None = None  # SFT run folder: the policy starts from its adapter, and it is the reference
+    runs_dir: str | None = None
+    reward_model: str | None = None  # reward run folder, or a sequence-classifier name/path: the reward optimised
+    gold_reward_model: str | None = None  # another one, only measured (over-optimisation; Gao et al. 2022)
+    # --- rollouts
+    iterations: int = 100  # PPO iterations: rollout, then ppo_epochs of updates
+    rollout_batch_size: int = 16  # prompts (= responses) per iteration
+    max_prompt_length: int = 256  # longer prompts keep their last tokens
+    max_new_tokens: int = 64
+    temperature: float = 0.7  # sampling temperature; log-probs use the same (Huang et al. detail)
+    missing_eos_penalty: float | None = None  # subtracted from the score of a response that did not end (TRL's name)
+    # --- reward
+    kl_coef: float = 0.05  # β of score − β·KL (Huang et al.: 0.05)
+    kl_estimator: str = "k1"  # "k1": log π − log π_ref (unbiased, can be < 0); "k3": (r − 1) − log r, r = π_ref/π (≥ 0)
+    adaptive_kl: bool = False  # Ziegler et al.'s controller: β moves so that the KL tracks target_kl
+    target_kl: float = 6.0  # nats per response (Ziegler et al. 2019)
+    kl_horizon: int = 10000  # responses over which β may change by its clipped proportional error
+    whiten_rewards: bool = False  # scale per-token rewards by their std (mean kept); Huang et al.: off
+    # --- PPO
+    ppo_epochs: int = 4
+    num_minibatches: int = 1  # minibatches per epoch (rollout_batch_size must divide evenly)
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    learning_rate: float = 3e-5  # LoRA adapters; full fine-tuning of 1B models uses ~3e-6
+    max_grad_norm: float = 1.0
+    anneal_lr: bool = True
+    # --- evaluation afterwards
+    score_batch_size: int | None = None
+    score_beta: float = 0.1  # β of the implicit reward recorded on held-out pairs
+
+    def __post_init__(self):
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"kl_estimator must be 'k1' or 'k3' (got {self.kl_estimator!r}).")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0 (got {self.kl_coef}).")
+        if self.rollout_batch_size % self.num_minibatches:
+            raise ValueError(f"rollout_batch_size {self.rollout_batch_size} is not divisible by num_minibatches "
+                             f"{self.num_minibatches}.")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (got {self.temperature}); PPO needs sampled responses.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pieces: pure functions of (batch, response_length) tensors. mask marks real response tokens, which
+# always form a prefix of each row.
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """(x − mean)/std over the masked entries; with shift_mean=False the mean is added back (scale only)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (out if shift_mean else out + mean) * mask
+
+
+def kl_per_token(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token estimate of KL(π ‖ π_ref) from tokens sampled from π; (B, T) in, (B, T) out."""
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio  # E_π[log π/π_ref] = KL: unbiased, per-token values can be negative
+    return torch.expm1(-log_ratio) + log_ratio  # k3 = (r − 1) − log r with r = π_ref/π: unbiased and ≥ 0
+
+
+def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
+    """r_t = −β·kl_t on every response token, plus the score on the last one (InstructGPT's reward, Eq. 2 of
+    arXiv:2203.02155, spread over tokens). scores: (B,); kl, mask: (B, T). Σ_t r_t = score − β·Σ_t kl_t."""
+    rewards = -kl_coef * kl * mask
+    last = mask.sum(1).long() - 1  # (B,) index of each response's last token
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, arXiv:1506.02438 Eq. 16): (advantages, returns).
+
+    values[:, t] = V(s_t), the state before token t. The episode ends after the last real token, so the value
+    after it is 0; padded positions get advantage 0. returns = advantages + values (the critic's target).
+    """
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    T = rewards.shape[1]
+    for t in reversed(range(T)):
+        next_values = values[:, t + 1] if t + 1 < T else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_values - values[:, t]  # TD error δ_t
+        last_gae = delta + gamma * lam * last_gae  # A_t = δ_t + γλ·A_{t+1}
+        advantages[:, t] = last_gae
+    advantages = advantages * mask
+    return advantages, advantages + values
+
+
+def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                cliprange: float) -> tuple[Tensor, dict]:
+    """PPO's clipped surrogate (Schulman et al. 2017, arXiv:1707.06347 Eq. 7), as a loss to minimise:
+    mean over tokens of max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)), ρ = π/π_old."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"policy/approxkl": masked_mean(0.5 * log_ratio**2, mask).item(),  # TRL's estimate of KL(π_old‖π)
+                 "policy/clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
+                 "val/ratio": masked_mean(ratio, mask).item()}
+    return loss, stats
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+               cliprange_value: float) -> tuple[Tensor, dict]:
+    """Clipped value loss: ½·max((V − R)², (V_clip − R)²), V_clip = V_old + clip(V − V_old, ±ε_v)."""
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    unclipped_err, clipped_err = (values - returns) ** 2, (clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), mask)
+    return loss, {"val/clipfrac": masked_mean((clipped_err > unclipped_err).float(), mask).item()}
+
+
+class FixedKLController:
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, kl: float, n_samples: int) -> None:
+        pass
+
+
+class AdaptiveKLController:
+    """β_{t+1} = β_t·(1 + e_t·n/horizon), e_t = clip(KL_t/KL_target − 1, −0.2, 0.2) (Ziegler et al. 2019, §2.2).
+    ``kl``: the batch's mean KL per response; n: responses in the batch."""
+
+    def __init__(self, kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = kl_coef, target, horizon
+
+    def update(self, kl: float, n_samples: int) -> None:
+        error = min(max(kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * n_samples / self.horizon
+
+
+def rloo_advantages(rewards: Tensor) -> Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, arXiv:2402.14740 Eq. 5, the estimator of TRL's RLOOTrainer):
+    rewards (n_prompts, k) of k samples per prompt -> r_i − mean_{j≠i} r_j, same shape. No critic is needed."""
+    k = rewards.shape[1]
+    return rewards - (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
+
+
+def grpo_advantages(rewards: Tensor, scale: bool = True) -> Tensor:
+    """Group-relative advantages (Shao et al. 2024, arXiv:2402.03300 §4.1.2, TRL's GRPOTrainer): rewards (n, k)
+    -> (r − group mean) / (group std + 1e-4); ``scale=False`` keeps r − mean (Dr. GRPO, arXiv:2503.20783)."""
+    centred = rewards - rewards.mean(1, keepdim=True)
+    return centred / (rewards.std(1, keepdim=True) + 1e-4) if scale else centred
+
+
+@dataclass
+class Batch:
+    """One iteration's rollouts, (B, T) tensors over response tokens (T = longest response)."""
+
+    mask: Tensor  # real response tokens (a prefix of each row)
+    logprobs: Tensor  # log π_old at sampling time
+    values: Tensor  # V_old(s_t)
+    advantages: Tensor
+    returns: Tensor
+
+
+def ppo_update(actor_critic, batch: Batch, optimizer, cfg: PPOArgs, params: list[Tensor],
+               generator: torch.Generator) -> dict:
+    """``cfg.ppo_epochs`` passes over shuffled minibatches of ``batch``; returns the metrics averaged over them.
+
+    ``actor_critic`` has ``logprobs(idx) -> (logprobs, entropy)``, ``values(idx) -> values`` (each (mb, T) for the
+    rows ``idx``) and ``critic()``, a context in which the critic's parameters are the trainable ones (the "value"
+    adapter): its backward runs there. The tabular bandit of ``bandit.py`` and the language model share this loop.
+    """
+    n = batch.mask.shape[0]
+    mb_size = n // cfg.num_minibatches
+    totals: dict[str, float] = {}
+    steps = 0
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n, mb_size):
+            idx = perm[start : start + mb_size]
+            mb_mask = batch.mask[idx]
+            optimizer.zero_grad(set_to_none=True)
+            # Policy loss
+            logprobs, entropy = actor_critic.logprobs(idx)
+            pg_loss, stats = policy_loss(logprobs, batch.logprobs[idx], batch.advantages[idx], mb_mask, cfg.cliprange)
+            pg_loss.backward()
+            # Value loss
+            with actor_critic.critic():
+                vpred = actor_critic.values(idx)
+                vf_loss, vstats = value_loss(vpred, batch.values[idx], batch.returns[idx], mb_mask, cfg.cliprange_value)
+                (cfg.vf_coef * vf_loss).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            step_stats = {**stats, **vstats, "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(),
+                          "policy/entropy": masked_mean(entropy.detach(), mb_mask).item(), "grad_norm": grad_norm.item()}
+            for k, v in step_stats.items():
+                totals[k] = totals.get(k, 0.0) + v
+            steps += 1
+    return {k: v / steps for k, v in totals.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The language model: generation and forward passes over response tokens
+
+
+def _backbone_and_head(model):
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(lm, lm.base_model_prefix), lm.get_output_embeddings()
+
+
+def response_hidden(model, prompt_ids: list[list[int]], response_ids: Tensor, mask: Tensor, pad_id: int) -> Tensor:
+    """(B, T, H) hidden states that predict each response token: the state before token t of the response.
+    Sequences are right-padded, so every token sits at the position it would have alone."""
+    backbone, _ = _backbone_and_head(model)
+    dev = next(model.parameters()).device
+    responses = [row[m].tolist() for row, m in zip(response_ids, mask)]
+    ids, attn, _ = pad_right(prompt_ids, responses, pad_id)
+    hidden = backbone(input_ids=ids.to(dev), attention_mask=attn.to(dev)).last_hidden_state  # (B, L, H)
+    p_len = torch.tensor([len(p) for p in prompt_ids], device=dev)
+    pos = (p_len[:, None] - 1 + torch.arange(response_ids.shape[1], device=dev)[None]).clamp(max=hidden.shape[1] - 1)
+    return hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def response_logprobs(model, prompt_ids, response_ids: Tensor, mask: Tensor, pad_id: int,
+                      temperature: float) -> tuple[Tensor, Tensor]:
+    """(logprobs, entropy), each (B, T): log π(y_t | x, y_<t) of the sampled tokens and the entropy of π at each
+    step, from logits divided by the sampling temperature; 0 on padded positions."""
+    _, head = _backbone_and_head(model)
+    dev = next(model.parameters()).device
+    logits = head(response_hidden(model, prompt_ids, response_ids, mask, pad_id)).float() / temperature
+    logp_all = F.log_softmax(logits, dim=-1)  # (B, T, V)
+    logprobs = logp_all.gather(-1, response_ids.to(dev)[..., None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    m = mask.to(dev)
+    return logprobs * m, entropy * m
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
+             generator_seed: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Sample one response per prompt (pure sampling at ``temperature``: no top-k, no top-p), batched with the
+    KV cache. Returns response_ids (B, T), mask (B, T) and ended (B,): each response is cut after its first EOS
+    (kept, so the policy learns to stop); the tokens after it are masked."""
+    dev = next(model.parameters()).device
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    P = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), P), tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, p in enumerate(prompt_ids):  # left padding: generation continues from the last column
+        ids[i, P - len(p):], attn[i, P - len(p):] = torch.tensor(p), 1
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), do_sample=True, temperature=temperature,
+                         top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, min_new_tokens=1,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.train(was_training)
+    return cut_after_eos(out[:, P:].cpu(), tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def cut_after_eos(response: Tensor, eos_id: int, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(response, mask, ended): tokens after each row's first EOS become ``pad_id`` and are masked out; the EOS
+    itself is kept. ended (B,) says whether the row has an EOS at all."""
+    is_eos = response == eos_id
+    ended = is_eos.any(1)
+    T = response.shape[1]
+    first_eos = torch.where(ended, is_eos.float().argmax(1), torch.full((len(response),), T))
+    mask = torch.arange(T)[None] <= first_eos[:, None]  # up to and including the first EOS
+    return torch.where(mask, response, torch.full_like(response, pad_id)), mask, ended
+
+
+class _LMActorCritic:
+    """The language model as ``ppo_update`` sees it: policy = adapter "default", critic = adapter "value" + head."""
+
+    def __init__(self, model, value_head, prompt_ids, response_ids, mask, pad_id, temperature):
+        self.model, self.value_head = model, value_head
+        self.prompt_ids, self.response_ids, self.mask = prompt_ids, response_ids, mask
+        self.pad_id, self.temperature = pad_id, temperature
+
+    def _rows(self, idx):
+        idx = idx.tolist()
+        return [self.prompt_ids[i] for i in idx], self.response_ids[idx], self.mask[idx]
+
+    def logprobs(self, idx):
+        return response_logprobs(self.model, *self._rows(idx), self.pad_id, self.temperature)
+
+    def values(self, idx):
+        prompts, responses, mask = self._rows(idx)
+        hidden = response_hidden(self.model, prompts, responses, mask, self.pad_id)
+        return self.value_head(hidden.float()).squeeze(-1) * mask.to(hidden.device)
+
+    def critic(self):
+        from trl.trainer.utils import use_adapter
+
+        return use_adapter(self.model, "value")
+
+
+def _encode_prompts(tokenizer, prompts: list[list[dict]], max_length: int) -> list[list[int]]:
+    """Token ids of each prompt with the assistant cue; a long prompt keeps its last ``max_length`` tokens."""
+    out = []
+    for p in prompts:
+        ids = list(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        out.append(ids[-max_length:])
+    return out
+
+
+def _call_reward(reward_fn, prompts, texts, response_ids, mask) -> Tensor:
+    ids = [row[m].tolist() for row, m in zip(response_ids, mask)]
+    return torch.tensor(reward_fn(prompts=prompts, completions=texts, completion_ids=ids), dtype=torch.float32)
+
+
+def rollout_records(model, tokenizer, prompts: list[dict], reward_fn, *, gold_fn=None, max_prompt_length: int = 256,
+                    max_new_tokens: int = 64, temperature: float = 0.7, kl_estimator: str = "k1",
+                    seed: int = 0, batch_size: int = 8) -> list[dict]:
+    """Sample one response per prompt and record, per sample: the response, its reward (and gold reward), its
+    sampled KL to the reference (sum over tokens) and per token: log π, log π_ref and the KL estimate.
+    ``prompts``: rows with "id" and "prompt" (messages). Used after training by PPO, RLOO and GRPO alike."""
+    records = []
+    for start in range(0, len(prompts), batch_size):
+        rows = prompts[start : start + batch_size]
+        prompt_ids = _encode_prompts(tokenizer, [r["prompt"] for r in rows], max_prompt_length)
+        response, mask, ended = generate(model, tokenizer, prompt_ids, max_new_tokens, temperature, seed + start)
+        texts = tokenizer.batch_decode(response, skip_special_tokens=True)
+        with torch.no_grad():
+            logprobs, _ = response_logprobs(model, prompt_ids, response, mask, tokenizer.pad_token_id, temperature)
+            with reference_adapter(model):
+                ref_logprobs, _ = response_logprobs(model, prompt_ids, response, mask, tokenizer.pad_token_id, temperature)
+        logprobs, ref_logprobs = logprobs.cpu(), ref_logprobs.cpu()
+        kl = kl_per_token(logprobs, ref_logprobs, kl_estimator) * mask
+        scores = _call_reward(reward_fn, [r["prompt"] for r in rows], texts, response, mask)
+        gold = _call_reward(gold_fn, [r["prompt"] for r in rows], texts, response, mask) if gold_fn else None
+        for i, row in enumerate(rows):
+            m = mask[i]
+            records.append(_sample_record(row, texts[i], response[i][m], logprobs[i][m], ref_logprobs[i][m], kl[i][m],
+                                          scores[i].item(), None if gold is None else gold[i].item(), ended[i].item()))
+    return records
+
+
+def _sample_record(row, text, ids, logprobs, ref_logprobs, kl, score, gold, ended) -> dict:
+    return {"id": row["id"], "prompt": row["prompt"], "completion": text, "completion_token_ids": ids.tolist(),
+            "score": score, "gold_score": gold, "kl": kl.sum().item(), "ended": ended, "response_tokens": len(ids),
+            "token_logps": logprobs.tolist(), "reference_token_logps": ref_logprobs.tolist(), "token_kl": kl.tolist()}
+
+
+def summarize_rollouts(records: list[dict]) -> dict:
+    """Means over sampled responses, with TRL's names."""
+    if not records:
+        return {}
+    n = len(records)
+    out = {"n_samples": n,
+           "objective/scores": sum(r["score"] for r in records) / n,
+           "objective/kl": sum(r["kl"] for r in records) / n,
+           "lengths/response_tokens": sum(r["response_tokens"] for r in records) / n,
+           "val/ended": sum(r["ended"] for r in records) / n}
+    if records[0].get("gold_score") is not None:
+        out["objective/gold_scores"] = sum(r["gold_score"] for r in records) / n
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def load_actor_critic(cfg: PPOArgs):
+    """(model, value_head, tokenizer): the policy ("default"), the frozen SFT reference ("ref", when starting
+    from an SFT run) and the critic ("value" + a linear head) on one base model."""
+    from peft import PeftModel
+
+    sft_adapter = str(Path(cfg.sft_run) / "adapter") if cfg.sft_run else None
+    model, tokenizer = models.load_policy(cfg.model, adapter=sft_adapter)
+    if not isinstance(model, PeftModel):
+        raise ValueError("PPO trains LoRA adapters (the reference is the adapter disabled): set model.use_peft=True.")
+    if sft_adapter:  # as TRL's trainers do: the SFT adapter, frozen, is the reference
+        model.load_adapter(sft_adapter, adapter_name="ref", is_trainable=False)
+    model.add_adapter("value", models.lora_config(cfg.model, task_type="CAUSAL_LM"))
+    model.set_adapter("default")
+    hidden = model.get_base_model().config.hidden_size
+    value_head = torch.nn.Linear(hidden, 1).to(next(model.parameters()).device)
+    # V ≡ 0 at the start. Huang et al. initialise the critic from the reward model; ours may have another backbone,
+    # and a randomly initialised head would put values of O(1) noise into every advantage, swamping the reward.
+    torch.nn.init.zeros_(value_head.weight)
+    torch.nn.init.zeros_(value_head.bias)
+    model.eval()  # dropout off for rollouts and updates alike; gradients still flow
+    return model, value_head, tokenizer
+
+
+def _trainable(model, value_head) -> list[Tensor]:
+    params = [p for n, p in model.named_parameters() if ".default." in n or ".value." in n]
+    for p in params:
+        p.requires_grad_(True)  # both adapters; peft's set_adapter toggles requires_grad, our contexts restore it
+    return params + list(value_head.parameters())
+
+
+def train_ppo(cfg: PPOArgs, reward_fn=None, gold_fn=None) -> Path:
+    """Train a policy with PPO against a reward model and return its run folder.
+
+    ``reward_fn`` (default: ``load_reward(cfg.reward_model)``) is any TRL-style reward function
+    ``f(prompts=..., completions=..., completion_ids=...) -> list[float]``; ``gold_fn`` likewise, measured only.
+    """
+    from .rewards import load_reward
+
+    if reward_fn is None and cfg.reward_model is None:
+        raise ValueError("PPO needs a reward: set reward_model (a reward run folder or model name) or pass reward_fn.")
+    if cfg.sft_run is not None and not (Path(cfg.sft_run) / "adapter").is_dir():
+        raise FileNotFoundError(f"sft_run '{cfg.sft_run}' has no adapter/ folder: give a complete SFT run folder.")
+    t_start = time.time()
+    with Run("ppo", cfg.run_name, cfg.seed, config=cfg, root=cfg.runs_dir) as run:
+        reward_fn = reward_fn or load_reward(cfg.reward_model, name="proxy")
+        gold_fn = gold_fn or (load_reward(cfg.gold_reward_model, name="gold") if cfg.gold_reward_model else None)
+        model, value_head, tokenizer = load_actor_critic(cfg)
+        train_rows, heldout, report, split_info = data.load_for_run(cfg.data, cfg.seed, tokenizer)
+        run.write_json("data_report.json", report.to_dict())
+        run.write_json("split.json", split_info)
+        prompts = data.prompt_view(train_rows)
+        if not prompts:
+            raise ValueError("No training prompts left after the held-out split; see data_report.json.")
+        params = _trainable(model, value_head)
+        optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=1e-5)
+        kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
+                  else FixedKLController(cfg.kl_coef))
+        generator = torch.Generator().manual_seed(cfg.seed)
+        order = torch.randperm(len(prompts), generator=generator).tolist()
+        pad = tokenizer.pad_token_id
+        samples = []
+        for it in range(cfg.iterations):
+            if cfg.anneal_lr:
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.learning_rate * (1 - it / cfg.iterations)
+            rows = [prompts[order[(it * cfg.rollout_batch_size + j) % len(prompts)]] for j in range(cfg.rollout_batch_size)]
+            prompt_ids = _encode_prompts(tokenizer, [r["prompt"] for r in rows], cfg.max_prompt_length)
+
+            # --- 1. rollout: the policy samples; policy, reference and critic score the samples; the RM scores them
+            t0 = time.time()
+            response, mask, ended = generate(model, tokenizer, prompt_ids, cfg.max_new_tokens, cfg.temperature)
+            t_gen = time.time() - t0
+            texts = tokenizer.batch_decode(response, skip_special_tokens=True)
+            ac = _LMActorCritic(model, value_head, prompt_ids, response, mask, pad, cfg.temperature)
+            t0 = time.time()
+            with torch.no_grad():
+                all_idx = torch.arange(len(rows))
+                logprobs, entropy = (t.cpu() for t in ac.logprobs(all_idx))
+                with reference_adapter(model):
+                    ref_logprobs = ac.logprobs(all_idx)[0].cpu()
+                with ac.critic():
+                    values = ac.values(all_idx).float().cpu()
+                scores = _call_reward(reward_fn, [r["prompt"] for r in rows], texts, response, mask)
+                gold = _call_reward(gold_fn, [r["prompt"] for r in rows], texts, response, mask) if gold_fn else None
+            t_score = time.time() - t0
+
+            # --- 2. rewards: score − β·KL per token (and a penalty for not ending); GAE; whitened advantages
+            raw_scores = scores.clone()
+            if cfg.missing_eos_penalty is not None:
+                scores = scores - cfg.missing_eos_penalty * (~ended).float()
+            kl = kl_per_token(logprobs, ref_logprobs, cfg.kl_estimator) * mask
+            rewards = per_token_rewards(scores, kl, mask, kl_ctl.value)
+            if cfg.whiten_rewards:
+                rewards = whiten(rewards, mask, shift_mean=False)
+            advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+            advantages = whiten(advantages, mask)
+            batch = Batch(mask, logprobs, values, advantages, returns)
+
+            # --- 3. PPO epochs over minibatches
+            t0 = time.time()
+            stats = ppo_update(ac, batch, optimizer, cfg, params, generator)
+            t_train = time.time() - t0
+
+            # --- 4. bookkeeping: metrics with TRL/cleanrl names, per-sample records, the KL controller
+            seq_kl = kl.sum(1)
+            non_score = -kl_ctl.value * seq_kl
+            metrics = {
+                "objective/kl": seq_kl.mean().item(),
+                "objective/kl_coef": kl_ctl.value,
+                "objective/entropy": (entropy * mask).sum(1).mean().item(),
+                "objective/non_score_reward": non_score.mean().item(),
+                "objective/rlhf_reward": (scores + non_score).mean().item(),
+                "objective/scores": raw_scores.mean().item(),
+                **({"objective/gold_scores": gold.mean().item()} if gold is not None else {}),
+                **stats,
+                "val/num_eos_tokens": ended.sum().item(),
+                "val/mean_value": masked_mean(values, mask).item(),
+                "lengths/response_tokens": mask.sum(1).float().mean().item(),
+                "lr": optimizer.param_groups[0]["lr"],
+                "episode": (it + 1) * cfg.rollout_batch_size,
+                "time/generation_s": t_gen, "time/scoring_s": t_score, "time/training_s": t_train,
+                "tokens/generated_per_s": mask.sum().item() / max(t_gen, 1e-9),
+            }
+            if not all(math.isfinite(v) for v in metrics.values()):
+                run.write_json("nan_diagnostic.json", {"iteration": it, "metrics": metrics,
+                                                       "prompt_ids": [r["id"] for r in rows]})
+                raise FloatingPointError(f"non-finite PPO metrics at iteration {it}; see {run.path / 'nan_diagnostic.json'}")
+            run.log(metrics, step=it)
+            kl_ctl.update(metrics["objective/kl"], cfg.rollout_batch_size)
+            for i, row in enumerate(rows):
+                m = mask[i]
+                rec = _sample_record(row, texts[i], response[i][m], logprobs[i][m], ref_logprobs[i][m], kl[i][m],
+                                     raw_scores[i].item(), None if gold is None else gold[i].item(), ended[i].item())
+                samples.append({"iteration": it, **rec, "rlhf_reward": (scores[i] + non_score[i]).item(),
+                                "token_values": values[i][m].tolist(), "token_advantages": advantages[i][m].tolist()})
+            print(f"[ppo] iter {it + 1}/{cfg.iterations} score {metrics['objective/scores']:.3f} "
+                  f"kl {metrics['objective/kl']:.3f} ({t_gen:.1f}s gen, {t_score:.1f}s score, {t_train:.1f}s train)",
+                  flush=True)
+        run.write_records("rollouts", samples)
+
+        # --- save the policy and the critic
+        model.save_pretrained(run.path / "adapter", selected_adapters=["default"])
+        model.save_pretrained(run.path / "critic", selected_adapters=["value"])
+        torch.save(value_head.state_dict(), run.path / "critic" / "value_head.pt")
+
+        # --- held-out evaluation: fresh samples on held-out prompts, and the held-out pairs' log-ratios
+        summary = _evaluate_policy(model, tokenizer, heldout, cfg, reward_fn, gold_fn, run)
+        run.summary = {**summary, "train/iterations": cfg.iterations, "train/prompts": len(prompts),
+                       "time/total_s": round(time.time() - t_start, 1)}
+    print(f"[train] ppo: run folder {run.path}", flush=True)
+    return run.path
+
+
+def _evaluate_policy(model, tokenizer, heldout, cfg, reward_fn, gold_fn, run: Run) -> dict:
+    """Held-out records shared by every RL arm: ``heldout_rollouts`` (samples with reward and per-token KL) and
+    ``heldout_pairs`` (the dataset's responses scored as DPO's implicit reward: log-ratio drift per token)."""
+    rollouts = rollout_records(model, tokenizer, data.prompt_view(heldout)[: cfg.data.n_score], reward_fn, gold_fn=gold_fn,
+                               max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens,
+                               temperature=cfg.temperature, kl_estimator="k1", seed=cfg.seed,
+                               batch_size=cfg.score_batch_size or 8)
+    run.write_records("heldout_rollouts", rollouts)
+    pairs = scoring.score_pairs(model, tokenizer, heldout[: cfg.data.n_score], beta=cfg.score_beta,
+                                batch_size=cfg.score_batch_size, max_length=cfg.data.max_length)
+    run.write_records("heldout_pairs", pairs)
+    return {**{f"eval/{k}": v for k, v in summarize_rollouts(rollouts).items()},
+            **{f"eval/{k}": v for k, v in scoring.summarize(pairs).items()}}
+

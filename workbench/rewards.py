@@ -1,0 +1,91 @@
+"""Reward functions for the RLHF arms: a trained reward model (a ``train("reward")`` run folder, or any
+sequence-classification model by hub name or path) wrapped as one callable that PPO, TRL's RLOO/GRPO and the
+evaluation all use, plus a synthetic reward for tests.
+
+The proxy reward is what an RL arm optimises; a *gold* reward is one it never sees (another backbone, a disjoint
+half of the training prompts, or a hub reward model), so over-optimisation of the proxy can be measured
+(Gao et al. 2022, arXiv:2210.10760).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from . import models
+from .scoring import reward_scores
+
+
+def _as_messages(prompt, completion) -> list[dict]:
+    """TRL hands reward functions either conversations (lists of messages) or plain strings."""
+    prompt = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    completion = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+    return prompt + completion
+
+
+class RewardFunction:
+    """A scalar reward r(x, y) from a sequence classifier, batched and length-bucketed.
+
+    ``score(prompts, completions) -> (n,) tensor`` for our own code; calling it with TRL's keyword arguments
+    (``prompts=..., completions=..., **columns``) returns a list of floats, so it is also a TRL reward function.
+    """
+
+    def __init__(self, model, tokenizer, name: str = "reward", max_length: int = 512, batch_size: int | None = None):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.__name__ = name  # TRL names the logged metric rewards/<__name__>
+        self.max_length, self.batch_size = max_length, batch_size
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def score(self, prompts: list, completions: list) -> torch.Tensor:
+        convs = [_as_messages(p, c) for p, c in zip(prompts, completions, strict=True)]
+        return reward_scores(self.model, self.tokenizer, convs, max_length=self.max_length, batch_size=self.batch_size)
+
+    def __call__(self, prompts: list, completions: list, **_) -> list[float]:
+        return self.score(prompts, completions).tolist()
+
+
+def _model_config(saved: dict) -> models.ModelConfig:
+    names = {f.name for f in dataclasses.fields(models.ModelConfig) if f.init}
+    return models.ModelConfig(**{k: v for k, v in saved.items() if k in names})
+
+
+def load_reward(spec: str, name: str | None = None, max_length: int = 512,
+                batch_size: int | None = None) -> RewardFunction:
+    """A reward function from ``spec``: a reward-model run folder (``train("reward", ...)``; its ``model/`` or
+    ``adapter/`` on the recorded backbone), or a sequence-classification model by hub name or local path."""
+    path = Path(spec)
+    if (path / "config.json").exists() and ((path / "model").is_dir() or (path / "adapter").is_dir()):
+        saved = json.loads((path / "config.json").read_text())
+        if (path / "model").is_dir():  # a fully fine-tuned backbone (the small encoder)
+            cfg = models.ModelConfig(model_name_or_path=str(path / "model"), load_in_4bit=False, use_peft=False)
+            model, tok = models.load_reward_model(cfg)
+        else:  # LoRA adapter + score head on the recorded (possibly 4-bit) backbone
+            model, tok = models.load_reward_model(_model_config(saved["model"]), adapter=str(path / "adapter"),
+                                                  trainable=False)
+        return RewardFunction(model, tok, name or path.name.split("__")[0], max_length, batch_size)
+    if path.exists() and not (path / "config.json").exists():
+        raise FileNotFoundError(f"'{spec}' is neither a reward-model run folder (config.json + model/ or adapter/) "
+                                "nor a model directory.")
+    cfg = models.ModelConfig(model_name_or_path=spec, load_in_4bit=False, use_peft=False)
+    model, tok = models.load_reward_model(cfg)
+    return RewardFunction(model, tok, name or "reward", max_length, batch_size)
+
+
+class TokenSetReward:
+    """Synthetic reward for tests: the fraction of response tokens in ``token_ids``. Scores token ids, not text,
+    so it is exact and needs no model; as a TRL reward function it reads ``completion_ids``."""
+
+    def __init__(self, token_ids, name: str = "token_set"):
+        self.token_ids = torch.as_tensor(sorted(set(int(t) for t in token_ids)))
+        self.__name__ = name
+
+    def score_ids(self, completion_ids: list[list[int]]) -> torch.Tensor:
+        return torch.tensor([torch.isin(torch.tensor(c, dtype=torch.long), self.token_ids).float().mean().item()
+                             if len(c) else 0.0 for c in completion_ids])
+
+    def __call__(self, prompts=None, completions=None, completion_ids=None, **_) -> list[float]:
+        return self.score_ids(completion_ids).tolist()
