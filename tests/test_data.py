@@ -413,3 +413,22 @@ def test_sft_and_unpaired_views(real):
     assert unpaired[1]["completion"] == ex["rejected"] and unpaired[1]["label"] is False
     ds = to_dataset(unpaired)
     assert len(ds) == 6 and set(ds.column_names) == {"id", "prompt", "completion", "label"}
+
+
+def test_prompt_halves_are_disjoint_cover_everything_and_keep_shared_prompts_together(real):
+    from workbench.data import half, prompt_view
+
+    examples, _ = real
+    twins = [{**e, "id": e["id"] + "/twin"} for e in examples[:200]]
+    pool = examples + twins
+    a, b = half(pool, "a"), half(pool, "b")
+    ids_a, ids_b = {e["id"] for e in a}, {e["id"] for e in b}
+    assert not ids_a & ids_b and len(ids_a | ids_b) == len(pool)
+    assert 0.45 < len(a) / len(pool) < 0.55
+    for e in examples[:200]:
+        assert (e["id"] in ids_a) == (e["id"] + "/twin" in ids_a)
+    with pytest.raises(ValueError, match="'a' or 'b'"):
+        half(pool, "c")
+    prompts = prompt_view(pool)
+    assert len(prompts) == len({json.dumps(e["prompt"], sort_keys=True) for e in pool}) <= len(examples)
+    assert prompts[0] == {"id": pool[0]["id"], "prompt": pool[0]["prompt"]}

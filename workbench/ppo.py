@@ -564,24 +564,27 @@ def train_ppo(cfg: PPOArgs, reward_fn=None, gold_fn=None) -> Path:
         torch.save(value_head.state_dict(), run.path / "critic" / "value_head.pt")
 
         # --- held-out evaluation: fresh samples on held-out prompts, and the held-out pairs' log-ratios
-        summary = _evaluate_policy(model, tokenizer, heldout, cfg, reward_fn, gold_fn, run)
+        summary = evaluate_policy(model, tokenizer, heldout, run, reward_fn=reward_fn, gold_fn=gold_fn,
+                                  n=cfg.data.n_score, max_prompt_length=cfg.max_prompt_length,
+                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
+                                  batch_size=cfg.score_batch_size, beta=cfg.score_beta, max_length=cfg.data.max_length)
         run.summary = {**summary, "train/iterations": cfg.iterations, "train/prompts": len(prompts),
                        "time/total_s": round(time.time() - t_start, 1)}
     print(f"[train] ppo: run folder {run.path}", flush=True)
     return run.path
 
 
-def _evaluate_policy(model, tokenizer, heldout, cfg, reward_fn, gold_fn, run: Run) -> dict:
-    """Held-out records shared by every RL arm: ``heldout_rollouts`` (samples with reward and per-token KL) and
-    ``heldout_pairs`` (the dataset's responses scored as DPO's implicit reward: log-ratio drift per token)."""
-    rollouts = rollout_records(model, tokenizer, data.prompt_view(heldout)[: cfg.data.n_score], reward_fn, gold_fn=gold_fn,
-                               max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens,
-                               temperature=cfg.temperature, kl_estimator="k1", seed=cfg.seed,
-                               batch_size=cfg.score_batch_size or 8)
+def evaluate_policy(model, tokenizer, heldout: list[dict], run: Run, *, reward_fn, gold_fn=None, n: int = 16,
+                    max_prompt_length: int = 256, max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0,
+                    batch_size: int | None = None, beta: float = 0.1, max_length: int = 512) -> dict:
+    """Held-out records shared by every RL arm (PPO, RLOO, GRPO), returned as summary metrics:
+    ``heldout_rollouts``: one fresh sample per held-out prompt with its reward, gold reward and per-token KL;
+    ``heldout_pairs``: the dataset's chosen/rejected responses scored like a DPO arm's (per-token log-ratio drift)."""
+    rollouts = rollout_records(model, tokenizer, data.prompt_view(heldout)[:n], reward_fn, gold_fn=gold_fn,
+                               max_prompt_length=max_prompt_length, max_new_tokens=max_new_tokens,
+                               temperature=temperature, kl_estimator="k1", seed=seed, batch_size=batch_size or 8)
     run.write_records("heldout_rollouts", rollouts)
-    pairs = scoring.score_pairs(model, tokenizer, heldout[: cfg.data.n_score], beta=cfg.score_beta,
-                                batch_size=cfg.score_batch_size, max_length=cfg.data.max_length)
+    pairs = scoring.score_pairs(model, tokenizer, heldout[:n], beta=beta, batch_size=batch_size, max_length=max_length)
     run.write_records("heldout_pairs", pairs)
     return {**{f"eval/{k}": v for k, v in summarize_rollouts(rollouts).items()},
             **{f"eval/{k}": v for k, v in scoring.summarize(pairs).items()}}
-

@@ -23,7 +23,8 @@ import torch
 import trl
 from transformers import TrainerCallback
 
-from . import data, losses, models, scoring
+from . import data, losses, models, ppo, scoring
+from .rewards import load_reward
 from .runs import Run
 
 
@@ -126,6 +127,42 @@ class RewardArgs(_WorkbenchFields, trl.RewardConfig):
     num_train_epochs: float = 1.0
 
 
+@dataclass
+class _RLFields:
+    """Fields of the RL arms that learn from a reward model."""
+
+    reward_model: str | None = None  # reward run folder, or a sequence-classifier name/path: the reward optimised
+    gold_reward_model: str | None = None  # another one, only measured (over-optimisation; Gao et al. 2022)
+    max_prompt_length: int = 256  # prompts longer than this keep their last tokens in the held-out rollouts
+    score_beta: float = 0.1  # β of the implicit reward recorded on held-out pairs
+
+
+@dataclass
+class RLOOArgs(_RLFields, _WorkbenchFields, trl.RLOOConfig):
+    """RLOO (Ahmadian et al. 2024, arXiv:2402.14740): k samples per prompt, reward = score − β·Σ_t k1-KL, the
+    mean reward of the other k − 1 samples as baseline. The reference is the policy's adapter disabled."""
+
+    num_generations: int = 4  # k = 4, the paper's main setting
+    beta: float = 0.05  # TRL's default KL coefficient
+    max_completion_length: int = 64
+    temperature: float = 0.7  # as our PPO, so the RL arms optimise the same sampling distribution
+    learning_rate: float = 3e-5  # LoRA adapters (full fine-tuning: ~1e-6)
+    num_train_epochs: float = 1.0
+
+
+@dataclass
+class GRPOArgs(_RLFields, _WorkbenchFields, trl.GRPOConfig):
+    """GRPO (Shao et al. 2024, arXiv:2402.03300): group-normalised advantages, KL to the reference as a loss term
+    (k3 estimator). TRL's default β is 0, no reference; ours is the paper's 0.04 so every RL arm has a KL."""
+
+    num_generations: int = 4
+    beta: float = 0.04  # DeepSeekMath §4.2
+    max_completion_length: int = 64
+    temperature: float = 0.7
+    learning_rate: float = 3e-5
+    num_train_epochs: float = 1.0
+
+
 # method name -> (config class, TRL trainer class, dataset view, has a reference model)
 METHODS = {
     "sft": (SFTArgs, trl.SFTTrainer, "sft", False),
@@ -134,7 +171,11 @@ METHODS = {
     "orpo": (ORPOArgs, ORPOTrainer, "pairs", False),
     "simpo": (SimPOArgs, CPOTrainer, "pairs", False),
     "reward": (RewardArgs, trl.RewardTrainer, "pairs", False),
+    "rloo": (RLOOArgs, trl.RLOOTrainer, "prompts", True),
+    "grpo": (GRPOArgs, trl.GRPOTrainer, "prompts", True),
+    "ppo": (ppo.PPOArgs, None, "prompts", True),  # our own loop: ppo.train_ppo
 }
+RL_METHODS = ("ppo", "rloo", "grpo")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -220,7 +261,9 @@ def validate(method: str, cfg) -> None:
 
 def _dataset(view: str, rows: list[dict]):
     """The TRL dataset for an arm, with the columns its trainer needs (checked here, not deep inside TRL)."""
-    if view == "sft":  # prompt-completion: TRL trains on the completion tokens only
+    if view == "prompts":  # the RL arms sample their own responses to the distinct prompts
+        rows = [{"prompt": r["prompt"]} for r in data.prompt_view(rows)]
+    elif view == "sft":  # prompt-completion: TRL trains on the completion tokens only
         rows = [{"prompt": ex["prompt"], "completion": ex["chosen"]} for ex in rows]
     elif view == "unpaired":
         rows = [{k: r[k] for k in ("prompt", "completion", "label")} for r in data.unpaired_view(rows)]
@@ -235,12 +278,14 @@ def _dataset(view: str, rows: list[dict]):
 # The entry point
 
 
-def build_trainer(method: str, cfg, policy, tokenizer, dataset, run: Run):
-    """TRL's trainer for ``method`` with the workbench's two additions: the NaN guard and metrics.jsonl logging."""
+def build_trainer(method: str, cfg, policy, tokenizer, dataset, run: Run, reward_fn=None):
+    """TRL's trainer for ``method`` with the workbench's two additions: the NaN guard and metrics.jsonl logging.
+    The RL arms get ``reward_fn`` as their one reward function."""
     trainer_cls = METHODS[method][1]
     cfg.output_dir = str(run.path / "trainer")
+    extra = {"reward_funcs": [reward_fn]} if method in RL_METHODS else {}
     trainer = _guarded(trainer_cls, run, tokenizer)(
-        model=policy, args=cfg, train_dataset=dataset, processing_class=tokenizer, callbacks=[_RunLogger(run)])
+        model=policy, args=cfg, train_dataset=dataset, processing_class=tokenizer, callbacks=[_RunLogger(run)], **extra)
     # TRL's RewardTrainer casts the trainable parameters of a quantized model to bf16 (QLoRA's advice for bf16
     # compute). Where compute is fp32 (the CPU) a bf16 score head then meets fp32 activations: keep them fp32.
     dtype = models.compute_dtype(cfg.model.dtype)
@@ -293,16 +338,24 @@ def check_pairs(pairs: list[dict], where: str = "pairs") -> None:
                 raise ValueError(f"{where}[{i}] ('{row['id']}'): '{side}' must be [{{'role': 'assistant', 'content': ...}}].")
 
 
-def train(method: str, cfg=None, pairs: list[dict] | None = None) -> Path:
-    """Train one arm and return its run folder (config, env, metrics, adapter, per-pair records, summary).
+def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None, gold_fn=None) -> Path:
+    """Train one arm and return its run folder (config, env, metrics, adapter, per-sample records, summary).
 
     ``pairs``: your own preference pairs (data layer format) instead of HH-RLHF; split and scored the same way.
+    ``reward_fn`` / ``gold_fn`` (RL arms): a TRL-style reward function instead of ``cfg.reward_model`` /
+    ``cfg.gold_reward_model``, e.g. ``rewards.TokenSetReward`` or your own.
     """
     config_cls, _, view, has_reference = METHODS.get(method, (None,) * 4)
     cfg = cfg if cfg is not None else (config_cls() if config_cls else None)
     validate(method, cfg)
     if pairs is not None:
         check_pairs(pairs)
+    if method in RL_METHODS and reward_fn is None and cfg.reward_model is None:
+        raise ValueError(f"{method} needs a reward: set reward_model (a reward run folder or a model name) or pass reward_fn.")
+    if method == "ppo":
+        if pairs is not None:
+            raise ValueError("train('ppo', pairs=...) is not supported; PPO reads its prompts from cfg.data.")
+        return ppo.train_ppo(cfg, reward_fn=reward_fn, gold_fn=gold_fn)
     t0 = time.time()
     with Run(method_label(method, cfg), cfg.run_name, cfg.seed, config=cfg, root=cfg.runs_dir) as run:
         # --- data: training pairs, and held-out pairs scored at the end
@@ -318,8 +371,12 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None) -> Path:
         load = models.load_reward_model if method == "reward" else models.load_policy
         policy, tokenizer = load(cfg.model, adapter=sft_adapter)
 
+        if method in RL_METHODS:
+            reward_fn = reward_fn or load_reward(cfg.reward_model, name="proxy")
+            gold_fn = gold_fn or (load_reward(cfg.gold_reward_model, name="gold") if cfg.gold_reward_model else None)
+
         # --- train
-        trainer = build_trainer(method, cfg, policy, tokenizer, dataset, run)
+        trainer = build_trainer(method, cfg, policy, tokenizer, dataset, run, reward_fn)
         result = trainer.train()
         shutil.rmtree(cfg.output_dir, ignore_errors=True)  # nothing to keep: save_strategy="no", adapter saved below
         if hasattr(policy, "peft_config"):
@@ -330,7 +387,14 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None) -> Path:
 
         # --- score held-out pairs: per pair and per token for a policy, per pair for a reward model
         scored = heldout[: cfg.data.n_score]
-        if method == "reward":
+        if method in RL_METHODS:  # fresh samples with reward and per-token KL, and the pairs' log-ratio drift
+            eval_summary = ppo.evaluate_policy(
+                policy, tokenizer, heldout, run, reward_fn=reward_fn, gold_fn=gold_fn, n=cfg.data.n_score,
+                max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_completion_length,
+                temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.score_batch_size, beta=cfg.score_beta,
+                max_length=cfg.data.max_length)
+            summary = {k.removeprefix("eval/"): v for k, v in eval_summary.items()}
+        elif method == "reward":
             records = scoring.score_pairs_with_reward(policy, tokenizer, scored, max_length=cfg.max_length,
                                                       batch_size=cfg.score_batch_size)
             summary = scoring.summarize_rewards(records)
@@ -340,7 +404,8 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None) -> Path:
                                           batch_size=cfg.score_batch_size, max_length=cfg.max_length)
             add_pair_losses(method, cfg, records)
             summary = scoring.summarize(records)
-        run.write_records("heldout_pairs", records)
+        if method not in RL_METHODS:
+            run.write_records("heldout_pairs", records)
         run.summary = {
             **{f"eval/{k}": v for k, v in summary.items()},
             "train/loss": result.training_loss,
