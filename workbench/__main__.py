@@ -23,12 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     p_main.add_argument("--model", default=defaults.model.model_name_or_path,
                         help="policy: hub name, local directory or embedded:<name> (default: %(default)s)")
     p_main.add_argument("--no-4bit", action="store_true", help="load the base unquantized instead of NF4 4-bit")
-    p_train = sub.add_parser("train", help="train one arm (sft, dpo, kto, orpo, simpo) and print its run folder")
-    p_train.add_argument("method", help="sft, dpo, kto, orpo or simpo")
+    p_train = sub.add_parser("train", help="train one arm and print its run folder")
+    p_train.add_argument("method", help="sft, dpo, kto, orpo, simpo, reward, ppo, rloo or grpo")
     p_train.add_argument("--loss-type", help="DPO family only: e.g. sigmoid, ipo, hinge, or sigmoid,bco_pair,sft")
     p_train.add_argument("--loss-weights", help="weights for a combined --loss-type, e.g. 0.8,0.2,1.0")
     p_train.add_argument("--beta", type=float)
-    p_train.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
+    p_train.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (ppo: iterations)")
+    p_train.add_argument("--reward-model", help="ppo/rloo/grpo: reward run folder or sequence-classifier name/path")
+    p_train.add_argument("--gold-reward-model", help="ppo/rloo/grpo: a second reward model, only measured")
+    p_train.add_argument("--kl-coef", type=float, help="ppo: β of score − β·KL (rloo/grpo: use --beta)")
+    p_train.add_argument("--half", choices=["a", "b"], help="train on one half of the prompts (e.g. proxy vs gold RM)")
     p_train.add_argument("--learning-rate", type=float)
     p_train.add_argument("--sft-run", help="SFT run folder to start from (it becomes the reference)")
     p_train.add_argument("--model", help="policy: hub name, local directory or embedded:<name>")
@@ -53,8 +57,16 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.method not in train.METHODS:
             parser.error(f"unknown method '{args.method}'; choose from {', '.join(train.METHODS)}")
-        kw = dict(seed=args.seed, run_name=args.run_name, max_steps=args.max_steps, sft_run=args.sft_run,
-                  data=train.DataConfig(split=args.split, source=args.data_source, n_train=args.n_train, n_score=args.n_score))
+        kw = dict(seed=args.seed, run_name=args.run_name, sft_run=args.sft_run,
+                  data=train.DataConfig(split=args.split, source=args.data_source, n_train=args.n_train,
+                                        n_score=args.n_score, half=args.half))
+        if args.method == "ppo":
+            kw.update(iterations=args.max_steps if args.max_steps > 0 else 100)
+        else:
+            kw.update(max_steps=args.max_steps)
+        for name in ("reward_model", "gold_reward_model", "kl_coef"):
+            if getattr(args, name) is not None:
+                kw[name] = getattr(args, name)
         if args.model or args.no_4bit:
             kw["model"] = ModelConfig(**({"model_name_or_path": args.model} if args.model else {}), load_in_4bit=not args.no_4bit)
         for name in ("beta", "learning_rate"):
