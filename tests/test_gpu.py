@@ -1,4 +1,4 @@
-"""The QLoRA path on a CUDA GPU: NF4 weights on the device, bf16 compute, a DPO step. Skipped with a visible
+"""The QLoRA path on a CUDA GPU: NF4 weights on the device, bf16 compute, a DPO step, PPO and RLOO. Skipped with a visible
 reason where there is no GPU (conftest.py); run on a GPU machine with `bash scripts/test.sh -m gpu`."""
 
 import pytest
@@ -33,3 +33,18 @@ def test_dpo_step_on_gpu_in_bf16(tiny_model_dir, hh_dir, tmp_path):
     assert cfg.bf16 is True
     path = train.train("dpo", cfg)
     assert (path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_ppo_and_rloo_on_gpu_in_bf16(tiny_model_dir, hh_dir, tmp_path):
+    """The RL arms' QLoRA path on a GPU: generation, the two adapters and the TRL trainer in bf16."""
+    from workbench import ppo, rewards
+
+    reward = rewards.TokenSetReward(range(0, 49152, 2))
+    data_cfg = train.DataConfig(split="test", source=str(hh_dir), n_train=8, n_score=4, max_length=256)
+    model_cfg = ModelConfig(model_name_or_path=str(tiny_model_dir))
+    path = train.train("ppo", ppo.PPOArgs(model=model_cfg, data=data_cfg, runs_dir=str(tmp_path), iterations=2,
+                                          rollout_batch_size=4, max_new_tokens=8), reward_fn=reward)
+    assert (path / "critic" / "value_head.pt").exists()
+    path = train.train("rloo", train.RLOOArgs(model=model_cfg, data=data_cfg, runs_dir=str(tmp_path), max_steps=2,
+                                              max_completion_length=8), reward_fn=reward)
+    assert (path / "records" / "heldout_rollouts.jsonl").exists()

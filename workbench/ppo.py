@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import data, models, scoring
-from .logprobs import pad_right, reference_adapter
+from .logprobs import _backbone_and_head, pad_right, reference_adapter
 from .runs import Run
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,11 +258,6 @@ def ppo_update(actor_critic, batch: Batch, optimizer, cfg: PPOArgs, params: list
 
 # ----------------------------------------------------------------------------------------------------------
 # The language model: generation and forward passes over response tokens
-
-
-def _backbone_and_head(model):
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(lm, lm.base_model_prefix), lm.get_output_embeddings()
 
 
 def response_hidden(model, prompt_ids: list[list[int]], response_ids: Tensor, mask: Tensor, pad_id: int) -> Tensor:
