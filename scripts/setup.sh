@@ -56,5 +56,18 @@ else
   echo "$want" > "$stamp"
   say "done"
 fi
+# --- a browser: kaleido drives it to export figures (PDF/SVG/PNG); nothing is downloaded at run time
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1 \
+   && ! command -v google-chrome >/dev/null 2>&1 && [ -z "${BROWSER_PATH:-}" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing chromium for figure export (apt-get; about a minute; log: $venv/apt.log)"
+    if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >>"$venv/apt.log" 2>&1; then
+      tail -n 20 "$venv/apt.log" >&2; echo "setup: apt-get install chromium failed; full log: $venv/apt.log" >&2; exit 1
+    fi
+  else
+    say "WARNING: no Chrome/Chromium found, so figures cannot be exported. Install one (Debian/Ubuntu:"
+    say "         sudo apt-get install chromium) or set BROWSER_PATH to a Chrome binary."
+  fi
+fi
 export PATH="$venv/bin:$PATH"
 export VIRTUAL_ENV="$venv"

@@ -432,3 +432,16 @@ def test_prompt_halves_are_disjoint_cover_everything_and_keep_shared_prompts_tog
     prompts = prompt_view(pool)
     assert len(prompts) == len({json.dumps(e["prompt"], sort_keys=True) for e in pool}) <= len(examples)
     assert prompts[0] == {"id": pool[0]["id"], "prompt": pool[0]["prompt"]}
+
+
+def test_heldout_split_is_the_same_for_every_run_seed(hh_dir, smollm_tokenizer):
+    """Every seed and arm is evaluated on the same held-out prompts: the split follows DataConfig.split_seed,
+    not the run's seed (which is still recorded)."""
+    from workbench.data import DataConfig, load_for_run
+
+    cfg = DataConfig(split="test", source=str(hh_dir))
+    splits = [load_for_run(cfg, seed, smollm_tokenizer) for seed in (0, 1, 2)]
+    assert splits[0][3]["heldout_ids"] == splits[1][3]["heldout_ids"] == splits[2][3]["heldout_ids"]
+    assert [s[3]["run_seed"] for s in splits] == [0, 1, 2]
+    other = load_for_run(DataConfig(split="test", source=str(hh_dir), split_seed=1), 0, smollm_tokenizer)[3]["heldout_ids"]
+    assert other != splits[0][3]["heldout_ids"]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from workbench import data, models, ppo, rewards
+from workbench import data, evaluate, logprobs, models, ppo, rewards
 from workbench.runs import load_run
 
 
@@ -121,7 +121,7 @@ def test_adaptive_kl_controller_follows_ziegler():
 
 def test_cut_after_eos_keeps_the_eos_and_masks_the_rest():
     resp = torch.tensor([[5, 6, 2, 7, 2], [5, 6, 7, 8, 9], [2, 3, 3, 3, 3]])
-    out, mask, ended = ppo.cut_after_eos(resp, eos_id=2, pad_id=0)
+    out, mask, ended = evaluate.cut_after_eos(resp, eos_id=2, pad_id=0)
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
     assert out.tolist() == [[5, 6, 2, 0, 0], [5, 6, 7, 8, 9], [2, 0, 0, 0, 0]]
     assert ended.tolist() == [True, False, True]
@@ -152,7 +152,7 @@ def actor_critic(peaked_tiny_dir):
 
 
 def _prompts(hh_pairs, tokenizer, n=4):
-    return ppo._encode_prompts(tokenizer, [ex["prompt"] for ex in hh_pairs[:n]], 64)
+    return evaluate.encode_prompts(tokenizer, [ex["prompt"] for ex in hh_pairs[:n]], 64)
 
 
 def test_response_logprobs_equal_the_sampling_distribution(actor_critic, hh_pairs):
@@ -171,7 +171,7 @@ def test_response_logprobs_equal_the_sampling_distribution(actor_critic, hh_pair
     sampled = torch.log_softmax(torch.stack(out.logits, 1).float() / 0.7, -1).gather(-1, resp[..., None]).squeeze(-1)
     mask = torch.ones_like(resp, dtype=torch.bool)
     with torch.no_grad():
-        ours, entropy = ppo.response_logprobs(model, prompt_ids, resp, mask, tok.pad_token_id, 0.7)
+        ours, entropy = logprobs.response_logprobs(model, prompt_ids, resp, mask, tok.pad_token_id, 0.7)
     assert torch.allclose(ours, sampled, atol=1e-4)
     assert (entropy > 0).all()
 
@@ -179,7 +179,7 @@ def test_response_logprobs_equal_the_sampling_distribution(actor_critic, hh_pair
 def test_an_update_moves_logprobs_with_the_sign_of_the_advantage(actor_critic, hh_pairs):
     model, value_head, tok = actor_critic
     prompt_ids = _prompts(hh_pairs, tok)
-    resp, mask, _ = ppo.generate(model, tok, prompt_ids, 5, 0.7, generator_seed=0)
+    resp, mask, _ = evaluate.generate(model, tok, prompt_ids, 5, 0.7, generator_seed=0)
     ac = ppo._LMActorCritic(model, value_head, prompt_ids, resp, mask, tok.pad_token_id, 0.7)
     with torch.no_grad():
         before, _ = ac.logprobs(torch.arange(4))
@@ -211,11 +211,11 @@ def token_half(peaked_tiny_dir):
 
 def _expected_first_token_reward(model, tok, prompt_ids, token_set, temperature):
     """Exact E_π[reward] of a one-token response: Σ_{t ∈ set} π(t | prompt) at the sampling temperature, averaged."""
-    _, head = ppo._backbone_and_head(model)
+    _, head = logprobs._backbone_and_head(model)
     probs = []
     with torch.no_grad():
         for p in prompt_ids:
-            h = ppo.response_hidden(model, [p], torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool),
+            h = logprobs.response_hidden(model, [p], torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool),
                                     tok.pad_token_id)
             probs.append(torch.softmax(head(h[0, 0]).float() / temperature, -1)[token_set].sum())
     return torch.stack(probs).mean().item()
@@ -232,7 +232,7 @@ def test_ppo_raises_an_easy_reward_on_a_tiny_4bit_model(peaked_tiny_dir, hh_dir,
     model, _, tok = ppo.load_actor_critic(cfg)
     assert model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.__class__.__name__ == "Params4bit"
     train_rows, _, _, _ = data.load_for_run(cfg.data, cfg.seed, tok)
-    prompt_ids = ppo._encode_prompts(tok, [r["prompt"] for r in data.prompt_view(train_rows)], 64)
+    prompt_ids = evaluate.encode_prompts(tok, [r["prompt"] for r in data.prompt_view(train_rows)], 64)
     before = _expected_first_token_reward(model, tok, prompt_ids, token_half, cfg.temperature)
 
     path = ppo.train_ppo(cfg, reward_fn=reward)

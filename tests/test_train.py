@@ -39,6 +39,11 @@ def _complete(path):
     split = json.loads((path / "split.json").read_text())
     assert not set(split["train_ids"]) & set(split["heldout_ids"]), "training and held-out pairs are disjoint"
     assert set(records["id"]) <= set(split["heldout_ids"])
+    # compute.json: the tokens the trained model saw with gradients are the tokens TRL says it trained on
+    compute = json.loads((path / "compute.json").read_text())
+    assert compute["tokens"]["train"] > 0
+    if "num_tokens" in run.metrics:  # ORPO/CPO (trl.experimental) do not log it
+        assert compute["tokens"]["train"] == run.metrics["num_tokens"].dropna().max()
     return run
 
 
@@ -76,6 +81,10 @@ def test_dpo_family_from_sft_uses_sft_as_reference(common, sft_run, loss_type, l
     # the reference of the preference arm is the SFT policy: its reference log-probs on the held-out pairs are the
     # SFT run's policy log-probs on the same pairs (same seed, same held-out split)
     ref = run.records("heldout_pairs").set_index("id")
+    compute = json.loads((path / "compute.json").read_text())  # DPO: every trained token also went through π_ref
+    assert compute["tokens"]["reference_forward"] == compute["tokens"]["train"] > 0
+    n = compute["params"]["trained"]  # LoRA on a frozen base: 2N forward + 2N backward per trained token
+    assert compute["flops"]["total"] == 4 * n * compute["tokens"]["train"] + 2 * n * compute["tokens"]["reference_forward"]
     for t in loss_type:  # each pair carries its loss under the arm's objective (batch-level "sft" excepted)
         assert (f"loss/{t}" in ref.columns) == (t != "sft")
     sft = load_run(sft_run).records("heldout_pairs").set_index("id")
@@ -273,8 +282,8 @@ def _check_rl_run(path, n_score=3):
     rollouts = run.records("heldout_rollouts")
     assert len(rollouts) == n_score
     for _, r in rollouts.iterrows():
-        assert len(r["token_kl"]) == len(r["completion_token_ids"]) == r["response_tokens"]
-        assert sum(r["token_kl"]) == pytest.approx(r["kl"], abs=1e-5)
+        assert len(r["token_logratio"]) == len(r["completion_token_ids"]) == r["response_tokens"]
+        assert sum(r["token_logratio"]) == pytest.approx(r["kl"], abs=1e-5)
         assert r["gold_score"] is not None
     assert len(run.records("heldout_pairs")) == n_score
     assert {"eval/objective/scores", "eval/objective/gold_scores", "eval/objective/kl"} <= set(run.summary)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m workbench main`` / ``python -m workbench train METHOD`` (or the ``workbench`` script)."""
+"""Command line: ``python -m workbench main`` / ``train METHOD`` / ``evaluate [RUN ...]`` (or the ``workbench`` script)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--data-source", help="local hh-rlhf directory or 'hub'")
     p_train.add_argument("--n-train", type=int)
     p_train.add_argument("--n-score", type=int, default=64)
+    p_eval = sub.add_parser("evaluate", help="evaluate run folders; write the results table and every figure")
+    p_eval.add_argument("runs", nargs="*", help="run folders (default: every complete run under --runs-dir)")
+    p_eval.add_argument("--runs-dir", help="runs root (default: $WORKBENCH_RUNS, else ./runs)")
+    p_eval.add_argument("--name", default="default", help="evaluation name: <run>/eval/<name>/")
+    for name, kind in (("n_prompts", int), ("n_samples", int), ("n_pairs", int), ("max_new_tokens", int),
+                       ("temperature", float), ("top_p", float), ("seed", int)):
+        p_eval.add_argument(f"--{name.replace('_', '-')}", type=kind)
+    p_eval.add_argument("--proxy-reward-model", help="default: the reward_model the RL runs were trained with")
+    p_eval.add_argument("--gold-reward-model", help="default: the gold_reward_model the RL runs recorded")
+    p_eval.add_argument("--out", default="figures", help="where results.csv and the figures go (default: %(default)s)")
     args = parser.parse_args(argv)
 
     if args.command == "main":
@@ -77,6 +87,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.loss_weights:
             kw["loss_weights"] = [float(w) for w in args.loss_weights.split(",")]
         train.train(args.method, train.METHODS[args.method][0](**kw))
+    elif args.command == "evaluate":
+        from pathlib import Path
+
+        from . import evaluate, figures, results
+        from .runs import default_root
+
+        fields = ("name", "n_prompts", "n_samples", "n_pairs", "max_new_tokens", "temperature", "top_p", "seed",
+                  "proxy_reward_model", "gold_reward_model")
+        cfg = evaluate.EvalConfig(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
+        target = args.runs if len(args.runs) > 1 else (args.runs[0] if args.runs else str(args.runs_dir or default_root()))
+        table = evaluate.evaluate_runs(target, cfg)  # one path: a runs root or a single run folder
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out / "results.csv", index=False)
+        results.aggregate(table).to_csv(out / "results_by_method.csv", index=False)
+        paths = figures.export_all(table, out)
+        cols = [c for c in ("method", "name", "beta", "n_seeds", "eval/gold", "eval/kl", "win/chosen", "win/chosen_lc",
+                            "win/sft", "pairs/accuracy", "compute/pipeline_flops") if c in results.aggregate(table)]
+        print(results.aggregate(table)[cols].to_string(index=False))
+        print(f"[evaluate] table: {out / 'results.csv'}, {out / 'results_by_method.csv'}; {len(paths)} figure files in {out}")
     return 0
 
 

@@ -489,6 +489,8 @@ class DataConfig:
     split: str = "train"  # file to read; "test" is the only one in the shared local copy
     source: str | None = None  # local hh-rlhf directory or "hub"; None: $WORKBENCH_HH_SOURCE, a local copy, the hub
     heldout_fraction: float = 0.1  # prompts held out of training (seeded hash of the prompt), scored afterwards
+    split_seed: int = 0  # seeds the held-out split; fixed (not the run's seed) so that every seed and every arm is
+    # evaluated on the same held-out prompts, none of which any of them trained on
     half: str | None = None  # train only on prompt half "a" or "b" (see ``half``): e.g. a proxy RM and its gold RM
     n_train: int | None = None  # use only the first n training pairs (None: all)
     n_score: int = 64  # held-out pairs (RL arms: also held-out prompts) scored per sample and per token afterwards
@@ -498,16 +500,17 @@ class DataConfig:
 def load_for_run(cfg: DataConfig, seed: int, tokenizer=None, pairs: list[dict] | None = None):
     """The training and held-out pairs of a run: (train_rows, heldout, report or None, split record).
 
-    ``pairs`` replaces HH-RLHF with your own pairs (no report). The held-out split is seeded by the run's seed;
-    then ``cfg.half`` and ``cfg.n_train`` narrow the training pairs. The split record (ids on each side, how they
+    ``pairs`` replaces HH-RLHF with your own pairs (no report). The held-out split is seeded by ``cfg.split_seed``
+    (the run's ``seed`` only names the run and is recorded); then ``cfg.half`` and ``cfg.n_train`` narrow the
+    training pairs. The split record (ids on each side, how they
     were chosen) goes into the run folder as split.json."""
     report = None
     if pairs is None:
         pairs, report = load_hh(cfg.subset, cfg.split, cfg.source, tokenizer=tokenizer, max_length=cfg.max_length)
-    train_rows, heldout, info = split_heldout(pairs, cfg.heldout_fraction, seed=seed)
+    train_rows, heldout, info = split_heldout(pairs, cfg.heldout_fraction, seed=cfg.split_seed)
     train_rows = half(train_rows, cfg.half) if cfg.half else train_rows
     train_rows = train_rows[: cfg.n_train] if cfg.n_train else train_rows
-    info = {**info, "half": cfg.half, "n_train_used": len(train_rows),
+    info = {**info, "run_seed": seed, "half": cfg.half, "n_train_used": len(train_rows),
             "train_ids": [ex["id"] for ex in train_rows], "heldout_ids": [ex["id"] for ex in heldout]}
     return train_rows, heldout, report, info
 

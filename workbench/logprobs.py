@@ -1,6 +1,7 @@
 """Log-probabilities of completions under a policy and its reference: the primitive that DPO scoring, KL drift
 and the widgets reuse. Batched, length-bucketed, prompt and padding masked, the LM head run on completion tokens
-only; each prompt computed once for all of its completions (chosen and rejected)."""
+only; each prompt computed once for all of its completions (chosen and rejected). Also the per-token forward
+over sampled responses that PPO and the evaluation share (``response_hidden``, ``response_logprobs``)."""
 
 from __future__ import annotations
 
@@ -177,3 +178,30 @@ def completion_logps(model, prompt_ids: list[list[int]], completion_ids: list[li
 
     lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
     return CompletionLogps(per_token=in_length_buckets(model, lengths, batch_size, score, reference=reference))
+
+
+def response_hidden(model, prompt_ids: list[list[int]], response_ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """(B, T, H) hidden states that predict each response token: the state before token t of the response.
+    Sequences are right-padded, so every token sits at the position it would have alone."""
+    backbone, _ = _backbone_and_head(model)
+    dev = next(model.parameters()).device
+    responses = [row[m].tolist() for row, m in zip(response_ids, mask)]
+    ids, attn, _ = pad_right(prompt_ids, responses, pad_id)
+    hidden = backbone(input_ids=ids.to(dev), attention_mask=attn.to(dev)).last_hidden_state  # (B, L, H)
+    p_len = torch.tensor([len(p) for p in prompt_ids], device=dev)
+    pos = (p_len[:, None] - 1 + torch.arange(response_ids.shape[1], device=dev)[None]).clamp(max=hidden.shape[1] - 1)
+    return hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def response_logprobs(model, prompt_ids, response_ids: torch.Tensor, mask: torch.Tensor, pad_id: int,
+                      temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprobs, entropy), each (B, T): log π(y_t | x, y_<t) of the sampled tokens and the entropy of π at each
+    step, from logits divided by the sampling temperature; 0 on padded positions."""
+    _, head = _backbone_and_head(model)
+    dev = next(model.parameters()).device
+    logits = head(response_hidden(model, prompt_ids, response_ids, mask, pad_id)).float() / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)  # (B, T, V)
+    logprobs = logp_all.gather(-1, response_ids.to(dev)[..., None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    m = mask.to(dev)
+    return logprobs * m, entropy * m

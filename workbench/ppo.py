@@ -6,9 +6,9 @@ Follows InstructGPT (Ouyang et al. 2022, arXiv:2203.02155) and the details colle
   - reward = reward-model score at the end of the response − β·KL per token (``per_token_rewards``);
     KL estimated per token as k1 = log π − log π_ref, or k3 (``kl_per_token``; Schulman 2020, "Approximating
     KL divergence"); optionally a penalty for responses that never end (``missing_eos_penalty``);
-  - the response is cut after its first EOS and every later token is masked (``generate``);
+  - the response is cut after its first EOS and every later token is masked (``evaluate.generate``);
   - logits are divided by the sampling temperature whenever log-probs are computed, so π_old is the
-    distribution that was sampled (``response_forward``);
+    distribution that was sampled (``logprobs.response_logprobs``);
   - GAE with γ, λ; advantages whitened per batch; returns = advantages + values (``gae``, ``whiten``);
   - clipped policy loss and clipped value loss (``policy_loss``, ``value_loss``), several PPO epochs over
     shuffled minibatches (``ppo_update``), Adam with ε = 1e-5, learning rate annealed linearly to 0,
@@ -34,8 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import data, models, scoring
-from .logprobs import _backbone_and_head, pad_right, reference_adapter
+from . import data, models
+from .compute import TokenCounter
+from .evaluate import call_reward, encode_prompts, evaluate_policy, generate
+from .logprobs import reference_adapter, response_hidden, response_logprobs
 from .runs import Run
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,69 +258,9 @@ def ppo_update(actor_critic, batch: Batch, optimizer, cfg: PPOArgs, params: list
     return {k: v / steps for k, v in totals.items()}
 
 
+
 # ----------------------------------------------------------------------------------------------------------
-# The language model: generation and forward passes over response tokens
-
-
-def response_hidden(model, prompt_ids: list[list[int]], response_ids: Tensor, mask: Tensor, pad_id: int) -> Tensor:
-    """(B, T, H) hidden states that predict each response token: the state before token t of the response.
-    Sequences are right-padded, so every token sits at the position it would have alone."""
-    backbone, _ = _backbone_and_head(model)
-    dev = next(model.parameters()).device
-    responses = [row[m].tolist() for row, m in zip(response_ids, mask)]
-    ids, attn, _ = pad_right(prompt_ids, responses, pad_id)
-    hidden = backbone(input_ids=ids.to(dev), attention_mask=attn.to(dev)).last_hidden_state  # (B, L, H)
-    p_len = torch.tensor([len(p) for p in prompt_ids], device=dev)
-    pos = (p_len[:, None] - 1 + torch.arange(response_ids.shape[1], device=dev)[None]).clamp(max=hidden.shape[1] - 1)
-    return hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))
-
-
-def response_logprobs(model, prompt_ids, response_ids: Tensor, mask: Tensor, pad_id: int,
-                      temperature: float) -> tuple[Tensor, Tensor]:
-    """(logprobs, entropy), each (B, T): log π(y_t | x, y_<t) of the sampled tokens and the entropy of π at each
-    step, from logits divided by the sampling temperature; 0 on padded positions."""
-    _, head = _backbone_and_head(model)
-    dev = next(model.parameters()).device
-    logits = head(response_hidden(model, prompt_ids, response_ids, mask, pad_id)).float() / temperature
-    logp_all = F.log_softmax(logits, dim=-1)  # (B, T, V)
-    logprobs = logp_all.gather(-1, response_ids.to(dev)[..., None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    m = mask.to(dev)
-    return logprobs * m, entropy * m
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
-             generator_seed: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Sample one response per prompt (pure sampling at ``temperature``: no top-k, no top-p), batched with the
-    KV cache. Returns response_ids (B, T), mask (B, T) and ended (B,): each response is cut after its first EOS
-    (kept, so the policy learns to stop); the tokens after it are masked."""
-    dev = next(model.parameters()).device
-    if generator_seed is not None:
-        torch.manual_seed(generator_seed)
-    P = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), P), tokenizer.pad_token_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, p in enumerate(prompt_ids):  # left padding: generation continues from the last column
-        ids[i, P - len(p):], attn[i, P - len(p):] = torch.tensor(p), 1
-    was_training = model.training
-    model.eval()
-    out = model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), do_sample=True, temperature=temperature,
-                         top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, min_new_tokens=1,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    model.train(was_training)
-    return cut_after_eos(out[:, P:].cpu(), tokenizer.eos_token_id, tokenizer.pad_token_id)
-
-
-def cut_after_eos(response: Tensor, eos_id: int, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(response, mask, ended): tokens after each row's first EOS become ``pad_id`` and are masked out; the EOS
-    itself is kept. ended (B,) says whether the row has an EOS at all."""
-    is_eos = response == eos_id
-    ended = is_eos.any(1)
-    T = response.shape[1]
-    first_eos = torch.where(ended, is_eos.float().argmax(1), torch.full((len(response),), T))
-    mask = torch.arange(T)[None] <= first_eos[:, None]  # up to and including the first EOS
-    return torch.where(mask, response, torch.full_like(response, pad_id)), mask, ended
+# The language model as the actor-critic
 
 
 class _LMActorCritic:
@@ -345,68 +287,6 @@ class _LMActorCritic:
         from trl.trainer.utils import use_adapter
 
         return use_adapter(self.model, "value")
-
-
-def _encode_prompts(tokenizer, prompts: list[list[dict]], max_length: int) -> list[list[int]]:
-    """Token ids of each prompt with the assistant cue; a long prompt keeps its last ``max_length`` tokens."""
-    out = []
-    for p in prompts:
-        ids = list(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-        out.append(ids[-max_length:])
-    return out
-
-
-def _call_reward(reward_fn, prompts, texts, response_ids, mask) -> Tensor:
-    ids = [row[m].tolist() for row, m in zip(response_ids, mask)]
-    return torch.tensor(reward_fn(prompts=prompts, completions=texts, completion_ids=ids), dtype=torch.float32)
-
-
-def rollout_records(model, tokenizer, prompts: list[dict], reward_fn, *, gold_fn=None, max_prompt_length: int = 256,
-                    max_new_tokens: int = 64, temperature: float = 0.7, kl_estimator: str = "k1",
-                    seed: int = 0, batch_size: int = 8) -> list[dict]:
-    """Sample one response per prompt and record, per sample: the response, its reward (and gold reward), its
-    sampled KL to the reference (sum over tokens) and per token: log π, log π_ref and the KL estimate.
-    ``prompts``: rows with "id" and "prompt" (messages). Used after training by PPO, RLOO and GRPO alike."""
-    records = []
-    for start in range(0, len(prompts), batch_size):
-        rows = prompts[start : start + batch_size]
-        prompt_ids = _encode_prompts(tokenizer, [r["prompt"] for r in rows], max_prompt_length)
-        response, mask, ended = generate(model, tokenizer, prompt_ids, max_new_tokens, temperature, seed + start)
-        texts = tokenizer.batch_decode(response, skip_special_tokens=True)
-        with torch.no_grad():
-            logprobs, _ = response_logprobs(model, prompt_ids, response, mask, tokenizer.pad_token_id, temperature)
-            with reference_adapter(model):
-                ref_logprobs, _ = response_logprobs(model, prompt_ids, response, mask, tokenizer.pad_token_id, temperature)
-        logprobs, ref_logprobs = logprobs.cpu(), ref_logprobs.cpu()
-        kl = kl_per_token(logprobs, ref_logprobs, kl_estimator) * mask
-        scores = _call_reward(reward_fn, [r["prompt"] for r in rows], texts, response, mask)
-        gold = _call_reward(gold_fn, [r["prompt"] for r in rows], texts, response, mask) if gold_fn else None
-        for i, row in enumerate(rows):
-            m = mask[i]
-            records.append(_sample_record(row, texts[i], response[i][m], logprobs[i][m], ref_logprobs[i][m], kl[i][m],
-                                          scores[i].item(), None if gold is None else gold[i].item(), ended[i].item()))
-    return records
-
-
-def _sample_record(row, text, ids, logprobs, ref_logprobs, kl, score, gold, ended) -> dict:
-    return {"id": row["id"], "prompt": row["prompt"], "completion": text, "completion_token_ids": ids.tolist(),
-            "score": score, "gold_score": gold, "kl": kl.sum().item(), "ended": ended, "response_tokens": len(ids),
-            "token_logps": logprobs.tolist(), "reference_token_logps": ref_logprobs.tolist(), "token_kl": kl.tolist()}
-
-
-def summarize_rollouts(records: list[dict]) -> dict:
-    """Means over sampled responses, with TRL's names."""
-    if not records:
-        return {}
-    n = len(records)
-    out = {"n_samples": n,
-           "objective/scores": sum(r["score"] for r in records) / n,
-           "objective/kl": sum(r["kl"] for r in records) / n,
-           "lengths/response_tokens": sum(r["response_tokens"] for r in records) / n,
-           "val/ended": sum(r["ended"] for r in records) / n}
-    if records[0].get("gold_score") is not None:
-        out["objective/gold_scores"] = sum(r["gold_score"] for r in records) / n
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -467,6 +347,10 @@ def train_ppo(cfg: PPOArgs, reward_fn=None, gold_fn=None) -> Path:
         if not prompts:
             raise ValueError("No training prompts left after the held-out split; see data_report.json.")
         params = _trainable(model, value_head)
+        counter = TokenCounter()  # tokens through policy, critic, reference and reward model: compute.json
+        counter.attach(model)
+        if getattr(reward_fn, "model", None) is not None:
+            counter.attach(reward_fn.model, role="reward")
         optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=1e-5)
         kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
                   else FixedKLController(cfg.kl_coef))
@@ -474,12 +358,13 @@ def train_ppo(cfg: PPOArgs, reward_fn=None, gold_fn=None) -> Path:
         order = torch.randperm(len(prompts), generator=generator).tolist()
         pad = tokenizer.pad_token_id
         samples = []
+        t_loop = time.time()
         for it in range(cfg.iterations):
             if cfg.anneal_lr:
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.learning_rate * (1 - it / cfg.iterations)
             rows = [prompts[order[(it * cfg.rollout_batch_size + j) % len(prompts)]] for j in range(cfg.rollout_batch_size)]
-            prompt_ids = _encode_prompts(tokenizer, [r["prompt"] for r in rows], cfg.max_prompt_length)
+            prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in rows], cfg.max_prompt_length)
 
             # --- 1. rollout: the policy samples; policy, reference and critic score the samples; the RM scores them
             t0 = time.time()
@@ -495,8 +380,8 @@ def train_ppo(cfg: PPOArgs, reward_fn=None, gold_fn=None) -> Path:
                     ref_logprobs = ac.logprobs(all_idx)[0].cpu()
                 with ac.critic():
                     values = ac.values(all_idx).float().cpu()
-                scores = _call_reward(reward_fn, [r["prompt"] for r in rows], texts, response, mask)
-                gold = _call_reward(gold_fn, [r["prompt"] for r in rows], texts, response, mask) if gold_fn else None
+                scores = call_reward(reward_fn, [r["prompt"] for r in rows], texts, response, mask)
+                gold = call_reward(gold_fn, [r["prompt"] for r in rows], texts, response, mask) if gold_fn else None
             t_score = time.time() - t0
 
             # --- 2. rewards: score − β·KL per token (and a penalty for not ending); GAE; whitened advantages
@@ -544,14 +429,21 @@ def train_ppo(cfg: PPOArgs, reward_fn=None, gold_fn=None) -> Path:
             kl_ctl.update(metrics["objective/kl"], cfg.rollout_batch_size)
             for i, row in enumerate(rows):
                 m = mask[i]
-                rec = _sample_record(row, texts[i], response[i][m], logprobs[i][m], ref_logprobs[i][m], kl[i][m],
-                                     raw_scores[i].item(), None if gold is None else gold[i].item(), ended[i].item())
-                samples.append({"iteration": it, **rec, "rlhf_reward": (scores[i] + non_score[i]).item(),
-                                "token_values": values[i][m].tolist(), "token_advantages": advantages[i][m].tolist()})
+                samples.append({
+                    "iteration": it, "id": row["id"], "prompt": row["prompt"], "completion": texts[i],
+                    "completion_token_ids": response[i][m].tolist(), "response_tokens": int(m.sum()),
+                    "ended": ended[i].item(), "score": raw_scores[i].item(),
+                    "gold_score": None if gold is None else gold[i].item(), "kl": seq_kl[i].item(),
+                    "rlhf_reward": (scores[i] + non_score[i]).item(),
+                    "token_logps": logprobs[i][m].tolist(), "reference_token_logps": ref_logprobs[i][m].tolist(),
+                    "token_kl": kl[i][m].tolist(), "token_values": values[i][m].tolist(),
+                    "token_advantages": advantages[i][m].tolist()})
             print(f"[ppo] iter {it + 1}/{cfg.iterations} score {metrics['objective/scores']:.3f} "
                   f"kl {metrics['objective/kl']:.3f} ({t_gen:.1f}s gen, {t_score:.1f}s score, {t_train:.1f}s train)",
                   flush=True)
         run.write_records("rollouts", samples)
+        counter.detach()
+        run.write_json("compute.json", counter.to_dict(wall_time_s=round(time.time() - t_loop, 1)))
 
         # --- save the policy and the critic
         model.save_pretrained(run.path / "adapter", selected_adapters=["default"])
@@ -567,19 +459,3 @@ def train_ppo(cfg: PPOArgs, reward_fn=None, gold_fn=None) -> Path:
                        "time/total_s": round(time.time() - t_start, 1)}
     print(f"[train] ppo: run folder {run.path}", flush=True)
     return run.path
-
-
-def evaluate_policy(model, tokenizer, heldout: list[dict], run: Run, *, reward_fn, gold_fn=None, n: int = 16,
-                    max_prompt_length: int = 256, max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0,
-                    batch_size: int | None = None, beta: float = 0.1, max_length: int = 512) -> dict:
-    """Held-out records shared by every RL arm (PPO, RLOO, GRPO), returned as summary metrics:
-    ``heldout_rollouts``: one fresh sample per held-out prompt with its reward, gold reward and per-token KL;
-    ``heldout_pairs``: the dataset's chosen/rejected responses scored like a DPO arm's (per-token log-ratio drift)."""
-    rollouts = rollout_records(model, tokenizer, data.prompt_view(heldout)[:n], reward_fn, gold_fn=gold_fn,
-                               max_prompt_length=max_prompt_length, max_new_tokens=max_new_tokens,
-                               temperature=temperature, kl_estimator="k1", seed=seed, batch_size=batch_size or 8)
-    run.write_records("heldout_rollouts", rollouts)
-    pairs = scoring.score_pairs(model, tokenizer, heldout[:n], beta=beta, batch_size=batch_size, max_length=max_length)
-    run.write_records("heldout_pairs", pairs)
-    return {**{f"eval/{k}": v for k, v in summarize_rollouts(rollouts).items()},
-            **{f"eval/{k}": v for k, v in scoring.summarize(pairs).items()}}

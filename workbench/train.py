@@ -23,7 +23,8 @@ import torch
 import trl
 from transformers import TrainerCallback
 
-from . import data, losses, models, ppo, scoring
+from . import data, evaluate, losses, models, ppo, scoring
+from .compute import TokenCounter
 from .rewards import load_reward
 from .runs import Run
 
@@ -377,7 +378,13 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
 
         # --- train
         trainer = build_trainer(method, cfg, policy, tokenizer, dataset, run, reward_fn)
+        counter = TokenCounter(gradient_checkpointing=bool(cfg.gradient_checkpointing))
+        counter.attach(policy)
+        if getattr(reward_fn, "model", None) is not None:
+            counter.attach(reward_fn.model, role="reward")
         result = trainer.train()
+        counter.detach()
+        run.write_json("compute.json", counter.to_dict(wall_time_s=result.metrics.get("train_runtime")))
         shutil.rmtree(cfg.output_dir, ignore_errors=True)  # nothing to keep: save_strategy="no", adapter saved below
         if hasattr(policy, "peft_config"):
             policy.save_pretrained(run.path / "adapter", selected_adapters=["default"])
@@ -388,7 +395,7 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
         # --- score held-out pairs: per pair and per token for a policy, per pair for a reward model
         scored = heldout[: cfg.data.n_score]
         if method in RL_METHODS:  # fresh samples with reward and per-token KL, and the pairs' log-ratio drift
-            eval_summary = ppo.evaluate_policy(
+            eval_summary = evaluate.evaluate_policy(
                 policy, tokenizer, heldout, run, reward_fn=reward_fn, gold_fn=gold_fn, n=cfg.data.n_score,
                 max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_completion_length,
                 temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.score_batch_size, beta=cfg.score_beta,

@@ -1,0 +1,242 @@
+"""The evaluation: statistics against known numbers, the sampled KL against the exact KL, determinism, the
+results table on synthetic run folders with known numbers, and the whole chain on tiny run folders
+(train → evaluate_runs → table → every figure exported)."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from workbench import evaluate, figures, models, ppo, results, stats, train
+from workbench.models import ModelConfig
+
+# ----------------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def test_wins_count_ties_as_half():
+    assert stats.wins([1, 2, 3], [2, 2, 2]).tolist() == [0.0, 0.5, 1.0]
+
+
+def test_cluster_bootstrap_interval_matches_the_binomial_spread():
+    rng = np.random.default_rng(0)
+    per_prompt = rng.random(400) < 0.7  # one outcome per prompt, shown twice: duplicates add no information
+    w = np.repeat(per_prompt.astype(float), 2)
+    est, lo, hi = stats.bootstrap_mean(w, np.repeat(np.arange(400), 2), n_boot=2000, seed=0)
+    assert est == pytest.approx(per_prompt.mean())
+    se = math.sqrt(0.7 * 0.3 / 400)  # the clusters are the 400 prompts, not the 800 samples
+    assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.15)
+    assert lo < est < hi
+    assert stats.bootstrap_mean([3.0] * 6, [0, 0, 1, 1, 2, 2]) == (3.0, 3.0, 3.0)
+
+
+def test_length_controlled_win_rate_removes_a_pure_length_effect():
+    rng = np.random.default_rng(1)
+    d = rng.normal(1.0, 1.0, 20000)  # responses mostly longer than the baseline
+    p = 1 / (1 + np.exp(-2.0 * np.tanh(d / d.std())))  # wins come from length alone: θ = 0
+    w = (rng.random(len(d)) < p).astype(float)
+    assert w.mean() > 0.7
+    assert stats.length_controlled_win_rate(w, d) == pytest.approx(0.5, abs=0.03)
+    w2 = (rng.random(len(d)) < 0.7).astype(float)  # no length effect: the length-controlled rate is the raw one
+    assert stats.length_controlled_win_rate(w2, d) == pytest.approx(w2.mean(), abs=0.02)
+    assert stats.length_controlled_win_rate([1.0, 0.0, 1.0], [5, 5, 5]) == pytest.approx(2 / 3)
+
+
+def test_t_interval_by_hand():
+    mean, lo, hi = stats.t_interval([1.0, 2.0, 3.0])
+    half = 4.303 * 1.0 / math.sqrt(3)  # t_{0.975, 2} · s / √n with s = 1
+    assert (mean, lo, hi) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+    one = stats.t_interval([5.0])
+    assert one[0] == 5.0 and math.isnan(one[1]) and math.isnan(one[2])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sampled KL against the exact KL
+
+
+@pytest.fixture(scope="module")
+def perturbed_policy(tiny_model_dir):
+    """The tiny model with a LoRA adapter whose B matrices are random, so π ≠ π_ref (the adapter disabled)."""
+    model, tok = models.load_policy(ModelConfig(model_name_or_path=str(tiny_model_dir), load_in_4bit=False))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model.eval(), tok
+
+
+def test_sampled_kl_is_unbiased_for_the_exact_kl(perturbed_policy):
+    model, tok = perturbed_policy
+    prompt = [{"role": "user", "content": "Is it ever right to lie?"}]
+    T = 0.7
+    recs = evaluate.sample_completions(model, tok, [{"id": "p", "prompt": prompt}], n_samples=600, max_new_tokens=1,
+                                       temperature=T, seed=0, batch_size=200)
+    ids = torch.tensor([evaluate.encode_prompts(tok, [prompt], 256)[0]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, -1].float() / T, -1)
+        with model.disable_adapter():
+            logq = torch.log_softmax(model(input_ids=ids).logits[0, -1].float() / T, -1)
+    exact = (logp.exp() * (logp - logq)).sum().item()  # KL(π‖π_ref) of the one-token distributions, whole vocabulary
+    kls = np.array([r["kl"] for r in recs])
+    assert exact > 0.05, "the perturbation must move the policy for this test to mean anything"
+    assert abs(kls.mean() - exact) < 4 * kls.std() / math.sqrt(len(kls))
+    for r in recs[:5]:  # the record adds up: per-token log-ratios sum to the sequence KL
+        assert sum(r["token_logratio"]) == pytest.approx(r["kl"], abs=1e-5)
+        assert r["token_logratio"][0] == pytest.approx(logp[r["completion_token_ids"][0]].item()
+                                                       - logq[r["completion_token_ids"][0]].item(), abs=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Synthetic run folders with known numbers
+
+
+def _fake_run(root: Path, method: str, seed: int, beta, gold: list[float], chosen_gold: list[float],
+              chars: list[int], flops: float, name="default", sft_run=None) -> Path:
+    path = root / f"{method}__{name}__s{seed}__20260101-000000-00000{seed}"
+    (path / "eval" / "default").mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"seed": seed, "beta": beta, "sft_run": sft_run}))
+    (path / "summary.json").write_text("{}")
+    (path / "compute.json").write_text(json.dumps({"tokens": {"train": 10}, "flops": {"total": flops}}))
+    gens = [{"id": f"p{i // 2}", "sample": i % 2, "gold_score": g, "chosen_gold_score": c, "response_chars": n,
+             "chosen_chars": 100} for i, (g, c, n) in enumerate(zip(gold, chosen_gold, chars))]
+    ev = path / "eval" / "default"
+    ev.joinpath("generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gens))
+    ev.joinpath("pairs.jsonl").write_text("")
+    cfg = {"prompt_ids": sorted({g["id"] for g in gens}), "n_samples": 2, "temperature": 0.7, "top_p": 1.0,
+           "max_new_tokens": 8, "seed": 0, "gold_reward_model": "gold", "n_bootstrap": 200}
+    ev.joinpath("config.json").write_text(json.dumps(cfg))
+    summary = {"eval/gold": float(np.mean(gold)), "eval/kl": 1.0 + seed, "pairs/accuracy": 0.5 + 0.1 * seed}
+    ev.joinpath("summary.json").write_text(json.dumps(summary))
+    return path
+
+
+def test_results_table_win_rates_and_aggregates_on_known_numbers(tmp_path):
+    sft = _fake_run(tmp_path, "sft", 0, None, [0, 0, 0, 0], [1, 1, 1, 1], [100] * 4, 1e9)
+    dpo = [_fake_run(tmp_path, "dpo", s, 0.1, [1, -1, 1, 1], [1, 1, 1, 1], [120, 80, 120, 120], 2e9 * (s + 1),
+                     sft_run=str(sft)) for s in range(3)]
+    table = results.results_table([sft, *dpo])
+    row = table[table["run"] == dpo[0].name].iloc[0]
+    assert row["win/sft"] == pytest.approx(0.75)  # 3 of 4 samples beat the SFT sample on the same (prompt, index)
+    assert row["baseline_run"] == sft.name
+    assert row["compute/pipeline_flops"] == pytest.approx(2e9 + 1e9)  # the run plus its SFT run
+    agg = results.aggregate(table, ["eval/kl", "pairs/accuracy"])
+    d = agg[agg["method"] == "dpo"].iloc[0]
+    assert d["n_seeds"] == 3 and d["seeds"] == "0,1,2"
+    assert d["eval/kl"] == pytest.approx(2.0)
+    assert d["eval/kl_hi"] - d["eval/kl"] == pytest.approx(4.303 / math.sqrt(3))  # kl = 1, 2, 3: s = 1
+    cost = results.cost_to_reach(table, level=0.5).set_index("method")
+    assert cost.loc["dpo", "compute/pipeline_flops"] == pytest.approx(3e9)  # the cheapest dpo run reaching 0.5
+    assert cost.loc["dpo", "runs_reaching"] == 3 and math.isnan(cost.loc["sft", "compute/pipeline_flops"])
+
+
+def test_a_run_trained_on_an_evaluation_prompt_is_refused(tmp_path, hh_dir):
+    prompts, _, all_pairs = evaluate.eval_set(train.DataConfig(split="test", source=str(hh_dir)), 4, 4)
+    leaked = next(ex for ex in all_pairs if ex["prompt"] == prompts[2]["prompt"])
+    (tmp_path / "split.json").write_text(json.dumps({"train_ids": [leaked["id"]]}))
+    with pytest.raises(ValueError, match="trained on 1 of the 4 evaluation prompts"):
+        evaluate.check_not_trained_on(tmp_path, prompts, all_pairs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole chain on tiny run folders
+
+
+@pytest.fixture(scope="module")
+def study(tiny_model_dir, hh_dir, tmp_path_factory):
+    """SFT → DPO and IPO from it; proxy and gold reward models on the two prompt halves; PPO from SFT."""
+    root = tmp_path_factory.mktemp("study")
+    d = dict(split="test", source=str(hh_dir), max_length=160)
+    model = ModelConfig(model_name_or_path=str(tiny_model_dir))
+    common = dict(model=model, data=train.DataConfig(**d, n_train=4, n_score=2), runs_dir=str(root), max_steps=1,
+                  per_device_train_batch_size=2, max_length=160)
+    sft = train.train("sft", train.SFTArgs(**common))
+    train.train("dpo", train.DPOArgs(**common, sft_run=str(sft)))
+    train.train("dpo", train.DPOArgs(**common, sft_run=str(sft), loss_type="ipo", beta=0.5))
+    enc = ModelConfig(model_name_or_path=models.EMBEDDED_REWARD_BACKBONE, load_in_4bit=False, use_peft=False)
+    rms = [train.train("reward", train.RewardArgs(**{**common, "model": enc, "run_name": h,
+                                                     "data": train.DataConfig(**d, n_train=8, half=h[0])}))
+           for h in ("a-proxy", "b-gold")]
+    train.train("ppo", ppo.PPOArgs(model=model, data=train.DataConfig(**d, n_train=4, n_score=2), runs_dir=str(root),
+                                   sft_run=str(sft), reward_model=str(rms[0]), gold_reward_model=str(rms[1]),
+                                   iterations=2, rollout_batch_size=4, max_new_tokens=6))
+    cfg = evaluate.EvalConfig(n_prompts=3, n_samples=2, n_pairs=4, max_new_tokens=6, n_bootstrap=100)
+    return root, cfg, evaluate.evaluate_runs(root, cfg)
+
+
+def test_every_run_is_evaluated_into_one_table(study):
+    root, cfg, table = study
+    assert sorted(table["method"]) == ["dpo", "ipo", "ppo", "reward", "reward", "sft"]
+    pol = table[table["method"] != "reward"]
+    for col in ("eval/gold", "eval/gold_lo", "eval/proxy", "eval/kl", "win/chosen", "win/chosen_lc_hi",
+                "pairs/accuracy", "pairs/length_baseline", "pairs/gold_rm_accuracy", "compute/flops"):
+        assert pol[col].notna().all(), col
+    for col in ("win/sft", "win/sft_lc", "compute/pipeline_flops"):
+        assert pol[pol["method"] != "sft"][col].notna().all(), col
+    assert (pol["eval/gold_lo"] <= pol["eval/gold"]).all() and (pol["eval/gold"] <= pol["eval/gold_hi"]).all()
+    assert table[table["method"] == "reward"]["pairs/accuracy"].notna().all()
+    ppo_row = table[table["method"] == "ppo"].iloc[0]
+    # PPO's pipeline: its own FLOPs plus the SFT run's and the proxy reward model's
+    assert ppo_row["compute/pipeline_flops"] > ppo_row["compute/flops"] > 0
+    assert ppo_row["compute/tokens_generated"] > 0 and ppo_row["compute/tokens_reward_forward"] > 0
+    gens = evaluate.read_eval(ppo_row["path"])["generations"]
+    assert len(gens) == cfg.n_prompts * cfg.n_samples
+    for g in gens:
+        assert len(g["token_logratio"]) == g["response_tokens"] == len(g["completion_token_ids"])
+        assert g["chosen_gold_score"] is not None and g["gold_score"] is not None
+    # every run was scored on the same prompts and pairs
+    ids = {json.dumps(evaluate.read_eval(p)["config"]["prompt_ids"]) for p in pol["path"]}
+    assert len(ids) == 1
+
+
+def test_evaluation_repeats_exactly_and_resumes(study):
+    root, cfg, table = study
+    dpo = Path(table[table["method"] == "dpo"].iloc[0]["path"])
+    first = evaluate.read_eval(dpo)
+    stamp = (dpo / "eval" / "default" / "summary.json").stat().st_mtime_ns
+    evaluate.evaluate_run(dpo, table_cfg(cfg, table))
+    assert (dpo / "eval" / "default" / "summary.json").stat().st_mtime_ns == stamp, "same settings: kept, not redone"
+    again = evaluate.evaluate_run(dpo, table_cfg(cfg, table, name="again"))
+    second = evaluate.read_eval(dpo, "again")
+    assert [g["completion"] for g in second["generations"]] == [g["completion"] for g in first["generations"]]
+    assert [g["kl"] for g in second["generations"]] == [g["kl"] for g in first["generations"]]
+    assert second["summary"]["eval/gold"] == first["summary"]["eval/gold"]
+    assert again.name == "again"
+    with pytest.raises(FileExistsError, match="other settings"):
+        evaluate.evaluate_run(dpo, table_cfg(cfg, table, name="again", temperature=1.0))
+
+
+def table_cfg(cfg, table, **changes):
+    """The EvalConfig evaluate_runs used (its data and reward models filled in from the runs)."""
+    import dataclasses
+
+    saved = evaluate.read_eval(table.iloc[0]["path"])["config"]
+    return dataclasses.replace(cfg, data=train.DataConfig(**saved["data"]), proxy_reward_model=saved["proxy_reward_model"],
+                               gold_reward_model=saved["gold_reward_model"], **changes)
+
+
+def test_every_figure_is_exported(study, tmp_path):
+    _, _, table = study
+    for name, fn in figures.FIGURES.items():
+        fig = fn(table)
+        assert len(fig.data) > 0, f"{name} has no data"
+    paths = figures.export_all(table, tmp_path)
+    assert len(paths) == len(figures.FIGURES) * 3
+    for p in paths:
+        assert p.stat().st_size > 1000, p
+    assert paths[0].read_bytes()[:4] == b"%PDF"
+
+
+def test_cli_evaluates_a_runs_root_and_writes_table_and_figures(study, tmp_path, capsys):
+    from workbench.__main__ import main
+
+    root, _, _ = study
+    assert main(["evaluate", str(root), "--name", "cli", "--n-prompts", "2", "--n-samples", "1", "--n-pairs", "2",
+                 "--max-new-tokens", "4", "--out", str(tmp_path)]) == 0
+    table = __import__("pandas").read_csv(tmp_path / "results.csv")
+    assert len(table) == 6 and table["eval/gold"].notna().sum() == 4  # four policies; the two RMs rank pairs only
+    assert (tmp_path / "results_by_method.csv").exists() and (tmp_path / "frontier.pdf").exists()
+    assert "results.csv" in capsys.readouterr().out

@@ -1,0 +1,427 @@
+"""One evaluation for every arm: the same held-out prompts, the same decoding, the same reward models.
+
+For a run folder, ``evaluate_run`` writes ``<run>/eval/<name>/``:
+
+    config.json        the EvalConfig, the reward models, the reference, the prompt and pair ids used
+    generations.jsonl  n samples per held-out prompt: the completion, its proxy and gold reward, its length, the
+                       sampled KL(π‖π_ref) = Σ_t log π(y_t|x, y_<t) − log π_ref(y_t|x, y_<t) over the policy's own
+                       sample, and per token log π, log π_ref and their ratio; beside it the dataset's chosen
+                       response to the same prompt with its rewards (for win rates)
+    pairs.jsonl        held-out preference pairs scored per pair and per token (``scoring.score_pairs``), or by
+                       the reward model for a reward run
+    summary.json       means with bootstrap intervals, the win rate against the chosen responses (raw and
+                       length-controlled), preference accuracies beside the length-only baseline
+
+Every run is evaluated on the same prompts: the held-out pairs of the fixed split (``DataConfig.split_seed``),
+read without any tokenizer-dependent filter; before anything is sampled, the run's split.json is checked so
+that none of these prompts was trained on. Sampling is seeded per batch, so an evaluation repeats exactly.
+``evaluate_runs`` evaluates many runs and returns the results table (``results.results_table``).
+
+Log-probs of samples are taken at the sampling temperature for policy and reference alike, so the KL is the
+one between the distributions that were sampled (at T = 1 the models' own); with top_p < 1 the log-probs are
+those of the untruncated tempered models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import data, models, scoring, stats
+from .logprobs import reference_adapter, response_logprobs
+from .runs import _read_jsonl, _write_json, parse_run_name, to_jsonable
+
+REFERENCE_FREE = ("orpo", "simpo")  # their implicit reward is the length-normalised log-likelihood, no π_ref
+
+
+@dataclass
+class EvalConfig:
+    """What an evaluation samples and scores. Every field is recorded in ``eval/<name>/config.json``; runs are
+    only compared under the same EvalConfig."""
+
+    name: str = "default"  # the eval/<name>/ folder; another name keeps several evaluations of one run apart
+    data: data.DataConfig | None = None  # the held-out split; None: the evaluated run's own data settings
+    n_prompts: int = 32  # distinct held-out prompts, the first in the data's order
+    n_samples: int = 2  # completions sampled per prompt
+    n_pairs: int = 64  # held-out preference pairs scored for preference accuracy
+    temperature: float = 0.7  # as the RL arms sample in training
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    max_prompt_length: int = 256  # longer prompts keep their last tokens
+    max_length: int = 512  # pairs: prompt + response tokens kept when scoring
+    seed: int = 0  # sampling seed (batch b uses seed + b); the same for every run
+    proxy_reward_model: str | None = None  # reward run folder or model name; None: the run's own reward_model, if any
+    gold_reward_model: str | None = None  # the held-out judge of win rates; None: the run's own gold_reward_model
+    beta: float | None = None  # β of the implicit reward β·log π/π_ref; None: the run's own β (0.1 if it has none)
+    batch_size: int = 8  # prompts per generation batch
+    n_bootstrap: int = 1000  # bootstrap resamples (of prompts) for every interval
+
+    def __post_init__(self):
+        for f in ("n_prompts", "n_samples", "n_pairs", "max_new_tokens", "batch_size", "n_bootstrap"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"EvalConfig.{f} must be >= 1 (got {getattr(self, f)}).")
+        if not self.temperature > 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"EvalConfig needs temperature > 0 and 0 < top_p <= 1 (got {self.temperature}, {self.top_p}).")
+        if isinstance(self.data, dict):
+            self.data = data.DataConfig(**self.data)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling: prompts in, completions with per-token log π and log π_ref out
+
+
+def encode_prompts(tokenizer, prompts: list[list[dict]], max_length: int) -> list[list[int]]:
+    """Token ids of each prompt with the assistant cue; a long prompt keeps its last ``max_length`` tokens."""
+    out = []
+    for p in prompts:
+        ids = list(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        out.append(ids[-max_length:])
+    return out
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
+             generator_seed: int | None = None, top_p: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Sample one response per prompt at ``temperature`` (no top-k; nucleus ``top_p``), batched with the KV cache.
+    Returns response_ids (B, T), mask (B, T) and ended (B,): each response is cut after its first EOS (kept, so a
+    policy learns to stop); the tokens after it are masked. The first token is never EOS (``min_new_tokens=1``):
+    an empty response has nothing to score."""
+    dev = next(model.parameters()).device
+    if generator_seed is not None:
+        torch.manual_seed(generator_seed)
+    P = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), P), tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, p in enumerate(prompt_ids):  # left padding: generation continues from the last column
+        ids[i, P - len(p):], attn[i, P - len(p):] = torch.tensor(p), 1
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), do_sample=True, temperature=temperature,
+                         top_k=0, top_p=top_p, max_new_tokens=max_new_tokens, min_new_tokens=1,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.train(was_training)
+    return cut_after_eos(out[:, P:].cpu(), tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+def cut_after_eos(response: Tensor, eos_id: int, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(response, mask, ended): tokens after each row's first EOS become ``pad_id`` and are masked out; the EOS
+    itself is kept. ended (B,) says whether the row has an EOS at all."""
+    is_eos = response == eos_id
+    ended = is_eos.any(1)
+    T = response.shape[1]
+    first_eos = torch.where(ended, is_eos.float().argmax(1), torch.full((len(response),), T))
+    mask = torch.arange(T)[None] <= first_eos[:, None]  # up to and including the first EOS
+    return torch.where(mask, response, torch.full_like(response, pad_id)), mask, ended
+
+
+def call_reward(reward_fn, prompts, texts, response_ids, mask) -> Tensor:
+    """(B,) rewards from a TRL-style reward function, given the sampled ids too (synthetic rewards read them)."""
+    ids = [row[m].tolist() for row, m in zip(response_ids, mask)]
+    return torch.tensor(reward_fn(prompts=prompts, completions=texts, completion_ids=ids), dtype=torch.float32)
+
+
+def sample_completions(model, tokenizer, prompts: list[dict], *, n_samples: int = 1, rewards: dict | None = None,
+                       max_prompt_length: int = 256, max_new_tokens: int = 64, temperature: float = 0.7,
+                       top_p: float = 1.0, seed: int = 0, batch_size: int = 8) -> list[dict]:
+    """``n_samples`` completions per prompt (rows with "id" and "prompt"), one record each: the completion, its
+    length, whether it ended, the sampled KL to the reference (Σ_t log π − log π_ref) and per token log π,
+    log π_ref and their ratio; ``rewards`` maps a record key ("score", "gold_score") to a reward function."""
+    jobs = [(row, j) for row in prompts for j in range(n_samples)]
+    records, pad = [], tokenizer.pad_token_id
+    for start in range(0, len(jobs), batch_size):
+        rows = jobs[start : start + batch_size]
+        messages = [row["prompt"] for row, _ in rows]
+        prompt_ids = encode_prompts(tokenizer, messages, max_prompt_length)
+        response, mask, ended = generate(model, tokenizer, prompt_ids, max_new_tokens, temperature, seed + start, top_p)
+        texts = tokenizer.batch_decode(response, skip_special_tokens=True)
+        with torch.no_grad():
+            logps = response_logprobs(model, prompt_ids, response, mask, pad, temperature)[0].cpu()
+            with reference_adapter(model):
+                ref_logps = response_logprobs(model, prompt_ids, response, mask, pad, temperature)[0].cpu()
+        scores = {key: call_reward(fn, messages, texts, response, mask) for key, fn in (rewards or {}).items() if fn}
+        for i, (row, j) in enumerate(rows):
+            m = mask[i]
+            logratio = logps[i][m] - ref_logps[i][m]
+            records.append({
+                "id": row["id"], "sample": j, "prompt": row["prompt"], "completion": texts[i],
+                "completion_token_ids": response[i][m].tolist(), "response_tokens": int(m.sum()),
+                "response_chars": len(texts[i]), "ended": bool(ended[i]), "kl": logratio.sum().item(),
+                **{key: s[i].item() for key, s in scores.items()},
+                "token_logps": logps[i][m].tolist(), "reference_token_logps": ref_logps[i][m].tolist(),
+                "token_logratio": logratio.tolist()})
+    return records
+
+
+def summarize_samples(records: list[dict]) -> dict:
+    """Means over sampled completions, with TRL's names."""
+    if not records:
+        return {}
+    n = len(records)
+    out = {"n_samples": n,
+           "objective/kl": sum(r["kl"] for r in records) / n,
+           "lengths/response_tokens": sum(r["response_tokens"] for r in records) / n,
+           "val/ended": sum(r["ended"] for r in records) / n}
+    for key, name in (("score", "objective/scores"), ("gold_score", "objective/gold_scores")):
+        if records[0].get(key) is not None:
+            out[name] = sum(r[key] for r in records) / n
+    return out
+
+
+def evaluate_policy(model, tokenizer, heldout: list[dict], run, *, reward_fn, gold_fn=None, n: int = 16,
+                    max_prompt_length: int = 256, max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0,
+                    batch_size: int | None = None, beta: float = 0.1, max_length: int = 512) -> dict:
+    """The quick held-out look every RL arm (PPO, RLOO, GRPO) takes at the end of training, as summary metrics:
+    ``heldout_rollouts``: one fresh sample per held-out prompt with its reward, gold reward and per-token KL;
+    ``heldout_pairs``: the dataset's chosen/rejected responses scored like a DPO arm's (per-token log-ratio drift).
+    The comparison across arms is ``evaluate_run``'s."""
+    rollouts = sample_completions(model, tokenizer, data.prompt_view(heldout)[:n],
+                                  rewards={"score": reward_fn, "gold_score": gold_fn},
+                                  max_prompt_length=max_prompt_length, max_new_tokens=max_new_tokens,
+                                  temperature=temperature, seed=seed, batch_size=batch_size or 8)
+    run.write_records("heldout_rollouts", rollouts)
+    pairs = scoring.score_pairs(model, tokenizer, heldout[:n], beta=beta, batch_size=batch_size, max_length=max_length)
+    run.write_records("heldout_pairs", pairs)
+    return {**{f"eval/{k}": v for k, v in summarize_samples(rollouts).items()},
+            **{f"eval/{k}": v for k, v in scoring.summarize(pairs).items()}}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The evaluation set and the run's models
+
+
+def run_info(run_path: Path) -> dict:
+    """What the evaluation needs to know of a run: method, seed, β, the data settings, its reference."""
+    saved = json.loads((run_path / "config.json").read_text())
+    method = parse_run_name(run_path.name)["method"]
+    beta = saved.get("kl_coef", saved.get("beta"))  # the arm's own β (KL coefficient, IPO's τ, ORPO's λ, ...)
+    return {"method": method, "seed": saved.get("seed"), "beta": beta, "config": saved,
+            "reference": saved.get("sft_run") or "base", "is_reward_model": method == "reward"}
+
+
+def eval_set(data_cfg: data.DataConfig, n_prompts: int, n_pairs: int, pairs: list[dict] | None = None):
+    """(prompts, pairs): the first ``n_prompts`` distinct held-out prompts, each with the dataset's chosen response
+    to it (of its first pair), and the first ``n_pairs`` held-out pairs. No length filter: the set must not depend
+    on any model's tokenizer."""
+    if pairs is None:
+        pairs, _ = data.load_hh(data_cfg.subset, data_cfg.split, data_cfg.source)
+    _, heldout, _ = data.split_heldout(pairs, data_cfg.heldout_fraction, seed=data_cfg.split_seed)
+    chosen = {}
+    for ex in heldout:
+        chosen.setdefault(data._prompt_json(ex), ex["chosen"][0]["content"])
+    prompts = [{**p, "chosen": chosen[data._prompt_json(p)]} for p in data.prompt_view(heldout)[:n_prompts]]
+    if not prompts:
+        raise ValueError(f"The held-out split ({data_cfg.heldout_fraction:.0%} of prompts, split_seed "
+                         f"{data_cfg.split_seed}) is empty: raise heldout_fraction or use more data.")
+    return prompts, heldout[:n_pairs], pairs
+
+
+def check_not_trained_on(run_path: Path, prompts: list[dict], all_pairs: list[dict]) -> None:
+    """Raise if the run trained on any evaluation prompt (by the ids in its split.json)."""
+    split = run_path / "split.json"
+    if not split.exists():
+        return
+    trained = set(json.loads(split.read_text()).get("train_ids", []))
+    seen = {data._prompt_json(ex) for ex in all_pairs if ex["id"] in trained}
+    leaked = [p["id"] for p in prompts if data._prompt_json(p) in seen]
+    if leaked:
+        raise ValueError(f"{run_path.name} trained on {len(leaked)} of the {len(prompts)} evaluation prompts (e.g. "
+                         f"{leaked[0]}): its held-out split differs (data.split_seed / heldout_fraction). Evaluate it "
+                         "with EvalConfig(data=<its DataConfig>) apart from the others, or leave it out.")
+
+
+def load_run_policy(run_path: Path):
+    """(model, tokenizer) of a policy run: its base (as recorded) with its adapter as "default"; when it started
+    from an SFT run, that adapter frozen as "ref" — the run's own reference, as in training."""
+    from .rewards import _model_config
+
+    info = run_info(run_path)
+    if not (run_path / "adapter").is_dir():
+        raise FileNotFoundError(f"{run_path} has no adapter/ folder: only runs that trained a policy can be sampled.")
+    model, tokenizer = models.load_policy(_model_config(info["config"]["model"]), adapter=str(run_path / "adapter"),
+                                          trainable=False)
+    if info["config"].get("sft_run"):
+        model.load_adapter(str(Path(info["config"]["sft_run"]) / "adapter"), adapter_name="ref", is_trainable=False)
+        model.set_adapter("default")
+    model.eval()
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluating one run, and many
+
+
+def _pair_accuracies(records: list[dict], reference_free: bool) -> dict:
+    """Preference accuracy of a policy's implicit reward on held-out pairs: β·log π/π_ref (DPO, Eq. 5 of
+    arXiv:2305.18290), or for the reference-free arms the length-normalised log-likelihood (SimPO's reward,
+    arXiv:2405.14734 Eq. 4; ORPO's log-odds is increasing in it, so it ranks the same)."""
+    avg = [r["policy_chosen_logp"] / r["chosen_tokens"] > r["policy_rejected_logp"] / r["rejected_tokens"] for r in records]
+    for r, a in zip(records, avg):
+        r["avg_logp_correct"] = a
+    n = len(records)
+    implicit = sum(r["correct"] for r in records) / n
+    avg_acc = sum(avg) / n
+    return {"pairs/accuracy": avg_acc if reference_free else implicit, "pairs/implicit_accuracy": implicit,
+            "pairs/avg_logp_accuracy": avg_acc, "pairs/margin": sum(r["margin"] for r in records) / n,
+            "pairs/length_baseline": sum(r["chosen_tokens"] > r["rejected_tokens"] for r in records) / n}
+
+
+def _rm_accuracy(fn, pairs: list[dict]) -> float:
+    c = fn.score([ex["prompt"] for ex in pairs], [ex["chosen"] for ex in pairs])
+    r = fn.score([ex["prompt"] for ex in pairs], [ex["rejected"] for ex in pairs])
+    return (c > r).float().mean().item()
+
+
+def _generation_summary(gens: list[dict], cfg: EvalConfig) -> dict:
+    """Means with bootstrap intervals over prompts, and the win rate against the chosen responses."""
+    ids = [g["id"] for g in gens]
+    out = {"n_prompts": len(set(ids)), "n_samples": len(gens)}
+    for key, name in (("gold_score", "gold"), ("score", "proxy"), ("kl", "kl"), ("response_tokens", "response_tokens")):
+        if gens and gens[0].get(key) is not None:
+            est, lo, hi = stats.bootstrap_mean([float(g[key]) for g in gens], ids, cfg.n_bootstrap, cfg.seed)
+            out.update({f"eval/{name}": est, f"eval/{name}_lo": lo, f"eval/{name}_hi": hi})
+    out["eval/ended"] = sum(g["ended"] for g in gens) / max(len(gens), 1)
+    if gens and gens[0].get("gold_score") is not None and gens[0].get("chosen_gold_score") is not None:
+        wins = stats.wins([g["gold_score"] for g in gens], [g["chosen_gold_score"] for g in gens])
+        dlen = [g["response_chars"] - g["chosen_chars"] for g in gens]
+        out.update(stats.win_rate_summary(wins, dlen, ids, "win/chosen", cfg.n_bootstrap, cfg.seed))
+    return out
+
+
+def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=None, pairs: list[dict] | None = None,
+                 overwrite: bool = False) -> Path:
+    """Evaluate one run folder into ``<run>/eval/<cfg.name>/`` and return that folder. An evaluation already there
+    under the same settings is kept (evaluations resume); under other settings it is an error unless ``overwrite``.
+    ``proxy`` / ``gold``: reward functions already loaded (``evaluate_runs`` loads each once)."""
+    from .rewards import load_reward
+
+    run_path, cfg = Path(run_path), cfg or EvalConfig()
+    info = run_info(run_path)
+    data_cfg = cfg.data or data.DataConfig(**info["config"]["data"])
+    saved_cfg = info["config"]
+    proxy_spec = cfg.proxy_reward_model or saved_cfg.get("reward_model")
+    gold_spec = cfg.gold_reward_model or saved_cfg.get("gold_reward_model")
+    has_reference = info["method"] not in (*REFERENCE_FREE, "sft", "reward")
+    beta = cfg.beta or (info["beta"] if has_reference else None) or 0.1
+    out = run_path / "eval" / cfg.name
+    record = to_jsonable({**dataclasses.asdict(cfg), "data": data_cfg, "proxy_reward_model": proxy_spec,
+                          "gold_reward_model": gold_spec, "beta": beta, "reference": info["reference"]})
+    if (out / "summary.json").exists():
+        before = json.loads((out / "config.json").read_text())
+        if {k: v for k, v in before.items() if k not in ("prompt_ids", "pair_ids")} == record:
+            print(f"[evaluate] {run_path.name}: already evaluated as '{cfg.name}', kept", flush=True)
+            return out
+        if not overwrite:
+            raise FileExistsError(f"{out} holds an evaluation under other settings; pick another EvalConfig.name "
+                                  "or pass overwrite=True.")
+    t0 = time.time()
+    prompts, eval_pairs, all_pairs = eval_set(data_cfg, cfg.n_prompts, cfg.n_pairs, pairs)
+    check_not_trained_on(run_path, prompts, all_pairs)
+    if proxy is None and proxy_spec:
+        proxy = load_reward(proxy_spec, name="proxy")
+    if gold is None and gold_spec:
+        gold = load_reward(gold_spec, name="gold")
+
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    _write_json(partial / "config.json", {**record, "prompt_ids": [p["id"] for p in prompts],
+                                          "pair_ids": [ex["id"] for ex in eval_pairs]})
+    summary = {}
+    if info["is_reward_model"]:  # a reward model is evaluated by how it ranks held-out pairs
+        rm = load_reward(str(run_path))
+        pair_records = scoring.score_pairs_with_reward(rm.model, rm.tokenizer, eval_pairs, max_length=cfg.max_length)
+        n = len(pair_records)
+        summary.update({"pairs/accuracy": sum(r["correct"] for r in pair_records) / n,
+                        "pairs/margin": sum(r["margin"] for r in pair_records) / n,
+                        "pairs/length_baseline": sum(r["chosen_chars"] > r["rejected_chars"] for r in pair_records) / n})
+        gens = []
+    else:
+        model, tokenizer = load_run_policy(run_path)
+        gens = sample_completions(model, tokenizer, prompts, n_samples=cfg.n_samples,
+                                  rewards={"score": proxy, "gold_score": gold}, max_prompt_length=cfg.max_prompt_length,
+                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                  seed=cfg.seed, batch_size=cfg.batch_size)
+        # the dataset's chosen response to each prompt, judged by the same reward models
+        chosen = {p["id"]: p for p in prompts}
+        for key, fn in (("chosen_score", proxy), ("chosen_gold_score", gold)):
+            if fn is not None:
+                s = fn.score([p["prompt"] for p in prompts], [p["chosen"] for p in prompts])
+                for p, v in zip(prompts, s.tolist()):
+                    p[key] = v
+        for g in gens:
+            p = chosen[g["id"]]
+            g.update({"chosen": p["chosen"], "chosen_chars": len(p["chosen"]),
+                      "chosen_score": p.get("chosen_score"), "chosen_gold_score": p.get("chosen_gold_score")})
+        pair_records = scoring.score_pairs(model, tokenizer, eval_pairs, beta=beta, max_length=cfg.max_length,
+                                           batch_size=None)
+        summary.update(_pair_accuracies(pair_records, info["method"] in REFERENCE_FREE))
+        summary.update(_generation_summary(gens, cfg))
+        del model
+    for key, fn in (("pairs/proxy_rm_accuracy", proxy), ("pairs/gold_rm_accuracy", gold)):
+        if fn is not None:
+            summary[key] = _rm_accuracy(fn, eval_pairs)
+    _write_jsonl(partial / "generations.jsonl", gens)
+    _write_jsonl(partial / "pairs.jsonl", pair_records)
+    _write_json(partial / "summary.json", {**summary, "time/eval_s": round(time.time() - t0, 1)})
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
+    print(f"[evaluate] {run_path.name}: {out}", flush=True)
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(to_jsonable(r)) + "\n")
+
+
+def read_eval(run_path, name: str = "default") -> dict:
+    """An evaluation folder as {"config", "summary", "generations", "pairs"} (lists of dicts)."""
+    out = Path(run_path) / "eval" / name
+    if not (out / "summary.json").exists():
+        raise FileNotFoundError(f"{out} is not a complete evaluation; run evaluate_run({str(run_path)!r}) first.")
+    return {"config": json.loads((out / "config.json").read_text()),
+            "summary": json.loads((out / "summary.json").read_text()),
+            "generations": _read_jsonl(out / "generations.jsonl"), "pairs": _read_jsonl(out / "pairs.jsonl")}
+
+
+def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | None = None):
+    """Evaluate every run (a list of run folders, or a runs root: all complete runs in it) under one EvalConfig,
+    and return the results table (``results.results_table``). The proxy and gold reward models are loaded once:
+    ``cfg``'s, else those the RL runs among ``runs`` were trained and measured with (they must agree)."""
+    from .rewards import load_reward
+    from .results import results_table
+    from .runs import list_runs
+
+    cfg = cfg or EvalConfig()
+    if isinstance(runs, (str, os.PathLike)):  # a runs root, or one run folder
+        paths = [Path(runs)] if (Path(runs) / "config.json").exists() else [Path(p) for p in list_runs(runs)["path"]]
+    else:
+        paths = [Path(p) for p in runs]
+    if not paths:
+        raise ValueError(f"No complete run folders in {runs}.")
+    specs = {}
+    for key, field_ in (("proxy_reward_model", "reward_model"), ("gold_reward_model", "gold_reward_model")):
+        found = {run_info(p)["config"].get(field_) for p in paths} - {None}
+        if getattr(cfg, key) is None and len(found) > 1:
+            raise ValueError(f"The runs were trained with different {field_}s {sorted(found)}; set EvalConfig.{key}.")
+        specs[key] = getattr(cfg, key) or (found.pop() if found else None)
+    if cfg.data is None:  # one held-out split for all: the first run's (check_not_trained_on guards the others)
+        first = run_info(paths[0])["config"]["data"]
+        specs["data"] = data.DataConfig(**{k: v for k, v in first.items() if k not in ("half", "n_train")})
+    cfg = dataclasses.replace(cfg, **specs)
+    proxy = load_reward(specs["proxy_reward_model"], name="proxy") if specs["proxy_reward_model"] else None
+    gold = load_reward(specs["gold_reward_model"], name="gold") if specs["gold_reward_model"] else None
+    for i, p in enumerate(paths):
+        print(f"[evaluate] {i + 1}/{len(paths)} {p.name}", flush=True)
+        evaluate_run(p, cfg, proxy=proxy, gold=gold, pairs=pairs)
+    return results_table(paths, cfg.name)

@@ -1,0 +1,159 @@
+"""The paper's figures, each a function of the results table (``results.results_table``) returning a plotly
+Figure; ``export`` writes figures as PDF, SVG and PNG, ``export_all`` writes them all into ``figures/``.
+
+Static export uses kaleido, which drives a system Chromium: on Debian/Ubuntu ``apt-get install chromium``
+(``scripts/setup.sh`` does it when run as root); elsewhere any Chrome/Chromium on the PATH, or set
+``BROWSER_PATH`` to one. Figures are never edited by hand: change the code, export again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .results import aggregate
+
+FORMATS = ("pdf", "svg", "png")
+_LAYOUT = dict(template="plotly_white", font=dict(size=13), width=720, height=440, legend=dict(orientation="v"))
+
+
+def _label(row) -> str:
+    """"dpo β=0.1", with the run name when it is not "default" ("reward proxy")."""
+    label = row["method"] if row.get("name", "default") == "default" else f"{row['method']} {row['name']}"
+    beta = row.get("beta")
+    return label if beta is None or (isinstance(beta, float) and math.isnan(beta)) else f"{label} β={beta:g}"
+
+
+def _err(agg: pd.DataFrame, m: str) -> dict:
+    """Asymmetric error bars from ``<m>_lo``/``_hi``; none where the interval is missing (one seed)."""
+    if f"{m}_lo" not in agg:
+        return {}
+    plus, minus = (agg[f"{m}_hi"] - agg[m]), (agg[m] - agg[f"{m}_lo"])
+    return dict(type="data", symmetric=False, array=plus.fillna(0).tolist(), arrayminus=minus.fillna(0).tolist())
+
+
+def _seeds_note(agg: pd.DataFrame) -> str:
+    seeds = sorted({s for x in agg.get("seeds", []) for s in str(x).split(",") if s})
+    return f"seeds {','.join(seeds)}; bars: 95% t-interval across seeds (none with one seed)" if seeds else ""
+
+
+def _policies(table: pd.DataFrame) -> pd.DataFrame:
+    return table[~table["method"].isin(["reward"])] if len(table) else table
+
+
+def fig_frontier(table: pd.DataFrame) -> go.Figure:
+    """Gold reward against KL(π‖π_ref), one curve per method over its β (the shape of Fig. 2 of the DPO paper,
+    arXiv:2305.18290): the higher and further left, the better the trade-off."""
+    agg = aggregate(_policies(table), ["eval/gold", "eval/kl"])
+    fig = go.Figure()
+    for method, g in agg.groupby("method"):
+        g = g.sort_values("beta", na_position="first")
+        fig.add_trace(go.Scatter(x=g["eval/kl"], y=g["eval/gold"], mode="lines+markers+text", name=method,
+                                 text=[f"β={b:g}" if b is not None and not math.isnan(b) else "" for b in g["beta"]],
+                                 textposition="top center", error_x=_err(g, "eval/kl"), error_y=_err(g, "eval/gold")))
+    fig.update_layout(title=f"Reward–KL frontier<br><sup>{_seeds_note(agg)}</sup>", xaxis_title="KL(π ‖ π_ref), nats per response",
+                      yaxis_title="gold reward (mean over samples)", **_LAYOUT)
+    return fig
+
+
+def fig_overoptimization(table: pd.DataFrame) -> go.Figure:
+    """Proxy and gold reward against √KL during PPO training (Gao et al. 2022, arXiv:2210.10760, Fig. 1): the proxy
+    keeps rising while the gold reward peaks and falls, once the policy exploits the proxy."""
+    fig = go.Figure()
+    for _, row in table[table["method"] == "ppo"].iterrows():
+        lines = (Path(row["path"]) / "metrics.jsonl").read_text().splitlines()
+        m = pd.DataFrame([json.loads(x) for x in lines if x.strip()])
+        if "objective/kl" not in m:
+            continue
+        x = m["objective/kl"].clip(lower=0) ** 0.5
+        tag = f"{row['name']} s{row['seed']}"
+        fig.add_trace(go.Scatter(x=x, y=m["objective/scores"], mode="lines+markers", name=f"proxy ({tag})"))
+        if "objective/gold_scores" in m:
+            fig.add_trace(go.Scatter(x=x, y=m["objective/gold_scores"], mode="lines+markers", name=f"gold ({tag})",
+                                     line=dict(dash="dash")))
+    fig.update_layout(title="Over-optimisation during PPO<br><sup>training rollouts, one point per iteration</sup>",
+                      xaxis_title="√KL(π ‖ π_ref)", yaxis_title="reward", **_LAYOUT)
+    return fig
+
+
+def fig_win_rates(table: pd.DataFrame) -> go.Figure:
+    """Win rate against the dataset's chosen responses and against the SFT policy, judged by the gold reward,
+    raw and length-controlled (``stats.length_controlled_win_rate``), per method."""
+    pol = _policies(table)
+    cols = [c for c in ("win/chosen", "win/chosen_lc", "win/sft", "win/sft_lc") if c in pol]
+    agg = aggregate(pol, cols)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("vs chosen response", "vs SFT policy"), shared_yaxes=True)
+    labels = [_label(r) for _, r in agg.iterrows()]
+    for col, (raw, lc) in enumerate((("win/chosen", "win/chosen_lc"), ("win/sft", "win/sft_lc")), start=1):
+        for m, name, color in ((raw, "raw", "#4C78A8"), (lc, "length-controlled", "#F58518")):
+            if m in agg:
+                fig.add_trace(go.Bar(x=labels, y=agg[m], name=name, marker_color=color, error_y=_err(agg, m),
+                                     showlegend=col == 1), row=1, col=col)
+        fig.add_hline(y=0.5, line_dash="dot", line_color="gray", row=1, col=col)
+    fig.update_layout(title=f"Win rate (gold reward)<br><sup>{_seeds_note(agg)}</sup>", barmode="group",
+                      yaxis_title="win rate", yaxis_range=[0, 1], **_LAYOUT)
+    return fig
+
+
+def fig_accuracy(table: pd.DataFrame) -> go.Figure:
+    """Held-out preference accuracy of each arm's implicit reward, of the reward models, beside the length-only
+    baseline ("the longer response is chosen") on the same pairs."""
+    agg = aggregate(table, [c for c in ("pairs/accuracy", "pairs/length_baseline", "pairs/proxy_rm_accuracy",
+                                        "pairs/gold_rm_accuracy") if c in table])
+    fig = go.Figure(go.Bar(x=[_label(r) for _, r in agg.iterrows()], y=agg["pairs/accuracy"],
+                           error_y=_err(agg, "pairs/accuracy"), name="implicit reward / RM", marker_color="#4C78A8"))
+    for m, name, dash in (("pairs/length_baseline", "length baseline", "dot"),
+                          ("pairs/proxy_rm_accuracy", "proxy RM", "dash"), ("pairs/gold_rm_accuracy", "gold RM", "dashdot")):
+        if m in agg and agg[m].notna().any():
+            fig.add_hline(y=float(agg[m].dropna().iloc[0]), line_dash=dash, annotation_text=name)
+    fig.update_layout(title=f"Held-out preference accuracy<br><sup>{_seeds_note(agg)}</sup>",
+                      yaxis_title="accuracy", yaxis_range=[0, 1], **_LAYOUT)
+    return fig
+
+
+def fig_cost(table: pd.DataFrame, level: float | None = None) -> go.Figure:
+    """Gold reward against the training compute of the whole pipeline behind each run (its FLOPs plus its SFT
+    run's and its reward model's; ``compute.py``), one point per run: how much compute buys how much reward."""
+    pol = _policies(table).dropna(subset=["compute/pipeline_flops", "eval/gold"]) if "eval/gold" in table else table.iloc[:0]
+    fig = go.Figure()
+    for method, g in pol.groupby("method"):
+        fig.add_trace(go.Scatter(x=g["compute/pipeline_flops"], y=g["eval/gold"], mode="markers", name=method,
+                                 text=[f"{_label(r)} s{r['seed']}" for _, r in g.iterrows()], marker=dict(size=10)))
+    if level is not None:
+        fig.add_hline(y=level, line_dash="dot", annotation_text=f"level {level:g}")
+    fig.update_layout(title="Gold reward against training compute<br><sup>pipeline FLOPs: the run, its SFT run and "
+                      "its reward model (Kaplan et al. 2020 counting)</sup>", xaxis_type="log",
+                      xaxis_title="training FLOPs (log)", yaxis_title="gold reward", **_LAYOUT)
+    return fig
+
+
+FIGURES = {"frontier": fig_frontier, "overoptimization": fig_overoptimization, "win_rates": fig_win_rates,
+           "accuracy": fig_accuracy, "cost": fig_cost}
+
+
+def export(figs: dict[str, go.Figure], out_dir: str | Path = "figures", formats=FORMATS) -> list[Path]:
+    """Write each figure as ``<out_dir>/<name>.<format>`` for each format, through one browser session; a missing
+    browser gets an error that says what to do."""
+    import plotly.io as pio
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(fig, out_dir / f"{name}.{fmt}") for name, fig in figs.items() for fmt in formats]
+    try:
+        pio.write_images([f for f, _ in jobs], [p for _, p in jobs])
+    except Exception as e:  # kaleido's own message does not say how to get a browser without the internet
+        if "chrome" in str(e).lower() or "browser" in str(e).lower():
+            raise RuntimeError(f"Exporting figures to {out_dir} needs Chrome/Chromium for kaleido: `apt-get install "
+                               "chromium` (Debian/Ubuntu), or set BROWSER_PATH to a Chrome binary.") from e
+        raise
+    return [p for _, p in jobs]
+
+
+def export_all(table: pd.DataFrame, out_dir: str | Path = "figures", formats=FORMATS) -> list[Path]:
+    """Every figure of ``FIGURES`` from one results table, into ``out_dir`` as ``<name>.<format>``."""
+    return export({name: fn(table) for name, fn in FIGURES.items()}, out_dir, formats)
