@@ -49,14 +49,23 @@ def _policies(table: pd.DataFrame) -> pd.DataFrame:
 def fig_frontier(table: pd.DataFrame) -> go.Figure:
     """Gold reward against KL(π‖π_ref), one curve per method over its β (the shape of Fig. 2 of the DPO paper,
     arXiv:2305.18290): the higher and further left, the better the trade-off."""
-    agg = aggregate(_policies(table), ["eval/gold", "eval/kl"])
+    pol = _policies(table)
+    # KL is to each run's own reference; an SFT run that is the reference of the others sits at KL 0 (the frontier's
+    # start), and runs with another reference than the most common one are left out (noted in the subtitle)
+    refs = pol.loc[pol["method"] != "sft", "reference"]
+    ref = refs.mode().iloc[0] if len(refs) else None
+    anchor = pol[pol["path"].map(lambda p: ref is not None and Path(p).resolve() == Path(ref).resolve())].assign(**{"eval/kl": 0.0})
+    kept = pol[(pol["method"] != "sft") & (pol["reference"] == ref)] if ref is not None else pol
+    dropped = len(pol) - len(kept) - len(anchor)
+    agg = aggregate(pd.concat([anchor, kept]), ["eval/gold", "eval/kl"])
+    note = _seeds_note(agg) + (f"; {dropped} run(s) with another reference left out" if dropped else "")
     fig = go.Figure()
     for method, g in agg.groupby("method"):
         g = g.sort_values("beta", na_position="first")
         fig.add_trace(go.Scatter(x=g["eval/kl"], y=g["eval/gold"], mode="lines+markers+text", name=method,
                                  text=[f"β={b:g}" if b is not None and not math.isnan(b) else "" for b in g["beta"]],
                                  textposition="top center", error_x=_err(g, "eval/kl"), error_y=_err(g, "eval/gold")))
-    fig.update_layout(title=f"Reward–KL frontier<br><sup>{_seeds_note(agg)}</sup>", xaxis_title="KL(π ‖ π_ref), nats per response",
+    fig.update_layout(title=f"Reward–KL frontier<br><sup>{note}</sup>", xaxis_title="KL(π ‖ π_ref), nats per response",
                       yaxis_title="gold reward (mean over samples)", **_LAYOUT)
     return fig
 
