@@ -7,7 +7,7 @@ import torch
 
 from workbench import logprobs, models, scoring
 from workbench.models import ModelConfig
-from workbench.pipeline import MainConfig, run_main
+from workbench.pipeline import ScoreConfig, run_score
 from workbench.runs import list_runs, load_run
 
 
@@ -61,9 +61,9 @@ def _check_main_run(run, n_pairs):
 
 
 def test_main_job_on_tiny_model_writes_a_complete_run(tiny_model_dir, hh_dir, tmp_path, capsys):
-    cfg = MainConfig(seed=3, data_source=str(hh_dir), n_pairs=4, max_length=256, runs_dir=str(tmp_path),
+    cfg = ScoreConfig(seed=3, data_source=str(hh_dir), n_pairs=4, max_length=256, runs_dir=str(tmp_path),
                      model=ModelConfig(model_name_or_path=str(tiny_model_dir)))
-    run = run_main(cfg)
+    run = run_score(cfg)
     out = capsys.readouterr().out
     assert "read 2312" in out and str(run.path) in out
     loaded = _check_main_run(run, 4)
@@ -75,18 +75,18 @@ def test_main_job_on_tiny_model_writes_a_complete_run(tiny_model_dir, hh_dir, tm
 def test_main_job_is_deterministic_for_a_seed(tiny_model_dir, hh_dir, tmp_path):
     kw = dict(data_source=str(hh_dir), n_pairs=2, max_length=256, runs_dir=str(tmp_path),
               model=ModelConfig(model_name_or_path=str(tiny_model_dir)))
-    a = load_run(run_main(MainConfig(seed=1, **kw)).path).records("pairs")
-    b = load_run(run_main(MainConfig(seed=1, **kw)).path).records("pairs")
-    c = load_run(run_main(MainConfig(seed=2, **kw)).path).records("pairs")
+    a = load_run(run_score(ScoreConfig(seed=1, **kw)).path).records("pairs")
+    b = load_run(run_score(ScoreConfig(seed=1, **kw)).path).records("pairs")
+    c = load_run(run_score(ScoreConfig(seed=2, **kw)).path).records("pairs")
     assert list(a["id"]) == list(b["id"]) and list(a["policy_chosen_logp"]) == list(b["policy_chosen_logp"])
     assert list(a["id"]) != list(c["id"]), "another seed holds out other prompts"
 
 
 def test_main_config_fails_early_on_bad_values():
     with pytest.raises(ValueError, match="n_pairs"):
-        MainConfig(n_pairs=0)
+        ScoreConfig(n_pairs=0)
     with pytest.raises(ValueError, match="heldout_fraction"):
-        MainConfig(heldout_fraction=1.5)
+        ScoreConfig(heldout_fraction=1.5)
 
 
 def test_cli_builds_the_config(monkeypatch):
@@ -94,8 +94,8 @@ def test_cli_builds_the_config(monkeypatch):
     from workbench import pipeline
 
     seen = {}
-    monkeypatch.setattr(pipeline, "run_main", lambda cfg: seen.setdefault("cfg", cfg))
-    cli.main(["main", "--n-pairs", "5", "--seed", "2", "--model", "some/model", "--no-4bit", "--batch-size", "3",
+    monkeypatch.setattr(pipeline, "run_score", lambda cfg: seen.setdefault("cfg", cfg))
+    cli.main(["score", "--n-pairs", "5", "--seed", "2", "--model", "some/model", "--no-4bit", "--batch-size", "3",
               "--beta", "0.5"])
     cfg = seen["cfg"]
     assert (cfg.n_pairs, cfg.seed, cfg.model.model_name_or_path, cfg.model.load_in_4bit) == (5, 2, "some/model", False)
@@ -104,7 +104,7 @@ def test_cli_builds_the_config(monkeypatch):
 
 @pytest.mark.slow
 def test_main_job_on_the_embedded_default(hh_dir, tmp_path):
-    run = run_main(MainConfig(data_source=str(hh_dir), n_pairs=2, runs_dir=str(tmp_path)))
+    run = run_score(ScoreConfig(data_source=str(hh_dir), n_pairs=2, runs_dir=str(tmp_path)))
     loaded = _check_main_run(run, 2)
     assert loaded.config["model"]["model_name_or_path"] == models.EMBEDDED_POLICY
     # the real model's log-probs are those of a language model, not of a uniform guess over 49,152 tokens

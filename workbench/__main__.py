@@ -1,4 +1,5 @@
-"""Command line: ``python -m workbench main`` / ``train METHOD`` / ``evaluate [RUN ...]`` (or the ``workbench`` script)."""
+"""Command line: ``python -m workbench main`` / ``train METHOD`` / ``evaluate [RUN ...]`` / ``sweep GRID`` / ``paper`` /
+``score`` (or the ``workbench`` script)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,14 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="workbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_main = sub.add_parser("main", help="the main job on the embedded default (see workbench/pipeline.py)")
-    defaults = pipeline.MainConfig()
-    for f in dataclasses.fields(pipeline.MainConfig):
+    p_study = sub.add_parser("main", help="the whole study on the embedded default: grids/main.yaml, figures, paper")
+    p_study.add_argument("--grid", default=str(pipeline.MAIN_GRID), help="(default: grids/main.yaml)")
+    p_study.add_argument("--runs-dir", help="runs root (default: the grid's runs_dir, runs/main)")
+    p_study.add_argument("--figures", default="figures", help="where the figures go (default: %(default)s)")
+    p_study.add_argument("--paper", default="papers/draft.md", help="the filled paper draft (default: %(default)s)")
+    p_main = sub.add_parser("score", help="score held-out pairs under a fresh policy (see workbench/pipeline.py)")
+    defaults = pipeline.ScoreConfig()
+    for f in dataclasses.fields(pipeline.ScoreConfig):
         if f.name == "model":
             continue
         value = getattr(defaults, f.name)
@@ -53,14 +59,53 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--proxy-reward-model", help="default: the reward_model the RL runs were trained with")
     p_eval.add_argument("--gold-reward-model", help="default: the gold_reward_model the RL runs recorded")
     p_eval.add_argument("--out", default="figures", help="where results.csv and the figures go (default: %(default)s)")
+    p_sweep = sub.add_parser("sweep", help="run or resume a grid of notebook executions (see workbench/sweep.py)")
+    p_sweep.add_argument("grid", help="grid file, e.g. grids/main.yaml")
+    p_sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="replace a default parameter of every job (YAML value), e.g. --set model=/path")
+    p_sweep.add_argument("--runs-dir", help="runs root (default: the grid's runs_dir)")
+    p_sweep.add_argument("--no-retry", action="store_true", help="do not run failed jobs again on resume")
+    p_paper = sub.add_parser("paper", help="fill papers/template.md from the evaluated runs into papers/draft.md")
+    p_paper.add_argument("--runs-dir", default="runs/main")
+    p_paper.add_argument("--name", default="default", help="evaluation name")
+    p_paper.add_argument("--figures", default="figures")
+    p_paper.add_argument("--out", default="papers/draft.md")
     args = parser.parse_args(argv)
 
+    if args.command == "sweep":
+        import yaml
+
+        from .sweep import run_sweep
+
+        overrides = {}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                parser.error(f"--set takes KEY=VALUE, got '{item}'")
+            overrides[key] = yaml.safe_load(value)
+        result = run_sweep(args.grid, overrides, runs_dir=args.runs_dir, retry_failed=not args.no_retry)
+        if result.table is not None:
+            from .results import aggregate
+
+            print(aggregate(result.table).to_string(index=False))
+        return 1 if result.failed else 0
+    if args.command == "paper":
+        from . import paper
+        from .results import results_table
+        from .runs import list_runs
+
+        table = results_table(list(list_runs(args.runs_dir)["path"]), args.name)
+        print(f"[paper] {paper.build(table, args.out, args.figures)}")
+        return 0
     if args.command == "main":
+        pipeline.run_study(args.grid, args.runs_dir, args.figures, args.paper)
+        return 0
+    if args.command == "score":
         from .models import ModelConfig
 
-        kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(pipeline.MainConfig) if f.name != "model"}
-        cfg = pipeline.MainConfig(**kwargs, model=ModelConfig(model_name_or_path=args.model, load_in_4bit=not args.no_4bit))
-        pipeline.run_main(cfg)
+        kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(pipeline.ScoreConfig) if f.name != "model"}
+        cfg = pipeline.ScoreConfig(**kwargs, model=ModelConfig(model_name_or_path=args.model, load_in_4bit=not args.no_4bit))
+        pipeline.run_score(cfg)
     elif args.command == "train":
         from . import train
         from .models import ModelConfig

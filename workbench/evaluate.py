@@ -134,9 +134,12 @@ def sample_completions(model, tokenizer, prompts: list[dict], *, n_samples: int 
     """``n_samples`` completions per prompt (rows with "id" and "prompt"), one record each: the completion, its
     length, whether it ended, the sampled KL to the reference (Σ_t log π − log π_ref) and per token log π,
     log π_ref and their ratio; ``rewards`` maps a record key ("score", "gold_score") to a reward function."""
+    from tqdm.auto import tqdm
+
     jobs = [(row, j) for row in prompts for j in range(n_samples)]
     records, pad = [], tokenizer.pad_token_id
-    for start in range(0, len(jobs), batch_size):
+    for start in tqdm(range(0, len(jobs), batch_size), desc=f"sampling {len(jobs)} completions", unit="batch",
+                      leave=False):
         rows = jobs[start : start + batch_size]
         messages = [row["prompt"] for row, _ in rows]
         prompt_ids = encode_prompts(tokenizer, messages, max_prompt_length)
@@ -201,7 +204,9 @@ def run_info(run_path: Path) -> dict:
     """What the evaluation needs to know of a run: method, seed, β, the data settings, its reference."""
     saved = json.loads((run_path / "config.json").read_text())
     method = parse_run_name(run_path.name)["method"]
-    beta = saved.get("kl_coef", saved.get("beta"))  # the arm's own β (KL coefficient, IPO's τ, ORPO's λ, ...)
+    # the arm's own β (KL coefficient, IPO's τ, ORPO's λ, ...); SFT and reward models have none (TRL's SFTConfig
+    # carries an unused beta)
+    beta = None if method in ("sft", "reward") else saved.get("kl_coef", saved.get("beta"))
     return {"method": method, "seed": saved.get("seed"), "beta": beta, "config": saved,
             "reference": saved.get("sft_run") or "base", "is_reward_model": method == "reward"}
 
@@ -256,6 +261,12 @@ def load_run_policy(run_path: Path):
 
 # ----------------------------------------------------------------------------------------------------------
 # Evaluating one run, and many
+
+
+def _accuracy_interval(correct: list, ids: list, cfg: "EvalConfig") -> dict:
+    """``pairs/accuracy`` with a bootstrap interval over pairs."""
+    est, lo, hi = stats.bootstrap_mean([float(c) for c in correct], ids, cfg.n_bootstrap, cfg.seed)
+    return {"pairs/accuracy": est, "pairs/accuracy_lo": lo, "pairs/accuracy_hi": hi}
 
 
 def _pair_accuracies(records: list[dict], reference_free: bool) -> dict:
@@ -339,7 +350,7 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
         rm = load_reward(str(run_path))
         pair_records = scoring.score_pairs_with_reward(rm.model, rm.tokenizer, eval_pairs, max_length=cfg.max_length)
         n = len(pair_records)
-        summary.update({"pairs/accuracy": sum(r["correct"] for r in pair_records) / n,
+        summary.update({**_accuracy_interval([r["correct"] for r in pair_records], [r["id"] for r in pair_records], cfg),
                         "pairs/margin": sum(r["margin"] for r in pair_records) / n,
                         "pairs/length_baseline": sum(r["chosen_chars"] > r["rejected_chars"] for r in pair_records) / n})
         gens = []
@@ -363,6 +374,8 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
         pair_records = scoring.score_pairs(model, tokenizer, eval_pairs, beta=beta, max_length=cfg.max_length,
                                            batch_size=None)
         summary.update(_pair_accuracies(pair_records, info["method"] in REFERENCE_FREE))
+        key = "avg_logp_correct" if info["method"] in REFERENCE_FREE else "correct"
+        summary.update(_accuracy_interval([r[key] for r in pair_records], [r["id"] for r in pair_records], cfg))
         summary.update(_generation_summary(gens, cfg))
         del model
     for key, fn in (("pairs/proxy_rm_accuracy", proxy), ("pairs/gold_rm_accuracy", gold)):

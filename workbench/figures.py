@@ -39,7 +39,8 @@ def _err(agg: pd.DataFrame, m: str) -> dict:
 
 def _seeds_note(agg: pd.DataFrame) -> str:
     seeds = sorted({s for x in agg.get("seeds", []) for s in str(x).split(",") if s})
-    return f"seeds {','.join(seeds)}; bars: 95% t-interval across seeds (none with one seed)" if seeds else ""
+    return (f"seeds {','.join(seeds)}; bars: 95% intervals, t across seeds, or with one seed the run's bootstrap "
+            "over prompts" if seeds else "")
 
 
 def _policies(table: pd.DataFrame) -> pd.DataFrame:
@@ -138,6 +139,38 @@ def fig_cost(table: pd.DataFrame, level: float | None = None) -> go.Figure:
     fig.update_layout(title="Gold reward against training compute<br><sup>pipeline FLOPs: the run, its SFT run and "
                       "its reward model (Kaplan et al. 2020 counting)</sup>", xaxis_type="log",
                       xaxis_title="training FLOPs (log)", yaxis_title="gold reward", **_LAYOUT)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Figures of one run or of the data (the notebooks show them; not part of the paper set)
+
+TRAINING_METRICS = ("loss", "rewards/margins", "rewards/accuracies", "objective/scores", "objective/gold_scores",
+                    "objective/kl", "rewards/proxy/mean", "kl", "accuracy")
+
+
+def fig_training(run_path) -> go.Figure:
+    """The run's logged curves over steps, those of ``TRAINING_METRICS`` it has, one panel each."""
+    lines = (Path(run_path) / "metrics.jsonl").read_text().splitlines()
+    m = pd.DataFrame([json.loads(x) for x in lines if x.strip()])
+    have = [k for k in TRAINING_METRICS if k in m and m[k].notna().sum() > 0]
+    fig = make_subplots(rows=1, cols=max(len(have), 1), subplot_titles=have or ["no metrics logged"])
+    for i, k in enumerate(have, start=1):
+        g = m[["step", k]].dropna()
+        fig.add_trace(go.Scatter(x=g["step"], y=g[k], mode="lines+markers", name=k, showlegend=False), row=1, col=i)
+    fig.update_layout(title=Path(run_path).name, template="plotly_white", height=320, width=max(360 * len(have), 480))
+    return fig
+
+
+def fig_data(examples: list[dict]) -> go.Figure:
+    """HH-RLHF at a glance: turns per prompt, and response lengths of chosen and rejected (characters)."""
+    turns = [len(ex["prompt"]) for ex in examples]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("messages in the prompt", "response length (characters)"))
+    fig.add_trace(go.Histogram(x=turns, name="prompt messages", showlegend=False), row=1, col=1)
+    for side in ("chosen", "rejected"):
+        fig.add_trace(go.Histogram(x=[len(ex[side][0]["content"]) for ex in examples], name=side, opacity=0.6,
+                                   nbinsx=60), row=1, col=2)
+    fig.update_layout(barmode="overlay", title=f"{len(examples)} pairs", **_LAYOUT)
     return fig
 
 

@@ -1,21 +1,25 @@
-"""The main job on the embedded default, step by step; `python -m workbench main` runs it.
+"""The main job, ``python -m workbench main``: the whole study on the embedded default (``run_study``), and the
+quick scoring job it grew from, ``python -m workbench score`` (``run_score``).
 
-Today: load and validate HH-RLHF → load the policy (4-bit base + LoRA) → score held-out pairs under the policy
-and its adapter-disabled reference → write a run folder. The training arms and the evaluation extend it.
+``run_study``: the sweep of ``grids/main.yaml`` (data → SFT → proxy and gold reward models → PPO → DPO, IPO, KTO →
+evaluation of every run → figures), then the paper draft filled from the results table; it prints where
+everything is. ``run_score``: load and validate HH-RLHF → load the policy (4-bit base + LoRA) → score held-out
+pairs under the policy and its adapter-disabled reference → a run folder.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import data, logprobs, models, scoring
 from .runs import Run
 
 
 @dataclass
-class MainConfig:
-    """The main job's settings; defaults run on 2 CPU cores in about a minute once the model is cached."""
+class ScoreConfig:
+    """The scoring job's settings; defaults run on 2 CPU cores in about a minute once the model is cached."""
 
     seed: int = 0  # seeds Python/NumPy/torch and the held-out split; part of the run folder's name
     subset: str = "harmless-base"  # HH-RLHF subset: harmless-base, helpful-base, helpful-online, helpful-rejection-sampled, all
@@ -36,13 +40,37 @@ class MainConfig:
             raise ValueError(f"heldout_fraction must be in (0, 1) (got {self.heldout_fraction}).")
 
 
+MAIN_GRID = Path(__file__).resolve().parents[1] / "grids" / "main.yaml"
+
+
+def run_study(grid: str | Path = MAIN_GRID, runs_dir: str | None = None, figures_dir: str = "figures",
+              paper_path: str = "papers/draft.md"):
+    """Run (or resume) the study's sweep, then fill the paper draft; returns the sweep's result."""
+    from . import paper
+    from .sweep import run_sweep
+
+    t0 = time.time()
+    result = run_sweep(grid, runs_dir=runs_dir)
+    if result.table is None or result.table.empty:
+        raise RuntimeError(f"The study produced no evaluated runs; see {result.state_dir}/state.json.\n{result.report()}")
+    draft = paper.build(result.table, paper_path, figures_dir)
+    _step("done. Where everything is:", t0)
+    print(f"    run folders      {result.state_dir.parent.parent}\n"
+          f"    executed notebooks in each run folder (notebook.ipynb) and {result.state_dir / 'notebooks'}\n"
+          f"    results table    {len(result.table)} runs (python -m workbench evaluate {result.state_dir.parent.parent} "
+          f"reprints it)\n    figures          {Path(figures_dir).resolve()}\n    paper draft      {Path(draft).resolve()}")
+    if result.failed:
+        print(f"    {len(result.failed)} job(s) FAILED; see above")
+    return result
+
+
 def _step(msg: str, t0: float) -> None:
     print(f"[main {time.time() - t0:6.1f}s] {msg}", flush=True)
 
 
-def run_main(cfg: MainConfig | None = None) -> Run:
+def run_score(cfg: ScoreConfig | None = None) -> Run:
     """Run the main job and return its (completed) run; its folder is ``run.path``."""
-    cfg = cfg or MainConfig()
+    cfg = cfg or ScoreConfig()
     t0 = time.time()
     with Run("score", "embedded-demo", seed=cfg.seed, config=cfg, root=cfg.runs_dir) as run:
         # --- data

@@ -92,12 +92,15 @@ def results_table(runs, eval_name: str = "default") -> pd.DataFrame:
             r.update(_win_vs(evals[r["path"]], evals[base["path"]], cfg["n_bootstrap"], cfg["seed"]))
             r["baseline_run"] = base["run"]
     table = pd.DataFrame(rows)
-    return table.drop(columns=["config"]) if len(table) else table
+    table = table.drop(columns=["config"]) if len(table) else table
+    table.attrs["eval_name"] = eval_name
+    return table
 
 
 def aggregate(table: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFrame:
     """Per method, run name and β (runs that differ only in their seed): the mean of each metric across seeds with
-    a t-interval (``<metric>_lo``/``_hi``; NaN with one seed), the number of seeds and which seeds."""
+    a t-interval (``<metric>_lo``/``_hi``); with one seed, that run's own bootstrap interval over prompts where it
+    has one (NaN otherwise). Also the number of seeds, which seeds, and which kind of interval (``interval``)."""
     if table.empty:
         return table
     metrics = metrics or [c for c in table.columns if c.split("/")[0] in ("eval", "win", "pairs", "compute")
@@ -106,8 +109,11 @@ def aggregate(table: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataF
     for (method, name, beta), g in table.groupby(["method", "name", table["beta"].fillna(-1)], sort=True):
         row = {"method": method, "name": name, "beta": None if beta == -1 else beta, "n_seeds": g["seed"].nunique(),
                "seeds": ",".join(str(s) for s in sorted(g["seed"].unique()))}
+        row["interval"] = "t across seeds" if len(g) > 1 else "bootstrap over prompts"
         for m in metrics:
             mean, lo, hi = stats.t_interval(g[m].tolist())
+            if len(g) == 1 and f"{m}_lo" in g:  # one run: its own cluster-bootstrap interval over prompts
+                lo, hi = g[f"{m}_lo"].iloc[0], g[f"{m}_hi"].iloc[0]
             row.update({m: mean, f"{m}_lo": lo, f"{m}_hi": hi})
         out.append(row)
     return pd.DataFrame(out)

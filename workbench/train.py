@@ -12,6 +12,7 @@ uses the same "ref" adapter (``logprobs.reference_adapter``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -322,6 +323,80 @@ def add_pair_losses(method: str, cfg, records: list[dict]) -> None:
     for name, values in per_type.items():
         for r, v in zip(records, values.tolist()):
             r[f"loss/{name}"] = v
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Flat parameters -> a config (notebooks' parameters cells, sweep grids, the command line)
+
+MODEL_PARAMS = {"model": "model_name_or_path", "load_in_4bit": "load_in_4bit", "use_peft": "use_peft", "lora_r": "lora_r",
+                "lora_alpha": "lora_alpha", "dtype": "dtype"}
+DATA_PARAMS = {"subset": "subset", "split": "split", "data_source": "source", "heldout_fraction": "heldout_fraction",
+               "split_seed": "split_seed", "half": "half", "n_train": "n_train", "n_score": "n_score",
+               "data_max_length": "max_length"}
+
+
+# one name per idea across arms: our PPO's own fields take the names the TRL arms use
+ARM_ALIASES = {"ppo": {"max_steps": "iterations", "beta": "kl_coef", "per_device_train_batch_size": "rollout_batch_size"},
+               "rloo": {"max_new_tokens": "max_completion_length"}, "grpo": {"max_new_tokens": "max_completion_length"}}
+
+
+def arm_of(method: str) -> tuple[str, dict]:
+    """(arm, fixed fields): "ipo", "hinge", ... (any DPO loss type) are the DPO arm with that loss_type."""
+    if method == "dpo" or method in losses.PAIRED_LOSSES:
+        return "dpo", {"loss_type": ["sigmoid" if method == "dpo" else method]}
+    if method not in METHODS:
+        known = sorted({*METHODS, *losses.PAIRED_LOSSES} - {"sigmoid"})
+        raise ValueError(f"Unknown method '{method}'. Known: {', '.join(known)}.")
+    return method, {}
+
+
+def _check_type(key: str, value, default) -> str | None:
+    if value is None or default is None:
+        return None
+    ok = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(default))
+    if ok and (not isinstance(value, ok) or (isinstance(value, bool) and type(default) is not bool)):
+        return f"{key}={value!r} should be a {type(default).__name__}"
+    return None
+
+
+def make_config(method: str, **params):
+    """(arm, config) from flat parameters: the arm's own fields (``beta``, ``max_steps``, ``learning_rate``, any TRL
+    option), the model's (``MODEL_PARAMS``) and the data's (``DATA_PARAMS``). Unknown names and values of the wrong
+    type fail here, all listed at once, before anything loads. A value of None means the arm's default. ``ARM_ALIASES`` maps the common names (``max_steps``,
+    ``beta``, ``max_new_tokens``, ``per_device_train_batch_size``) onto PPO's and RLOO/GRPO's own fields."""
+    import difflib
+
+    arm, fixed = arm_of(method)
+    cls = METHODS[arm][0]
+    fields_ = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    defaults = {k: (f.default if f.default is not dataclasses.MISSING else None) for k, f in fields_.items()}
+    aliases = ARM_ALIASES.get(arm, {})
+    params = {aliases.get(k, k): v for k, v in params.items() if v is not None}  # None: the arm's default
+    model_kw, data_kw, kw, problems = {}, {}, dict(fixed), []
+    for key, value in params.items():
+        if key in MODEL_PARAMS:
+            model_kw[MODEL_PARAMS[key]] = value
+        elif key in DATA_PARAMS:
+            data_kw[DATA_PARAMS[key]] = value
+        elif key in fields_ and key not in ("model", "data"):
+            kw[key] = value
+            problems.append(_check_type(key, value, defaults[key]))
+        else:
+            near = difflib.get_close_matches(key, [*fields_, *MODEL_PARAMS, *DATA_PARAMS], n=1)
+            problems.append(f"unknown parameter '{key}'" + (f" (did you mean '{near[0]}'?)" if near else ""))
+    data_defaults = data.DataConfig()
+    problems += [_check_type(k, v, getattr(data_defaults, k)) for k, v in data_kw.items()]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError(f"{method}: " + "; ".join(problems))
+    model = fields_["model"].default_factory()
+    kw["model"] = dataclasses.replace(model, **model_kw) if model_kw else model
+    data_cfg = fields_["data"].default_factory()
+    kw["data"] = dataclasses.replace(data_cfg, **data_kw) if data_kw else data_cfg
+    cfg = cls(**kw)
+    if hasattr(cfg, "beta") and not cfg.beta > 0:
+        raise ValueError(f"{method}: beta must be > 0 (got {cfg.beta}).")
+    return arm, cfg
 
 
 REQUIRED_COLUMNS = ("id", "prompt", "chosen", "rejected")

@@ -1,0 +1,156 @@
+"""Notebooks and sweeps: every notebook is clean and parameterized; every grid file in the repository loads and
+validates; a bad grid fails before anything runs; the CI sweep executes every notebook on a tiny model with
+papermill, isolates a failing job, survives being killed mid-sweep and resumes without losing or repeating a run."""
+
+import ast
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from workbench import paper, sweep, train
+from workbench.runs import _is_complete
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+GRIDS = sorted((REPO / "grids").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_are_clean_parameterized_and_define_nothing(path):
+    nb = json.loads(path.read_text())
+    assert nb["metadata"]["kernelspec"]["name"] == "python3" and nb["metadata"]["language_info"]["name"] == "python"
+    params = sweep.notebook_parameters(path)  # exactly one parameters cell, literals only
+    assert params
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        assert not cell.get("outputs") and cell.get("execution_count") is None, f"{path.name}: committed with outputs"
+        tree = ast.parse("".join(cell["source"]))
+        defs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Lambda))]
+        assert not defs, f"{path.name}: notebooks drive, they don't define"
+    if "method" in params:  # training notebooks hand every parameter to make_config, and the defaults build
+        call = next(n for c in nb["cells"] if c["cell_type"] == "code" for n in ast.walk(ast.parse("".join(c["source"])))
+                    if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "make_config")
+        assert {k.arg for k in call.keywords} == set(params) - {"method"}
+        train.make_config(params.pop("method"), **params)
+
+
+def test_there_is_a_notebook_for_each_stage_of_the_study():
+    names = [p.name for p in NOTEBOOKS]
+    for prefix in ("00_data", "01_sft", "02_reward", "03_rl", "04_preference", "05_evaluate"):
+        assert any(n.startswith(prefix) for n in names), prefix
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.name)
+def test_every_grid_file_loads_and_validates(path):
+    grid, jobs = sweep.load_grid(path)
+    assert jobs and len({j.id for j in jobs}) == len(jobs), "job ids are unique"
+    stages = [s["stage"] for s in grid["stages"]]
+    assert stages[0] and all(j.stage in stages for j in jobs)
+
+
+def test_gpu_grid_is_the_real_study():
+    _, jobs = sweep.load_grid(REPO / "grids" / "gpu.yaml")
+    methods = {j.params.get("method") for j in jobs}
+    assert {"ppo", "rloo", "grpo", "dpo", "ipo", "kto", "orpo", "simpo"} <= methods
+    assert {j.params.get("seed") for j in jobs if j.stage in ("rl", "preference")} == {0, 1, 2}
+    assert all(j.params.get("load_in_4bit", True) for j in jobs if j.stage != "evaluate")
+
+
+def test_a_bad_grid_lists_every_problem_before_running(tmp_path):
+    bad = {"name": "bad", "colour": "red", "stages": [
+        {"stage": "sft", "notebook": "01_sft.ipynb", "params": {"max_stepz": 2, "seed": "zero"}},
+        {"stage": "dpo", "notebook": "04_preference.ipynb", "params": {"sft_run": "@nope", "beta": -1.0}},
+        {"stage": "x", "notebook": "99_missing.ipynb"},
+        {"stage": "y", "notebook": "04_preference.ipynb", "grid": {"beta": 0.1}}]}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ValueError) as e:
+        sweep.load_grid(path)
+    msg = str(e.value)
+    for needle in ("unknown key 'colour'", "unknown parameter 'max_stepz'", "seed='zero' should be a int",
+                   "'@nope' refers to no earlier stage", "no notebook", "must be a non-empty list", "nothing was run"):
+        assert needle in msg, needle
+    path.write_text(yaml.safe_dump({"name": "b2", "stages": [
+        {"stage": "dpo", "notebook": "04_preference.ipynb", "params": {"beta": -1.0}}]}))
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        sweep.load_grid(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The CI sweep, end to end
+
+
+def _state(root):
+    path = root / "sweeps" / "ci" / "state.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+@pytest.fixture(scope="module")
+def ci_sweep(tiny_model_dir, hh_dir, tmp_path_factory):
+    """grids/ci.yaml on the tiny model: killed (SIGKILL, kernel and all) once two jobs are done, then resumed."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    root = cwd / "runs" / "ci"
+    overrides = {"model": str(tiny_model_dir), "data_source": str(hh_dir)}
+    cmd = [sys.executable, "-m", "workbench", "sweep", str(REPO / "grids" / "ci.yaml"), "--runs-dir", str(root)]
+    cmd += [f"--set={k}={v}" for k, v in overrides.items()]
+    proc = subprocess.Popen(cmd, cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while sum(e["status"] == "done" for e in _state(root).values()) < 2:
+        assert proc.poll() is None and time.time() < deadline, "the sweep stopped or stalled before it was interrupted"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep, papermill and the kernel, mid-job
+    proc.wait()
+    before = _state(root)
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        result = sweep.run_sweep(REPO / "grids" / "ci.yaml", overrides, runs_dir=str(root))
+    finally:
+        os.chdir(old)
+    return root, before, result
+
+
+def test_sweep_resumes_after_a_kill_without_losing_or_repeating_runs(ci_sweep):
+    root, before, result = ci_sweep
+    after = _state(root)
+    for job_id, entry in before.items():  # what had finished was kept as it was, not run again
+        if entry["status"] == "done":
+            assert after[job_id] == entry
+    runs = [p for p in root.iterdir() if _is_complete(p)]
+    keys = [p.name.rsplit("__", 1)[0] for p in runs]
+    assert len(keys) == len(set(keys)), f"a run was repeated: {sorted(keys)}"
+    assert sorted(k.split("__")[0] for k in keys) == ["dpo", "ipo", "ppo", "reward", "reward", "rloo", "sft"]
+    for p in runs:  # each run folder holds its executed notebook
+        nb = json.loads((p / "notebook.ipynb").read_text())
+        assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
+
+
+def test_sweep_isolates_the_failing_job_and_keeps_its_notebook(ci_sweep):
+    root, _, result = ci_sweep
+    assert [label for label, _, _ in result.failed] == ["broken"]
+    label, nb, err = result.failed[0]
+    assert "FileNotFoundError" in err and "/nonexistent/hh-rlhf" in err
+    assert Path(nb).exists() and "FileNotFoundError" in Path(nb).read_text()
+    assert len(result.done) == 9 and not result.skipped  # everything after the failure still ran
+    assert "FAILED" in result.report()
+
+
+def test_sweep_ends_with_the_table_the_figures_and_a_paper(ci_sweep, tmp_path):
+    root, _, result = ci_sweep
+    table = result.table
+    assert sorted(table["method"]) == ["dpo", "ipo", "ppo", "reward", "reward", "rloo", "sft"]
+    assert table[table["method"] != "reward"]["eval/gold"].notna().all()
+    figs = sorted(p.name for p in (root.parent.parent / "runs" / "ci" / "figures").iterdir())
+    assert {f"{n}.{ext}" for n in ("frontier", "overoptimization", "win_rates", "accuracy", "cost")
+            for ext in ("pdf", "svg", "png")} <= set(figs)
+    draft = paper.build(table, tmp_path / "draft.md", root.parent.parent / "runs" / "ci" / "figures")
+    text = draft.read_text()
+    assert "{{" not in text and "| dpo |" in text and "frontier.png" in text and "seed(s)" in text

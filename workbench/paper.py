@@ -1,0 +1,147 @@
+"""The paper draft: ``papers/template.md`` (the prose, edited by people) with its ``{{placeholders}}`` filled from
+the results table and the run folders (the numbers, never typed by hand). ``python -m workbench paper`` runs it.
+
+Placeholders: {{setup}} (model, data, seeds, decoding, reward models, hardware, versions), {{results}} (per method
+and β: mean with 95% interval), {{compute}} (FLOPs, tokens, time; cost to reach the SFT policy's gold reward),
+{{figures}} (every figure of ``figures.FIGURES``), {{caveats}} (what these numbers can and cannot show, computed
+from them), {{generated}} (when and from what).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from .figures import FIGURES
+from .results import aggregate, cost_to_reach
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fmt(x, digits=3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, float) and (abs(x) >= 1e5 or (x != 0 and abs(x) < 1e-3)):
+        return f"{x:.2e}"
+    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+
+
+def _ci(row, m) -> str:
+    if m not in row or pd.isna(row[m]):
+        return "–"
+    lo, hi = row.get(f"{m}_lo"), row.get(f"{m}_hi")
+    return _fmt(row[m]) + ("" if lo is None or pd.isna(lo) else f" [{_fmt(lo)}, {_fmt(hi)}]")
+
+
+def markdown_table(rows: list[list[str]], header: list[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _setup(table: pd.DataFrame) -> str:
+    cfgs = [json.loads((Path(p) / "config.json").read_text()) for p in table["path"]]
+    envs = [json.loads((Path(p) / "env.json").read_text()) for p in table["path"]]
+    ev = json.loads((Path(table["path"].iloc[0]) / "eval" / table.attrs.get("eval_name", "default") / "config.json").read_text())
+    models = sorted({c.get("model", {}).get("model_name_or_path", "?") for c, m in zip(cfgs, table["method"]) if m != "reward"})
+    rms = sorted({c.get("model", {}).get("model_name_or_path", "?") for c, m in zip(cfgs, table["method"]) if m == "reward"})
+    data = cfgs[0].get("data", {})
+    n_train = sorted({str(c.get("data", {}).get("n_train")) for c in cfgs})
+    versions = envs[0].get("packages", {})
+    device = sorted({str(e.get("device", "?")) for e in envs})
+    return "\n".join([
+        f"- **Policy model**: {', '.join(models)} (4-bit NF4 + LoRA unless the config says otherwise); "
+        f"**reward-model backbone**: {', '.join(rms) or 'none trained here'}.",
+        f"- **Data**: Anthropic HH-RLHF `{data.get('subset')}` / `{data.get('split')}`; training pairs per run: "
+        f"{', '.join(n_train)} (None = all); held-out split: {data.get('heldout_fraction')} of prompts by a hash "
+        f"seeded with split_seed {data.get('split_seed', 0)}, never trained on (checked per run).",
+        f"- **Runs**: {len(table)} ({', '.join(f'{m} × {n}' for m, n in table['method'].value_counts().sort_index().items())}); "
+        f"seeds {', '.join(str(s) for s in sorted(table['seed'].unique()))}.",
+        f"- **Evaluation**: {ev['n_prompts']} held-out prompts × {ev['n_samples']} samples, temperature {ev['temperature']}, "
+        f"top-p {ev['top_p']}, ≤ {ev['max_new_tokens']} new tokens, sampling seed {ev['seed']}; {ev['n_pairs']} held-out "
+        f"pairs for preference accuracy; proxy RM `{ev.get('proxy_reward_model')}`, gold RM `{ev.get('gold_reward_model')}`; "
+        f"intervals: 95% cluster bootstrap over prompts ({ev['n_bootstrap']} resamples) within a run, t-intervals across seeds.",
+        f"- **Hardware and software**: {', '.join(device)}; " + ", ".join(f"{k} {v}" for k, v in versions.items()
+                                                                          if k in ("torch", "transformers", "trl", "peft", "bitsandbytes")) + ".",
+    ])
+
+
+def _results(agg: pd.DataFrame) -> str:
+    rows = []
+    for _, r in agg.iterrows():
+        rows.append([r["method"] + ("" if r["name"] == "default" else f" ({r['name']})"), _fmt(r["beta"]), r["seeds"],
+                     _ci(r, "eval/gold"), _ci(r, "eval/kl"), _ci(r, "win/chosen"), _ci(r, "win/chosen_lc"),
+                     _ci(r, "win/sft"), _ci(r, "pairs/accuracy")])
+    return markdown_table(rows, ["method", "β", "seeds", "gold reward", "KL(π‖π_ref)", "win vs chosen",
+                                 "LC win vs chosen", "win vs SFT", "pref. accuracy"])
+
+
+def _compute(table: pd.DataFrame, agg: pd.DataFrame) -> str:
+    rows = [[r["method"] + ("" if r["name"] == "default" else f" ({r['name']})"), _fmt(r["beta"]),
+             _fmt(r.get("compute/flops")), _fmt(r.get("compute/pipeline_flops")), _fmt(r.get("compute/tokens_train")),
+             _fmt(r.get("compute/tokens_generated")), _fmt(r.get("compute/train_s"))] for _, r in agg.iterrows()]
+    out = markdown_table(rows, ["method", "β", "FLOPs (run)", "FLOPs (pipeline)", "trained tokens", "generated tokens",
+                                "train time (s)"])
+    sft = table.loc[table["method"] == "sft", "eval/gold"] if "eval/gold" in table else pd.Series(dtype=float)
+    if len(sft):
+        level = float(sft.mean())
+        cost = cost_to_reach(table[table["method"] != "sft"], level)
+        out += (f"\n\nCost to reach the SFT policy's gold reward ({_fmt(level)}): " +
+                "; ".join(f"{r['method']}: {_fmt(r['compute/pipeline_flops'])} FLOPs ({r['runs_reaching']}/{r['runs']} runs)"
+                          for _, r in cost.iterrows()) + ".")
+    return out
+
+
+def _caveats(table: pd.DataFrame, agg: pd.DataFrame) -> str:
+    pol = agg[agg["method"] != "reward"]
+    notes = []
+    seeds = agg["n_seeds"].max() if len(agg) else 0
+    if seeds < 3:
+        notes.append(f"Each configuration has {seeds} seed(s): the intervals are within-run (prompt resampling) only, "
+                     "and say nothing about seed-to-seed variation. Comparisons need ≥ 3 seeds.")
+    if "win/chosen_lo" in table:
+        straddle = ((table["win/chosen_lo"] <= 0.5) & (table["win/chosen_hi"] >= 0.5)).sum()
+        notes.append(f"{straddle} of {table['win/chosen'].notna().sum()} runs have a win-rate interval against the chosen "
+                     "responses that contains 0.5: they are not distinguishable from the dataset's answers by this judge.")
+    if "eval/kl" in pol and len(pol):
+        notes.append(f"The policies moved little from their references: mean KL between {_fmt(pol['eval/kl'].min())} and "
+                     f"{_fmt(pol['eval/kl'].max())} nats per response. Differences between methods at this budget reflect "
+                     "noise and the few steps taken, not the methods' merits.")
+    if "pairs/gold_rm_accuracy" in table:
+        notes.append(f"The gold reward model ranks held-out pairs with accuracy {_fmt(table['pairs/gold_rm_accuracy'].dropna().mean())} "
+                     f"(length baseline {_fmt(table['pairs/length_baseline'].dropna().mean())}): a gold reward is only as "
+                     "good a judge as that.")
+    notes.append("What the numbers can show: that every arm trains, is evaluated by one protocol on prompts none of "
+                 "them saw, and how compute is spent per arm. What they cannot show at this budget: which method is better.")
+    return "\n".join(f"- {n}" for n in notes)
+
+
+def _figure(name: str, fn, figures_dir: Path, here: Path) -> str:
+    """A figure in Markdown: the PNG, its function's first docstring paragraph as caption, a link to the PDF."""
+    caption = " ".join(fn.__doc__.split("\n\n")[0].split())
+    png, pdf = (os.path.relpath(figures_dir / f"{name}.{ext}", here) for ext in ("png", "pdf"))
+    return f"![{name}]({png})\n\n*{caption}* ([PDF]({pdf}))"
+
+
+def build(table: pd.DataFrame, out: str | Path = REPO / "papers" / "draft.md", figures_dir: str | Path = REPO / "figures",
+          template: str | Path = REPO / "papers" / "template.md") -> Path:
+    """Fill the template from the results table; the figures are expected in ``figures_dir`` (``figures.export_all``)."""
+    out, figures_dir = Path(out), Path(figures_dir)
+    agg = aggregate(table)
+    figs = "\n\n".join(_figure(name, fn, figures_dir, out.parent) for name, fn in FIGURES.items())
+    text = Path(template).read_text()
+    fill = {"setup": _setup(table), "results": _results(agg), "compute": _compute(table, agg), "figures": figs,
+            "caveats": _caveats(table, agg),
+            "generated": f"Generated {_dt.datetime.now():%Y-%m-%d %H:%M} by `python -m workbench paper` from {len(table)} "
+                         f"run folders; edit `papers/template.md`, not this file."}
+    for key, value in fill.items():
+        text = text.replace("{{" + key + "}}", value)
+    if "{{" in text:
+        raise ValueError(f"{template}: unknown placeholder(s) left: {sorted(set(t.split('}}')[0] for t in text.split('{{')[1:]))}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return out
