@@ -44,7 +44,7 @@ def test_notebooks_are_clean_parameterized_and_define_nothing(path):
 
 def test_there_is_a_notebook_for_each_stage_of_the_study():
     names = [p.name for p in NOTEBOOKS]
-    for prefix in ("00_data", "01_sft", "02_reward", "03_rl", "04_preference", "05_evaluate"):
+    for prefix in ("00_data", "01_sft", "02_reward", "03_rl", "04_preference", "05_evaluate", "06_inspector"):
         assert any(n.startswith(prefix) for n in names), prefix
 
 
@@ -139,7 +139,7 @@ def test_sweep_isolates_the_failing_job_and_keeps_its_notebook(ci_sweep):
     label, nb, err = result.failed[0]
     assert "FileNotFoundError" in err and "/nonexistent/hh-rlhf" in err
     assert Path(nb).exists() and "FileNotFoundError" in Path(nb).read_text()
-    assert len(result.done) == 9 and not result.skipped  # everything after the failure still ran
+    assert len(result.done) == 10 and not result.skipped  # everything after the failure still ran
     assert "FAILED" in result.report()
 
 

@@ -373,6 +373,8 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
                       "chosen_score": p.get("chosen_score"), "chosen_gold_score": p.get("chosen_gold_score")})
         pair_records = scoring.score_pairs(model, tokenizer, eval_pairs, beta=beta, max_length=cfg.max_length,
                                            batch_size=None)
+        for r, ex in zip(pair_records, eval_pairs):  # the inspector shows the prompt and the texts beside the tokens
+            r.update({"prompt": ex["prompt"], "chosen": ex["chosen"][0]["content"], "rejected": ex["rejected"][0]["content"]})
         summary.update(_pair_accuracies(pair_records, info["method"] in REFERENCE_FREE))
         key = "avg_logp_correct" if info["method"] in REFERENCE_FREE else "correct"
         summary.update(_accuracy_interval([r[key] for r in pair_records], [r["id"] for r in pair_records], cfg))

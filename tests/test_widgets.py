@@ -1,0 +1,192 @@
+"""The inspector: the widget model (filters, sorting, paging, selection, linking, per-token colour) on run folders
+with known numbers, the widget itself without a browser, and a real browser: JupyterLab on 127.0.0.1 opens the
+inspector notebook in headless Chromium, runs it, and the table, a plotly plot and the coloured tokens render."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from workbench import widgets
+from workbench.models import EMBEDDED_POLICY
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+
+
+def _run(root: Path, method: str, seed: int, pairs: list[dict], gens: list[dict], beta=0.1, name="default",
+         rollouts: list[dict] | None = None) -> Path:
+    path = root / f"{method}__{name}__s{seed}__20260101-000000-00000{seed}"
+    (path / "eval" / "default").mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"seed": seed, "beta": beta, "model": {"model_name_or_path": EMBEDDED_POLICY}}))
+    (path / "summary.json").write_text("{}")
+    ev = path / "eval" / "default"
+    ev.joinpath("pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    ev.joinpath("generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gens))
+    ev.joinpath("config.json").write_text("{}")
+    ev.joinpath("summary.json").write_text("{}")
+    if rollouts:
+        (path / "records").mkdir()
+        (path / "records" / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rollouts))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, smollm_tokenizer):
+    """Two policies and a proxy RM over 40 pairs and 40 generations with known margins, real token ids."""
+    root = tmp_path_factory.mktemp("inspect")
+    ids = smollm_tokenizer("The answer is <b>no</b>, and here is why.", add_special_tokens=False)["input_ids"]
+    prompt = [{"role": "user", "content": "Should I?"}]
+
+    def pairs(sign):
+        return [{"id": f"p{i}", "chosen_reward": sign * (i - 20) / 10, "rejected_reward": 0.0,
+                 "margin": sign * (i - 20) / 10, "correct": sign * (i - 20) > 0, "chosen_tokens": len(ids),
+                 "rejected_tokens": 3 + i, "chosen_token_ids": ids, "rejected_token_ids": ids[:3],
+                 "chosen_token_logratio": [0.1 * (k - 3) for k in range(len(ids))],
+                 "rejected_token_logratio": [-0.2, 0.0, 0.3], "prompt": prompt} for i in range(40)]
+
+    def gens(scale):
+        return [{"id": f"q{i // 2}", "sample": i % 2, "prompt": prompt, "completion": "x", "gold_score": scale * i,
+                 "score": i, "chosen_gold_score": 20.0, "kl": float(i), "response_tokens": len(ids),
+                 "ended": True, "completion_token_ids": ids, "token_logratio": [0.05] * len(ids)} for i in range(40)]
+
+    rm = [{"id": f"p{i}", "margin": 1.0 if i % 2 else -1.0, "correct": bool(i % 2)} for i in range(40)]
+    rollouts = [{"iteration": it, "id": "t", "kl": 0.1 * it, "score": 1.0 + it, "gold_score": None} for it in range(3)]
+    _run(root, "dpo", 0, pairs(+1), gens(1.0))
+    _run(root, "ppo", 0, pairs(-1), gens(2.0), beta=0.05, rollouts=rollouts)
+    _run(root, "reward", 0, rm, [], beta=None, name="proxy")
+    return root
+
+
+def test_model_joins_runs_and_the_reward_model(runs):
+    m = widgets.InspectorModel(runs)
+    assert sorted(m.paths) == ["dpo β=0.1 s0 (default)", "ppo β=0.05 s0 (default)"]
+    assert len(m.pairs) == 80 and len(m.generations) == 80
+    assert m.pairs.set_index(["run", "id"]).loc[("dpo β=0.1 s0 (default)", "p3"), "rm_margin"] == 1.0
+
+
+def test_filters_sorting_and_paging(runs):
+    m = widgets.InspectorModel(runs)
+    dpo = "dpo β=0.1 s0 (default)"
+    wrong_rm_right = m.rows("pairs", [dpo], "implicit reward wrong, RM right")
+    # dpo is wrong for i <= 20; the RM is right for odd i: 1, 3, ..., 19
+    assert sorted(int(i[1:]) for i in wrong_rm_right["id"]) == list(range(1, 20, 2))
+    top_kl = m.rows("generations", [dpo], "highest KL (top 10%)", sort="kl")
+    assert list(top_kl["kl"]) == [39.0, 38.0, 37.0, 36.0]
+    rows = m.rows("pairs", None, "all", sort="margin", descending=False)
+    assert rows["margin"].is_monotonic_increasing and len(rows) == 80
+    page, pages = m.page(rows, 99, size=25)  # clamped to the last page
+    assert pages == 4 and len(page) == 5
+    with pytest.raises(ValueError, match="does not apply"):
+        m.rows("pairs", None, "highest KL (top 10%)")
+
+
+def test_selection_links_scatter_table_and_sample_view(runs):
+    m = widgets.InspectorModel(runs)
+    rows = m.rows("generations", None, "all")
+    m.select("generations", rows, [0, 5])
+    assert m.selected == {m.key("generations", rows.iloc[0]), m.key("generations", rows.iloc[5])}
+    sel = m.rows("generations", None, "selected")
+    assert len(sel) == 2
+    assert m.table_html("generations", sel).count('class="wb-selected"') == 2
+    html = m.compare_html("generations", m.key("generations", rows.iloc[0]), "ppo β=0.05 s0 (default)")
+    assert html.count("wb-sample") == 2, "side by side: the same prompt and sample under the other run"
+
+
+def test_tokens_are_coloured_by_their_log_ratio(smollm_tokenizer):
+    ids = smollm_tokenizer("a <script> b", add_special_tokens=False)["input_ids"]
+    out = widgets.token_html(smollm_tokenizer, ids, [1.0] + [-0.5] * (len(ids) - 1))
+    assert out.count('class="wb-token"') == len(ids)
+    assert "rgba(31,119,180,1.00)" in out and "rgba(214,39,40,0.50)" in out  # + blue, − red, opacity ∝ |value|
+    assert "<script>" not in out and "&lt;" in out
+
+
+def test_drift_over_training_from_logged_samples(runs):
+    m = widgets.InspectorModel(runs)
+    d = m.drift("ppo β=0.05 s0 (default)")
+    assert list(d["iteration"]) == [0, 1, 2] and list(d["score"]) == [1.0, 2.0, 3.0]
+    assert m.drift("dpo β=0.1 s0 (default)").empty
+
+
+def test_the_widget_updates_in_place(runs):
+    ins = widgets.Inspector(runs, page_size=10)
+    scatter = ins.scatter
+    assert len(ins.scatter.data[0].x) == 80 and ins.page_label.value.startswith("page 1 / 8")
+    assert ins.filter.value == "all" and ins.sort.value == "margin"
+    ins._turn(+1)
+    assert ins.page_label.value.startswith("page 2 / 8")
+    ins.view.value = "generations"
+    assert ins.scatter is scatter and ins.scatter.layout.xaxis.title.text == "kl"  # restyled, not rebuilt
+    ins._on_select(ins.scatter.data[0], SimpleNamespace(point_inds=[3]))
+    assert 'class="wb-token"' in ins.detail.value and ins.model.selected
+    ins.filter.value = "selected"
+    assert "1 samples" in ins.page_label.value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A real browser
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_inspector_notebook_renders_in_jupyterlab(runs, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    chromium = os.environ.get("BROWSER_PATH") or shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "no Chromium: scripts/setup.sh installs Debian's chromium (or set BROWSER_PATH)"
+    nb = json.loads((REPO / "notebooks" / "06_inspector.ipynb").read_text())
+    params = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+    params["source"] = [line.replace('"runs/main"', json.dumps(str(runs))) for line in params["source"]]
+    (tmp_path / "inspector.ipynb").write_text(json.dumps(nb))
+    port, token = _free_port(), "wb-test-token"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}", "--ServerApp.port_retries=0", "--allow-root"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "JupyterLab did not start"
+                time.sleep(0.5)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1600})
+            ARTIFACTS.mkdir(exist_ok=True)
+            try:
+                page.goto(f"http://127.0.0.1:{port}/lab/tree/inspector.ipynb?token={token}")
+                page.wait_for_selector(".jp-Notebook", timeout=60_000)
+                page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
+                page.click("text=Run", timeout=10_000)  # the Run menu
+                page.click("text=Run All Cells", timeout=10_000)
+                page.wait_for_selector(".wb-table tr", timeout=120_000)
+                page.wait_for_selector(".js-plotly-plot", timeout=60_000)
+                page.locator(".wb-sample-select select").select_option(index=0)  # pick a sample: its tokens are drawn in colour
+                page.wait_for_selector(".wb-token", timeout=30_000)
+                rows = page.locator(".wb-table tbody tr").count()
+                tokens = page.locator(".wb-token").count()
+                page.locator(".wb-tokens").first.scroll_into_view_if_needed()
+                page.screenshot(path=str(ARTIFACTS / "inspector-sample.png"))  # scatter and coloured tokens
+            finally:  # the screenshot is kept whatever happened: test-artifacts/inspector.png
+                page.screenshot(path=str(ARTIFACTS / "inspector.png"), full_page=True)
+                browser.close()
+        assert rows == 25 and tokens > 0
+    finally:  # the server stops with the test, whatever happened
+        if server.poll() is None:
+            os.killpg(server.pid, 15)
+        server.wait(timeout=30)
