@@ -141,6 +141,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_all_cells(page, attempts: int = 3) -> None:
+    """Run > Run All Cells, until the first cell has started (a click can land while JupyterLab is still wiring
+    the kernel up; it is then ignored, so try again)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for _ in range(attempts):
+        page.click(".lm-MenuBar-itemLabel:text-is('Run')", timeout=10_000)
+        page.click(".lm-Menu-itemLabel:text-is('Run All Cells')", timeout=10_000)
+        try:
+            page.wait_for_selector(".jp-InputPrompt:has-text('[1]')", timeout=20_000)
+            return
+        except PlaywrightTimeout:
+            page.keyboard.press("Escape")
+    raise AssertionError(f"Run All Cells did not start the notebook in {attempts} attempts")
+
+
 def test_inspector_notebook_renders_in_jupyterlab(runs, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -172,8 +188,7 @@ def test_inspector_notebook_renders_in_jupyterlab(runs, tmp_path):
                 page.goto(f"http://127.0.0.1:{port}/lab/tree/inspector.ipynb?token={token}")
                 page.wait_for_selector(".jp-Notebook", timeout=60_000)
                 page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
-                page.click("text=Run", timeout=10_000)  # the Run menu
-                page.click("text=Run All Cells", timeout=10_000)
+                _run_all_cells(page)
                 page.wait_for_selector(".wb-table tr", timeout=120_000)
                 page.wait_for_selector(".js-plotly-plot", timeout=60_000)
                 page.locator(".wb-sample-select select").select_option(index=0)  # pick a sample: its tokens are drawn in colour
