@@ -37,7 +37,7 @@ from torch import Tensor
 
 from . import data, models, scoring, stats
 from .logprobs import reference_adapter, response_logprobs
-from .runs import _read_jsonl, _write_json, parse_run_name, to_jsonable
+from .runs import _read_jsonl, _write_json, parse_run_name, to_jsonable, write_jsonl
 
 REFERENCE_FREE = ("orpo", "simpo")  # their implicit reward is the length-normalised log-likelihood, no π_ref
 
@@ -269,18 +269,19 @@ def _accuracy_interval(correct: list, ids: list, cfg: "EvalConfig") -> dict:
     return {"pairs/accuracy": est, "pairs/accuracy_lo": lo, "pairs/accuracy_hi": hi}
 
 
-def _pair_accuracies(records: list[dict], reference_free: bool) -> dict:
+def _pair_accuracies(records: list[dict], reference_free: bool, cfg: "EvalConfig") -> dict:
     """Preference accuracy of a policy's implicit reward on held-out pairs: β·log π/π_ref (DPO, Eq. 5 of
     arXiv:2305.18290), or for the reference-free arms the length-normalised log-likelihood (SimPO's reward,
-    arXiv:2405.14734 Eq. 4; ORPO's log-odds is increasing in it, so it ranks the same)."""
+    arXiv:2405.14734 Eq. 4; ORPO's log-odds is increasing in it, so it ranks the same); with an interval."""
     avg = [r["policy_chosen_logp"] / r["chosen_tokens"] > r["policy_rejected_logp"] / r["rejected_tokens"] for r in records]
     for r, a in zip(records, avg):
         r["avg_logp_correct"] = a
     n = len(records)
     implicit = sum(r["correct"] for r in records) / n
     avg_acc = sum(avg) / n
-    return {"pairs/accuracy": avg_acc if reference_free else implicit, "pairs/implicit_accuracy": implicit,
-            "pairs/avg_logp_accuracy": avg_acc, "pairs/margin": sum(r["margin"] for r in records) / n,
+    key = "avg_logp_correct" if reference_free else "correct"
+    return {**_accuracy_interval([r[key] for r in records], [r["id"] for r in records], cfg),
+            "pairs/implicit_accuracy": implicit, "pairs/avg_logp_accuracy": avg_acc, "pairs/margin": sum(r["margin"] for r in records) / n,
             "pairs/length_baseline": sum(r["chosen_tokens"] > r["rejected_tokens"] for r in records) / n}
 
 
@@ -375,28 +376,20 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
                                            batch_size=None)
         for r, ex in zip(pair_records, eval_pairs):  # the inspector shows the prompt and the texts beside the tokens
             r.update({"prompt": ex["prompt"], "chosen": ex["chosen"][0]["content"], "rejected": ex["rejected"][0]["content"]})
-        summary.update(_pair_accuracies(pair_records, info["method"] in REFERENCE_FREE))
-        key = "avg_logp_correct" if info["method"] in REFERENCE_FREE else "correct"
-        summary.update(_accuracy_interval([r[key] for r in pair_records], [r["id"] for r in pair_records], cfg))
+        summary.update(_pair_accuracies(pair_records, info["method"] in REFERENCE_FREE, cfg))
         summary.update(_generation_summary(gens, cfg))
         del model
     for key, fn in (("pairs/proxy_rm_accuracy", proxy), ("pairs/gold_rm_accuracy", gold)):
         if fn is not None:
             summary[key] = _rm_accuracy(fn, eval_pairs)
-    _write_jsonl(partial / "generations.jsonl", gens)
-    _write_jsonl(partial / "pairs.jsonl", pair_records)
+    write_jsonl(partial / "generations.jsonl", gens)
+    write_jsonl(partial / "pairs.jsonl", pair_records)
     _write_json(partial / "summary.json", {**summary, "time/eval_s": round(time.time() - t0, 1)})
     if out.exists():
         shutil.rmtree(out)
     os.replace(partial, out)
     print(f"[evaluate] {run_path.name}: {out}", flush=True)
     return out
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(to_jsonable(r)) + "\n")
 
 
 def read_eval(run_path, name: str = "default") -> dict:

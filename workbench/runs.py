@@ -165,9 +165,7 @@ class Run:
         """Per-sample records as ``records/<name>.jsonl``; one JSON object per sample."""
         out = self.partial_path / "records" / f"{name}.jsonl"
         out.parent.mkdir(exist_ok=True)
-        with open(out, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(to_jsonable(r)) + "\n")
+        write_jsonl(out, records)
         return out
 
     def write_json(self, name: str, obj) -> Path:
@@ -191,6 +189,13 @@ class Run:
         self.partial_path.rename(self.failed_path)
         self._path = self.failed_path
         return False  # re-raise
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """One JSON object per line (NaN/inf as strings, like every JSON the workbench writes)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(to_jsonable(r)) + "\n")
 
 
 def _write_json(path: Path, obj) -> None:

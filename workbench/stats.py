@@ -22,7 +22,7 @@ def wins(scores, baseline_scores) -> np.ndarray:
     return (a > b) + 0.5 * (a == b)
 
 
-def cluster_bootstrap(values, clusters, statistic, n_boot: int = 1000, seed: int = 0):
+def cluster_bootstrap(clusters, statistic, n_boot: int = 1000, seed: int = 0):
     """(estimate, lo, hi): ``statistic(indices)`` on all samples, and the 2.5/97.5 percentiles of it over
     ``n_boot`` resamples of the clusters (prompts) with replacement, each drawn cluster bringing all its samples."""
     clusters = np.asarray(clusters)
@@ -41,7 +41,7 @@ def cluster_bootstrap(values, clusters, statistic, n_boot: int = 1000, seed: int
 def bootstrap_mean(values, clusters, n_boot: int = 1000, seed: int = 0):
     """(mean, lo, hi) of ``values`` with a cluster-bootstrap interval."""
     v = np.asarray(values, float)
-    return cluster_bootstrap(v, clusters, lambda idx: v[idx].mean(), n_boot, seed)
+    return cluster_bootstrap(clusters, lambda idx: v[idx].mean(), n_boot, seed)
 
 
 def _fit_logistic(x: np.ndarray, y: np.ndarray, ridge: float = 1e-4, iters: int = 50) -> np.ndarray:
@@ -78,8 +78,8 @@ def win_rate_summary(win, length_diff, clusters, prefix: str, n_boot: int = 1000
     ``<prefix>_lo``, ``<prefix>_hi``, ``<prefix>_lc``, ``<prefix>_lc_lo``, ``<prefix>_lc_hi``."""
     w, d = np.asarray(win, float), np.asarray(length_diff, float)
     scale = d.std()
-    raw = cluster_bootstrap(w, clusters, lambda idx: w[idx].mean(), n_boot, seed)
-    lc = cluster_bootstrap(w, clusters, lambda idx: length_controlled_win_rate(w[idx], d[idx], scale), n_boot, seed)
+    raw = cluster_bootstrap(clusters, lambda idx: w[idx].mean(), n_boot, seed)
+    lc = cluster_bootstrap(clusters, lambda idx: length_controlled_win_rate(w[idx], d[idx], scale), n_boot, seed)
     return {prefix: raw[0], f"{prefix}_lo": raw[1], f"{prefix}_hi": raw[2],
             f"{prefix}_lc": lc[0], f"{prefix}_lc_lo": lc[1], f"{prefix}_lc_hi": lc[2], f"{prefix}_n": len(w)}
 

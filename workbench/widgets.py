@@ -84,7 +84,7 @@ class InspectorModel:
         if len(self.generations):
             self.generations["length"] = self.generations["response_tokens"]
         self.selected: set = set()  # keys (run, id[, sample]) chosen in the scatter or the table
-        self._tokenizers = {}
+        self._tokenizers, self._drift = {}, {}
 
     # --- the table
     def frame(self, view: str) -> pd.DataFrame:
@@ -178,12 +178,12 @@ class InspectorModel:
     def drift(self, run: str) -> pd.DataFrame:
         """Per logged training iteration: mean KL and reward of the samples (PPO's records/rollouts.jsonl); empty
         when the run logged no samples during training."""
-        path = self.paths[run] / "records" / "rollouts.jsonl"
-        if not path.exists():
-            return pd.DataFrame()
-        df = pd.DataFrame(_read_jsonl(path))
-        cols = [c for c in ("kl", "score", "gold_score") if c in df and df[c].notna().any()]
-        return df.groupby("iteration")[cols].mean().reset_index()
+        if run not in self._drift:  # read once: the file does not change under a finished run
+            path = self.paths[run] / "records" / "rollouts.jsonl"
+            df = pd.DataFrame(_read_jsonl(path)) if path.exists() else pd.DataFrame()
+            cols = [c for c in ("kl", "score", "gold_score") if c in df and df[c].notna().any()]
+            self._drift[run] = df.groupby("iteration")[cols].mean().reset_index() if len(df) else df
+        return self._drift[run]
 
 
 def _cell(v) -> str:
