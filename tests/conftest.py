@@ -1,10 +1,16 @@
 """Shared fixtures: the real HH-RLHF copy beside the repository, the real SmolLM2 tokenizer, and a tiny random
 Llama model built from it (real vocabulary and shapes, 2 layers, trains in milliseconds)."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# dtype="auto" is bf16 on CPUs with AMX/AVX512-BF16 and fp32 on others; the suite's numbers must not depend on the
+# CPU, so "auto" means float32 here (papermill kernels inherit it). The bf16 path is tested explicitly on every CPU
+# (tests/test_bf16.py), and "auto"'s own resolution by a unit test there.
+os.environ["WORKBENCH_DTYPE"] = "float32"
 
 REPO = Path(__file__).resolve().parents[1]
 HH_DIR = REPO.parent / "shared" / "data" / "hh-rlhf"

@@ -201,6 +201,7 @@ def test_4bit_lora_policy_trains_and_its_reference_is_the_base(tiny_model_dir, s
     # the same base, loaded on its own with the same quantization
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), quantization_config=models.quantization_config(ModelConfig()),
                                                 dtype=torch.float32, device_map={"": "cpu"}).eval()
+    models.keep_4bit_trainable(base)  # as the workbench's loaders do: the same 4-bit layout on every CPU
     prompts, completions = _ragged_batch(tok, hh_pairs[:2])
     ids, attn, cmask = logprobs.pad_right(prompts, completions, tok.pad_token_id)
     with torch.no_grad():

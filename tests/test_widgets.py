@@ -143,17 +143,22 @@ def _free_port() -> int:
 
 def _run_all_cells(page, attempts: int = 3) -> None:
     """Run > Run All Cells, until the first cell has started (a click can land while JupyterLab is still wiring
-    the kernel up; it is then ignored, so try again)."""
+    the kernel up; it is then ignored, so try again). On a loaded machine JupyterLab may meanwhile ask which kernel
+    to use ("Select Kernel"): accept its default, as a person would, before trying again."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     for _ in range(attempts):
         page.click(".lm-MenuBar-itemLabel:text-is('Run')", timeout=10_000)
         page.click(".lm-Menu-itemLabel:text-is('Run All Cells')", timeout=10_000)
         try:
-            page.wait_for_selector(".jp-InputPrompt:has-text('[1]')", timeout=20_000)
+            page.wait_for_selector(".jp-InputPrompt:has-text('[1]')", timeout=45_000)
             return
         except PlaywrightTimeout:
             page.keyboard.press("Escape")
+            dialog_accept = page.locator(".jp-Dialog .jp-Dialog-button.jp-mod-accept")
+            if dialog_accept.count():
+                dialog_accept.first.click(timeout=10_000)
+                page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
     raise AssertionError(f"Run All Cells did not start the notebook in {attempts} attempts")
 
 

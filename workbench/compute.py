@@ -124,3 +124,25 @@ class TokenCounter:
                 "wall_time_s": wall_time_s,
                 "method": "forward pre-hooks count real tokens per call; FLOPs = 2N per forward token, +2N (LoRA on a "
                           "frozen base) or +4N (full training) per trained token (Kaplan et al. 2020, arXiv:2001.08361)"}
+
+
+def peak_matmul_flops(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 1.0) -> float:
+    """This machine's own peak: FLOP/s of a square (n × n) @ (n × n) matmul in ``dtype`` on the default device,
+    best of repeated calls for about ``seconds`` after a warm-up. Benchmarks print a step's achieved FLOP/s (from
+    ``TokenCounter``) as a fraction of it, so a goal like "25 % of peak" means the same on every machine."""
+    import time
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    a, b = (torch.randn(n, n, device=dev).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+

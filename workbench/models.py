@@ -65,12 +65,14 @@ class ModelConfig(trl.ModelConfig):
 
     Defaults follow QLoRA (Dettmers et al. 2023, arXiv:2305.14314): NF4 4-bit weights with double ("nested")
     quantization and LoRA adapters on all linear layers. They are the same on CPU and GPU; only the compute
-    dtype differs (``dtype="auto"``: bfloat16 on a CUDA GPU that supports it, float32 otherwise).
+    dtype follows the hardware (``dtype="auto"``: bfloat16 where it is native, on a GPU or a CPU, float32
+    otherwise; ``compute_dtype``).
     """
 
     # hub name, local directory, or "embedded:<name>"
     model_name_or_path: str | None = EMBEDDED_POLICY
-    # "auto" = bfloat16 on a bf16-capable GPU, float32 elsewhere (bitsandbytes' CPU path computes in float32)
+    # "auto" = bfloat16 where the hardware computes it natively (a bf16 GPU; a CPU with AMX or AVX512-BF16),
+    # float32 elsewhere (``compute_dtype``); "float32" / "bfloat16" force one
     dtype: str | None = "auto"
     # train LoRA adapters, not the base weights; the reference model is the base with the adapter disabled
     use_peft: bool = True
@@ -96,11 +98,50 @@ def device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def native_bf16() -> tuple[bool, str]:
+    """(whether this machine multiplies bf16 matrices in hardware, what it is): a CUDA GPU that supports bf16, or a
+    CPU with AMX or AVX512-BF16 (as torch reports them). On such a CPU bf16 matmuls run several times faster than
+    fp32 (benchmarks/bench_dpo_step.py prints both peaks); without them bf16 is emulated and slower than fp32."""
+    if torch.cuda.is_available():
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"CUDA GPU {torch.cuda.get_device_name(0)} ({'bf16' if ok else 'no bf16'})"
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    flags = [f for f in ("amx_bf16", "avx512_bf16") if caps.get(f)]
+    return bool(flags), f"CPU {caps.get('cpu_name', 'unknown')} ({', '.join(flags) or 'no AMX/AVX512-BF16'})"
+
+
+_announced: set[str] = set()
+
+
 def compute_dtype(dtype: str | None = "auto") -> torch.dtype:
-    """Resolve "auto" to bfloat16 on a bf16-capable GPU and float32 elsewhere; pass other names through."""
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, dtype)
+    """The dtype models compute in. "auto": bfloat16 where the hardware computes it natively (``native_bf16``),
+    float32 elsewhere; the choice is printed once per process and recorded in each run's env.json. Other names
+    ("float32", "bfloat16", ...) pass through."""
+    if dtype not in (None, "auto"):
+        return _dtype_named(dtype, "ModelConfig.dtype")
+    native, what = native_bf16()
+    chosen = torch.bfloat16 if native else torch.float32
+    forced = os.environ.get("WORKBENCH_DTYPE")
+    if forced:  # e.g. to compare with a run from a machine without bf16; the test suite pins float32 this way
+        chosen, what = _dtype_named(forced, "$WORKBENCH_DTYPE"), f"{what}, overridden by WORKBENCH_DTYPE={forced}"
+    if what not in _announced:
+        _announced.add(what)
+        print(f"[workbench] dtype auto -> {str(chosen).removeprefix('torch.')} on {what}", flush=True)
+    return chosen
+
+
+def _dtype_named(name: str, where: str) -> torch.dtype:
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"{where}={name!r}: use 'auto', 'float32', 'bfloat16' or 'float16'.")
+    return getattr(torch, name)
+
+
+def weights_dtype(cfg: "ModelConfig", trainable: bool = True) -> torch.dtype:
+    """The dtype a model's weights are loaded in: the compute dtype, except for weights that are trained in full
+    (no adapter, no quantization), which stay float32 as master weights of mixed precision; TRL's ``bf16`` then
+    computes in bf16 under autocast. LoRA adapters are float32 in any case (peft casts them up)."""
+    full_training = trainable and not cfg.use_peft and not (cfg.load_in_4bit or cfg.load_in_8bit)
+    return torch.float32 if full_training else compute_dtype(cfg.dtype)
 
 
 def quantization_config(cfg: ModelConfig) -> BitsAndBytesConfig | None:
@@ -330,7 +371,7 @@ def load_policy(cfg: ModelConfig | None = None, adapter: str | None = None, trai
     model = AutoModelForCausalLM.from_pretrained(
         path,
         revision=cfg.model_revision if not Path(path).exists() else None,
-        dtype=compute_dtype(cfg.dtype),
+        dtype=weights_dtype(cfg, trainable),
         quantization_config=quant,
         device_map={"": str(device())},
         attn_implementation=cfg.attn_implementation,
@@ -366,7 +407,7 @@ def load_reward_model(cfg: ModelConfig | None = None, adapter: str | None = None
     tokenizer = load_tokenizer(path, padding_side="right")
     quant = quantization_config(cfg)
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=compute_dtype(cfg.dtype), quantization_config=quant, device_map={"": str(device())}
+        path, num_labels=1, dtype=weights_dtype(cfg, trainable), quantization_config=quant, device_map={"": str(device())}
     )
     if model.config.pad_token_id is None:  # decoder classifiers find the last token through the pad id
         model.config.pad_token_id = tokenizer.pad_token_id

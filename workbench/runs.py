@@ -88,7 +88,10 @@ def environment() -> dict:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             versions[pkg] = None
+    from .models import compute_dtype, native_bf16  # lazily: reading run folders needs no model code
+
     cuda = torch.cuda.is_available()
+    native, hardware = native_bf16()
     return {
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
@@ -97,6 +100,10 @@ def environment() -> dict:
         "packages": versions,
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "cuda": torch.version.cuda if cuda else None,
+        # what dtype="auto" resolves to here, and why (models.compute_dtype): the run's numbers depend on it
+        "native_bf16": native,
+        "hardware": hardware,
+        "dtype_auto": str(compute_dtype("auto")).removeprefix("torch."),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }

@@ -57,13 +57,22 @@ class _WorkbenchFields:
     score_batch_size: int | None = None  # pairs per scoring forward; None: 8 on a GPU, 2 on a CPU
     score_beta: float | None = None  # β of the scored implicit reward; None: the arm's β if it has a reference, else 0.1
     # TRL defaults changed for CPU-first use; each is a plain TRL option:
-    bf16: bool = field(default_factory=lambda: torch.cuda.is_available() and torch.cuda.is_bf16_supported())  # TRL: True
+    # None: follow the model's compute dtype (models.compute_dtype), i.e. bf16 mixed precision where the hardware
+    # computes bf16 natively (a bf16 GPU, a CPU with AMX/AVX512-BF16), fp32 elsewhere. TRL: True
+    bf16: bool | None = None
     gradient_checkpointing: bool = False  # TRL: True. Saves memory on big models, costs ~30% time; QLoRA on GPU: set True
     save_strategy: str = "no"  # the adapter is saved once, into the run folder
     logging_steps: float = 1
     report_to: str | list[str] = "none"
     per_device_train_batch_size: int = 4
     max_length: int | None = 512
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = models.compute_dtype(self.model.dtype) == torch.bfloat16
+        if self.bf16 and not torch.cuda.is_available():
+            self.use_cpu = True  # transformers accepts bf16 without a GPU only when told it trains on the CPU
+        super().__post_init__()
 
 
 @dataclass
@@ -288,12 +297,11 @@ def build_trainer(method: str, cfg, policy, tokenizer, dataset, run: Run, reward
     extra = {"reward_funcs": [reward_fn]} if method in RL_METHODS else {}
     trainer = _guarded(trainer_cls, run, tokenizer)(
         model=policy, args=cfg, train_dataset=dataset, processing_class=tokenizer, callbacks=[_RunLogger(run)], **extra)
-    # TRL's RewardTrainer casts the trainable parameters of a quantized model to bf16 (QLoRA's advice for bf16
-    # compute). Where compute is fp32 (the CPU) a bf16 score head then meets fp32 activations: keep them fp32.
-    dtype = models.compute_dtype(cfg.model.dtype)
+    # Mixed precision: every trained parameter stays float32 (bf16 compute comes from TRL's autocast). TRL's
+    # RewardTrainer casts the trainable parameters of a quantized model to bf16 (QLoRA's advice); undo that.
     for p in policy.parameters():
-        if p.requires_grad and p.dtype != dtype and p.is_floating_point() and dtype == torch.float32:
-            p.data = p.data.to(dtype)
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
     return trainer
 
 
