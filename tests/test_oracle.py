@@ -1,7 +1,9 @@
 """The bandit oracle (workbench/bandit.py): each preference objective of workbench/losses.py, trained on sampled
 Bradley–Terry pairs in a tabular bandit, reaches the policy that theory says it should: π* for DPO and rDPO,
 its own optimum for IPO, closed-form margins for hinge and EXO on two arms, and the right direction for the rest.
-A deliberately wrong formula fails the same checks. Every seed is fixed; the file runs in seconds on a CPU."""
+A deliberately wrong formula fails the same checks. The RL arms are checked on the same bandit: our own PPO and
+RLOO loops, and TRL's own RLOOTrainer and GRPOTrainer as the study configures them (section 7). Every seed is fixed;
+section 7 takes about a minute on 2 CPU cores, the rest about 20 s."""
 
 import math
 
@@ -305,3 +307,148 @@ def test_k3_as_a_reward_penalty_misses_the_optimum(bandit):
 
     pi = train_tabular_ppo(bandit, 0.25, seed=1, kl_estimator="k3")
     assert total_variation(pi, bandit.optimal_policy(0.25)) > 0.15
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. TRL's own RLOO and GRPO trainers, as the study configures them (train.RLOOArgs / train.GRPOArgs: k = 4
+# completions per prompt, temperature 0.7), on the bandit as a tabular causal LM. The loops above test our code;
+# these test the estimators the study actually trains with.
+
+TRL_BETA = 0.5
+TRL_K = 4  # the study's num_generations
+# 128 prompts × 4 completions per step, lr 0.2 decayed linearly to 0 (the table is tiny): what remains after these
+# steps is Adam's noise (seeds 0-3 land within 0.009 of π* for RLOO and 0.022 of the GRPO variants' targets).
+# GRPO's std-scaled advantages are noisier: at these settings seeds 0-3 ended 0.016-0.047 from its fixed point,
+# so the study's GRPO runs 300 steps at lr 0.1 (0.008-0.019).
+TRL_RUN = dict(n_prompts=128, k=TRL_K, lr=0.2)
+BETA_GRID = torch.logspace(-2, 2, 400).tolist()  # "π* of any β": 0.01 … 100
+
+
+def test_tabular_lm_is_pi_ref_as_trl_sees_it(bandit, tmp_path):
+    """The wiring every TRL test below relies on: TRL's policy and the reference it builds from disk are π_ref, its
+    fused log-prob head returns log π_ref(y|x) at the sampling temperature, its generate path samples π_ref, and
+    the reward function reads r(x, y) back from the text."""
+    from workbench.bandit import (bandit_reward_func, bandit_vocabulary, small_lm_head_tiles, tabular_policy,
+                                  trl_trainer)
+
+    trainer = trl_trainer("rloo", bandit, TRL_BETA, tmp_path, steps=1, **TRL_RUN)
+    temperature = trainer.args.temperature
+    assert temperature == 0.7  # the study's, so the table holds 0.7·log π_ref
+    assert trainer.ref_model is not None and trainer.ref_model is not trainer.model
+    for model in (trainer.model, trainer.ref_model):
+        assert torch.allclose(tabular_policy(model, bandit, temperature), bandit.reference_probs, atol=1e-6)
+
+    vocab = bandit_vocabulary(bandit)
+    n_prompts, k = bandit.rewards.shape
+    x, y = torch.meshgrid(torch.arange(n_prompts), torch.arange(k), indexing="ij")
+    x, y = x.flatten(), y.flatten()
+    input_ids = torch.stack([x + vocab["prompt0"], y + vocab["response0"]], 1)  # (P·K, 2): prompt, response
+    logps = lambda: trainer._get_per_token_logps_and_entropies(  # noqa: E731
+        trainer.model, input_ids, torch.ones_like(input_ids), 1, compute_entropy=True)
+    with torch.no_grad():
+        wide = logps()
+        with small_lm_head_tiles(len(vocab)):  # what training runs under: the same numbers, faster
+            narrow = logps()
+    assert torch.allclose(wide[0][:, 0], bandit.reference_probs.log()[x, y], atol=1e-5)
+    assert torch.equal(wide[0], narrow[0]) and torch.equal(wide[1], narrow[1])
+
+    n = 4096
+    prompts = [f"prompt{p}" for p in range(n_prompts) for _ in range(n)]
+    _, completion_ids, completions = trainer._generate(prompts)
+    responses = torch.tensor([ids[0] for ids in completion_ids]).view(n_prompts, n) - vocab["response0"]
+    frequencies = torch.nn.functional.one_hot(responses, k).float().mean(1)  # (P, K)
+    assert total_variation(frequencies, bandit.reference_probs) < 0.03  # sampling error ~0.01 at n = 4096
+    rewards = bandit_reward_func(bandit)(prompts, completions, completion_ids)
+    assert rewards == bandit.rewards[torch.arange(n_prompts).repeat_interleave(n), responses.flatten()].tolist()
+
+
+@pytest.fixture(scope="module")
+def trl_rloo(bandit, tmp_path_factory):
+    """TRL's RLOOTrainer trained at β = 0.5 (100 steps) and 0.25 (150: the larger log-ratios take longer)."""
+    from workbench.bandit import train_trl_rloo
+
+    return {beta: train_trl_rloo(bandit, beta, tmp_path_factory.mktemp("rloo"), steps=steps, **TRL_RUN)
+            for beta, steps in ((0.5, 100), (0.25, 150))}
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.25])
+def test_trl_rloo_reaches_the_kl_regularised_optimum(bandit, trl_rloo, beta):
+    """RLOO puts the k1 KL into the sequence reward, with no gradient through it; the score-function gradient of
+    E_π[r − β·log(π/π_ref)] is ∇(E_π[r] − β·KL), and the leave-one-out baseline adds no bias, so TRL's RLOO
+    should stop at π*. Each run lands near its own β's π* and far from the other's (the test can tell β apart)."""
+    other = 0.25 if beta == 0.5 else 0.5
+    assert total_variation(bandit.reference_probs, bandit.optimal_policy(beta)) > 0.25
+    assert total_variation(trl_rloo[beta], bandit.optimal_policy(beta)) < 0.05
+    assert total_variation(trl_rloo[beta], bandit.optimal_policy(other)) > 0.1
+
+
+def test_grpo_fixed_point_closed_forms(bandit):
+    """The numerical GRPO fixed point against what can be worked out by hand."""
+    from workbench.bandit import grpo_expected_advantages, grpo_fixed_point
+
+    # one group [x, b, b, b] (k = 4): mean = (x + 3b)/4, Bessel std = |x − b|/2, so A_x = −1.5 for any x < b
+    two = Bandit(torch.tensor([[0.5, 0.5]]), torch.tensor([[0.0, 1.0]]))
+    almost_b = torch.tensor([[1e-12, 1 - 1e-12]], dtype=torch.float64)
+    assert abs(grpo_expected_advantages(two, almost_b, 4)[0, 0].item() + 1.5 / (1 + 2e-4)) < 1e-6
+    assert abs(grpo_expected_advantages(two, almost_b, 4, scale_rewards=False)[0, 0].item() + 0.75) < 1e-6
+    # without std scaling a = (1 − 1/k)·(r − E_π[r]): the fixed point is π* at β·k/(k − 1), exactly
+    plain, residual = grpo_fixed_point(bandit, TRL_BETA, TRL_K, scale_rewards=False)
+    assert residual < 1e-12
+    assert total_variation(plain, bandit.optimal_policy(TRL_BETA * TRL_K / (TRL_K - 1)).double()) < 1e-6
+    # with it, the fixed point is a stationary point but not π* of any β
+    scaled, residual = grpo_fixed_point(bandit, TRL_BETA, TRL_K)
+    assert residual < 1e-12
+    assert min(total_variation(scaled, bandit.optimal_policy(b).double()) for b in BETA_GRID) > 0.13
+
+
+@pytest.fixture(scope="module")
+def trl_grpo(bandit, tmp_path_factory):
+    """TRL's GRPOTrainer at β = 0.5 with the study's settings (std-scaled advantages, bias-corrected k3), and with
+    one setting changed at a time: {name: learned π}."""
+    from workbench.bandit import train_trl_grpo
+
+    variants = {"study": (dict(steps=300, lr=0.1), {}),
+                "scale_rewards=none": (dict(steps=100), dict(scale_rewards="none")),
+                "use_bias_correction_kl=False": (dict(steps=150), dict(use_bias_correction_kl=False))}
+    return {name: train_trl_grpo(bandit, TRL_BETA, tmp_path_factory.mktemp("grpo"), **{**TRL_RUN, **run}, **options)
+            for name, (run, options) in variants.items()}
+
+
+def test_trl_grpo_without_std_scaling_reaches_pi_star_of_a_larger_beta(bandit, trl_grpo):
+    """With scale_rewards="none", E[A | y] = (1 − 1/k)·(r(y) − E_π[r]) (the group mean includes y) while the KL
+    term keeps its weight β: GRPO maximises (1 − 1/k)·E_π[r] − β·KL, i.e. reaches π* at β·k/(k − 1), not at β."""
+    pi = trl_grpo["scale_rewards=none"]
+    assert total_variation(pi, bandit.optimal_policy(TRL_BETA * TRL_K / (TRL_K - 1))) < 0.05
+    assert total_variation(pi, bandit.optimal_policy(TRL_BETA)) > 0.1
+
+
+def test_trl_grpo_reaches_its_own_fixed_point_not_pi_star(bandit, trl_grpo):
+    """The study's GRPO (advantages divided by the group std, KL as β·k3·ratio in the loss) stops where
+    log π = log π_ref + a_π/β + const (``grpo_fixed_point``), which is not π* of any β: it improves on π_ref in
+    expected reward and toward π*, but the std scaling weighs responses by rank-like advantages, not by r."""
+    from workbench.bandit import grpo_fixed_point
+
+    pi = trl_grpo["study"]
+    target, _ = grpo_fixed_point(bandit, TRL_BETA, TRL_K)
+    assert total_variation(pi, target.float()) < 0.05
+    assert min(total_variation(pi, bandit.optimal_policy(b)) for b in BETA_GRID) > 0.08
+    # the direction: better in expected reward and on the best response, closer to π* than π_ref was
+    best = bandit.rewards.argmax(-1, keepdim=True)
+    assert (expected_reward(bandit, pi) > expected_reward(bandit, bandit.reference_probs) + 0.5).all()
+    assert (pi.gather(1, best) > bandit.reference_probs.gather(1, best) + 0.2).all()
+    pi_star = bandit.optimal_policy(TRL_BETA)
+    assert total_variation(pi, pi_star) < total_variation(bandit.reference_probs, pi_star) - 0.2
+
+
+def test_trl_grpo_kl_gradient_follows_its_bias_correction_flag(bandit, trl_grpo):
+    """k3 = π_ref/π − log(π_ref/π) − 1 in the loss has the gradient of the *forward* KL(π_ref ‖ π) in expectation;
+    TRL multiplies it by the (value-1) ratio by default, which turns the gradient into that of the reverse
+    KL(π ‖ π_ref). The two fixed points differ by TV 0.21 here, and TRL lands on the one its flag predicts."""
+    from workbench.bandit import grpo_fixed_point
+
+    reverse, _ = grpo_fixed_point(bandit, TRL_BETA, TRL_K, kl="reverse")
+    forward, _ = grpo_fixed_point(bandit, TRL_BETA, TRL_K, kl="forward")
+    assert total_variation(reverse, forward) > 0.2
+    pi = trl_grpo["use_bias_correction_kl=False"]
+    assert total_variation(pi, forward.float()) < 0.05
+    assert total_variation(pi, reverse.float()) > 0.15
