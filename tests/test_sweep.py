@@ -64,6 +64,34 @@ def test_gpu_grid_is_the_real_study():
     assert all(j.params.get("load_in_4bit", True) for j in jobs if j.stage != "evaluate")
 
 
+def test_seeds_run_the_main_study_once_per_seed_and_pair_references_by_seed():
+    from workbench import sweep as sw
+    from workbench.__main__ import _seed_list
+
+    _, one = sw.load_grid(REPO / "grids" / "main.yaml")
+    _, three = sw.load_grid(REPO / "grids" / "main.yaml", seeds=[0, 1, 2])
+    trained = [j for j in one if not j.always]
+    assert len([j for j in three if not j.always]) == 3 * len(trained)
+    assert {j.params["seed"] for j in three if not j.always} == {0, 1, 2}
+    assert [j.stage for j in three if j.always] == [j.stage for j in one if j.always]  # evaluation once, over all
+    # seed 0's jobs are the very jobs of the one-seed study: adding seeds to a finished study reruns nothing
+    assert {j.id for j in trained if j.params.get("seed", 0) == 0} <= {j.id for j in three}
+    state = {}
+    ppo = next(j for j in three if j.params.get("method") == "ppo" and j.params["seed"] == 2)
+    sft = next(j for j in three if j.stage == "sft" and j.params["seed"] == 2)
+    state[sft.id] = {"status": "done", "run": "/runs/sft-seed-2"}
+    for j in three:  # every other referenced job is done too, in some other folder
+        state.setdefault(j.id, {"status": "done", "run": f"/runs/{j.id}"})
+    params, why = sw._resolve(ppo, state, three)
+    assert why is None and params["sft_run"] == "/runs/sft-seed-2"
+    assert _seed_list("0,1,2") == [0, 1, 2]
+    for bad in ("a,b", "", "-1"):
+        with pytest.raises(Exception, match="--seeds"):
+            _seed_list(bad)
+    with pytest.raises(ValueError, match="seeds must be"):
+        sw.load_grid(REPO / "grids" / "main.yaml", seeds=[])
+
+
 def test_a_bad_grid_lists_every_problem_before_running(tmp_path):
     bad = {"name": "bad", "colour": "red", "stages": [
         {"stage": "sft", "notebook": "01_sft.ipynb", "params": {"max_stepz": 2, "seed": "zero"}},

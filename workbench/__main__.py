@@ -8,6 +8,16 @@ import dataclasses
 import sys
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: give comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"--seeds {text!r}: give one or more integers >= 0, e.g. 0,1,2")
+    return seeds
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import pipeline
 
@@ -18,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     p_study.add_argument("--runs-dir", help="runs root (default: the grid's runs_dir, runs/main)")
     p_study.add_argument("--figures", default="figures", help="where the figures go (default: %(default)s)")
     p_study.add_argument("--paper", default="papers/draft.md", help="the filled paper draft (default: %(default)s)")
+    p_study.add_argument("--seeds", type=_seed_list, help="comma-separated seeds, e.g. 0,1,2: the study once per seed "
+                         "(default: the grid's own); finished runs of other seeds are kept")
     p_main = sub.add_parser("score", help="score held-out pairs under a fresh policy (see workbench/pipeline.py)")
     defaults = pipeline.ScoreConfig()
     for f in dataclasses.fields(pipeline.ScoreConfig):
@@ -98,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[paper] {paper.build(table, args.out, args.figures)}")
         return 0
     if args.command == "main":
-        pipeline.run_study(args.grid, args.runs_dir, args.figures, args.paper)
+        pipeline.run_study(args.grid, args.runs_dir, args.figures, args.paper, seeds=args.seeds)
         return 0
     if args.command == "score":
         from .models import ModelConfig

@@ -124,13 +124,22 @@ def _check_job(job: Job, nb_params: dict, stages_before: list[str]) -> list[str]
     return problems
 
 
-def load_grid(path, overrides: dict | None = None) -> tuple[dict, list[Job]]:
+def load_grid(path, overrides: dict | None = None, seeds: list[int] | None = None) -> tuple[dict, list[Job]]:
     """(grid, jobs) from a grid file, validated; ``overrides`` replace the grid's ``defaults`` (a stage's own
-    ``params`` and ``grid`` still win), e.g. a tiny model for tests. Every problem is listed in one ValueError."""
+    ``params`` and ``grid`` still win), e.g. a tiny model for tests. ``seeds`` makes every stage that is not
+    ``always`` and whose notebook takes a ``seed`` run once per seed (its ``seed`` grid axis, replacing any), so
+    ``@stage`` references pair the jobs of one seed. Every problem is listed in one ValueError."""
     path = Path(path)
     grid = yaml.safe_load(path.read_text())
     if not isinstance(grid, dict):
         raise ValueError(f"{path}: a grid file is a YAML mapping with keys {sorted(GRID_KEYS)}.")
+    if seeds is not None:
+        if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+            raise ValueError(f"seeds must be a non-empty list of integers >= 0 (got {seeds!r}).")
+        for stage in grid.get("stages") or []:
+            nb = NOTEBOOKS / str(stage.get("notebook"))
+            if not stage.get("always") and nb.exists() and "seed" in notebook_parameters(nb):
+                stage["grid"] = {**(stage.get("grid") or {}), "seed": list(seeds)}
     problems = [f"unknown key '{k}' (known: {', '.join(sorted(GRID_KEYS))})" for k in grid if k not in GRID_KEYS]
     if not grid.get("name") or not re.fullmatch(r"[A-Za-z0-9_.-]+", str(grid.get("name"))):
         problems.append("'name' is required: letters, digits, '_', '.', '-'")
@@ -207,13 +216,14 @@ def _resolve(job: Job, state: dict, jobs: list[Job]) -> tuple[dict, str | None]:
 
 
 def run_sweep(grid_path, overrides: dict | None = None, runs_dir: str | None = None, retry_failed: bool = True,
-              kernel_name: str = "python3") -> SweepResult:
-    """Run (or resume) the sweep of a grid file and return what happened, with the results table when it has one."""
+              kernel_name: str = "python3", seeds: list[int] | None = None) -> SweepResult:
+    """Run (or resume) the sweep of a grid file and return what happened, with the results table when it has one.
+    ``seeds``: run every seeded stage once per seed (``load_grid``); finished jobs of earlier seeds are kept."""
     import papermill as pm
 
     from .runs import _is_complete
 
-    grid, jobs = load_grid(grid_path, overrides)
+    grid, jobs = load_grid(grid_path, overrides, seeds)
     root = Path(runs_dir or grid.get("runs_dir") or os.environ.get("WORKBENCH_RUNS", "runs")).resolve()
     state_dir = root / "sweeps" / grid["name"]
     (state_dir / "notebooks").mkdir(parents=True, exist_ok=True)
