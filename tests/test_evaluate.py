@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from workbench import evaluate, figures, models, ppo, results, stats, train
+from workbench import data, evaluate, figures, models, ppo, results, scoring, stats, train
 from workbench.models import ModelConfig
 
 # ----------------------------------------------------------------------------------------------------------
@@ -43,6 +43,52 @@ def test_length_controlled_win_rate_removes_a_pure_length_effect():
     w2 = (rng.random(len(d)) < 0.7).astype(float)  # no length effect: the length-controlled rate is the raw one
     assert stats.length_controlled_win_rate(w2, d) == pytest.approx(w2.mean(), abs=0.02)
     assert stats.length_controlled_win_rate([1.0, 0.0, 1.0], [5, 5, 5]) == pytest.approx(2 / 3)
+
+
+def test_length_rule_picks_shorter_when_shorter_wins_on_training_pairs():
+    # Δ = chosen − rejected: −5, −10, +15, −20, −25: the shorter response is chosen in 4 of 5 pairs, and the one
+    # exception sits in the middle of |Δ|, so no threshold does better than the pure direction
+    rule = stats.fit_length_rule([10, 20, 45, 30, 40], [15, 30, 30, 50, 65])
+    assert (rule.small, rule.large, rule.threshold) == ("shorter", "shorter", math.inf) and rule.pure
+    assert rule.train_accuracy == pytest.approx(0.8) and rule.n_train == 5
+    assert rule.describe() == "prefer the shorter response" and rule.to_dict()["threshold"] is None
+    # held out: the rule is right, wrong, tied (half), wrong: by hand (1 + 0 + 0.5 + 0) / 4
+    held_c, held_r = [5, 9, 7, 7], [8, 3, 7, 1]
+    assert rule.credit(held_c, held_r).tolist() == [1.0, 0.0, 0.5, 0.0]
+    assert rule.accuracy(held_c, held_r) == pytest.approx(0.375)
+    longer = stats.LengthRule("longer", "longer")
+    assert longer.accuracy(held_c, held_r) == pytest.approx(1 - 0.375), "'longer wins' is the mirror image"
+
+
+def test_length_rule_finds_a_switch_of_direction_at_a_threshold():
+    # small differences (1..10 tokens): the longer response is chosen; large ones (30..40): the shorter
+    small = [(100 + d, 100) for d in range(1, 11)]
+    large = [(100, 100 + d) for d in range(30, 41)]
+    c, r = zip(*(small + large))
+    pure = max(stats.LengthRule(d, d).accuracy(c, r) for d in ("longer", "shorter"))
+    assert pure == pytest.approx(11 / 21)
+    rule = stats.fit_length_rule(c, r)
+    assert (rule.small, rule.large) == ("longer", "shorter") and 10 <= rule.threshold < 30 and not rule.pure
+    assert rule.train_accuracy == 1.0 and rule.n_train == 21
+    assert rule.describe().startswith("prefer the longer response when |Δ| ≤ ") and rule.describe().endswith("else the shorter")
+    # applied to new pairs: longer by 3 (chosen), shorter by 35 (chosen), longer by 50 (rejected)
+    assert rule.credit([53, 10, 70], [50, 45, 20]).tolist() == [1.0, 1.0, 0.0]
+    # symmetric in the pair: swapping the responses swaps the choice; equal lengths: no choice
+    a, b = np.array([53, 10, 70, 8]), np.array([50, 45, 20, 8])
+    assert rule.predict(a, b).tolist() == [1.0, 1.0, -1.0, 0.0] and (rule.predict(b, a) == -rule.predict(a, b)).all()
+
+
+def test_length_rule_counts_ties_half_and_prefers_the_simpler_rule():
+    # every training pair has equal lengths: every candidate scores 0.5, and the pure direction wins the tie
+    rule = stats.fit_length_rule([7, 7, 7], [7, 7, 7])
+    assert rule.pure and rule.train_accuracy == 0.5
+    # two ties and one pair where the longer is chosen: "longer" scores (0.5 + 0.5 + 1) / 3
+    rule = stats.fit_length_rule([5, 5, 9], [5, 5, 3])
+    assert rule.small == "longer" and rule.pure and rule.train_accuracy == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="at least one"):
+        stats.fit_length_rule([], [])
+    with pytest.raises(ValueError, match="one length"):
+        stats.fit_length_rule([1, 2], [1])
 
 
 def test_t_interval_by_hand():
@@ -101,8 +147,8 @@ def _fake_run(root: Path, method: str, seed: int, beta, gold: list[float], chose
     (path / "config.json").write_text(json.dumps({"seed": seed, "beta": beta, "sft_run": sft_run}))
     (path / "summary.json").write_text("{}")
     (path / "compute.json").write_text(json.dumps({"tokens": {"train": 10}, "flops": {"total": flops}}))
-    gens = [{"id": f"p{i // 2}", "sample": i % 2, "gold_score": g, "chosen_gold_score": c, "response_chars": n,
-             "chosen_chars": 100} for i, (g, c, n) in enumerate(zip(gold, chosen_gold, chars))]
+    gens = [{"id": f"p{i // 2}", "sample": i % 2, "gold_score": g, "chosen_gold_score": c, "response_tokens": n,
+             "chosen_tokens": 100} for i, (g, c, n) in enumerate(zip(gold, chosen_gold, chars))]
     ev = path / "eval" / "default"
     ev.joinpath("generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gens))
     ev.joinpath("pairs.jsonl").write_text("")
@@ -172,7 +218,7 @@ def test_every_run_is_evaluated_into_one_table(study):
     assert sorted(table["method"]) == ["dpo", "ipo", "ppo", "reward", "reward", "sft"]
     pol = table[table["method"] != "reward"]
     for col in ("eval/gold", "eval/gold_lo", "eval/proxy", "eval/kl", "win/chosen", "win/chosen_lc_hi",
-                "pairs/accuracy", "pairs/length_baseline", "pairs/gold_rm_accuracy", "compute/flops"):
+                "pairs/accuracy", "pairs/length_rule", "pairs/longer_wins", "pairs/gold_rm_accuracy", "compute/flops"):
         assert pol[col].notna().all(), col
     for col in ("win/sft", "win/sft_lc", "compute/pipeline_flops"):
         assert pol[pol["method"] != "sft"][col].notna().all(), col
@@ -190,6 +236,45 @@ def test_every_run_is_evaluated_into_one_table(study):
     # every run was scored on the same prompts and pairs
     ids = {json.dumps(evaluate.read_eval(p)["config"]["prompt_ids"]) for p in pol["path"]}
     assert len(ids) == 1
+
+
+def test_one_length_baseline_in_one_unit_for_every_run(study, tiny_model_dir):
+    root, cfg, table = study
+    # a reward model and the policies report the same fitted baseline and "longer wins" on the same pairs
+    for col in ("pairs/length_rule", "pairs/length_rule_lo", "pairs/length_rule_hi", "pairs/longer_wins",
+                "pairs/length_rule_fit", "pairs/length_rule_n_train"):
+        assert table[col].notna().all() and table[col].nunique() == 1, col
+    assert not [c for c in table if "length_baseline" in c or "longer_is_chosen" in c], "old names are gone"
+    rm, dpo = (table[table["method"] == m].iloc[0] for m in ("reward", "dpo"))
+    rm_ev, dpo_ev = evaluate.read_eval(rm["path"]), evaluate.read_eval(dpo["path"])
+    # the unit is recorded: tokens of the policies' base model, for the reward model too
+    assert rm_ev["config"]["length_tokenizer"] == dpo_ev["config"]["length_tokenizer"] == str(tiny_model_dir)
+    lengths = [[(p["id"], p["chosen_length"], p["rejected_length"], p["length_rule"]) for p in ev["pairs"]]
+               for ev in (rm_ev, dpo_ev)]
+    assert lengths[0] == lengths[1] and len(lengths[0]) == cfg.n_pairs
+    # by hand: the rule fitted on the training side of the split, in these tokens, applied to the held-out pairs
+    dcfg = train.DataConfig(**dpo_ev["config"]["data"])
+    all_pairs, _ = data.load_hh(dcfg.subset, dcfg.split, dcfg.source)
+    train_side, heldout, _ = data.split_heldout(all_pairs, dcfg.heldout_fraction, seed=dcfg.split_seed)
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    rule = stats.fit_length_rule(*scoring.response_lengths(tok, train_side[: scoring.LENGTH_FIT_PAIRS]))
+    assert dpo_ev["config"]["length_rule"] == rule.to_dict() == rm_ev["config"]["length_rule"]
+    assert dpo["pairs/length_rule_n_train"] == min(len(train_side), scoring.LENGTH_FIT_PAIRS)
+    c, r = scoring.response_lengths(tok, heldout[: cfg.n_pairs])
+    assert [p["chosen_length"] for p in dpo_ev["pairs"]] == c and [p["rejected_length"] for p in dpo_ev["pairs"]] == r
+    assert dpo["pairs/length_rule"] == pytest.approx(rule.accuracy(c, r))
+    assert dpo["pairs/longer_wins"] == pytest.approx(np.mean([(a > b) + 0.5 * (a == b) for a, b in zip(c, r)]))
+    assert dpo["pairs/length_rule_lo"] <= dpo["pairs/length_rule"] <= dpo["pairs/length_rule_hi"]
+
+
+def test_a_reward_model_evaluated_alone_counts_lengths_in_the_default_policy_tokens(study, capsys):
+    root, cfg, table = study
+    rm = Path(table[table["method"] == "reward"].iloc[0]["path"])
+    evaluate.evaluate_run(rm, table_cfg(cfg, table, name="alone"))
+    ev = evaluate.read_eval(rm, "alone")
+    assert ev["config"]["length_tokenizer"] == models.EMBEDDED_POLICY
+    assert f"length baseline in tokens of {models.EMBEDDED_POLICY} (the default policy)" in capsys.readouterr().out
+    assert ev["summary"]["pairs/length_rule"] == pytest.approx(np.mean([p["length_rule"] for p in ev["pairs"]]))
 
 
 def test_evaluation_repeats_exactly_and_resumes(study):
@@ -223,6 +308,17 @@ def test_every_figure_is_exported(study, tmp_path):
     for name, fn in figures.FIGURES.items():
         fig = fn(table)
         assert len(fig.data) > 0, f"{name} has no data"
+    # the accuracy figure and the paper name the fitted length rule, with "longer wins" beside it
+    notes = {a.text for a in figures.fig_accuracy(table).layout.annotations}
+    assert {"length-only rule (fitted on training pairs)", "longer wins"} <= notes
+    from workbench import paper
+
+    caveats = paper._caveats(table, results.aggregate(table))
+    rule = table["pairs/length_rule"].iloc[0]
+    gold = table["pairs/gold_rm_accuracy"].dropna().mean()
+    assert f"length-only rule fitted on {int(table['pairs/length_rule_n_train'].iloc[0])} training pairs" in caveats
+    assert table["pairs/length_rule_fit"].iloc[0] in caveats and "the longer response wins" in caveats
+    assert f"{(gold - rule) * 100:+.1f} points against the length-only rule" in caveats
     paths = figures.export_all(table, tmp_path)
     assert len(paths) == len(figures.FIGURES) * 3
     for p in paths:

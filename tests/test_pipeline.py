@@ -57,6 +57,11 @@ def _check_main_run(run, n_pairs):
     # a fresh adapter starts as the identity: the policy equals its reference exactly
     assert (pairs["margin"] == 0).all() and (pairs["chosen_reward"] == 0).all()
     assert loaded.summary["n_pairs"] == n_pairs
+    # the length baseline: a rule fitted on the split's training pairs, applied to the scored pairs (tokens)
+    assert loaded.summary["baseline/length_rule_n_train"] == min(split["n_train"], 2000)
+    assert loaded.summary["baseline/length_rule"] == pytest.approx(pairs["length_rule"].mean())
+    assert loaded.summary["baseline/longer_wins"] == pytest.approx(
+        ((pairs["chosen_length"] > pairs["rejected_length"]) + 0.5 * (pairs["chosen_length"] == pairs["rejected_length"])).mean())
     return loaded
 
 
@@ -111,3 +116,31 @@ def test_main_job_on_the_embedded_default(hh_dir, tmp_path):
     pairs = loaded.records("pairs")
     per_token = pairs["reference_chosen_logp"] / pairs["chosen_tokens"]
     assert (per_token > -8).all(), per_token.tolist()
+
+
+def test_the_same_seed_gives_the_same_results_table(tiny_model_dir, hh_dir, tmp_path):
+    """A small pipeline (SFT -> reward model -> DPO from SFT -> evaluation) run twice with one seed on one machine:
+    every number of the results table is the same (times and paths aside)."""
+    from workbench import evaluate, train
+
+    def pipeline(root):
+        common = dict(model=ModelConfig(model_name_or_path=str(tiny_model_dir)), runs_dir=str(root),
+                      data=train.DataConfig(split="test", source=str(hh_dir), n_train=4, n_score=2, max_length=160),
+                      max_steps=2, per_device_train_batch_size=2, max_length=160, seed=5)
+        sft = train.train("sft", train.SFTArgs(**common))
+        rm = train.train("reward", train.RewardArgs(**{**common, "model": ModelConfig(
+            model_name_or_path=models.EMBEDDED_REWARD_BACKBONE, load_in_4bit=False, use_peft=False)}))
+        train.train("dpo", train.DPOArgs(**common, sft_run=str(sft)))
+        cfg = evaluate.EvalConfig(n_prompts=2, n_samples=2, n_pairs=3, max_new_tokens=4, n_bootstrap=50,
+                                  proxy_reward_model=str(rm), gold_reward_model=str(rm))
+        return evaluate.evaluate_runs(root, cfg)
+
+    a, b = pipeline(tmp_path / "a"), pipeline(tmp_path / "b")
+    volatile = [c for c in a.columns if c.endswith("_s") or any(w in c for w in ("time", "path", "run", "wall", "folder",
+                                                            "reference"))]  # the reference column names a folder
+    a, b = (t.drop(columns=volatile).sort_values(["method", "name"]).reset_index(drop=True) for t in (a, b))
+    assert len(a) == 3 and list(a.columns) == list(b.columns)
+    numeric = [c for c in a.columns if a[c].dtype.kind in "fi"]
+    assert {"pairs/accuracy", "eval/gold", "eval/kl"} <= set(numeric)
+    for c in a.columns:
+        assert a[c].equals(b[c]), f"{c}: {a[c].tolist()} != {b[c].tolist()}"

@@ -39,12 +39,31 @@ def _complete(path):
     split = json.loads((path / "split.json").read_text())
     assert not set(split["train_ids"]) & set(split["heldout_ids"]), "training and held-out pairs are disjoint"
     assert set(records["id"]) <= set(split["heldout_ids"])
+    _check_length_baseline(run, split)
     # compute.json: the tokens the trained model saw with gradients are the tokens TRL says it trained on
     compute = json.loads((path / "compute.json").read_text())
     assert compute["tokens"]["train"] > 0
     if "num_tokens" in run.metrics:  # ORPO/CPO (trl.experimental) do not log it
         assert compute["tokens"]["train"] == run.metrics["num_tokens"].dropna().max()
     return run
+
+
+def _check_length_baseline(run, split):
+    """The summary's length baseline: a rule fitted on this run's own training pairs, in this run's tokens, and its
+    accuracy on the scored pairs by hand; "longer wins" beside it."""
+    from workbench import scoring
+
+    records = run.records("heldout_pairs")
+    s = run.summary
+    assert s["eval/baseline/length_rule_n_train"] == len(split["train_ids"]), "fitted on the run's own training pairs"
+    credit = [(c > r) + 0.5 * (c == r) for c, r in zip(records["chosen_length"], records["rejected_length"])]
+    assert s["eval/baseline/longer_wins"] == pytest.approx(sum(credit) / len(credit))
+    assert s["eval/baseline/length_rule"] == pytest.approx(records["length_rule"].mean())
+    assert s["eval/baseline/length_rule_fit"].startswith("prefer the ")
+    assert not [k for k in s if "longer_is_chosen" in k]
+    tok = models.load_tokenizer(run.config["model"]["model_name_or_path"])  # the run's own tokens
+    first = [ex for ex in _heldout_pairs(run.path) if ex["id"] == records.loc[0, "id"]]
+    assert scoring.response_lengths(tok, first) == ([records.loc[0, "chosen_length"]], [records.loc[0, "rejected_length"]])
 
 
 def test_configs_subclass_trl_and_are_cpu_safe():
@@ -204,7 +223,7 @@ def _synthetic_pairs(n):
     return pairs
 
 
-def test_reward_model_learns_a_preference_that_length_does_not_explain(common, tmp_path):
+def test_reward_model_learns_a_preference_against_length(common, tmp_path):
     cfg = train.RewardArgs(runs_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=8, learning_rate=2e-4,
                            data=train.DataConfig(heldout_fraction=0.25, n_score=40), seed=1)
     path = train.train("reward", cfg, pairs=_synthetic_pairs(120))
@@ -212,7 +231,11 @@ def test_reward_model_learns_a_preference_that_length_does_not_explain(common, t
     assert path.name.startswith("reward__default__s1__")
     assert (path / "model" / "model.safetensors").exists() and not (path / "adapter").exists()
     summary = run.summary
-    assert summary["eval/baseline/longer_is_chosen"] == 0.0, "by construction the longer answer always loses"
+    assert summary["eval/baseline/longer_wins"] == 0.0, "by construction the longer answer always loses"
+    # ... so the length-only rule fitted on the training pairs prefers the shorter one, and is always right
+    assert summary["eval/baseline/length_rule_fit"] == "prefer the shorter response"
+    assert summary["eval/baseline/length_rule"] == 1.0 and summary["eval/baseline/length_rule_train_accuracy"] == 1.0
+    assert summary["eval/baseline/length_rule_n_train"] == summary["train/pairs"]
     assert summary["eval/rm/accuracy"] >= 0.95, summary
     records = run.records("heldout_pairs")
     assert (records["margin"] == records["chosen_score"] - records["rejected_score"]).all()
@@ -232,7 +255,8 @@ def test_reward_model_on_a_4bit_decoder_trains_an_adapter(common):
     path = train.train("reward", train.RewardArgs(**{**common, "model": ModelConfig(model_name_or_path=common["model"].model_name_or_path)}))
     run = load_run(path)
     assert (path / "adapter" / "adapter_config.json").exists()
-    assert {"eval/rm/accuracy", "eval/baseline/longer_is_chosen"} <= set(run.summary)
+    assert {"eval/rm/accuracy", "eval/baseline/length_rule", "eval/baseline/longer_wins"} <= set(run.summary)
+    _check_length_baseline(run, json.loads((path / "split.json").read_text()))
     with pytest.raises(ValueError, match="sft_run does not apply"):
         train.train("reward", train.RewardArgs(sft_run=str(path), **common))
 
@@ -287,6 +311,7 @@ def _check_rl_run(path, n_score=3):
         assert r["gold_score"] is not None
     assert len(run.records("heldout_pairs")) == n_score
     assert {"eval/objective/scores", "eval/objective/gold_scores", "eval/objective/kl"} <= set(run.summary)
+    _check_length_baseline(run, json.loads((path / "split.json").read_text()))
     return run
 
 

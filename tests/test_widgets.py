@@ -50,6 +50,8 @@ def runs(tmp_path_factory, smollm_tokenizer):
         return [{"id": f"p{i}", "chosen_reward": sign * (i - 20) / 10, "rejected_reward": 0.0,
                  "margin": sign * (i - 20) / 10, "correct": sign * (i - 20) > 0, "chosen_tokens": len(ids),
                  "rejected_tokens": 3 + i, "chosen_token_ids": ids, "rejected_token_ids": ids[:3],
+                 # lengths in the evaluation's one unit (tokens) and the fitted length rule's credit
+                 "chosen_length": 10, "rejected_length": 100 - i, "length_rule": 1.0 if i < 8 else 0.0,
                  "chosen_token_logratio": [0.1 * (k - 3) for k in range(len(ids))],
                  "rejected_token_logratio": [-0.2, 0.0, 0.3], "prompt": prompt} for i in range(40)]
 
@@ -87,6 +89,11 @@ def test_filters_sorting_and_paging(runs):
     assert pages == 4 and len(page) == 5
     with pytest.raises(ValueError, match="does not apply"):
         m.rows("pairs", None, "highest KL (top 10%)")
+    # the length-only rule (fitted on training pairs) is right for i < 8, dpo's implicit reward for i > 20
+    assert sorted(int(i[1:]) for i in m.rows("pairs", [dpo], "implicit reward wrong, length rule right")["id"]) == list(range(8))
+    # lengths in the evaluation's tokens: the longest pairs are those with the longest rejected response (i = 0..3)
+    assert sorted(int(i[1:]) for i in m.rows("pairs", [dpo], "longest responses (top 10%)")["id"]) == [0, 1, 2, 3]
+    assert "<th>length_rule</th>" in m.table_html("pairs", rows.head(2)) and "<th>chosen_length</th>" in m.table_html("pairs", rows.head(2))
 
 
 def test_selection_links_scatter_table_and_sample_view(runs):

@@ -8,7 +8,8 @@ For a run folder, ``evaluate_run`` writes ``<run>/eval/<name>/``:
                        sample, and per token log π, log π_ref and their ratio; beside it the dataset's chosen
                        response to the same prompt with its rewards (for win rates)
     pairs.jsonl        held-out preference pairs scored per pair and per token (``scoring.score_pairs``), or by
-                       the reward model for a reward run
+                       the reward model for a reward run; for every run the pair's lengths in tokens of the
+                       evaluation's one length tokenizer and the length-only rule's credit (``scoring.add_lengths``)
     summary.json       means with bootstrap intervals, the win rate against the chosen responses (raw and
                        length-controlled), preference accuracies beside the length-only baseline
 
@@ -20,6 +21,12 @@ that none of these prompts was trained on. Sampling is seeded per batch, so an e
 Log-probs of samples are taken at the sampling temperature for policy and reference alike, so the KL is the
 one between the distributions that were sampled (at T = 1 the models' own); with top_p < 1 the log-probs are
 those of the untruncated tempered models.
+
+The length-only baseline (``pairs/length_rule``) is a ``stats.LengthRule`` fitted on the training pairs of the same
+split (the first ``scoring.LENGTH_FIT_PAIRS`` non-held-out pairs) and applied to the held-out pairs; beside it the raw
+rate at which the longer response is the chosen one (``pairs/longer_wins``). Every run of an evaluation, policy or
+reward model, measures lengths in tokens of one tokenizer (``EvalConfig.length_tokenizer``), so all report the
+same baseline on the same pairs.
 """
 
 from __future__ import annotations
@@ -63,6 +70,9 @@ class EvalConfig:
     beta: float | None = None  # β of the implicit reward β·log π/π_ref; None: the run's own β (0.1 if it has none)
     batch_size: int = 8  # prompts per generation batch
     n_bootstrap: int = 1000  # bootstrap resamples (of prompts) for every interval
+    length_tokenizer: str | None = None  # tokenizer (model name, local path or embedded:...) that counts the tokens of
+    # every length baseline; None: the base model of the policy runs evaluated (evaluate_run alone: the run's own
+    # base, or models.EMBEDDED_POLICY for a reward model)
 
     def __post_init__(self):
         for f in ("n_prompts", "n_samples", "n_pairs", "max_new_tokens", "batch_size", "n_bootstrap"):
@@ -180,10 +190,12 @@ def summarize_samples(records: list[dict]) -> dict:
 
 def evaluate_policy(model, tokenizer, heldout: list[dict], run, *, reward_fn, gold_fn=None, n: int = 16,
                     max_prompt_length: int = 256, max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0,
-                    batch_size: int | None = None, beta: float = 0.1, max_length: int = 512) -> dict:
+                    batch_size: int | None = None, beta: float = 0.1, max_length: int = 512,
+                    length_rule: stats.LengthRule | None = None) -> dict:
     """The quick held-out look every RL arm (PPO, RLOO, GRPO) takes at the end of training, as summary metrics:
     ``heldout_rollouts``: one fresh sample per held-out prompt with its reward, gold reward and per-token KL;
-    ``heldout_pairs``: the dataset's chosen/rejected responses scored like a DPO arm's (per-token log-ratio drift).
+    ``heldout_pairs``: the dataset's chosen/rejected responses scored like a DPO arm's (per-token log-ratio drift),
+    beside ``length_rule`` (fitted on the run's training pairs in its tokens) when given.
     The comparison across arms is ``evaluate_run``'s."""
     rollouts = sample_completions(model, tokenizer, data.prompt_view(heldout)[:n],
                                   rewards={"score": reward_fn, "gold_score": gold_fn},
@@ -191,9 +203,11 @@ def evaluate_policy(model, tokenizer, heldout: list[dict], run, *, reward_fn, go
                                   temperature=temperature, seed=seed, batch_size=batch_size or 8)
     run.write_records("heldout_rollouts", rollouts)
     pairs = scoring.score_pairs(model, tokenizer, heldout[:n], beta=beta, batch_size=batch_size, max_length=max_length)
+    if length_rule is not None:
+        scoring.add_lengths(pairs, heldout[:n], tokenizer, length_rule)
     run.write_records("heldout_pairs", pairs)
     return {**{f"eval/{k}": v for k, v in summarize_samples(rollouts).items()},
-            **{f"eval/{k}": v for k, v in scoring.summarize(pairs).items()}}
+            **{f"eval/{k}": v for k, v in scoring.summarize(pairs, length_rule).items()}}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -269,6 +283,39 @@ def _accuracy_interval(correct: list, ids: list, cfg: "EvalConfig") -> dict:
     return {"pairs/accuracy": est, "pairs/accuracy_lo": lo, "pairs/accuracy_hi": hi}
 
 
+@dataclass
+class LengthBaseline:
+    """The length-only baseline of an evaluation: lengths in tokens of ``tokenizer_name`` (loaded: ``tokenizer``),
+    and ``rule`` fitted on the training pairs of ``data``'s split (``fit_length_baseline``)."""
+
+    tokenizer_name: str
+    data: data.DataConfig
+    tokenizer: object
+    rule: stats.LengthRule
+
+
+def fit_length_baseline(tokenizer_name: str, data_cfg: data.DataConfig, pairs: list[dict] | None = None) -> LengthBaseline:
+    """Fit the length-only rule on the training side of ``data_cfg``'s held-out split (all non-held-out pairs, not
+    narrowed by a run's ``half`` or ``n_train``, so that every run evaluated on this split gets the same rule; the
+    first ``scoring.LENGTH_FIT_PAIRS`` of them), lengths in tokens of ``tokenizer_name``."""
+    if pairs is None:
+        pairs, _ = data.load_hh(data_cfg.subset, data_cfg.split, data_cfg.source)
+    train_side, _, _ = data.split_heldout(pairs, data_cfg.heldout_fraction, seed=data_cfg.split_seed)
+    tokenizer = models.load_tokenizer(tokenizer_name)
+    return LengthBaseline(tokenizer_name, data_cfg, tokenizer, scoring.fit_length_rule(tokenizer, train_side))
+
+
+def _length_summary(records: list[dict], rule: stats.LengthRule, cfg: "EvalConfig") -> dict:
+    """``pairs/length_rule`` (the fitted rule's held-out accuracy) and ``pairs/longer_wins`` with bootstrap
+    intervals over pairs, and the fit (``scoring.length_summary``)."""
+    out = scoring.length_summary(records, rule, prefix="pairs/")
+    ids = [r["id"] for r in records]
+    for key in ("length_rule", "longer_wins"):
+        est, lo, hi = stats.bootstrap_mean([r[key] for r in records], ids, cfg.n_bootstrap, cfg.seed)
+        out.update({f"pairs/{key}": est, f"pairs/{key}_lo": lo, f"pairs/{key}_hi": hi})
+    return out
+
+
 def _pair_accuracies(records: list[dict], reference_free: bool, cfg: "EvalConfig") -> dict:
     """Preference accuracy of a policy's implicit reward on held-out pairs: β·log π/π_ref (DPO, Eq. 5 of
     arXiv:2305.18290), or for the reference-free arms the length-normalised log-likelihood (SimPO's reward,
@@ -281,8 +328,7 @@ def _pair_accuracies(records: list[dict], reference_free: bool, cfg: "EvalConfig
     avg_acc = sum(avg) / n
     key = "avg_logp_correct" if reference_free else "correct"
     return {**_accuracy_interval([r[key] for r in records], [r["id"] for r in records], cfg),
-            "pairs/implicit_accuracy": implicit, "pairs/avg_logp_accuracy": avg_acc, "pairs/margin": sum(r["margin"] for r in records) / n,
-            "pairs/length_baseline": sum(r["chosen_tokens"] > r["rejected_tokens"] for r in records) / n}
+            "pairs/implicit_accuracy": implicit, "pairs/avg_logp_accuracy": avg_acc, "pairs/margin": sum(r["margin"] for r in records) / n}
 
 
 def _rm_accuracy(fn, pairs: list[dict]) -> float:
@@ -302,16 +348,18 @@ def _generation_summary(gens: list[dict], cfg: EvalConfig) -> dict:
     out["eval/ended"] = sum(g["ended"] for g in gens) / max(len(gens), 1)
     if gens and gens[0].get("gold_score") is not None and gens[0].get("chosen_gold_score") is not None:
         wins = stats.wins([g["gold_score"] for g in gens], [g["chosen_gold_score"] for g in gens])
-        dlen = [g["response_chars"] - g["chosen_chars"] for g in gens]
+        dlen = [g["response_tokens"] - g["chosen_tokens"] for g in gens]  # tokens, the unit of every length metric
         out.update(stats.win_rate_summary(wins, dlen, ids, "win/chosen", cfg.n_bootstrap, cfg.seed))
     return out
 
 
 def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=None, pairs: list[dict] | None = None,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, length: LengthBaseline | None = None) -> Path:
     """Evaluate one run folder into ``<run>/eval/<cfg.name>/`` and return that folder. An evaluation already there
-    under the same settings is kept (evaluations resume); under other settings it is an error unless ``overwrite``.
-    ``proxy`` / ``gold``: reward functions already loaded (``evaluate_runs`` loads each once)."""
+    under the same settings is kept (evaluations resume); under other settings it is an error unless ``overwrite``
+    (one written before a setting existed is redone). ``proxy`` / ``gold``: reward functions already loaded
+    (``evaluate_runs`` loads each once); ``length``: the length baseline already fitted for this tokenizer and
+    split (``fit_length_baseline``; fitted here otherwise)."""
     from .rewards import load_reward
 
     run_path, cfg = Path(run_path), cfg or EvalConfig()
@@ -322,20 +370,30 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
     gold_spec = cfg.gold_reward_model or saved_cfg.get("gold_reward_model")
     has_reference = info["method"] not in (*REFERENCE_FREE, "sft", "reward")
     beta = cfg.beta or (info["beta"] if has_reference else None) or 0.1
+    length_name = cfg.length_tokenizer or (
+        models.EMBEDDED_POLICY if info["is_reward_model"] else info["config"]["model"]["model_name_or_path"])
+    if cfg.length_tokenizer is None:
+        whose = "the default policy" if info["is_reward_model"] else "the run's base model"
+        print(f"[evaluate] {run_path.name}: length baseline in tokens of {length_name} ({whose})", flush=True)
     out = run_path / "eval" / cfg.name
     record = to_jsonable({**dataclasses.asdict(cfg), "data": data_cfg, "proxy_reward_model": proxy_spec,
-                          "gold_reward_model": gold_spec, "beta": beta, "reference": info["reference"]})
+                          "gold_reward_model": gold_spec, "beta": beta, "reference": info["reference"],
+                          "length_tokenizer": length_name})
     if (out / "summary.json").exists():
         before = json.loads((out / "config.json").read_text())
-        if {k: v for k, v in before.items() if k not in ("prompt_ids", "pair_ids")} == record:
+        if {k: v for k, v in before.items() if k not in ("prompt_ids", "pair_ids", "length_rule")} == record:
             print(f"[evaluate] {run_path.name}: already evaluated as '{cfg.name}', kept", flush=True)
             return out
-        if not overwrite:
+        if set(record) - set(before):  # written before some of these settings existed: redo it
+            print(f"[evaluate] {run_path.name}: '{cfg.name}' predates {sorted(set(record) - set(before))}, redone", flush=True)
+        elif not overwrite:
             raise FileExistsError(f"{out} holds an evaluation under other settings; pick another EvalConfig.name "
                                   "or pass overwrite=True.")
     t0 = time.time()
     prompts, eval_pairs, all_pairs = eval_set(data_cfg, cfg.n_prompts, cfg.n_pairs, pairs)
     check_not_trained_on(run_path, prompts, all_pairs)
+    if length is None or (length.tokenizer_name, length.data) != (length_name, data_cfg):
+        length = fit_length_baseline(length_name, data_cfg, all_pairs)
     if proxy is None and proxy_spec:
         proxy = load_reward(proxy_spec, name="proxy")
     if gold is None and gold_spec:
@@ -345,15 +403,14 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     _write_json(partial / "config.json", {**record, "prompt_ids": [p["id"] for p in prompts],
-                                          "pair_ids": [ex["id"] for ex in eval_pairs]})
+                                          "pair_ids": [ex["id"] for ex in eval_pairs], "length_rule": length.rule.to_dict()})
     summary = {}
     if info["is_reward_model"]:  # a reward model is evaluated by how it ranks held-out pairs
         rm = load_reward(str(run_path))
         pair_records = scoring.score_pairs_with_reward(rm.model, rm.tokenizer, eval_pairs, max_length=cfg.max_length)
         n = len(pair_records)
         summary.update({**_accuracy_interval([r["correct"] for r in pair_records], [r["id"] for r in pair_records], cfg),
-                        "pairs/margin": sum(r["margin"] for r in pair_records) / n,
-                        "pairs/length_baseline": sum(r["chosen_chars"] > r["rejected_chars"] for r in pair_records) / n})
+                        "pairs/margin": sum(r["margin"] for r in pair_records) / n})
         gens = []
     else:
         model, tokenizer = load_run_policy(run_path)
@@ -368,9 +425,11 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
                 s = fn.score([p["prompt"] for p in prompts], [p["chosen"] for p in prompts])
                 for p, v in zip(prompts, s.tolist()):
                     p[key] = v
+        for p in prompts:  # its length in tokens, as the samples' response_tokens count them (end of turn included)
+            p["chosen_tokens"] = len(models.encode(tokenizer, p["prompt"], [{"role": "assistant", "content": p["chosen"]}])[1])
         for g in gens:
             p = chosen[g["id"]]
-            g.update({"chosen": p["chosen"], "chosen_chars": len(p["chosen"]),
+            g.update({"chosen": p["chosen"], "chosen_chars": len(p["chosen"]), "chosen_tokens": p["chosen_tokens"],
                       "chosen_score": p.get("chosen_score"), "chosen_gold_score": p.get("chosen_gold_score")})
         pair_records = scoring.score_pairs(model, tokenizer, eval_pairs, beta=beta, max_length=cfg.max_length,
                                            batch_size=None)
@@ -379,6 +438,9 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
         summary.update(_pair_accuracies(pair_records, info["method"] in REFERENCE_FREE, cfg))
         summary.update(_generation_summary(gens, cfg))
         del model
+    # the length-only baseline on the same pairs, in the evaluation's one unit
+    scoring.add_lengths(pair_records, eval_pairs, length.tokenizer, length.rule)
+    summary.update(_length_summary(pair_records, length.rule, cfg))
     for key, fn in (("pairs/proxy_rm_accuracy", proxy), ("pairs/gold_rm_accuracy", gold)):
         if fn is not None:
             summary[key] = _rm_accuracy(fn, eval_pairs)
@@ -405,7 +467,8 @@ def read_eval(run_path, name: str = "default") -> dict:
 def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | None = None):
     """Evaluate every run (a list of run folders, or a runs root: all complete runs in it) under one EvalConfig,
     and return the results table (``results.results_table``). The proxy and gold reward models are loaded once:
-    ``cfg``'s, else those the RL runs among ``runs`` were trained and measured with (they must agree)."""
+    ``cfg``'s, else those the RL runs among ``runs`` were trained and measured with (they must agree). The length
+    baseline is fitted once, in tokens of ``cfg.length_tokenizer``, else of the first policy run's base model."""
     from .rewards import load_reward
     from .results import results_table
     from .runs import list_runs
@@ -426,10 +489,20 @@ def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | No
     if cfg.data is None:  # one held-out split for all: the first run's (check_not_trained_on guards the others)
         first = run_info(paths[0])["config"]["data"]
         specs["data"] = data.DataConfig(**{k: v for k, v in first.items() if k not in ("half", "n_train")})
+    if cfg.length_tokenizer is None:  # one unit for every run: the tokens of the first policy run's base model
+        policies = [p for p in paths if not run_info(p)["is_reward_model"]]
+        specs["length_tokenizer"] = (run_info(policies[0])["config"]["model"]["model_name_or_path"] if policies
+                                     else models.EMBEDDED_POLICY)
     cfg = dataclasses.replace(cfg, **specs)
+    print(f"[evaluate] length baseline in tokens of {cfg.length_tokenizer}", flush=True)
+    if pairs is None:
+        pairs, _ = data.load_hh(cfg.data.subset, cfg.data.split, cfg.data.source)
+    length = fit_length_baseline(cfg.length_tokenizer, cfg.data, pairs)
+    print(f"[evaluate] length baseline: {length.rule.describe()} (fitted on {length.rule.n_train} training pairs, "
+          f"training accuracy {length.rule.train_accuracy:.3f})", flush=True)
     proxy = load_reward(specs["proxy_reward_model"], name="proxy") if specs["proxy_reward_model"] else None
     gold = load_reward(specs["gold_reward_model"], name="gold") if specs["gold_reward_model"] else None
     for i, p in enumerate(paths):
         print(f"[evaluate] {i + 1}/{len(paths)} {p.name}", flush=True)
-        evaluate_run(p, cfg, proxy=proxy, gold=gold, pairs=pairs)
+        evaluate_run(p, cfg, proxy=proxy, gold=gold, pairs=pairs, length=length)
     return results_table(paths, cfg.name)

@@ -110,16 +110,24 @@ def fig_win_rates(table: pd.DataFrame) -> go.Figure:
 
 
 def fig_accuracy(table: pd.DataFrame) -> go.Figure:
-    """Held-out preference accuracy of each arm's implicit reward, of the reward models, beside the length-only
-    baseline ("the longer response is chosen") on the same pairs."""
-    agg = aggregate(table, [c for c in ("pairs/accuracy", "pairs/length_baseline", "pairs/proxy_rm_accuracy",
-                                        "pairs/gold_rm_accuracy") if c in table])
+    """Held-out preference accuracy of each arm's implicit reward and of the reward models, beside the length
+    baseline on the same pairs: a length-only rule fitted on the training pairs (shaded: its interval), and the
+    raw rate at which the longer response is the chosen one ("longer wins"); lengths in tokens of one tokenizer."""
+    agg = aggregate(table, [c for c in ("pairs/accuracy", "pairs/length_rule", "pairs/longer_wins",
+                                        "pairs/proxy_rm_accuracy", "pairs/gold_rm_accuracy") if c in table])
     fig = go.Figure(go.Bar(x=[_label(r) for _, r in agg.iterrows()], y=agg["pairs/accuracy"],
                            error_y=_err(agg, "pairs/accuracy"), name="implicit reward / RM", marker_color="#4C78A8"))
-    for m, name, dash in (("pairs/length_baseline", "length baseline", "dot"),
+    rule = table[["pairs/length_rule", "pairs/length_rule_lo", "pairs/length_rule_hi"]].dropna() \
+        if {"pairs/length_rule", "pairs/length_rule_lo", "pairs/length_rule_hi"} <= set(table) else table.iloc[:0]
+    if len(rule):  # the same for every run of one evaluation: its value and its interval over pairs
+        fig.add_hrect(y0=float(rule["pairs/length_rule_lo"].iloc[0]), y1=float(rule["pairs/length_rule_hi"].iloc[0]),
+                      fillcolor="gray", opacity=0.12, line_width=0, layer="below")
+    for m, name, dash in (("pairs/length_rule", "length-only rule (fitted on training pairs)", "dot"),
+                          ("pairs/longer_wins", "longer wins", "longdashdot"),
                           ("pairs/proxy_rm_accuracy", "proxy RM", "dash"), ("pairs/gold_rm_accuracy", "gold RM", "dashdot")):
         if m in agg and agg[m].notna().any():
-            fig.add_hline(y=float(agg[m].dropna().iloc[0]), line_dash=dash, annotation_text=name)
+            style = dict(line_color="gray", annotation_position="bottom left") if m == "pairs/longer_wins" else {}
+            fig.add_hline(y=float(agg[m].dropna().iloc[0]), line_dash=dash, annotation_text=name, **style)
     fig.update_layout(title=f"Held-out preference accuracy<br><sup>{_seeds_note(agg)}</sup>",
                       yaxis_title="accuracy", yaxis_range=[0, 1], **_LAYOUT)
     return fig

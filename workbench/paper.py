@@ -111,13 +111,34 @@ def _caveats(table: pd.DataFrame, agg: pd.DataFrame) -> str:
         notes.append(f"The policies moved little from their references: mean KL between {_fmt(pol['eval/kl'].min())} and "
                      f"{_fmt(pol['eval/kl'].max())} nats per response. Differences between methods at this budget reflect "
                      "noise and the few steps taken, not the methods' merits.")
-    if "pairs/gold_rm_accuracy" in table:
-        notes.append(f"The gold reward model ranks held-out pairs with accuracy {_fmt(table['pairs/gold_rm_accuracy'].dropna().mean())} "
-                     f"(length baseline {_fmt(table['pairs/length_baseline'].dropna().mean())}): a gold reward is only as "
-                     "good a judge as that.")
+    length = _length_baseline(table)
+    if length:
+        notes.append(length)
     notes.append("What the numbers can show: that every arm trains, is evaluated by one protocol on prompts none of "
                  "them saw, and how compute is spent per arm. What they cannot show at this budget: which method is better.")
     return "\n".join(f"- {n}" for n in notes)
+
+
+def _length_baseline(table: pd.DataFrame) -> str:
+    """The caveat on the length baseline: the length-only rule fitted on training pairs, its held-out accuracy
+    beside "the longer response wins", and each reward model's accuracy against the fitted rule."""
+    if "pairs/length_rule" not in table or table["pairs/length_rule"].isna().all():
+        return ""
+    row = table.dropna(subset=["pairs/length_rule"]).iloc[0]  # one evaluation: the same rule and pairs for every run
+    ev = json.loads((Path(row["path"]) / "eval" / table.attrs.get("eval_name", "default") / "config.json").read_text())
+    rule = row["pairs/length_rule"]
+    text = (f"The length baseline is a length-only rule fitted on {int(row['pairs/length_rule_n_train'])} training pairs "
+            f"({row['pairs/length_rule_fit']}; training accuracy {_fmt(row['pairs/length_rule_train_accuracy'])}; "
+            f"lengths in tokens of `{ev.get('length_tokenizer')}`); its accuracy on the held-out pairs is "
+            f"{_ci(row, 'pairs/length_rule')}, that of \"the longer response wins\" {_fmt(row['pairs/longer_wins'])}.")
+    judges = [(name, table[m].dropna().mean()) for m, name in (("pairs/gold_rm_accuracy", "gold"),
+                                                                ("pairs/proxy_rm_accuracy", "proxy"))
+              if m in table and table[m].notna().any()]
+    if judges:
+        ranks = "; ".join(f"the {name} reward model ranks the same pairs with accuracy {_fmt(acc)}, "
+                          f"{(acc - rule) * 100:+.1f} points against the length-only rule" for name, acc in judges)
+        text += f" {ranks[0].upper()}{ranks[1:]}: a reward model is only as good a judge as its margin over length."
+    return text
 
 
 def _figure(name: str, fn, figures_dir: Path, here: Path) -> str:

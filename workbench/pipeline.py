@@ -83,7 +83,7 @@ def run_score(cfg: ScoreConfig | None = None) -> Run:
         examples, report = data.load_hh(cfg.subset, cfg.split, source, tokenizer=tokenizer, max_length=cfg.max_length)
         print(report.summary(), flush=True)
         run.write_json("data_report.json", report.to_dict())
-        _, heldout, split_info = data.split_heldout(examples, cfg.heldout_fraction, seed=cfg.seed)
+        train_rows, heldout, split_info = data.split_heldout(examples, cfg.heldout_fraction, seed=cfg.seed)
         run.write_json("split.json", {**split_info, "heldout_ids": [ex["id"] for ex in heldout]})
         pairs = heldout[: cfg.n_pairs]
         _step(f"held out {len(heldout)} of {len(examples)} pairs (seed {cfg.seed}); scoring {len(pairs)}", t0)
@@ -98,8 +98,10 @@ def run_score(cfg: ScoreConfig | None = None) -> Run:
         # --- score
         _step(f"scoring {len(pairs)} pairs under policy and reference (batch {cfg.batch_size or logprobs.default_batch_size()})", t0)
         records = scoring.score_pairs(policy, tokenizer, pairs, beta=cfg.beta, batch_size=cfg.batch_size)
+        length_rule = scoring.fit_length_rule(tokenizer, train_rows)  # the length baseline, fitted on training pairs
+        scoring.add_lengths(records, pairs, tokenizer, length_rule)
         run.write_records("pairs", records)
-        run.summary = {**scoring.summarize(records), "data/kept": report.kept, "data/read": report.read,
+        run.summary = {**scoring.summarize(records, length_rule), "data/kept": report.kept, "data/read": report.read,
                        "time/total_s": round(time.time() - t0, 1)}
         run.log(run.summary, step=0)
         _step("summary:", t0)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import data, models
+from . import data, models, scoring
 from .compute import TokenCounter
 from .evaluate import call_reward, encode_prompts, evaluate_policy, generate
 from .logprobs import reference_adapter, response_hidden, response_logprobs
@@ -454,7 +454,8 @@ def train_ppo(cfg: PPOArgs, reward_fn=None, gold_fn=None) -> Path:
         summary = evaluate_policy(model, tokenizer, heldout, run, reward_fn=reward_fn, gold_fn=gold_fn,
                                   n=cfg.data.n_score, max_prompt_length=cfg.max_prompt_length,
                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
-                                  batch_size=cfg.score_batch_size, beta=cfg.score_beta, max_length=cfg.data.max_length)
+                                  batch_size=cfg.score_batch_size, beta=cfg.score_beta, max_length=cfg.data.max_length,
+                                  length_rule=scoring.fit_length_rule(tokenizer, train_rows))  # length baseline, in its tokens
         run.summary = {**summary, "train/iterations": cfg.iterations, "train/prompts": len(prompts),
                        "time/total_s": round(time.time() - t_start, 1)}
     print(f"[train] ppo: run folder {run.path}", flush=True)

@@ -3,7 +3,9 @@ aggregates per method and β across seeds. The figures (``figures.py``) and the 
 
 Columns of ``results_table``: run, path, method, name, seed, beta, reference; every number of the run's
 ``eval/<name>/summary.json`` (``eval/gold``, ``eval/kl``, ``win/chosen``, ``pairs/accuracy``, ... with their
-``_lo``/``_hi`` intervals); ``win/sft*``, the win rate against the SFT policy on the same prompts (raw and
+``_lo``/``_hi`` intervals), among them the length baseline: ``pairs/length_rule`` (the length-only rule fitted on
+training pairs, in words ``pairs/length_rule_fit``) and ``pairs/longer_wins`` (the raw "longer response is chosen"
+rate), lengths in tokens of the evaluation's one tokenizer; ``win/sft*``, the win rate against the SFT policy on the same prompts (raw and
 length-controlled, judged by the gold reward); ``compute/*`` from the run's compute.json, and
 ``compute/pipeline_flops``, the run's FLOPs plus those of the runs it depends on (its SFT run and its reward model).
 """
@@ -61,7 +63,7 @@ def _win_vs(ev: dict, base: dict, n_boot: int, seed: int) -> dict:
     if not pairs or pairs[0][0].get("gold_score") is None:
         return {}
     w = stats.wins([a["gold_score"] for a, _ in pairs], [b["gold_score"] for _, b in pairs])
-    d = [a["response_chars"] - b["response_chars"] for a, b in pairs]
+    d = [a["response_tokens"] - b["response_tokens"] for a, b in pairs]  # tokens, as every length metric
     return stats.win_rate_summary(w, d, [a["id"] for a, _ in pairs], "win/sft", n_boot, seed)
 
 

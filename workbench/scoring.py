@@ -4,12 +4,16 @@ For each pair: sequence log-probs of chosen and rejected under both models, the 
 r(x, y) = β·(log π(y|x) − log π_ref(y|x)) (Rafailov et al. 2023, arXiv:2305.18290, Eq. 5), their margin,
 and per token the log-ratio log π − log π_ref, which shows where in a response the reward and the KL drift
 come from. TRL logs only batch means of these; here every pair keeps its own.
+
+Beside them, the length-only baseline: a ``stats.LengthRule`` fitted on training pairs (``fit_length_rule``),
+with every length counted in tokens of one tokenizer (``response_lengths``), and applied to the scored pairs.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import stats
 from .logprobs import in_length_buckets, pad_right, shared_prompt_logps
 from .models import encode_many
 
@@ -65,14 +69,61 @@ def score_pairs(model, tokenizer, examples: list[dict], *, beta: float = 0.1, ba
     return records
 
 
-def summarize(records: list[dict]) -> dict:
-    """Batch-level view of ``score_pairs`` records, with TRL's metric names where TRL has one."""
+LENGTH_FIT_PAIRS = 2000  # training pairs (the first, in the data's order) a length rule is fitted on
+
+
+def response_lengths(tokenizer, examples: list[dict]) -> tuple[list[int], list[int]]:
+    """(chosen, rejected): per pair, the tokens of each response as ``models.encode_many`` cuts it after the
+    prompt (end-of-turn tokens included: the count a policy's scoring uses), untruncated, so that a length rule
+    sees whole responses. The unit of every length baseline."""
+    chosen, rejected = [], []
+    for ex in examples:
+        _, (c, r) = encode_many(tokenizer, ex["prompt"], [ex["chosen"], ex["rejected"]])
+        chosen.append(len(c))
+        rejected.append(len(r))
+    return chosen, rejected
+
+
+def fit_length_rule(tokenizer, train_pairs: list[dict], max_pairs: int = LENGTH_FIT_PAIRS) -> stats.LengthRule:
+    """``stats.fit_length_rule`` on the first ``max_pairs`` training pairs, lengths in tokens of ``tokenizer``."""
+    if not train_pairs:
+        raise ValueError("The length-only baseline is fitted on training pairs, and there are none.")
+    return stats.fit_length_rule(*response_lengths(tokenizer, train_pairs[:max_pairs]))
+
+
+def add_lengths(records: list[dict], examples: list[dict], tokenizer, rule: stats.LengthRule) -> list[dict]:
+    """Add to each record (in the order of ``examples``) ``chosen_length`` and ``rejected_length`` (tokens of
+    ``tokenizer``, see ``response_lengths``), ``length_rule``, the fitted rule's credit (1: it prefers the
+    chosen response, 0: the rejected, 0.5: equal lengths) and ``longer_wins``, the credit of "the longer response
+    wins". Returns ``records``."""
+    chosen, rejected = response_lengths(tokenizer, examples)
+    fitted, longer = rule.credit(chosen, rejected), stats.LengthRule("longer", "longer").credit(chosen, rejected)
+    for r, c, rj, f, lw in zip(records, chosen, rejected, fitted.tolist(), longer.tolist()):
+        r.update({"chosen_length": c, "rejected_length": rj, "length_rule": f, "longer_wins": lw})
+    return records
+
+
+def length_summary(records: list[dict], rule: stats.LengthRule, prefix: str = "baseline/") -> dict:
+    """The length-only baseline on records with ``add_lengths``' fields: ``<prefix>length_rule``, the fitted
+    rule's accuracy (equal lengths count half); ``<prefix>longer_wins``, the raw rate at which the longer response
+    is the chosen one (same counting); and the fit: ``<prefix>length_rule_fit`` (the rule in words),
+    ``<prefix>length_rule_train_accuracy``, ``<prefix>length_rule_n_train``."""
+    n = len(records)
+    return {f"{prefix}length_rule": sum(r["length_rule"] for r in records) / n,
+            f"{prefix}longer_wins": sum(r["longer_wins"] for r in records) / n,
+            f"{prefix}length_rule_fit": rule.describe(),
+            f"{prefix}length_rule_train_accuracy": rule.train_accuracy,
+            f"{prefix}length_rule_n_train": rule.n_train}
+
+
+def summarize(records: list[dict], length_rule: stats.LengthRule | None = None) -> dict:
+    """Batch-level view of ``score_pairs`` records, with TRL's metric names where TRL has one; with
+    ``length_rule`` (records passed through ``add_lengths``), the length-only baseline on the same pairs."""
     if not records:
         return {}
     t = {k: torch.tensor([float(r[k]) for r in records]) for k in
          ("chosen_reward", "rejected_reward", "margin", "correct", "reference_prefers_chosen",
           "policy_chosen_logp", "policy_rejected_logp", "chosen_tokens", "rejected_tokens")}
-    longer_chosen = torch.tensor([float(r["chosen_tokens"] > r["rejected_tokens"]) for r in records])
     # sequence-level log π/π_ref on the dataset's responses: how far the policy moved from its reference there
     logratio_chosen = torch.tensor([r["policy_chosen_logp"] - r["reference_chosen_logp"] for r in records])
     logratio_rejected = torch.tensor([r["policy_rejected_logp"] - r["reference_rejected_logp"] for r in records])
@@ -87,10 +138,9 @@ def summarize(records: list[dict]) -> dict:
         "logratio/chosen": logratio_chosen.mean().item(),
         "logratio/rejected": logratio_rejected.mean().item(),
         "reference/prefers_chosen_per_token": t["reference_prefers_chosen"].mean().item(),
-        # accuracy of the length-only baseline "the longer answer wins" on the same pairs
-        "baseline/longer_is_chosen": longer_chosen.mean().item(),
         "lengths/chosen_tokens": t["chosen_tokens"].mean().item(),
         "lengths/rejected_tokens": t["rejected_tokens"].mean().item(),
+        **(length_summary(records, length_rule) if length_rule is not None else {}),
     }
 
 
@@ -121,14 +171,13 @@ def score_pairs_with_reward(model, tokenizer, examples: list[dict], *, max_lengt
     records = []
     for i, ex in enumerate(examples):
         c, r = scores[2 * i].item(), scores[2 * i + 1].item()
-        records.append({"id": ex["id"], "chosen_score": c, "rejected_score": r, "margin": c - r, "correct": c > r,
-                        "chosen_chars": len(ex["chosen"][0]["content"]),
-                        "rejected_chars": len(ex["rejected"][0]["content"])})
+        records.append({"id": ex["id"], "chosen_score": c, "rejected_score": r, "margin": c - r, "correct": c > r})
     return records
 
 
-def summarize_rewards(records: list[dict]) -> dict:
-    """Pairwise accuracy of a reward model beside the length-only baseline on the same pairs."""
+def summarize_rewards(records: list[dict], length_rule: stats.LengthRule | None = None) -> dict:
+    """Pairwise accuracy of a reward model; with ``length_rule`` (records passed through ``add_lengths``), beside
+    the length-only baseline on the same pairs."""
     if not records:
         return {}
     n = len(records)
@@ -138,6 +187,5 @@ def summarize_rewards(records: list[dict]) -> dict:
         "rm/margin": sum(r["margin"] for r in records) / n,
         "rm/chosen_score": sum(r["chosen_score"] for r in records) / n,
         "rm/rejected_score": sum(r["rejected_score"] for r in records) / n,
-        # "the longer answer wins", by characters so that it does not depend on the reward model's tokenizer
-        "baseline/longer_is_chosen": sum(r["chosen_chars"] > r["rejected_chars"] for r in records) / n,
+        **(length_summary(records, length_rule) if length_rule is not None else {}),
     }

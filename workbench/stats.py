@@ -1,5 +1,6 @@
-"""Statistics of a comparison: win rates, a length-controlled win rate, bootstrap intervals over prompts, and
-intervals across seeds. Pure functions of numbers; every interval is 95%.
+"""Statistics of a comparison: win rates, a length-controlled win rate, a length-only preference rule fitted on
+training pairs (the fair length baseline), bootstrap intervals over prompts, and intervals across seeds. Pure
+functions of numbers; every interval is 95%.
 
 Samples of one prompt are not independent (same prompt, same chosen response), so every bootstrap resamples
 prompts and keeps all samples of a drawn prompt (a cluster bootstrap; Efron & Tibshirani 1993, §8.4).
@@ -8,6 +9,7 @@ prompts and keeps all samples of a drawn prompt (a cluster bootstrap; Efron & Ti
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -82,6 +84,103 @@ def win_rate_summary(win, length_diff, clusters, prefix: str, n_boot: int = 1000
     lc = cluster_bootstrap(clusters, lambda idx: length_controlled_win_rate(w[idx], d[idx], scale), n_boot, seed)
     return {prefix: raw[0], f"{prefix}_lo": raw[1], f"{prefix}_hi": raw[2],
             f"{prefix}_lc": lc[0], f"{prefix}_lc_lo": lc[1], f"{prefix}_lc_hi": lc[2], f"{prefix}_n": len(w)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The length-only baseline: a rule that sees nothing but the two responses' lengths, fitted on training pairs
+
+_DIRECTIONS = ("longer", "shorter")
+LENGTH_RULE_QUANTILES = tuple(q / 20 for q in range(1, 20))  # thresholds tried: 5%, 10%, ..., 95% of |Δ| in training
+
+
+def _length_credit(len_a, len_b, small: str, large: str, threshold: float) -> np.ndarray:
+    """Per pair, the credit of a length rule for response a: 1 when it prefers a, 0 when it prefers b, 0.5 when
+    the lengths are equal (a length-only rule cannot choose; a tie counts half, as in ``wins``)."""
+    d = np.asarray(len_a, float) - np.asarray(len_b, float)
+    if d.ndim != 1:
+        raise ValueError(f"lengths must be 1-D sequences (got shape {d.shape}).")
+    sign = np.where(np.abs(d) <= threshold, 1.0 if small == "longer" else -1.0, 1.0 if large == "longer" else -1.0)
+    return (1 + sign * np.sign(d)) / 2
+
+
+@dataclass(frozen=True)
+class LengthRule:
+    """A length-only preference rule: "prefer the ``small`` response when |Δ| ≤ ``threshold``, else the ``large``
+    one", with Δ the difference of the two responses' lengths and each direction "longer" or "shorter";
+    ``threshold`` = inf (and ``small`` = ``large``) is a pure direction. It is symmetric in the pair (swapping the
+    responses swaps its choice) and cannot choose between equal lengths. ``train_accuracy`` and ``n_train``
+    record the fit (``fit_length_rule``); ``unit`` names what the lengths count."""
+
+    small: str
+    large: str
+    threshold: float = math.inf
+    train_accuracy: float = math.nan
+    n_train: int = 0
+    unit: str = "tokens"
+
+    def __post_init__(self):
+        if self.small not in _DIRECTIONS or self.large not in _DIRECTIONS:
+            raise ValueError(f"directions must be in {_DIRECTIONS} (got {self.small!r}, {self.large!r}).")
+        if not self.threshold >= 0:
+            raise ValueError(f"threshold must be >= 0 (got {self.threshold}).")
+
+    @property
+    def pure(self) -> bool:
+        """Whether the rule prefers one direction whatever the difference."""
+        return self.small == self.large or math.isinf(self.threshold)
+
+    def predict(self, len_a, len_b) -> np.ndarray:
+        """Per pair: +1 where the rule prefers response a, −1 where it prefers b, 0 where the lengths are equal."""
+        return 2 * _length_credit(len_a, len_b, self.small, self.large, self.threshold) - 1
+
+    def credit(self, len_chosen, len_rejected) -> np.ndarray:
+        """Per pair: 1 where the rule prefers the chosen response, 0 where the rejected one, 0.5 on equal lengths."""
+        return _length_credit(len_chosen, len_rejected, self.small, self.large, self.threshold)
+
+    def accuracy(self, len_chosen, len_rejected) -> float:
+        """Preference accuracy on pairs of (chosen, rejected) lengths; equal lengths count half."""
+        c = self.credit(len_chosen, len_rejected)
+        if not len(c):
+            raise ValueError("accuracy of a length rule needs at least one pair.")
+        return float(c.mean())
+
+    def describe(self) -> str:
+        """The rule in words, e.g. "prefer the shorter response" or "prefer the longer response when |Δ| ≤ 12
+        tokens, else the shorter"."""
+        if self.pure:
+            return f"prefer the {self.small} response"
+        return f"prefer the {self.small} response when |Δ| ≤ {self.threshold:g} {self.unit}, else the {self.large}"
+
+    def to_dict(self) -> dict:
+        """A JSON-safe record of the rule (an infinite threshold becomes None) with its description."""
+        out = asdict(self)
+        out["threshold"] = None if math.isinf(self.threshold) else float(self.threshold)
+        return {**out, "rule": self.describe()}
+
+
+def fit_length_rule(len_chosen, len_rejected, quantiles=LENGTH_RULE_QUANTILES, unit: str = "tokens") -> LengthRule:
+    """The length-only rule with the best accuracy on training pairs of (chosen, rejected) lengths.
+
+    Candidates: the two pure directions (prefer the longer, prefer the shorter response) and, for each threshold t
+    at the ``quantiles`` of |Δ| over the training pairs, the two rules that switch direction at t ("prefer the
+    longer when |Δ| ≤ t, else the shorter" and the reverse). Equal lengths count half. The candidate with the best
+    training accuracy wins; ties go to the simpler rule (a pure direction before a threshold, then the smaller t,
+    then "longer" before "shorter"). Apply it to held-out pairs with ``LengthRule.accuracy``."""
+    c, r = np.asarray(len_chosen, float), np.asarray(len_rejected, float)
+    if c.shape != r.shape or c.ndim != 1:
+        raise ValueError(f"len_chosen and len_rejected must be 1-D and of one length (got {c.shape}, {r.shape}).")
+    if not len(c):
+        raise ValueError("fit_length_rule needs at least one training pair.")
+    absd = np.abs(c - r)
+    candidates = [(d, d, math.inf) for d in _DIRECTIONS]
+    for t in sorted({float(x) for x in np.quantile(absd, quantiles)}):
+        candidates += [("longer", "shorter", t), ("shorter", "longer", t)]
+    best, best_acc = None, -1.0
+    for small, large, t in candidates:  # in order of simplicity: a strictly better one replaces the best so far
+        acc = float(_length_credit(c, r, small, large, t).mean())
+        if acc > best_acc + 1e-12:
+            best, best_acc = (small, large, t), acc
+    return LengthRule(*best, train_accuracy=best_acc, n_train=len(c), unit=unit)
 
 
 def t_interval(values) -> tuple[float, float, float]:

@@ -477,23 +477,27 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
 
         # --- score held-out pairs: per pair and per token for a policy, per pair for a reward model
         scored = heldout[: cfg.data.n_score]
+        # the length-only baseline: a rule fitted on this run's training pairs, lengths in this run's tokens
+        length_rule = scoring.fit_length_rule(tokenizer, train_rows)
         if method in RL_METHODS:  # fresh samples with reward and per-token KL, and the pairs' log-ratio drift
             eval_summary = evaluate.evaluate_policy(
                 policy, tokenizer, heldout, run, reward_fn=reward_fn, gold_fn=gold_fn, n=cfg.data.n_score,
                 max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_completion_length,
                 temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.score_batch_size, beta=cfg.score_beta,
-                max_length=cfg.data.max_length)
+                max_length=cfg.data.max_length, length_rule=length_rule)
             summary = {k.removeprefix("eval/"): v for k, v in eval_summary.items()}
         elif method == "reward":
             records = scoring.score_pairs_with_reward(policy, tokenizer, scored, max_length=cfg.max_length,
                                                       batch_size=cfg.score_batch_size)
-            summary = scoring.summarize_rewards(records)
+            scoring.add_lengths(records, scored, tokenizer, length_rule)
+            summary = scoring.summarize_rewards(records, length_rule)
         else:
             beta = cfg.score_beta or (cfg.beta if has_reference else 0.1)
             records = scoring.score_pairs(policy, tokenizer, scored, beta=beta,
                                           batch_size=cfg.score_batch_size, max_length=cfg.max_length)
             add_pair_losses(method, cfg, records)
-            summary = scoring.summarize(records)
+            scoring.add_lengths(records, scored, tokenizer, length_rule)
+            summary = scoring.summarize(records, length_rule)
         if method not in RL_METHODS:
             run.write_records("heldout_pairs", records)
         run.summary = {

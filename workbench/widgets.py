@@ -32,14 +32,17 @@ FILTERS = {
     "implicit reward wrong, RM right": (("pairs",), lambda d: (~d["correct"]) & (d["rm_margin"] > 0)),
     "implicit reward right, RM wrong": (("pairs",), lambda d: d["correct"] & (d["rm_margin"] <= 0)),
     "implicit reward wrong": (("pairs",), lambda d: ~d["correct"]),
+    "implicit reward wrong, length rule right": (("pairs",), lambda d: (~d["correct"]) & (d["length_rule"] == 1)),
     "highest KL (top 10%)": (("generations",), lambda d: d["kl"] >= d["kl"].quantile(0.9)),
     "longest responses (top 10%)": (("pairs", "generations"), lambda d: d["length"] >= d["length"].quantile(0.9)),
     "loses to the chosen response": (("generations",), lambda d: d["gold_score"] < d["chosen_gold_score"]),
     "selected": (("pairs", "generations"), None),
 }
 COLUMNS = {
+    # lengths: tokens of the evaluation's one length tokenizer; length_rule: the credit of the length-only rule
+    # fitted on training pairs (1 right, 0 wrong, 0.5 equal lengths)
     "pairs": ["run", "id", "chosen_reward", "rejected_reward", "margin", "correct", "rm_margin", "gold_margin",
-              "chosen_tokens", "rejected_tokens"],
+              "chosen_length", "rejected_length", "length_rule"],
     "generations": ["run", "id", "sample", "gold_score", "score", "chosen_gold_score", "kl", "response_tokens", "ended"],
 }
 SCATTERS = {"pairs": ("rm_margin", "margin"), "generations": ("kl", "gold_score")}
@@ -80,7 +83,10 @@ class InspectorModel:
         proxy = rm.get("proxy", next(iter(rm.values()), {}))
         self.pairs["rm_margin"] = self.pairs["id"].map(proxy).astype(float)
         self.pairs["gold_margin"] = self.pairs["id"].map(rm.get("gold", {})).astype(float)
-        self.pairs["length"] = self.pairs[["chosen_tokens", "rejected_tokens"]].max(axis=1)
+        if "chosen_length" not in self.pairs:  # evaluated before lengths had one unit: the policy's own tokens
+            self.pairs["chosen_length"], self.pairs["rejected_length"] = self.pairs["chosen_tokens"], self.pairs["rejected_tokens"]
+            self.pairs["length_rule"] = np.nan
+        self.pairs["length"] = self.pairs[["chosen_length", "rejected_length"]].max(axis=1)
         if len(self.generations):
             self.generations["length"] = self.generations["response_tokens"]
         self.selected: set = set()  # keys (run, id[, sample]) chosen in the scatter or the table
