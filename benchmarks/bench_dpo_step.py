@@ -46,7 +46,7 @@ def main():
         ours = train.build_trainer("dpo", cfg, policy, tok, dataset, run)
         raw_args = trl.DPOConfig(**{k: getattr(cfg, k) for k in (
             "beta", "loss_type", "learning_rate", "per_device_train_batch_size", "max_length", "max_steps", "seed",
-            "bf16", "gradient_checkpointing", "logging_steps", "report_to", "save_strategy")}, output_dir=tempfile.mkdtemp())
+            "bf16", "use_cpu", "gradient_checkpointing", "logging_steps", "report_to", "save_strategy")}, output_dir=tempfile.mkdtemp())
         policy.delete_adapter("ref")  # each trainer adds its own frozen copy of the starting adapter as "ref"
         raw = trl.DPOTrainer(model=policy, args=raw_args, train_dataset=dataset, processing_class=tok)
         for trainer in (ours, raw):  # set by Trainer.train(); training_step (forward + backward) reads it
