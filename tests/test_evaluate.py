@@ -309,8 +309,10 @@ def test_every_figure_is_exported(study, tmp_path):
         fig = fn(table)
         assert len(fig.data) > 0, f"{name} has no data"
     # the accuracy figure and the paper name the fitted length rule, with "longer wins" beside it
-    notes = {a.text for a in figures.fig_accuracy(table).layout.annotations}
-    assert {"length-only rule (fitted on training pairs)", "longer wins"} <= notes
+    acc = figures.fig_accuracy(table)
+    lines = {t.name.split(":")[0]: t.y[0] for t in acc.data if t.type == "scatter"}
+    assert {"length-only rule (fitted on training pairs)", "longer wins"} <= set(lines)
+    assert lines["length-only rule (fitted on training pairs)"] == pytest.approx(table["pairs/length_rule"].iloc[0])
     from workbench import paper
 
     caveats = paper._caveats(table, results.aggregate(table))

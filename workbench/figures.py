@@ -122,12 +122,15 @@ def fig_accuracy(table: pd.DataFrame) -> go.Figure:
     if len(rule):  # the same for every run of one evaluation: its value and its interval over pairs
         fig.add_hrect(y0=float(rule["pairs/length_rule_lo"].iloc[0]), y1=float(rule["pairs/length_rule_hi"].iloc[0]),
                       fillcolor="gray", opacity=0.12, line_width=0, layer="below")
-    for m, name, dash in (("pairs/length_rule", "length-only rule (fitted on training pairs)", "dot"),
-                          ("pairs/longer_wins", "longer wins", "longdashdot"),
-                          ("pairs/proxy_rm_accuracy", "proxy RM", "dash"), ("pairs/gold_rm_accuracy", "gold RM", "dashdot")):
-        if m in agg and agg[m].notna().any():
-            style = dict(line_color="gray", annotation_position="bottom left") if m == "pairs/longer_wins" else {}
-            fig.add_hline(y=float(agg[m].dropna().iloc[0]), line_dash=dash, annotation_text=name, **style)
+    labels = [_label(r) for _, r in agg.iterrows()]
+    for m, name, dash, colour in (("pairs/length_rule", "length-only rule (fitted on training pairs)", "dot", "black"),
+                                  ("pairs/longer_wins", "longer wins", "longdashdot", "gray"),
+                                  ("pairs/proxy_rm_accuracy", "proxy RM", "dash", "#E45756"),
+                                  ("pairs/gold_rm_accuracy", "gold RM", "dashdot", "#54A24B")):
+        if m in agg and agg[m].notna().any():  # reference lines in the legend: they lie too close to label in place
+            y = float(agg[m].dropna().iloc[0])
+            fig.add_trace(go.Scatter(x=[labels[0], labels[-1]], y=[y, y], mode="lines", name=f"{name}: {y:.3f}",
+                                     line=dict(dash=dash, color=colour, width=2)))
     fig.update_layout(title=f"Held-out preference accuracy<br><sup>{_seeds_note(agg)}</sup>",
                       yaxis_title="accuracy", yaxis_range=[0, 1], **_LAYOUT)
     return fig

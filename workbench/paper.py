@@ -52,7 +52,9 @@ def _setup(table: pd.DataFrame) -> str:
     data = cfgs[0].get("data", {})
     n_train = sorted({str(c.get("data", {}).get("n_train")) for c in cfgs})
     versions = envs[0].get("packages", {})
-    device = sorted({str(e.get("device", "?")) for e in envs})
+    # the machine and the dtype "auto" chose there (env.json, since the dtype rule; older runs name the device only)
+    device = sorted({f"{e['hardware']}, dtype auto = {e['dtype_auto']}" if e.get("hardware") else str(e.get("device", "?"))
+                     for e in envs})
     return "\n".join([
         f"- **Policy model**: {', '.join(models)} (4-bit NF4 + LoRA unless the config says otherwise); "
         f"**reward-model backbone**: {', '.join(rms) or 'none trained here'}.",
