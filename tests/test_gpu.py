@@ -10,6 +10,12 @@ from workbench.models import ModelConfig
 pytestmark = pytest.mark.gpu
 
 
+@pytest.fixture(autouse=True)
+def auto_is_the_hardwares(monkeypatch):
+    """These tests check what dtype="auto" does on a GPU: lift the suite's fp32 pin (conftest.py) for them."""
+    monkeypatch.delenv("WORKBENCH_DTYPE", raising=False)
+
+
 def test_4bit_policy_on_gpu_uses_bf16_compute_and_matches_a_plain_loop(tiny_model_dir, hh_pairs):
     from bitsandbytes.nn import Linear4bit
 
