@@ -328,8 +328,8 @@ def test_tabular_lm_is_pi_ref_as_trl_sees_it(bandit, tmp_path):
     """The wiring every TRL test below relies on: TRL's policy and the reference it builds from disk are π_ref, its
     fused log-prob head returns log π_ref(y|x) at the sampling temperature, its generate path samples π_ref, and
     the reward function reads r(x, y) back from the text."""
-    from workbench.bandit import (bandit_reward_func, bandit_vocabulary, small_lm_head_tiles, tabular_policy,
-                                  trl_trainer)
+    from workbench.bandit_trl import (bandit_reward_func, bandit_vocabulary, small_lm_head_tiles, tabular_policy,
+                                      trl_trainer)
 
     trainer = trl_trainer("rloo", bandit, TRL_BETA, tmp_path, steps=1, **TRL_RUN)
     temperature = trainer.args.temperature
@@ -365,7 +365,7 @@ def test_tabular_lm_is_pi_ref_as_trl_sees_it(bandit, tmp_path):
 @pytest.fixture(scope="module")
 def trl_rloo(bandit, tmp_path_factory):
     """TRL's RLOOTrainer trained at β = 0.5 (100 steps) and 0.25 (150: the larger log-ratios take longer)."""
-    from workbench.bandit import train_trl_rloo
+    from workbench.bandit_trl import train_trl_rloo
 
     return {beta: train_trl_rloo(bandit, beta, tmp_path_factory.mktemp("rloo"), steps=steps, **TRL_RUN)
             for beta, steps in ((0.5, 100), (0.25, 150))}
@@ -405,7 +405,7 @@ def test_grpo_fixed_point_closed_forms(bandit):
 def trl_grpo(bandit, tmp_path_factory):
     """TRL's GRPOTrainer at β = 0.5 with the study's settings (std-scaled advantages, bias-corrected k3), and with
     one setting changed at a time: {name: learned π}."""
-    from workbench.bandit import train_trl_grpo
+    from workbench.bandit_trl import train_trl_grpo
 
     variants = {"study": (dict(steps=300, lr=0.1), {}),
                 "scale_rewards=none": (dict(steps=100), dict(scale_rewards="none")),
