@@ -294,6 +294,24 @@ def test_evaluation_repeats_exactly_and_resumes(study):
         evaluate.evaluate_run(dpo, table_cfg(cfg, table, name="again", temperature=1.0))
 
 
+def test_an_sft_adapters_logps_are_computed_once_and_equal_a_fresh_pass(study):
+    """evaluate_runs computes the SFT adapter's log-probs on the pairs once: as DPO's and IPO's reference and as
+    the SFT run's own policy. The shared numbers equal a fresh pass without the cache."""
+    root, cfg, table = study
+    run = {m: Path(table[table["method"] == m].iloc[0]["path"]) for m in ("sft", "dpo", "ipo")}
+    shared = [(p["policy_chosen_logp"], p["policy_rejected_logp"]) for p in evaluate.read_eval(run["sft"])["pairs"]]
+    for m in ("dpo", "ipo"):
+        ref = [(p["reference_chosen_logp"], p["reference_rejected_logp"]) for p in evaluate.read_eval(run[m])["pairs"]]
+        assert ref == shared, m
+    evaluate.evaluate_run(run["sft"], table_cfg(cfg, table, name="fresh"))
+    fresh = [(p["policy_chosen_logp"], p["policy_rejected_logp"]) for p in evaluate.read_eval(run["sft"], "fresh")["pairs"]]
+    assert fresh == shared
+    cache = {}
+    for m in ("dpo", "ipo"):
+        evaluate.evaluate_run(run[m], table_cfg(cfg, table, name="cached"), logps_cache=cache)
+    assert len(cache) == 3, "DPO's and IPO's adapters, and their one reference"
+
+
 def table_cfg(cfg, table, **changes):
     """The EvalConfig evaluate_runs used (its data and reward models filled in from the runs)."""
     import dataclasses

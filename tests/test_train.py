@@ -348,3 +348,15 @@ def test_rl_arms_refuse_to_run_without_a_reward(common):
         cfg = ppo_args(common) if method == "ppo" else train.RLOOArgs(**{**common, "per_device_train_batch_size": 4})
         with pytest.raises(ValueError, match="needs a reward"):
             train.train(method, cfg)
+
+
+def test_every_arm_name_builds_that_arm_and_loss_types_build_dpo():
+    """make_config(arm) is that arm with its own config class ("sft" is TRL's SFTTrainer, not DPO's loss type of
+    the same name, which once made every SFT run a DPO run on the chosen NLL); other loss types are the DPO arm."""
+    for method, (config_cls, *_rest) in train.METHODS.items():
+        arm, cfg = train.make_config(method)
+        assert arm == method and type(cfg) is config_cls, method
+    arm, cfg = train.make_config("ipo")
+    assert (arm, cfg.loss_type) == ("dpo", ["ipo"])
+    arm, cfg = train.make_config("dpo", loss_type=["sft"])
+    assert (arm, train.method_label(arm, cfg)) == ("dpo", "dpo-sft")

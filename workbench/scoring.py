@@ -19,11 +19,17 @@ from .models import encode_many
 
 
 def score_pairs(model, tokenizer, examples: list[dict], *, beta: float = 0.1, batch_size: int | None = None,
-                max_length: int | None = None) -> list[dict]:
+                max_length: int | None = None, cache: dict | None = None, policy_key: str | None = None,
+                reference_key: str | None = None) -> list[dict]:
     """One record per pair (``examples`` in the data layer's format: id, prompt, chosen, rejected).
 
     One length-bucketed pass per model (policy, then reference); each prompt is computed once and shared by its
     chosen and rejected response (``logprobs.shared_prompt_logps``).
+
+    ``cache`` (a dict the caller keeps) with ``policy_key`` / ``reference_key`` (strings that name the weights,
+    e.g. base model and adapter folder) reuses a model's per-token log-probs on the same pairs at the same
+    ``max_length`` instead of recomputing them: an evaluation of several arms trained from one SFT run computes
+    that reference once, and the SFT run's own policy pass is the same numbers.
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0 (got {beta}): it scales the implicit reward β·log(π/π_ref).")
@@ -33,9 +39,17 @@ def score_pairs(model, tokenizer, examples: list[dict], *, beta: float = 0.1, ba
         prompts.append(p)
         pair_completions.append([c, r])
     kw = dict(pad_id=tokenizer.pad_token_id, batch_size=batch_size)
-    # each prompt runs once per model, shared by its chosen and rejected response
-    policy = shared_prompt_logps(model, prompts, pair_completions, **kw)
-    reference = shared_prompt_logps(model, prompts, pair_completions, reference=True, **kw)
+    ids = tuple(ex["id"] for ex in examples)
+
+    def logps(key, reference):  # each prompt runs once per model, shared by its chosen and rejected response
+        if cache is None or key is None:
+            return shared_prompt_logps(model, prompts, pair_completions, reference=reference, **kw)
+        full_key = (key, max_length, ids)
+        if full_key not in cache:
+            cache[full_key] = shared_prompt_logps(model, prompts, pair_completions, reference=reference, **kw)
+        return cache[full_key]
+
+    policy, reference = logps(policy_key, False), logps(reference_key, True)
 
     records = []
     for i, ex in enumerate(examples):

@@ -239,6 +239,8 @@ def method_label(method: str, cfg) -> str:
     if method != "dpo":
         return method
     names = ["dpo" if t == "sigmoid" else t for t in cfg.loss_type]
+    if names == ["sft"]:  # DPO's NLL-only loss type must not name its run like the SFT arm
+        names = ["dpo-sft"]
     return "+".join(names).replace("_", "-")
 
 
@@ -349,7 +351,11 @@ ARM_ALIASES = {"ppo": {"max_steps": "iterations", "beta": "kl_coef", "per_device
 
 
 def arm_of(method: str) -> tuple[str, dict]:
-    """(arm, fixed fields): "ipo", "hinge", ... (any DPO loss type) are the DPO arm with that loss_type."""
+    """(arm, fixed fields): an arm's own name is that arm; "ipo", "hinge", ... (any other DPO loss type) are the DPO
+    arm with that loss_type. "sft" is the SFT arm (TRL's SFTTrainer), never DPO's loss type of that name (reach
+    that one as ``method="dpo", loss_type=["sft"]``)."""
+    if method in METHODS and method != "dpo":
+        return method, {}
     if method == "dpo" or method in losses.PAIRED_LOSSES:
         return "dpo", {"loss_type": ["sigmoid" if method == "dpo" else method]}
     if method not in METHODS:
