@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from workbench import compute, evaluate, models
+from workbench import compute, models, sampling
 
 
 FORMATS = {  # name -> ModelConfig overrides
@@ -66,7 +66,7 @@ def main():
             model.zero_grad(set_to_none=True)
             dt_step = time.perf_counter() - t
             t = time.perf_counter()
-            evaluate.generate(model, tok, prompts, args.new_tokens, 0.7, generator_seed=r)
+            sampling.generate(model, tok, prompts, args.new_tokens, 0.7, generator_seed=r)
             dt_sample = time.perf_counter() - t
             if r:
                 step[name].append(dt_step)

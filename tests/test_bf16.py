@@ -49,7 +49,7 @@ def test_sft_in_bf16(sft_bf16):
 @pytest.mark.parametrize("method,kw", [("dpo", {}), ("kto", {"per_device_train_batch_size": 4}), ("orpo", {}),
                                        ("simpo", {})])
 def test_preference_arms_in_bf16(bf16, sft_bf16, method, kw):
-    cfg = train.METHODS[method][0](**{**bf16, **kw}, **({"sft_run": str(sft_bf16)} if method in ("dpo", "kto") else {}))
+    cfg = train.ARMS[method].config(**{**bf16, **kw}, **({"sft_run": str(sft_bf16)} if method in ("dpo", "kto") else {}))
     path = train.train(method, cfg)
     run = load_run(path)
     assert run.config["bf16"] is True and _finite(run.summary) and run.metrics["loss"].dropna().map(float).notna().all()
@@ -88,7 +88,7 @@ def test_a_4bit_decoder_reward_model_in_bf16(bf16):
 
 @pytest.mark.parametrize("method", ["rloo", "grpo"])
 def test_trl_rl_arms_in_bf16(bf16, reward_bf16, method):
-    cfg = train.METHODS[method][0](**{**bf16, "max_steps": 1, "per_device_train_batch_size": 4},
+    cfg = train.ARMS[method].config(**{**bf16, "max_steps": 1, "per_device_train_batch_size": 4},
                                    max_completion_length=4, max_prompt_length=64, reward_model=str(reward_bf16))
     path = train.train(method, cfg)
     run = load_run(path)
@@ -99,7 +99,7 @@ def test_trl_rl_arms_in_bf16(bf16, reward_bf16, method):
 def test_ppo_in_bf16(bf16, reward_bf16):
     cfg = ppo.PPOArgs(model=bf16["model"], data=bf16["data"], runs_dir=bf16["runs_dir"], iterations=2,
                       rollout_batch_size=2, max_new_tokens=4, max_prompt_length=64, reward_model=str(reward_bf16))
-    path = ppo.train_ppo(cfg)
+    path = train.train("ppo", cfg)
     run = load_run(path)
     assert run.metrics["objective/kl"].iloc[0] == pytest.approx(0, abs=1e-3)  # π = π_ref before the first update
     assert _finite(run.summary) and run.metrics["loss/policy"].notna().all()

@@ -16,7 +16,6 @@ from workbench.data import (
     parse_pair,
     parse_transcript,
     resolve_source,
-    sft_view,
     split_heldout,
     to_dataset,
     unpaired_view,
@@ -403,8 +402,10 @@ def test_split_heldout_is_deterministic_grouped_and_order_free(real):
 def test_sft_and_unpaired_views(real):
     examples, _ = real
     ex = examples[0]
-    sft = sft_view(examples[:3])
-    assert sft[0] == {"id": ex["id"], "messages": ex["prompt"] + ex["chosen"]}
+    from workbench.train import _dataset
+
+    sft = _dataset("sft", examples[:3])  # the SFT arm's view: prompt-completion, TRL trains on the completion
+    assert sft[0] == {"prompt": ex["prompt"], "completion": ex["chosen"]}
     unpaired = unpaired_view(examples[:3])
     assert len(unpaired) == 6
     assert unpaired[0] == {

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from workbench import data, evaluate, figures, models, ppo, results, scoring, stats, train
+from workbench import data, evaluate, figures, models, ppo, results, runs, sampling, scoring, stats, train
 from workbench.models import ModelConfig
 
 # ----------------------------------------------------------------------------------------------------------
@@ -119,9 +119,9 @@ def test_sampled_kl_is_unbiased_for_the_exact_kl(perturbed_policy):
     model, tok = perturbed_policy
     prompt = [{"role": "user", "content": "Is it ever right to lie?"}]
     T = 0.7
-    recs = evaluate.sample_completions(model, tok, [{"id": "p", "prompt": prompt}], n_samples=600, max_new_tokens=1,
+    recs = sampling.sample_completions(model, tok, [{"id": "p", "prompt": prompt}], n_samples=600, max_new_tokens=1,
                                        temperature=T, seed=0, batch_size=200)
-    ids = torch.tensor([evaluate.encode_prompts(tok, [prompt], 256)[0]])
+    ids = torch.tensor([sampling.encode_prompts(tok, [prompt], 256)[0]])
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids).logits[0, -1].float() / T, -1)
         with model.disable_adapter():
@@ -210,7 +210,7 @@ def study(tiny_model_dir, hh_dir, tmp_path_factory):
                                    sft_run=str(sft), reward_model=str(rms[0]), gold_reward_model=str(rms[1]),
                                    iterations=2, rollout_batch_size=4, max_new_tokens=6))
     cfg = evaluate.EvalConfig(n_prompts=3, n_samples=2, n_pairs=4, max_new_tokens=6, n_bootstrap=100)
-    return root, cfg, evaluate.evaluate_runs(root, cfg)
+    return root, cfg, results.results_table(evaluate.evaluate_runs(root, cfg), cfg.name)
 
 
 def test_every_run_is_evaluated_into_one_table(study):
@@ -228,13 +228,13 @@ def test_every_run_is_evaluated_into_one_table(study):
     # PPO's pipeline: its own FLOPs plus the SFT run's and the proxy reward model's
     assert ppo_row["compute/pipeline_flops"] > ppo_row["compute/flops"] > 0
     assert ppo_row["compute/tokens_generated"] > 0 and ppo_row["compute/tokens_reward_forward"] > 0
-    gens = evaluate.read_eval(ppo_row["path"])["generations"]
+    gens = runs.read_eval(ppo_row["path"])["generations"]
     assert len(gens) == cfg.n_prompts * cfg.n_samples
     for g in gens:
         assert len(g["token_logratio"]) == g["response_tokens"] == len(g["completion_token_ids"])
         assert g["chosen_gold_score"] is not None and g["gold_score"] is not None
     # every run was scored on the same prompts and pairs
-    ids = {json.dumps(evaluate.read_eval(p)["config"]["prompt_ids"]) for p in pol["path"]}
+    ids = {json.dumps(runs.read_eval(p)["config"]["prompt_ids"]) for p in pol["path"]}
     assert len(ids) == 1
 
 
@@ -246,7 +246,7 @@ def test_one_length_baseline_in_one_unit_for_every_run(study, tiny_model_dir):
         assert table[col].notna().all() and table[col].nunique() == 1, col
     assert not [c for c in table if "length_baseline" in c or "longer_is_chosen" in c], "old names are gone"
     rm, dpo = (table[table["method"] == m].iloc[0] for m in ("reward", "dpo"))
-    rm_ev, dpo_ev = evaluate.read_eval(rm["path"]), evaluate.read_eval(dpo["path"])
+    rm_ev, dpo_ev = runs.read_eval(rm["path"]), runs.read_eval(dpo["path"])
     # the unit is recorded: tokens of the policies' base model, for the reward model too
     assert rm_ev["config"]["length_tokenizer"] == dpo_ev["config"]["length_tokenizer"] == str(tiny_model_dir)
     lengths = [[(p["id"], p["chosen_length"], p["rejected_length"], p["length_rule"]) for p in ev["pairs"]]
@@ -271,7 +271,7 @@ def test_a_reward_model_evaluated_alone_counts_lengths_in_the_default_policy_tok
     root, cfg, table = study
     rm = Path(table[table["method"] == "reward"].iloc[0]["path"])
     evaluate.evaluate_run(rm, table_cfg(cfg, table, name="alone"))
-    ev = evaluate.read_eval(rm, "alone")
+    ev = runs.read_eval(rm, "alone")
     assert ev["config"]["length_tokenizer"] == models.EMBEDDED_POLICY
     assert f"length baseline in tokens of {models.EMBEDDED_POLICY} (the default policy)" in capsys.readouterr().out
     assert ev["summary"]["pairs/length_rule"] == pytest.approx(np.mean([p["length_rule"] for p in ev["pairs"]]))
@@ -280,12 +280,12 @@ def test_a_reward_model_evaluated_alone_counts_lengths_in_the_default_policy_tok
 def test_evaluation_repeats_exactly_and_resumes(study):
     root, cfg, table = study
     dpo = Path(table[table["method"] == "dpo"].iloc[0]["path"])
-    first = evaluate.read_eval(dpo)
+    first = runs.read_eval(dpo)
     stamp = (dpo / "eval" / "default" / "summary.json").stat().st_mtime_ns
     evaluate.evaluate_run(dpo, table_cfg(cfg, table))
     assert (dpo / "eval" / "default" / "summary.json").stat().st_mtime_ns == stamp, "same settings: kept, not redone"
     again = evaluate.evaluate_run(dpo, table_cfg(cfg, table, name="again"))
-    second = evaluate.read_eval(dpo, "again")
+    second = runs.read_eval(dpo, "again")
     assert [g["completion"] for g in second["generations"]] == [g["completion"] for g in first["generations"]]
     assert [g["kl"] for g in second["generations"]] == [g["kl"] for g in first["generations"]]
     assert second["summary"]["eval/gold"] == first["summary"]["eval/gold"]
@@ -299,12 +299,12 @@ def test_an_sft_adapters_logps_are_computed_once_and_equal_a_fresh_pass(study):
     the SFT run's own policy. The shared numbers equal a fresh pass without the cache."""
     root, cfg, table = study
     run = {m: Path(table[table["method"] == m].iloc[0]["path"]) for m in ("sft", "dpo", "ipo")}
-    shared = [(p["policy_chosen_logp"], p["policy_rejected_logp"]) for p in evaluate.read_eval(run["sft"])["pairs"]]
+    shared = [(p["policy_chosen_logp"], p["policy_rejected_logp"]) for p in runs.read_eval(run["sft"])["pairs"]]
     for m in ("dpo", "ipo"):
-        ref = [(p["reference_chosen_logp"], p["reference_rejected_logp"]) for p in evaluate.read_eval(run[m])["pairs"]]
+        ref = [(p["reference_chosen_logp"], p["reference_rejected_logp"]) for p in runs.read_eval(run[m])["pairs"]]
         assert ref == shared, m
     evaluate.evaluate_run(run["sft"], table_cfg(cfg, table, name="fresh"))
-    fresh = [(p["policy_chosen_logp"], p["policy_rejected_logp"]) for p in evaluate.read_eval(run["sft"], "fresh")["pairs"]]
+    fresh = [(p["policy_chosen_logp"], p["policy_rejected_logp"]) for p in runs.read_eval(run["sft"], "fresh")["pairs"]]
     assert fresh == shared
     cache = {}
     for m in ("dpo", "ipo"):
@@ -316,7 +316,7 @@ def table_cfg(cfg, table, **changes):
     """The EvalConfig evaluate_runs used (its data and reward models filled in from the runs)."""
     import dataclasses
 
-    saved = evaluate.read_eval(table.iloc[0]["path"])["config"]
+    saved = runs.read_eval(table.iloc[0]["path"])["config"]
     return dataclasses.replace(cfg, data=train.DataConfig(**saved["data"]), proxy_reward_model=saved["proxy_reward_model"],
                                gold_reward_model=saved["gold_reward_model"], **changes)
 

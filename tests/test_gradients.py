@@ -11,7 +11,7 @@ happens, and the structural test (every 4-bit layer has the repack gate off) sti
 import pytest
 import torch
 
-from workbench import data, evaluate, models, ppo, rewards, scoring
+from workbench import data, models, ppo, rewards, sampling, scoring, train
 
 
 def _bnb_cpu_repack_possible() -> bool:
@@ -40,7 +40,7 @@ def _actor_critic(model_dir):
 
 
 def _sampled_batch(hh_pairs, tok):
-    prompt_ids = evaluate.encode_prompts(tok, [ex["prompt"] for ex in hh_pairs[:3]], 48)
+    prompt_ids = sampling.encode_prompts(tok, [ex["prompt"] for ex in hh_pairs[:3]], 48)
     g = torch.Generator().manual_seed(2)
     response = torch.randint(0, len(tok), (3, 6), generator=g)
     mask = torch.ones_like(response, dtype=torch.bool)
@@ -87,7 +87,7 @@ def test_gradients_after_generate_and_scoring_equal_a_never_evaluated_copy(peake
     logps_before, _ = _gradients(used, used_head, tok, batch)
 
     # --- what PPO's rollout and every held-out look do to the model: eval mode, no-grad inputs
-    evaluate.generate(used, tok, batch[0], 4, 0.7, generator_seed=0)
+    sampling.generate(used, tok, batch[0], 4, 0.7, generator_seed=0)
     scoring.score_pairs(used, tok, hh_pairs[:2], beta=0.1, max_length=128)
     ac = ppo._LMActorCritic(used, used_head, *batch, tok.pad_token_id, 0.7)
     with torch.no_grad(), ac.critic():
@@ -126,7 +126,7 @@ def test_ppo_of_two_iterations_moves_every_lora_tensor_of_the_policy(peaked_tiny
                       rollout_batch_size=4, ppo_epochs=1, num_minibatches=1, max_new_tokens=4, learning_rate=1e-3,
                       max_prompt_length=48, runs_dir=str(tmp_path),
                       data=data.DataConfig(split="test", source=str(hh_dir), n_train=8, n_score=2, max_length=192))
-    ppo.train_ppo(cfg, reward_fn=rewards.TokenSetReward(list(range(0, 49152, 2))))
+    train.train("ppo", cfg, reward_fn=rewards.TokenSetReward(list(range(0, 49152, 2))))
     start = held["start"]
     after = {n: p.detach() for n, p in held["model"].named_parameters() if n in start}
     assert len(start) == 28
@@ -146,6 +146,6 @@ def test_the_repack_would_break_gradients_on_this_cpu(peaked_tiny_dir, hh_pairs)
         if isinstance(m, bnb.nn.Linear4bit):
             m.support_avx512bf16_for_cpu = True
     batch = _sampled_batch(hh_pairs, tok)
-    evaluate.generate(model, tok, batch[0], 2, 0.7, generator_seed=0)
+    sampling.generate(model, tok, batch[0], 2, 0.7, generator_seed=0)
     with pytest.raises(Exception, match="autograd kernel was not registered"):
         _gradients(model, value_head, tok, batch)

@@ -101,7 +101,7 @@ def test_hh_template_is_used_when_a_tokenizer_has_none(tiny_model_dir, tmp_path)
     tok = models.load_tokenizer(str(tmp_path))
     assert tok.chat_template == models.HH_CHAT_TEMPLATE
     prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Why?"}]
-    text = models.render_prompt(tok, prompt)
+    text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     assert text == f"\n\nHuman: Hi\n\nAssistant: Hello{tok.eos_token}\n\nHuman: Why?\n\nAssistant:"
     assert models.render_completion(tok, prompt, [{"role": "assistant", "content": "No."}]) == f" No.{tok.eos_token}"
 

@@ -1,14 +1,10 @@
-"""The scoring pass and the main job, on the tiny model (fast) and the embedded default (slow)."""
-
-import json
+"""The scoring pass on the tiny model (fast) and the embedded default (slow), and a small pipeline's determinism."""
 
 import pytest
 import torch
 
 from workbench import logprobs, models, scoring
 from workbench.models import ModelConfig
-from workbench.pipeline import ScoreConfig, run_score
-from workbench.runs import list_runs, load_run
 
 
 def test_score_pairs_matches_its_definition(tiny_model_dir, hh_pairs):
@@ -43,85 +39,27 @@ def test_score_pairs_rejects_non_positive_beta(tiny_model_dir, hh_pairs):
         scoring.score_pairs(policy, tok, hh_pairs[:1], beta=0.0)
 
 
-def _check_main_run(run, n_pairs):
-    assert run.path.exists() and not run.path.name.endswith((".partial", ".failed"))
-    loaded = load_run(run.path)
-    for f in ("config.json", "env.json", "metrics.jsonl", "summary.json", "data_report.json", "split.json"):
-        assert (run.path / f).exists(), f
-    pairs = loaded.records("pairs")
-    assert len(pairs) == n_pairs and pairs["id"].is_unique
-    split = json.loads((run.path / "split.json").read_text())
-    assert set(pairs["id"]) <= set(split["heldout_ids"]) and split["seed"] == loaded.config["seed"]
-    report = json.loads((run.path / "data_report.json").read_text())
-    assert report["read"] == report["kept"] + sum(report["skipped"].values())
-    # a fresh adapter starts as the identity: the policy equals its reference exactly
-    assert (pairs["margin"] == 0).all() and (pairs["chosen_reward"] == 0).all()
-    assert loaded.summary["n_pairs"] == n_pairs
-    # the length baseline: a rule fitted on the split's training pairs, applied to the scored pairs (tokens)
-    assert loaded.summary["baseline/length_rule_n_train"] == min(split["n_train"], 2000)
-    assert loaded.summary["baseline/length_rule"] == pytest.approx(pairs["length_rule"].mean())
-    assert loaded.summary["baseline/longer_wins"] == pytest.approx(
-        ((pairs["chosen_length"] > pairs["rejected_length"]) + 0.5 * (pairs["chosen_length"] == pairs["rejected_length"])).mean())
-    return loaded
-
-
-def test_main_job_on_tiny_model_writes_a_complete_run(tiny_model_dir, hh_dir, tmp_path, capsys):
-    cfg = ScoreConfig(seed=3, data_source=str(hh_dir), n_pairs=4, max_length=256, runs_dir=str(tmp_path),
-                     model=ModelConfig(model_name_or_path=str(tiny_model_dir)))
-    run = run_score(cfg)
-    out = capsys.readouterr().out
-    assert "read 2312" in out and str(run.path) in out
-    loaded = _check_main_run(run, 4)
-    assert loaded.config["seed"] == 3 and loaded.config["model"]["load_in_4bit"] is True
-    table = list_runs(tmp_path)
-    assert list(table["method"]) == ["score"] and list(table["seed"]) == [3]
-
-
-def test_main_job_is_deterministic_for_a_seed(tiny_model_dir, hh_dir, tmp_path):
-    kw = dict(data_source=str(hh_dir), n_pairs=2, max_length=256, runs_dir=str(tmp_path),
-              model=ModelConfig(model_name_or_path=str(tiny_model_dir)))
-    a = load_run(run_score(ScoreConfig(seed=1, **kw)).path).records("pairs")
-    b = load_run(run_score(ScoreConfig(seed=1, **kw)).path).records("pairs")
-    c = load_run(run_score(ScoreConfig(seed=2, **kw)).path).records("pairs")
-    assert list(a["id"]) == list(b["id"]) and list(a["policy_chosen_logp"]) == list(b["policy_chosen_logp"])
-    assert list(a["id"]) != list(c["id"]), "another seed holds out other prompts"
-
-
-def test_main_config_fails_early_on_bad_values():
-    with pytest.raises(ValueError, match="n_pairs"):
-        ScoreConfig(n_pairs=0)
-    with pytest.raises(ValueError, match="heldout_fraction"):
-        ScoreConfig(heldout_fraction=1.5)
-
-
-def test_cli_builds_the_config(monkeypatch):
-    from workbench import __main__ as cli
-    from workbench import pipeline
-
-    seen = {}
-    monkeypatch.setattr(pipeline, "run_score", lambda cfg: seen.setdefault("cfg", cfg))
-    cli.main(["score", "--n-pairs", "5", "--seed", "2", "--model", "some/model", "--no-4bit", "--batch-size", "3",
-              "--beta", "0.5"])
-    cfg = seen["cfg"]
-    assert (cfg.n_pairs, cfg.seed, cfg.model.model_name_or_path, cfg.model.load_in_4bit) == (5, 2, "some/model", False)
-    assert (cfg.batch_size, cfg.beta, cfg.data_source) == (3, 0.5, None)
+def test_a_fresh_adapter_is_its_own_reference(tiny_model_dir, hh_pairs):
+    """A fresh adapter starts as the identity (lora_B = 0): in 4-bit too, the policy equals its reference exactly
+    and every implicit reward is 0."""
+    policy, tok = models.load_policy(ModelConfig(model_name_or_path=str(tiny_model_dir)))
+    records = scoring.score_pairs(policy, tok, hh_pairs[:4], beta=0.1, max_length=256)
+    assert all(r["margin"] == 0 and r["chosen_reward"] == 0 for r in records)
 
 
 @pytest.mark.slow
-def test_main_job_on_the_embedded_default(hh_dir, tmp_path):
-    run = run_score(ScoreConfig(data_source=str(hh_dir), n_pairs=2, runs_dir=str(tmp_path)))
-    loaded = _check_main_run(run, 2)
-    assert loaded.config["model"]["model_name_or_path"] == models.EMBEDDED_POLICY
+def test_the_embedded_default_scores_like_a_language_model(hh_pairs):
+    policy, tok = models.load_policy(ModelConfig())
+    records = scoring.score_pairs(policy, tok, hh_pairs[:2], beta=0.1, max_length=512)
     # the real model's log-probs are those of a language model, not of a uniform guess over 49,152 tokens
-    pairs = loaded.records("pairs")
-    per_token = pairs["reference_chosen_logp"] / pairs["chosen_tokens"]
-    assert (per_token > -8).all(), per_token.tolist()
+    per_token = [r["reference_chosen_logp"] / r["chosen_tokens"] for r in records]
+    assert all(t > -8 for t in per_token), per_token
 
 
 def test_the_same_seed_gives_the_same_results_table(tiny_model_dir, hh_dir, tmp_path):
     """A small pipeline (SFT -> reward model -> DPO from SFT -> evaluation) run twice with one seed on one machine:
     every number of the results table is the same (times and paths aside)."""
-    from workbench import evaluate, train
+    from workbench import evaluate, results, train
 
     def pipeline(root):
         common = dict(model=ModelConfig(model_name_or_path=str(tiny_model_dir)), runs_dir=str(root),
@@ -133,7 +71,7 @@ def test_the_same_seed_gives_the_same_results_table(tiny_model_dir, hh_dir, tmp_
         train.train("dpo", train.DPOArgs(**common, sft_run=str(sft)))
         cfg = evaluate.EvalConfig(n_prompts=2, n_samples=2, n_pairs=3, max_new_tokens=4, n_bootstrap=50,
                                   proxy_reward_model=str(rm), gold_reward_model=str(rm))
-        return evaluate.evaluate_runs(root, cfg)
+        return results.results_table(evaluate.evaluate_runs(root, cfg), cfg.name)
 
     a, b = pipeline(tmp_path / "a"), pipeline(tmp_path / "b")
     volatile = [c for c in a.columns if c.endswith("_s") or any(w in c for w in ("time", "path", "run", "wall", "folder",

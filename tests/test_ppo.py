@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from workbench import data, evaluate, logprobs, models, ppo, rewards
+from workbench import data, logprobs, models, ppo, rewards, sampling, train
 from workbench.runs import load_run
 
 
@@ -105,7 +105,6 @@ def test_whiten_and_critic_free_advantages():
     assert w[0, 2] == 0
     r = torch.tensor([[1.0, 2.0, 6.0]])
     assert ppo.rloo_advantages(r).tolist() == [[1 - 4.0, 2 - 3.5, 6 - 1.5]]
-    assert ppo.grpo_advantages(r, scale=False).tolist() == [[-2.0, -1.0, 3.0]]
 
 
 def test_adaptive_kl_controller_follows_ziegler():
@@ -121,7 +120,7 @@ def test_adaptive_kl_controller_follows_ziegler():
 
 def test_cut_after_eos_keeps_the_eos_and_masks_the_rest():
     resp = torch.tensor([[5, 6, 2, 7, 2], [5, 6, 7, 8, 9], [2, 3, 3, 3, 3]])
-    out, mask, ended = evaluate.cut_after_eos(resp, eos_id=2, pad_id=0)
+    out, mask, ended = sampling.cut_after_eos(resp, eos_id=2, pad_id=0)
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
     assert out.tolist() == [[5, 6, 2, 0, 0], [5, 6, 7, 8, 9], [2, 0, 0, 0, 0]]
     assert ended.tolist() == [True, False, True]
@@ -133,7 +132,7 @@ def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="divisible"):
         ppo.PPOArgs(rollout_batch_size=6, num_minibatches=4)
     with pytest.raises(ValueError, match="reward"):
-        ppo.train_ppo(ppo.PPOArgs())
+        train.train("ppo", ppo.PPOArgs())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,7 +151,7 @@ def actor_critic(peaked_tiny_dir):
 
 
 def _prompts(hh_pairs, tokenizer, n=4):
-    return evaluate.encode_prompts(tokenizer, [ex["prompt"] for ex in hh_pairs[:n]], 64)
+    return sampling.encode_prompts(tokenizer, [ex["prompt"] for ex in hh_pairs[:n]], 64)
 
 
 def test_response_logprobs_equal_the_sampling_distribution(actor_critic, hh_pairs):
@@ -179,7 +178,7 @@ def test_response_logprobs_equal_the_sampling_distribution(actor_critic, hh_pair
 def test_an_update_moves_logprobs_with_the_sign_of_the_advantage(actor_critic, hh_pairs):
     model, value_head, tok = actor_critic
     prompt_ids = _prompts(hh_pairs, tok)
-    resp, mask, _ = evaluate.generate(model, tok, prompt_ids, 5, 0.7, generator_seed=0)
+    resp, mask, _ = sampling.generate(model, tok, prompt_ids, 5, 0.7, generator_seed=0)
     ac = ppo._LMActorCritic(model, value_head, prompt_ids, resp, mask, tok.pad_token_id, 0.7)
     with torch.no_grad():
         before, _ = ac.logprobs(torch.arange(4))
@@ -232,10 +231,10 @@ def test_ppo_raises_an_easy_reward_on_a_tiny_4bit_model(peaked_tiny_dir, hh_dir,
     model, _, tok = ppo.load_actor_critic(cfg)
     assert model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.__class__.__name__ == "Params4bit"
     train_rows, _, _, _ = data.load_for_run(cfg.data, cfg.seed, tok)
-    prompt_ids = evaluate.encode_prompts(tok, [r["prompt"] for r in data.prompt_view(train_rows)], 64)
+    prompt_ids = sampling.encode_prompts(tok, [r["prompt"] for r in data.prompt_view(train_rows)], 64)
     before = _expected_first_token_reward(model, tok, prompt_ids, token_half, cfg.temperature)
 
-    path = ppo.train_ppo(cfg, reward_fn=reward)
+    path = train.train("ppo", cfg, reward_fn=reward)
     trained, _ = models.load_policy(cfg.model, adapter=str(path / "adapter"), trainable=False)
     after = _expected_first_token_reward(trained, tok, prompt_ids, token_half, cfg.temperature)
     assert after > before + 0.2, (before, after)
@@ -257,7 +256,7 @@ def test_ppo_records_add_up_on_multi_token_responses(peaked_tiny_dir, hh_dir, to
                       kl_estimator="k1", missing_eos_penalty=0.5, max_prompt_length=64,
                       data=data.DataConfig(split="test", source=str(hh_dir), n_train=8, n_score=3, max_length=256),
                       runs_dir=str(tmp_path))
-    path = ppo.train_ppo(cfg, reward_fn=rewards.TokenSetReward(token_half.tolist()))
+    path = train.train("ppo", cfg, reward_fn=rewards.TokenSetReward(token_half.tolist()))
     run = load_run(path)
     samples = run.records("rollouts")
     for _, s in samples.iterrows():

@@ -124,14 +124,15 @@ def test_partial_while_open_and_not_listed(tmp_path):
     assert len(list_runs(tmp_path)) == 1
 
 
-def test_save_adapter_lands_in_final_folder(tmp_path):
+def test_an_adapter_saved_into_the_open_run_lands_in_final_folder(tmp_path):
     class FakeModel:
         def save_pretrained(self, path):
             Path(path).mkdir(parents=True, exist_ok=True)
             (Path(path) / "adapter_config.json").write_text('{"r": 8}')
 
     with Run("dpo", "beta0.1", seed=0, config={}, root=tmp_path) as run:
-        out = run.save_adapter(FakeModel())
+        out = run.path / "adapter"  # as train.train saves it
+        FakeModel().save_pretrained(out)
         assert out.parent.name.endswith(".partial")
     assert json.loads((run.path / "adapter" / "adapter_config.json").read_text()) == {"r": 8}
 

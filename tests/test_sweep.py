@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from workbench import paper, sweep, train
-from workbench.runs import _is_complete
+from workbench.runs import is_complete
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -71,7 +71,10 @@ def test_seeds_run_the_main_study_once_per_seed_and_pair_references_by_seed():
     _, one = sw.load_grid(REPO / "grids" / "main.yaml")
     _, three = sw.load_grid(REPO / "grids" / "main.yaml", seeds=[0, 1, 2])
     trained = [j for j in one if not j.always]
-    assert len([j for j in three if not j.always]) == 3 * len(trained)
+    judges = [j for j in trained if j.stage in ("proxy", "gold")]  # their params fix seed 0: one pair for all seeds
+    assert len(judges) == 2 and all(j.params["seed"] == 0 for j in judges)
+    assert len([j for j in three if not j.always]) == 3 * (len(trained) - 2) + 2
+    assert [j for j in three if j.stage in ("proxy", "gold")] == judges
     assert {j.params["seed"] for j in three if not j.always} == {0, 1, 2}
     assert [j.stage for j in three if j.always] == [j.stage for j in one if j.always]  # evaluation once, over all
     # seed 0's jobs are the very jobs of the one-seed study: adding seeds to a finished study reruns nothing
@@ -84,6 +87,7 @@ def test_seeds_run_the_main_study_once_per_seed_and_pair_references_by_seed():
         state.setdefault(j.id, {"status": "done", "run": f"/runs/{j.id}"})
     params, why = sw._resolve(ppo, state, three)
     assert why is None and params["sft_run"] == "/runs/sft-seed-2"
+    assert params["reward_model"] == state[judges[0].id]["run"]  # seed 2's PPO is judged by the one proxy
     assert _seed_list("0,1,2") == [0, 1, 2]
     for bad in ("a,b", "", "-1"):
         with pytest.raises(Exception, match="--seeds"):
@@ -152,7 +156,7 @@ def test_sweep_resumes_after_a_kill_without_losing_or_repeating_runs(ci_sweep):
     for job_id, entry in before.items():  # what had finished was kept as it was, not run again
         if entry["status"] == "done":
             assert after[job_id] == entry
-    runs = [p for p in root.iterdir() if _is_complete(p)]
+    runs = [p for p in root.iterdir() if is_complete(p)]
     keys = [p.name.rsplit("__", 1)[0] for p in runs]
     assert len(keys) == len(set(keys)), f"a run was repeated: {sorted(keys)}"
     assert sorted(k.split("__")[0] for k in keys) == ["dpo", "ipo", "ppo", "reward", "reward", "rloo", "sft"]

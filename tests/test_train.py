@@ -70,7 +70,7 @@ def test_configs_subclass_trl_and_are_cpu_safe():
     trl_configs = {"sft": trl.SFTConfig, "dpo": trl.DPOConfig, "kto": trl.KTOConfig,
                    "orpo": train.ORPOConfig, "simpo": train.CPOConfig, "reward": trl.RewardConfig,
                    "rloo": trl.RLOOConfig, "grpo": trl.GRPOConfig}
-    for method, (config_cls, *_rest) in train.METHODS.items():
+    for method, config_cls in ((m, a.config) for m, a in train.ARMS.items()):
         cfg = config_cls()
         if method == "ppo":  # our own PPO: TRL 1.16 has no PPO config to subclass
             assert cfg.kl_coef > 0 and cfg.kl_estimator == "k1" and cfg.model.load_in_4bit
@@ -122,7 +122,7 @@ def test_precomputed_reference_logps_give_the_same_reference(common, sft_run):
 
 @pytest.mark.parametrize("method", ["kto", "orpo", "simpo"])
 def test_other_arms_train_one_step(common, method):
-    config_cls = train.METHODS[method][0]
+    config_cls = train.ARMS[method].config
     kw = {"per_device_train_batch_size": 4} if method == "kto" else {}  # KTO's KL estimate needs a batch > 1 pair
     run = _complete(train.train(method, config_cls(**{**common, **kw})))
     assert run.path.name.startswith(f"{method}__")
@@ -318,7 +318,7 @@ def _check_rl_run(path, n_score=3):
 @pytest.mark.parametrize("method", ["rloo", "grpo"])
 def test_trl_rl_arms_train_against_the_reward_model(common, reward_runs, method):
     proxy, gold = reward_runs
-    cfg = train.METHODS[method][0](**{**common, "max_steps": 2, "per_device_train_batch_size": 4},
+    cfg = train.ARMS[method].config(**{**common, "max_steps": 2, "per_device_train_batch_size": 4},
                                    max_completion_length=4, max_prompt_length=64, reward_model=str(proxy),
                                    gold_reward_model=str(gold))
     run = _check_rl_run(train.train(method, cfg))
@@ -353,7 +353,7 @@ def test_rl_arms_refuse_to_run_without_a_reward(common):
 def test_every_arm_name_builds_that_arm_and_loss_types_build_dpo():
     """make_config(arm) is that arm with its own config class ("sft" is TRL's SFTTrainer, not DPO's loss type of
     the same name, which once made every SFT run a DPO run on the chosen NLL); other loss types are the DPO arm."""
-    for method, (config_cls, *_rest) in train.METHODS.items():
+    for method, config_cls in ((m, a.config) for m, a in train.ARMS.items()):
         arm, cfg = train.make_config(method)
         assert arm == method and type(cfg) is config_cls, method
     arm, cfg = train.make_config("ipo")

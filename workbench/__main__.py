@@ -1,10 +1,15 @@
-"""Command line: ``python -m workbench main`` / ``train METHOD`` / ``evaluate [RUN ...]`` / ``sweep GRID`` / ``paper`` /
-``score`` (or the ``workbench`` script)."""
+"""Command line: ``python -m workbench main`` / ``train METHOD [--name value ...]`` / ``evaluate [RUN ...]`` /
+``sweep GRID`` / ``paper`` (or the ``workbench`` script).
+
+``train`` takes every field of the arm's config as ``--name value`` (``--max-steps 4``, ``--beta 0.2``,
+``--loss-type sigmoid,sft``, ``--load-in-4bit false``), built by ``train.make_config`` as the notebooks and the grids
+build theirs; ``--print-config`` prints the config and stops. A bad name or value exits with code 2 and says what
+to change, before anything loads."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 import sys
 
 
@@ -18,75 +23,112 @@ def _seed_list(text: str) -> list[int]:
     return seeds
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_value(text: str):
+    """A value written on the command line: JSON where it parses (numbers, true/false/null, [lists]), "none" as
+    None, a comma-separated list as a list, else the text itself."""
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return [parse_value(t) for t in text.split(",")] if "," in text else text
+
+
+def parse_fields(tokens: list[str]) -> dict:
+    """``--name value`` / ``--name=value`` pairs as {name: value} (dashes in names become underscores)."""
+    out, i = {}, 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or len(tok) < 3:
+            raise ValueError(f"expected --name value, got '{tok}'")
+        name, sep, value = tok[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+                raise ValueError(f"--{name} needs a value")
+            value, i = tokens[i + 1], i + 1
+        out[name.replace("-", "_")] = parse_value(value)
+        i += 1
+    return out
+
+
+def _split_fields(argv: list[str], sub: dict) -> tuple[list[str], list[str]]:
+    """(argv for argparse, the config-field tokens): for ``train`` and ``evaluate``, every ``--name [value]`` that is
+    not one of the subcommand's own options is a config field (its value may look like a negative number)."""
+    if not argv or argv[0] not in ("train", "evaluate"):
+        return argv, []
+    known = {o for a in sub[argv[0]]._actions for o in a.option_strings}
+    keep, fields, i = argv[:1], [], 1
+    while i < len(argv):
+        tok = argv[i]
+        if tok.startswith("--") and tok.split("=")[0] not in known:
+            fields.append(tok)
+            if "=" not in tok and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                fields.append(argv[i + 1])
+                i += 1
+        else:
+            keep.append(tok)
+        i += 1
+    return keep, fields
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    """(the parser, its subcommands' parsers by name). ``train`` and ``evaluate`` also take every field of their
+    config as ``--name value`` (``parse_fields``)."""
     from . import pipeline
 
-    parser = argparse.ArgumentParser(prog="workbench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="workbench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p_study = sub.add_parser("main", help="the whole study on the embedded default: grids/main.yaml, figures, paper")
+    p_study = sub.add_parser("main", allow_abbrev=False,
+                             help="the whole study on the embedded default: grids/main.yaml, figures, paper")
     p_study.add_argument("--grid", default=str(pipeline.MAIN_GRID), help="(default: grids/main.yaml)")
     p_study.add_argument("--runs-dir", help="runs root (default: the grid's runs_dir, runs/main)")
     p_study.add_argument("--figures", default="figures", help="where the figures go (default: %(default)s)")
     p_study.add_argument("--paper", default="papers/draft.md", help="the filled paper draft (default: %(default)s)")
     p_study.add_argument("--seeds", type=_seed_list, help="comma-separated seeds, e.g. 0,1,2: the study once per seed "
                          "(default: the grid's own); finished runs of other seeds are kept")
-    p_main = sub.add_parser("score", help="score held-out pairs under a fresh policy (see workbench/pipeline.py)")
-    defaults = pipeline.ScoreConfig()
-    for f in dataclasses.fields(pipeline.ScoreConfig):
-        if f.name == "model":
-            continue
-        value = getattr(defaults, f.name)
-        kind = next((t for t in (int, float) if t.__name__ in str(f.type).split(" | ")), str)  # "int | None" -> int
-        p_main.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=value, help=f"(default: {value})")
-    p_main.add_argument("--model", default=defaults.model.model_name_or_path,
-                        help="policy: hub name, local directory or embedded:<name> (default: %(default)s)")
-    p_main.add_argument("--no-4bit", action="store_true", help="load the base unquantized instead of NF4 4-bit")
-    p_train = sub.add_parser("train", help="train one arm and print its run folder")
-    p_train.add_argument("method", help="sft, dpo, kto, orpo, simpo, reward, ppo, rloo or grpo")
-    p_train.add_argument("--loss-type", help="DPO family only: e.g. sigmoid, ipo, hinge, or sigmoid,bco_pair,sft")
-    p_train.add_argument("--loss-weights", help="weights for a combined --loss-type, e.g. 0.8,0.2,1.0")
-    p_train.add_argument("--beta", type=float)
-    p_train.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps (ppo: iterations)")
-    p_train.add_argument("--reward-model", help="ppo/rloo/grpo: reward run folder or sequence-classifier name/path")
-    p_train.add_argument("--gold-reward-model", help="ppo/rloo/grpo: a second reward model, only measured")
-    p_train.add_argument("--kl-coef", type=float, help="ppo: β of score − β·KL (rloo/grpo: use --beta)")
-    p_train.add_argument("--half", choices=["a", "b"], help="train on one half of the prompts (e.g. proxy vs gold RM)")
-    p_train.add_argument("--learning-rate", type=float)
-    p_train.add_argument("--sft-run", help="SFT run folder to start from (it becomes the reference)")
-    p_train.add_argument("--model", help="policy: hub name, local directory or embedded:<name>")
-    p_train.add_argument("--no-4bit", action="store_true")
-    p_train.add_argument("--seed", type=int, default=0)
-    p_train.add_argument("--run-name", default="default")
-    p_train.add_argument("--split", default="test", help="HH-RLHF split file to read (default: test, the local one)")
-    p_train.add_argument("--data-source", help="local hh-rlhf directory or 'hub'")
-    p_train.add_argument("--n-train", type=int)
-    p_train.add_argument("--n-score", type=int, default=64)
-    p_eval = sub.add_parser("evaluate", help="evaluate run folders; write the results table and every figure")
+    p_train = sub.add_parser("train", allow_abbrev=False, help="train one arm and print its run folder; any config field as --name value",
+                             description="Train one arm. Every field of its config is an option: --name value "
+                             "(e.g. --max-steps 4 --beta 0.2 --n-train 64 --model embedded:smollm2-135m-instruct "
+                             "--load-in-4bit false --loss-type sigmoid,sft). --print-config prints the config and stops.")
+    p_train.add_argument("method", help="sft, dpo (or any DPO loss type: ipo, hinge, ...), kto, orpo, simpo, reward, "
+                         "ppo, rloo or grpo")
+    p_train.add_argument("--print-config", action="store_true", help="print the config as JSON and stop")
+    p_eval = sub.add_parser("evaluate", allow_abbrev=False, help="evaluate run folders; write the results table and every figure; "
+                            "any EvalConfig field as --name value")
     p_eval.add_argument("runs", nargs="*", help="run folders (default: every complete run under --runs-dir)")
     p_eval.add_argument("--runs-dir", help="runs root (default: $WORKBENCH_RUNS, else ./runs)")
-    p_eval.add_argument("--name", default="default", help="evaluation name: <run>/eval/<name>/")
-    for name, kind in (("n_prompts", int), ("n_samples", int), ("n_pairs", int), ("max_new_tokens", int),
-                       ("temperature", float), ("top_p", float), ("seed", int)):
-        p_eval.add_argument(f"--{name.replace('_', '-')}", type=kind)
-    p_eval.add_argument("--proxy-reward-model", help="default: the reward_model the RL runs were trained with")
-    p_eval.add_argument("--gold-reward-model", help="default: the gold_reward_model the RL runs recorded")
     p_eval.add_argument("--out", default="figures", help="where results.csv and the figures go (default: %(default)s)")
-    p_sweep = sub.add_parser("sweep", help="run or resume a grid of notebook executions (see workbench/sweep.py)")
+    p_sweep = sub.add_parser("sweep", allow_abbrev=False, help="run or resume a grid of notebook executions (see workbench/sweep.py)")
     p_sweep.add_argument("grid", help="grid file, e.g. grids/main.yaml")
     p_sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                         help="replace a default parameter of every job (YAML value), e.g. --set model=/path")
+                         help="replace a default parameter of every job, e.g. --set model=/path --set n_train=8")
     p_sweep.add_argument("--runs-dir", help="runs root (default: the grid's runs_dir)")
     p_sweep.add_argument("--no-retry", action="store_true", help="do not run failed jobs again on resume")
-    p_paper = sub.add_parser("paper", help="fill papers/template.md from the evaluated runs into papers/draft.md")
+    p_paper = sub.add_parser("paper", allow_abbrev=False, help="fill papers/template.md from the evaluated runs into papers/draft.md")
     p_paper.add_argument("--runs-dir", default="runs/main")
     p_paper.add_argument("--name", default="default", help="evaluation name")
     p_paper.add_argument("--figures", default="figures")
     p_paper.add_argument("--out", default="papers/draft.md")
+    return parser, {"main": p_study, "train": p_train, "evaluate": p_eval, "sweep": p_sweep, "paper": p_paper}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import pipeline
+
+    parser, sub = build_parser()
+    p_train, p_eval = sub["train"], sub["evaluate"]
+    argv, field_tokens = _split_fields(list(sys.argv[1:] if argv is None else argv), sub)
     args = parser.parse_args(argv)
+    try:
+        fields = parse_fields(field_tokens)
+    except ValueError as e:
+        sub[args.command].error(str(e))
 
     if args.command == "sweep":
-        import yaml
-
         from .sweep import run_sweep
 
         overrides = {}
@@ -94,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
             key, sep, value = item.partition("=")
             if not sep:
                 parser.error(f"--set takes KEY=VALUE, got '{item}'")
-            overrides[key] = yaml.safe_load(value)
-        result = run_sweep(args.grid, overrides, runs_dir=args.runs_dir, retry_failed=not args.no_retry)
+            overrides[key] = parse_value(value)
+        try:
+            result = run_sweep(args.grid, overrides, runs_dir=args.runs_dir, retry_failed=not args.no_retry)
+        except (ValueError, FileNotFoundError) as e:  # the grid's problems, all listed, before anything ran
+            parser.exit(2, f"workbench sweep: error: {e}\n")
         if result.table is not None:
             from .results import aggregate
 
@@ -104,57 +149,46 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "paper":
         from . import paper
         from .results import results_table
-        from .runs import list_runs
 
-        table = results_table(list(list_runs(args.runs_dir)["path"]), args.name)
-        print(f"[paper] {paper.build(table, args.out, args.figures)}")
+        print(f"[paper] {paper.build(results_table(args.runs_dir, args.name), args.out, args.figures)}")
         return 0
     if args.command == "main":
         pipeline.run_study(args.grid, args.runs_dir, args.figures, args.paper, seeds=args.seeds)
         return 0
-    if args.command == "score":
-        from .models import ModelConfig
-
-        kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(pipeline.ScoreConfig) if f.name != "model"}
-        cfg = pipeline.ScoreConfig(**kwargs, model=ModelConfig(model_name_or_path=args.model, load_in_4bit=not args.no_4bit))
-        pipeline.run_score(cfg)
-    elif args.command == "train":
+    if args.command == "train":
         from . import train
-        from .models import ModelConfig
+        from .runs import to_jsonable
 
-        if args.method not in train.METHODS:
-            parser.error(f"unknown method '{args.method}'; choose from {', '.join(train.METHODS)}")
-        kw = dict(seed=args.seed, run_name=args.run_name, sft_run=args.sft_run,
-                  data=train.DataConfig(split=args.split, source=args.data_source, n_train=args.n_train,
-                                        n_score=args.n_score, half=args.half))
-        if args.method == "ppo":
-            kw.update(iterations=args.max_steps if args.max_steps > 0 else 100)
-        else:
-            kw.update(max_steps=args.max_steps)
-        for name in ("reward_model", "gold_reward_model", "kl_coef"):
-            if getattr(args, name) is not None:
-                kw[name] = getattr(args, name)
-        if args.model or args.no_4bit:
-            kw["model"] = ModelConfig(**({"model_name_or_path": args.model} if args.model else {}), load_in_4bit=not args.no_4bit)
-        for name in ("beta", "learning_rate"):
-            if getattr(args, name) is not None:
-                kw[name] = getattr(args, name)
-        if args.loss_type:
-            kw["loss_type"] = args.loss_type.split(",")
-        if args.loss_weights:
-            kw["loss_weights"] = [float(w) for w in args.loss_weights.split(",")]
-        train.train(args.method, train.METHODS[args.method][0](**kw))
+        try:
+            arm, cfg = train.make_config(args.method, **fields)
+            if not args.print_config:
+                train.validate(arm, cfg)
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            p_train.error(str(e))
+        if args.print_config:
+            print(json.dumps({"method": arm, "config": to_jsonable(cfg)}, indent=1))
+            return 0
+        train.train(arm, cfg)
     elif args.command == "evaluate":
+        import dataclasses
+        import difflib
         from pathlib import Path
 
         from . import evaluate, figures, results
         from .runs import default_root
 
-        fields = ("name", "n_prompts", "n_samples", "n_pairs", "max_new_tokens", "temperature", "top_p", "seed",
-                  "proxy_reward_model", "gold_reward_model")
-        cfg = evaluate.EvalConfig(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
+        known = [f.name for f in dataclasses.fields(evaluate.EvalConfig) if f.name != "data"]
+        for name in fields:
+            if name not in known:
+                near = difflib.get_close_matches(name, known, n=1)
+                p_eval.error(f"unknown option --{name.replace('_', '-')}"
+                             + (f" (did you mean --{near[0].replace('_', '-')}?)" if near else ""))
+        try:
+            cfg = evaluate.EvalConfig(**fields)
+        except (ValueError, TypeError) as e:
+            p_eval.error(str(e))
         target = args.runs if len(args.runs) > 1 else (args.runs[0] if args.runs else str(args.runs_dir or default_root()))
-        table = evaluate.evaluate_runs(target, cfg)  # one path: a runs root or a single run folder
+        table = results.results_table(evaluate.evaluate_runs(target, cfg), cfg.name)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         table.to_csv(out / "results.csv", index=False)

@@ -414,11 +414,6 @@ def load_hh(
 # --- Views for the trainers, and a held-out split -------------------------------------------------
 
 
-def sft_view(examples: list[dict]) -> list[dict]:
-    """Pairs -> TRL conversational language-modeling rows {"id", "messages": prompt + chosen} (for SFT)."""
-    return [{"id": ex["id"], "messages": ex["prompt"] + ex["chosen"]} for ex in examples]
-
-
 def unpaired_view(examples: list[dict]) -> list[dict]:
     """Pairs -> TRL unpaired preference rows (for KTO): one desirable and one undesirable row per pair,
     {"id": "<id>/chosen" | "<id>/rejected", "prompt", "completion", "label": True | False}."""
@@ -436,11 +431,12 @@ def prompt_view(examples: list[dict]) -> list[dict]:
     what the RL arms roll out on."""
     seen = {}
     for ex in examples:
-        seen.setdefault(_prompt_json(ex), {"id": ex["id"], "prompt": ex["prompt"]})
+        seen.setdefault(prompt_key(ex), {"id": ex["id"], "prompt": ex["prompt"]})
     return list(seen.values())
 
 
-def _prompt_json(ex: dict) -> str:
+def prompt_key(ex: dict) -> str:
+    """The prompt of a row (a list of messages) as one string: rows with the same prompt have the same key."""
     return json.dumps(ex["prompt"], ensure_ascii=False, sort_keys=True)
 
 
@@ -454,7 +450,7 @@ def half(examples: list[dict], which: str) -> list[dict]:
     the other's gold evaluator."""
     if which not in ("a", "b"):
         raise ValueError(f"half must be 'a' or 'b' (got {which!r}).")
-    return [ex for ex in examples if (_unit_hash("half\x00" + _prompt_json(ex)) < 0.5) == (which == "a")]
+    return [ex for ex in examples if (_unit_hash("half\x00" + prompt_key(ex)) < 0.5) == (which == "a")]
 
 
 def split_heldout(examples: list[dict], fraction: float = 0.1, seed: int = 0) -> tuple[list, list, dict]:
@@ -469,7 +465,7 @@ def split_heldout(examples: list[dict], fraction: float = 0.1, seed: int = 0) ->
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
     train, heldout = [], []
     for ex in examples:
-        u = _unit_hash(f"{seed}\x00{_prompt_json(ex)}")
+        u = _unit_hash(f"{seed}\x00{prompt_key(ex)}")
         (heldout if u < fraction else train).append(ex)
     info = {
         "seed": seed,

@@ -16,11 +16,11 @@ For a run folder, ``evaluate_run`` writes ``<run>/eval/<name>/``:
 Every run is evaluated on the same prompts: the held-out pairs of the fixed split (``DataConfig.split_seed``),
 read without any tokenizer-dependent filter; before anything is sampled, the run's split.json is checked so
 that none of these prompts was trained on. Sampling is seeded per batch, so an evaluation repeats exactly.
-``evaluate_runs`` evaluates many runs and returns the results table (``results.results_table``).
+``evaluate_runs`` evaluates many runs (a runs root or a list of run folders).
 
-Log-probs of samples are taken at the sampling temperature for policy and reference alike, so the KL is the
-one between the distributions that were sampled (at T = 1 the models' own); with top_p < 1 the log-probs are
-those of the untruncated tempered models.
+Samples, with their per-token log π and log π_ref, come from ``sampling.sample_completions`` (its docstring says
+at which temperature the log-probs are taken). The run-folder readers (``runs.run_info``, ``runs.read_eval``) and
+the results table (``results.results_table``) read what this module writes; this module imports neither.
 
 The length-only baseline (``pairs/length_rule``) is a ``stats.LengthRule`` fitted on the training pairs of the same
 split (the first ``scoring.LENGTH_FIT_PAIRS`` non-held-out pairs) and applied to the held-out pairs; beside it the raw
@@ -33,18 +33,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch import Tensor
-
 from . import data, models, scoring, stats
-from .logprobs import reference_adapter, response_logprobs
-from .runs import _read_jsonl, _write_json, parse_run_name, to_jsonable, write_jsonl
+from .runs import atomic_folder, run_info, run_paths, to_jsonable, write_json, write_jsonl
+from .sampling import sample_completions
 
 REFERENCE_FREE = ("orpo", "simpo")  # their implicit reward is the length-normalised log-likelihood, no π_ref
 
@@ -86,151 +81,7 @@ class EvalConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sampling: prompts in, completions with per-token log π and log π_ref out
-
-
-def encode_prompts(tokenizer, prompts: list[list[dict]], max_length: int) -> list[list[int]]:
-    """Token ids of each prompt with the assistant cue; a long prompt keeps its last ``max_length`` tokens."""
-    out = []
-    for p in prompts:
-        ids = list(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-        out.append(ids[-max_length:])
-    return out
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
-             generator_seed: int | None = None, top_p: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
-    """Sample one response per prompt at ``temperature`` (no top-k; nucleus ``top_p``), batched with the KV cache.
-    Returns response_ids (B, T), mask (B, T) and ended (B,): each response is cut after its first EOS (kept, so a
-    policy learns to stop); the tokens after it are masked. The first token is never EOS (``min_new_tokens=1``):
-    an empty response has nothing to score."""
-    dev = next(model.parameters()).device
-    if generator_seed is not None:
-        torch.manual_seed(generator_seed)
-    P = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), P), tokenizer.pad_token_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, p in enumerate(prompt_ids):  # left padding: generation continues from the last column
-        ids[i, P - len(p):], attn[i, P - len(p):] = torch.tensor(p), 1
-    was_training = model.training
-    model.eval()
-    out = model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), do_sample=True, temperature=temperature,
-                         top_k=0, top_p=top_p, max_new_tokens=max_new_tokens, min_new_tokens=1,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    model.train(was_training)
-    return cut_after_eos(out[:, P:].cpu(), tokenizer.eos_token_id, tokenizer.pad_token_id)
-
-
-def cut_after_eos(response: Tensor, eos_id: int, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(response, mask, ended): tokens after each row's first EOS become ``pad_id`` and are masked out; the EOS
-    itself is kept. ended (B,) says whether the row has an EOS at all."""
-    is_eos = response == eos_id
-    ended = is_eos.any(1)
-    T = response.shape[1]
-    first_eos = torch.where(ended, is_eos.float().argmax(1), torch.full((len(response),), T))
-    mask = torch.arange(T)[None] <= first_eos[:, None]  # up to and including the first EOS
-    return torch.where(mask, response, torch.full_like(response, pad_id)), mask, ended
-
-
-def call_reward(reward_fn, prompts, texts, response_ids, mask) -> Tensor:
-    """(B,) rewards from a TRL-style reward function, given the sampled ids too (synthetic rewards read them)."""
-    ids = [row[m].tolist() for row, m in zip(response_ids, mask)]
-    return torch.tensor(reward_fn(prompts=prompts, completions=texts, completion_ids=ids), dtype=torch.float32)
-
-
-def sample_completions(model, tokenizer, prompts: list[dict], *, n_samples: int = 1, rewards: dict | None = None,
-                       max_prompt_length: int = 256, max_new_tokens: int = 64, temperature: float = 0.7,
-                       top_p: float = 1.0, seed: int = 0, batch_size: int = 8, length_sorted: bool = False) -> list[dict]:
-    """``n_samples`` completions per prompt (rows with "id" and "prompt"), one record each: the completion, its
-    length, whether it ended, the sampled KL to the reference (Σ_t log π − log π_ref) and per token log π,
-    log π_ref and their ratio; ``rewards`` maps a record key ("score", "gold_score") to a reward function.
-
-    Batch b (of ``batch_size`` samples) is drawn with seed ``seed + b·batch_size``. With ``length_sorted`` the
-    samples are batched in order of prompt length (stable), so that a batch pads little (on 2 CPU cores 64
-    samples take ~16 s instead of ~30 s); records come back in prompt order either way."""
-    from tqdm.auto import tqdm
-
-    jobs = [(row, j) for row in prompts for j in range(n_samples)]
-    encoded = encode_prompts(tokenizer, [row["prompt"] for row, _ in jobs], max_prompt_length)
-    order = sorted(range(len(jobs)), key=lambda i: len(encoded[i])) if length_sorted else list(range(len(jobs)))
-    records, pad = [None] * len(jobs), tokenizer.pad_token_id
-    for start in tqdm(range(0, len(jobs), batch_size), desc=f"sampling {len(jobs)} completions", unit="batch",
-                      leave=False):
-        idx = order[start : start + batch_size]
-        rows = [jobs[i] for i in idx]
-        messages = [row["prompt"] for row, _ in rows]
-        prompt_ids = [encoded[i] for i in idx]
-        response, mask, ended = generate(model, tokenizer, prompt_ids, max_new_tokens, temperature, seed + start, top_p)
-        texts = tokenizer.batch_decode(response, skip_special_tokens=True)
-        with torch.no_grad():
-            logps = response_logprobs(model, prompt_ids, response, mask, pad, temperature)[0].cpu()
-            with reference_adapter(model):
-                ref_logps = response_logprobs(model, prompt_ids, response, mask, pad, temperature)[0].cpu()
-        scores = {key: call_reward(fn, messages, texts, response, mask) for key, fn in (rewards or {}).items() if fn}
-        for i, (row, j) in enumerate(rows):
-            m = mask[i]
-            logratio = logps[i][m] - ref_logps[i][m]
-            records[idx[i]] = {
-                "id": row["id"], "sample": j, "prompt": row["prompt"], "completion": texts[i],
-                "completion_token_ids": response[i][m].tolist(), "response_tokens": int(m.sum()),
-                "response_chars": len(texts[i]), "ended": bool(ended[i]), "kl": logratio.sum().item(),
-                **{key: s[i].item() for key, s in scores.items()},
-                "token_logps": logps[i][m].tolist(), "reference_token_logps": ref_logps[i][m].tolist(),
-                "token_logratio": logratio.tolist()}
-    return records
-
-
-def summarize_samples(records: list[dict]) -> dict:
-    """Means over sampled completions, with TRL's names."""
-    if not records:
-        return {}
-    n = len(records)
-    out = {"n_samples": n,
-           "objective/kl": sum(r["kl"] for r in records) / n,
-           "lengths/response_tokens": sum(r["response_tokens"] for r in records) / n,
-           "val/ended": sum(r["ended"] for r in records) / n}
-    for key, name in (("score", "objective/scores"), ("gold_score", "objective/gold_scores")):
-        if records[0].get(key) is not None:
-            out[name] = sum(r[key] for r in records) / n
-    return out
-
-
-def evaluate_policy(model, tokenizer, heldout: list[dict], run, *, reward_fn, gold_fn=None, n: int = 16,
-                    max_prompt_length: int = 256, max_new_tokens: int = 64, temperature: float = 0.7, seed: int = 0,
-                    batch_size: int | None = None, beta: float = 0.1, max_length: int = 512,
-                    length_rule: stats.LengthRule | None = None) -> dict:
-    """The quick held-out look every RL arm (PPO, RLOO, GRPO) takes at the end of training, as summary metrics:
-    ``heldout_rollouts``: one fresh sample per held-out prompt with its reward, gold reward and per-token KL;
-    ``heldout_pairs``: the dataset's chosen/rejected responses scored like a DPO arm's (per-token log-ratio drift),
-    beside ``length_rule`` (fitted on the run's training pairs in its tokens) when given.
-    The comparison across arms is ``evaluate_run``'s."""
-    rollouts = sample_completions(model, tokenizer, data.prompt_view(heldout)[:n],
-                                  rewards={"score": reward_fn, "gold_score": gold_fn},
-                                  max_prompt_length=max_prompt_length, max_new_tokens=max_new_tokens,
-                                  temperature=temperature, seed=seed, batch_size=batch_size or 8)
-    run.write_records("heldout_rollouts", rollouts)
-    pairs = scoring.score_pairs(model, tokenizer, heldout[:n], beta=beta, batch_size=batch_size, max_length=max_length)
-    if length_rule is not None:
-        scoring.add_lengths(pairs, heldout[:n], tokenizer, length_rule)
-    run.write_records("heldout_pairs", pairs)
-    return {**{f"eval/{k}": v for k, v in summarize_samples(rollouts).items()},
-            **{f"eval/{k}": v for k, v in scoring.summarize(pairs, length_rule).items()}}
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The evaluation set and the run's models
-
-
-def run_info(run_path: Path) -> dict:
-    """What the evaluation needs to know of a run: method, seed, β, the data settings, its reference."""
-    saved = json.loads((run_path / "config.json").read_text())
-    method = parse_run_name(run_path.name)["method"]
-    # the arm's own β (KL coefficient, IPO's τ, ORPO's λ, ...); SFT and reward models have none (TRL's SFTConfig
-    # carries an unused beta)
-    beta = None if method in ("sft", "reward") else saved.get("kl_coef", saved.get("beta"))
-    return {"method": method, "seed": saved.get("seed"), "beta": beta, "config": saved,
-            "reference": saved.get("sft_run") or "base", "is_reward_model": method == "reward"}
 
 
 def eval_set(data_cfg: data.DataConfig, n_prompts: int, n_pairs: int, pairs: list[dict] | None = None):
@@ -242,8 +93,8 @@ def eval_set(data_cfg: data.DataConfig, n_prompts: int, n_pairs: int, pairs: lis
     _, heldout, _ = data.split_heldout(pairs, data_cfg.heldout_fraction, seed=data_cfg.split_seed)
     chosen = {}
     for ex in heldout:
-        chosen.setdefault(data._prompt_json(ex), ex["chosen"][0]["content"])
-    prompts = [{**p, "chosen": chosen[data._prompt_json(p)]} for p in data.prompt_view(heldout)[:n_prompts]]
+        chosen.setdefault(data.prompt_key(ex), ex["chosen"][0]["content"])
+    prompts = [{**p, "chosen": chosen[data.prompt_key(p)]} for p in data.prompt_view(heldout)[:n_prompts]]
     if not prompts:
         raise ValueError(f"The held-out split ({data_cfg.heldout_fraction:.0%} of prompts, split_seed "
                          f"{data_cfg.split_seed}) is empty: raise heldout_fraction or use more data.")
@@ -256,8 +107,8 @@ def check_not_trained_on(run_path: Path, prompts: list[dict], all_pairs: list[di
     if not split.exists():
         return
     trained = set(json.loads(split.read_text()).get("train_ids", []))
-    seen = {data._prompt_json(ex) for ex in all_pairs if ex["id"] in trained}
-    leaked = [p["id"] for p in prompts if data._prompt_json(p) in seen]
+    seen = {data.prompt_key(ex) for ex in all_pairs if ex["id"] in trained}
+    leaked = [p["id"] for p in prompts if data.prompt_key(p) in seen]
     if leaked:
         raise ValueError(f"{run_path.name} trained on {len(leaked)} of the {len(prompts)} evaluation prompts (e.g. "
                          f"{leaked[0]}): its held-out split differs (data.split_seed / heldout_fraction). Evaluate it "
@@ -267,12 +118,10 @@ def check_not_trained_on(run_path: Path, prompts: list[dict], all_pairs: list[di
 def load_run_policy(run_path: Path):
     """(model, tokenizer) of a policy run: its base (as recorded) with its adapter as "default"; when it started
     from an SFT run, that adapter frozen as "ref" — the run's own reference, as in training."""
-    from .rewards import _model_config
-
     info = run_info(run_path)
     if not (run_path / "adapter").is_dir():
         raise FileNotFoundError(f"{run_path} has no adapter/ folder: only runs that trained a policy can be sampled.")
-    model, tokenizer = models.load_policy(_model_config(info["config"]["model"]), adapter=str(run_path / "adapter"),
+    model, tokenizer = models.load_policy(models.ModelConfig.from_saved(info["config"]["model"]), adapter=str(run_path / "adapter"),
                                           trainable=False)
     if info["config"].get("sft_run"):
         model.load_adapter(str(Path(info["config"]["sft_run"]) / "adapter"), adapter_name="ref", is_trainable=False)
@@ -420,11 +269,24 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
     if gold is None and gold_spec:
         gold = load_reward(gold_spec, name="gold")
 
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    _write_json(partial / "config.json", {**record, "prompt_ids": [p["id"] for p in prompts],
-                                          "pair_ids": [ex["id"] for ex in eval_pairs], "length_rule": length.rule.to_dict()})
+    with atomic_folder(out) as partial:
+        write_json(partial / "config.json", {**record, "prompt_ids": [p["id"] for p in prompts],
+                                             "pair_ids": [ex["id"] for ex in eval_pairs], "length_rule": length.rule.to_dict()})
+        gens, pair_records, summary = _evaluate(run_path, info, cfg, beta, prompts, eval_pairs, proxy, gold, length,
+                                                logps_cache)
+        write_jsonl(partial / "generations.jsonl", gens)
+        write_jsonl(partial / "pairs.jsonl", pair_records)
+        write_json(partial / "summary.json", {**summary, "time/eval_s": round(time.time() - t0, 1)})
+    print(f"[evaluate] {run_path.name}: {out}", flush=True)
+    return out
+
+
+def _evaluate(run_path: Path, info: dict, cfg: EvalConfig, beta: float, prompts: list[dict], eval_pairs: list[dict],
+              proxy, gold, length: LengthBaseline, logps_cache: dict | None) -> tuple[list, list, dict]:
+    """(generations, pair records, summary) of one run: a policy's samples and its implicit reward on the pairs,
+    or a reward model's ranking of the pairs; for both the length baseline and the reward models' accuracy."""
+    from .rewards import load_reward
+
     summary = {}
     if info["is_reward_model"]:  # a reward model is evaluated by how it ranks held-out pairs
         rm = load_reward(str(run_path))
@@ -465,40 +327,19 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
     for key, fn in (("pairs/proxy_rm_accuracy", proxy), ("pairs/gold_rm_accuracy", gold)):
         if fn is not None:
             summary[key] = _rm_accuracy(fn, eval_pairs)
-    write_jsonl(partial / "generations.jsonl", gens)
-    write_jsonl(partial / "pairs.jsonl", pair_records)
-    _write_json(partial / "summary.json", {**summary, "time/eval_s": round(time.time() - t0, 1)})
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(partial, out)
-    print(f"[evaluate] {run_path.name}: {out}", flush=True)
-    return out
+    return gens, pair_records, summary
 
 
-def read_eval(run_path, name: str = "default") -> dict:
-    """An evaluation folder as {"config", "summary", "generations", "pairs"} (lists of dicts)."""
-    out = Path(run_path) / "eval" / name
-    if not (out / "summary.json").exists():
-        raise FileNotFoundError(f"{out} is not a complete evaluation; run evaluate_run({str(run_path)!r}) first.")
-    return {"config": json.loads((out / "config.json").read_text()),
-            "summary": json.loads((out / "summary.json").read_text()),
-            "generations": _read_jsonl(out / "generations.jsonl"), "pairs": _read_jsonl(out / "pairs.jsonl")}
-
-
-def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | None = None):
-    """Evaluate every run (a list of run folders, or a runs root: all complete runs in it) under one EvalConfig,
-    and return the results table (``results.results_table``). The proxy and gold reward models are loaded once:
-    ``cfg``'s, else those the RL runs among ``runs`` were trained and measured with (they must agree). The length
-    baseline is fitted once, in tokens of ``cfg.length_tokenizer``, else of the first policy run's base model."""
+def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | None = None) -> list[Path]:
+    """Evaluate every run (a runs root, one run folder or a list of them: ``runs.run_paths``) under one EvalConfig,
+    and return the run folders evaluated (``results.results_table(paths, cfg.name)`` tabulates them). The proxy
+    and gold reward models are loaded once: ``cfg``'s, else those the RL runs among ``runs`` were trained and
+    measured with (they must agree). The length baseline is fitted once, in tokens of ``cfg.length_tokenizer``,
+    else of the first policy run's base model."""
     from .rewards import load_reward
-    from .results import results_table
-    from .runs import list_runs
 
     cfg = cfg or EvalConfig()
-    if isinstance(runs, (str, os.PathLike)):  # a runs root, or one run folder
-        paths = [Path(runs)] if (Path(runs) / "config.json").exists() else [Path(p) for p in list_runs(runs)["path"]]
-    else:
-        paths = [Path(p) for p in runs]
+    paths = run_paths(runs)
     if not paths:
         raise ValueError(f"No complete run folders in {runs}.")
     specs = {}
@@ -527,4 +368,4 @@ def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | No
     for i, p in enumerate(paths):
         print(f"[evaluate] {i + 1}/{len(paths)} {p.name}", flush=True)
         evaluate_run(p, cfg, proxy=proxy, gold=gold, pairs=pairs, length=length, logps_cache=logps_cache)
-    return results_table(paths, cfg.name)
+    return paths

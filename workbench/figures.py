@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .results import aggregate
-from .runs import _read_jsonl
+from .runs import read_jsonl
 
 FORMATS = ("pdf", "svg", "png")
 _LAYOUT = dict(template="plotly_white", font=dict(size=13), width=720, height=440, legend=dict(orientation="v"))
@@ -76,7 +76,7 @@ def fig_overoptimization(table: pd.DataFrame) -> go.Figure:
     keeps rising while the gold reward peaks and falls, once the policy exploits the proxy."""
     fig = go.Figure()
     for _, row in table[table["method"] == "ppo"].iterrows():
-        m = pd.DataFrame(_read_jsonl(Path(row["path"]) / "metrics.jsonl"))
+        m = pd.DataFrame(read_jsonl(Path(row["path"]) / "metrics.jsonl"))
         if "objective/kl" not in m:
             continue
         x = m["objective/kl"].clip(lower=0) ** 0.5
@@ -161,7 +161,7 @@ TRAINING_METRICS = ("loss", "rewards/margins", "rewards/accuracies", "objective/
 
 def fig_training(run_path) -> go.Figure:
     """The run's logged curves over steps, those of ``TRAINING_METRICS`` it has, one panel each."""
-    m = pd.DataFrame(_read_jsonl(Path(run_path) / "metrics.jsonl"))
+    m = pd.DataFrame(read_jsonl(Path(run_path) / "metrics.jsonl"))
     have = [k for k in TRAINING_METRICS if k in m and m[k].notna().sum() > 0]
     fig = make_subplots(rows=1, cols=max(len(have), 1), subplot_titles=have or ["no metrics logged"])
     for i, k in enumerate(have, start=1):

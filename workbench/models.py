@@ -9,9 +9,12 @@ The reference model is never a second copy: it is the policy with its LoRA adapt
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -92,6 +95,12 @@ class ModelConfig(trl.ModelConfig):
         if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:
             raise ValueError("A quantized base can only be trained through adapters: set use_peft=True or load_in_4bit=False.")
 
+    @classmethod
+    def from_saved(cls, saved: dict) -> "ModelConfig":
+        """The ModelConfig a run recorded (its config.json's "model"), keeping only the fields this version knows."""
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        return cls(**{k: v for k, v in saved.items() if k in names})
+
 
 def device() -> torch.device:
     """The device models are placed on: the first CUDA GPU if there is one, else the CPU."""
@@ -126,7 +135,7 @@ def compute_dtype(dtype: str | None = "auto") -> torch.dtype:
         chosen, what = _dtype_named(forced, "$WORKBENCH_DTYPE"), f"{what}, overridden by WORKBENCH_DTYPE={forced}"
     if what not in _announced:
         _announced.add(what)
-        print(f"[workbench] dtype auto -> {str(chosen).removeprefix('torch.')} on {what}", flush=True)
+        print(f"[workbench] dtype auto -> {str(chosen).removeprefix('torch.')} on {what}", file=sys.stderr, flush=True)
     return chosen
 
 
@@ -272,11 +281,6 @@ def load_tokenizer(name_or_path: str, padding_side: str = "left"):
         tok.chat_template = ("{{ cls_token }}" if encoder_style else "") + HH_CHAT_TEMPLATE
     tok.padding_side = padding_side
     return tok
-
-
-def render_prompt(tokenizer, messages: list[dict]) -> str:
-    """The prompt as the model sees it, ending with the cue for the assistant's reply."""
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def render_completion(tokenizer, prompt: list[dict], completion: list[dict]) -> str:

@@ -1,12 +1,14 @@
 """PPO for RLHF, written here (TRL 1.16 has no PPO trainer). Readable top to bottom: the pieces are pure
-functions of tensors, then one loop ``train_ppo``.
+functions of tensors, then one loop, ``PPOTrainer.train``. ``train.train("ppo", cfg)`` runs it inside the same
+skeleton as every TRL arm (run folder, data, token counter, saving, held-out look); this module holds the
+algorithm alone.
 
 Follows InstructGPT (Ouyang et al. 2022, arXiv:2203.02155) and the details collected by Huang et al. 2024
 ("The N+ implementation details of RLHF with PPO", arXiv:2403.17031); the details we take, and where:
   - reward = reward-model score at the end of the response − β·KL per token (``per_token_rewards``);
     KL estimated per token as k1 = log π − log π_ref, or k3 (``kl_per_token``; Schulman 2020, "Approximating
     KL divergence"); optionally a penalty for responses that never end (``missing_eos_penalty``);
-  - the response is cut after its first EOS and every later token is masked (``evaluate.generate``);
+  - the response is cut after its first EOS and every later token is masked (``sampling.generate``);
   - logits are divided by the sampling temperature whenever log-probs are computed, so π_old is the
     distribution that was sampled (``logprobs.response_logprobs``);
   - GAE with γ, λ; advantages whitened per batch; returns = advantages + values (``gae``, ``whiten``);
@@ -31,36 +33,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import data, models, scoring
-from .compute import TokenCounter
-from .evaluate import call_reward, encode_prompts, evaluate_policy, generate
+from . import data, models
+from .config import RLFields, RunFields, check_beta
 from .logprobs import reference_adapter, response_hidden, response_logprobs
 from .runs import Run
+from .sampling import call_reward, encode_prompts, generate
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration
 
 
 @dataclass
-class PPOArgs:
-    """Our PPO's settings (not a TRL config: TRL 1.16 has no PPO). Defaults follow Huang et al. 2024
-    (arXiv:2403.17031, Table 3) where they apply to LoRA; the learning rate is LoRA's, not full fine-tuning's."""
+class PPOArgs(RLFields, RunFields):
+    """Our PPO's settings (not a TRL config: TRL 1.16 has no PPO), beside the fields every arm has
+    (``config.RunFields``, ``config.RLFields``). Defaults follow Huang et al. 2024 (arXiv:2403.17031, Table 3) where
+    they apply to LoRA; the learning rate is LoRA's, not full fine-tuning's."""
 
-    run_name: str = "default"
-    seed: int = 0
-    model: models.ModelConfig = field(default_factory=models.ModelConfig)
     data: data.DataConfig = field(default_factory=lambda: data.DataConfig(n_score=16))  # n_score: held-out prompts and pairs
-    sft_run: str | None = None  # SFT run folder: the policy starts from its adapter, and it is the reference
-    runs_dir: str | None = None
-    reward_model: str | None = None  # reward run folder, or a sequence-classifier name/path: the reward optimised
-    gold_reward_model: str | None = None  # another one, only measured (over-optimisation; Gao et al. 2022)
     # --- rollouts
     iterations: int = 100  # PPO iterations: rollout, then ppo_epochs of updates
     rollout_batch_size: int = 16  # prompts (= responses) per iteration
-    max_prompt_length: int = 256  # longer prompts keep their last tokens
     max_new_tokens: int = 64
     temperature: float = 0.7  # sampling temperature; log-probs use the same (Huang et al. detail)
     missing_eos_penalty: float | None = None  # subtracted from the score of a response that did not end (TRL's name)
@@ -82,15 +76,13 @@ class PPOArgs:
     learning_rate: float = 3e-5  # LoRA adapters; full fine-tuning of 1B models uses ~3e-6
     max_grad_norm: float = 1.0
     anneal_lr: bool = True
-    # --- evaluation afterwards
-    score_batch_size: int | None = None
-    score_beta: float = 0.1  # β of the implicit reward recorded on held-out pairs
 
     def __post_init__(self):
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be 'k1' or 'k3' (got {self.kl_estimator!r}).")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0 (got {self.kl_coef}).")
+        check_beta("kl_coef", self.kl_coef, zero_ok=True)
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1 (got {self.iterations}).")
         if self.rollout_batch_size % self.num_minibatches:
             raise ValueError(f"rollout_batch_size {self.rollout_batch_size} is not divisible by num_minibatches "
                              f"{self.num_minibatches}.")
@@ -160,8 +152,10 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
-        stats = {"policy/approxkl": masked_mean(0.5 * log_ratio**2, mask).item(),  # TRL's estimate of KL(π_old‖π)
+    with torch.no_grad():  # three estimates of KL(π_old‖π) from tokens sampled from π_old (Schulman 2020)
+        stats = {"policy/approxkl": masked_mean(0.5 * log_ratio**2, mask).item(),  # k2, TRL's
+                 "policy/approxkl_k1": masked_mean(-log_ratio, mask).item(),  # cleanrl's old_approx_kl
+                 "policy/approxkl_k3": masked_mean(ratio - 1 - log_ratio, mask).item(),  # cleanrl's approx_kl
                  "policy/clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
                  "val/ratio": masked_mean(ratio, mask).item()}
     return loss, stats
@@ -174,6 +168,16 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     unclipped_err, clipped_err = (values - returns) ** 2, (clipped - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), mask)
     return loss, {"val/clipfrac": masked_mean((clipped_err > unclipped_err).float(), mask).item()}
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 − Var(R − V) / Var(R) over the masked tokens: how much of the returns the critic predicts (1: all, 0: no
+    better than their mean, < 0: worse; NaN when the returns do not vary). cleanrl logs it; with a critic started
+    at V ≡ 0 it is 0 at first and is the first thing to check when advantages look like noise."""
+    var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    err = returns - values
+    var_err = masked_mean((err - masked_mean(err, mask)) ** 2, mask)
+    return float("nan") if var_r.item() == 0 else (1 - var_err / var_r).item()
 
 
 class FixedKLController:
@@ -201,13 +205,6 @@ def rloo_advantages(rewards: Tensor) -> Tensor:
     rewards (n_prompts, k) of k samples per prompt -> r_i − mean_{j≠i} r_j, same shape. No critic is needed."""
     k = rewards.shape[1]
     return rewards - (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
-
-
-def grpo_advantages(rewards: Tensor, scale: bool = True) -> Tensor:
-    """Group-relative advantages (Shao et al. 2024, arXiv:2402.03300 §4.1.2, TRL's GRPOTrainer): rewards (n, k)
-    -> (r − group mean) / (group std + 1e-4); ``scale=False`` keeps r − mean (Dr. GRPO, arXiv:2503.20783)."""
-    centred = rewards - rewards.mean(1, keepdim=True)
-    return centred / (rewards.std(1, keepdim=True) + 1e-4) if scale else centred
 
 
 @dataclass
@@ -323,41 +320,47 @@ def _trainable(model, value_head) -> list[Tensor]:
     return params + list(value_head.parameters())
 
 
-def train_ppo(cfg: PPOArgs, reward_fn=None, gold_fn=None) -> Path:
-    """Train a policy with PPO against a reward model and return its run folder.
+@dataclass
+class PPOResult:
+    """What ``PPOTrainer.train`` returns, with the names of TRL's ``TrainOutput``: ``train.train`` reads either."""
 
-    ``reward_fn`` (default: ``load_reward(cfg.reward_model)``) is any TRL-style reward function
-    ``f(prompts=..., completions=..., completion_ids=...) -> list[float]``; ``gold_fn`` likewise, measured only.
-    """
-    from .rewards import load_reward
+    global_step: int  # iterations run
+    training_loss: float  # mean over iterations of policy loss + vf_coef · value loss
+    metrics: dict  # {"train_runtime": seconds}
 
-    if reward_fn is None and cfg.reward_model is None:
-        raise ValueError("PPO needs a reward: set reward_model (a reward run folder or model name) or pass reward_fn.")
-    if cfg.sft_run is not None and not (Path(cfg.sft_run) / "adapter").is_dir():
-        raise FileNotFoundError(f"sft_run '{cfg.sft_run}' has no adapter/ folder: give a complete SFT run folder.")
-    t_start = time.time()
-    with Run("ppo", cfg.run_name, cfg.seed, config=cfg, root=cfg.runs_dir) as run:
-        reward_fn = reward_fn or load_reward(cfg.reward_model, name="proxy")
-        gold_fn = gold_fn or (load_reward(cfg.gold_reward_model, name="gold") if cfg.gold_reward_model else None)
-        model, value_head, tokenizer = load_actor_critic(cfg)
-        train_rows, heldout, report, split_info = data.load_for_run(cfg.data, cfg.seed, tokenizer)
-        run.write_json("data_report.json", report.to_dict())
-        run.write_json("split.json", split_info)
-        prompts = data.prompt_view(train_rows)
+
+class PPOTrainer:
+    """Our PPO loop, plugged into ``train.train`` as a TRL trainer is: built on the loaded actor-critic and the
+    training prompts, ``train()`` runs it, ``save_critic(folder)`` saves what it trains besides the policy adapter.
+
+    ``reward_fn`` is any TRL-style reward function ``f(prompts=..., completions=..., completion_ids=...) ->
+    list[float]``; ``gold_fn`` likewise, measured only. Every iteration logs its metrics to the run's metrics.jsonl
+    and keeps its samples as records (``records/rollouts.jsonl``)."""
+
+    def __init__(self, cfg: PPOArgs, model, value_head, tokenizer, prompts: list[dict], run: Run, reward_fn,
+                 gold_fn=None):
         if not prompts:
             raise ValueError("No training prompts left after the held-out split; see data_report.json.")
+        self.cfg, self.model, self.value_head, self.tokenizer = cfg, model, value_head, tokenizer
+        self.prompts, self.run, self.reward_fn, self.gold_fn = prompts, run, reward_fn, gold_fn
+        self.summary = {"train/iterations": cfg.iterations, "train/prompts": len(prompts)}
+
+    def save_critic(self, folder: Path) -> None:
+        """The critic: its LoRA adapter "value" (peft writes it to ``folder/value/``) and the value head's weights."""
+        self.model.save_pretrained(folder, selected_adapters=["value"])
+        torch.save(self.value_head.state_dict(), folder / "value_head.pt")
+
+    def train(self) -> PPOResult:
+        cfg, model, value_head, tokenizer, run = self.cfg, self.model, self.value_head, self.tokenizer, self.run
+        reward_fn, gold_fn, prompts = self.reward_fn, self.gold_fn, self.prompts
         params = _trainable(model, value_head)
-        counter = TokenCounter()  # tokens through policy, critic, reference and reward model: compute.json
-        counter.attach(model)
-        if getattr(reward_fn, "model", None) is not None:
-            counter.attach(reward_fn.model, role="reward")
         optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=1e-5)
         kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
                   else FixedKLController(cfg.kl_coef))
         generator = torch.Generator().manual_seed(cfg.seed)
         order = torch.randperm(len(prompts), generator=generator).tolist()
         pad = tokenizer.pad_token_id
-        samples = []
+        samples, losses = [], []
         t_loop = time.time()
         for it in range(cfg.iterations):
             if cfg.anneal_lr:
@@ -400,6 +403,7 @@ def train_ppo(cfg: PPOArgs, reward_fn=None, gold_fn=None) -> Path:
             t0 = time.time()
             stats = ppo_update(ac, batch, optimizer, cfg, params, generator)
             t_train = time.time() - t0
+            losses.append(stats["loss/policy"] + cfg.vf_coef * stats["loss/value"])
 
             # --- 4. bookkeeping: metrics with TRL/cleanrl names, per-sample records, the KL controller
             seq_kl = kl.sum(1)
@@ -415,13 +419,16 @@ def train_ppo(cfg: PPOArgs, reward_fn=None, gold_fn=None) -> Path:
                 **stats,
                 "val/num_eos_tokens": ended.sum().item(),
                 "val/mean_value": masked_mean(values, mask).item(),
+                # of the critic that made this rollout's advantages (before this iteration's updates)
+                "val/explained_variance": explained_variance(values, returns, mask),
                 "lengths/response_tokens": mask.sum(1).float().mean().item(),
                 "lr": optimizer.param_groups[0]["lr"],
                 "episode": (it + 1) * cfg.rollout_batch_size,
                 "time/generation_s": t_gen, "time/scoring_s": t_score, "time/training_s": t_train,
                 "tokens/generated_per_s": mask.sum().item() / max(t_gen, 1e-9),
             }
-            if not all(math.isfinite(v) for v in metrics.values()):
+            finite = [v for k, v in metrics.items() if k != "val/explained_variance"]  # NaN there: returns all equal
+            if not all(math.isfinite(v) for v in finite):
                 run.write_json("nan_diagnostic.json", {"iteration": it, "metrics": metrics,
                                                        "prompt_ids": [r["id"] for r in rows]})
                 raise FloatingPointError(f"non-finite PPO metrics at iteration {it}; see {run.path / 'nan_diagnostic.json'}")
@@ -442,21 +449,4 @@ def train_ppo(cfg: PPOArgs, reward_fn=None, gold_fn=None) -> Path:
                   f"kl {metrics['objective/kl']:.3f} ({t_gen:.1f}s gen, {t_score:.1f}s score, {t_train:.1f}s train)",
                   flush=True)
         run.write_records("rollouts", samples)
-        counter.detach()
-        run.write_json("compute.json", counter.to_dict(wall_time_s=round(time.time() - t_loop, 1)))
-
-        # --- save the policy and the critic
-        model.save_pretrained(run.path / "adapter", selected_adapters=["default"])
-        model.save_pretrained(run.path / "critic", selected_adapters=["value"])
-        torch.save(value_head.state_dict(), run.path / "critic" / "value_head.pt")
-
-        # --- held-out evaluation: fresh samples on held-out prompts, and the held-out pairs' log-ratios
-        summary = evaluate_policy(model, tokenizer, heldout, run, reward_fn=reward_fn, gold_fn=gold_fn,
-                                  n=cfg.data.n_score, max_prompt_length=cfg.max_prompt_length,
-                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
-                                  batch_size=cfg.score_batch_size, beta=cfg.score_beta, max_length=cfg.data.max_length,
-                                  length_rule=scoring.fit_length_rule(tokenizer, train_rows))  # length baseline, in its tokens
-        run.summary = {**summary, "train/iterations": cfg.iterations, "train/prompts": len(prompts),
-                       "time/total_s": round(time.time() - t_start, 1)}
-    print(f"[train] ppo: run folder {run.path}", flush=True)
-    return run.path
+        return PPOResult(cfg.iterations, sum(losses) / len(losses), {"train_runtime": round(time.time() - t_loop, 1)})

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .evaluate import read_eval, run_info
+from .runs import read_eval, run_info, run_paths
 
 
 def _compute(run_path: Path) -> dict:
@@ -68,9 +68,10 @@ def _win_vs(ev: dict, base: dict, n_boot: int, seed: int) -> dict:
 
 
 def results_table(runs, eval_name: str = "default") -> pd.DataFrame:
-    """One row per run folder in ``runs`` that has the evaluation ``eval_name`` (others are listed and skipped)."""
+    """One row per run folder in ``runs`` (a runs root, one run folder or a list: ``runs.run_paths``) that has the
+    evaluation ``eval_name`` (others are listed and skipped)."""
     rows, evals, skipped = [], {}, []
-    for p in map(Path, runs):
+    for p in run_paths(runs):
         try:
             ev = read_eval(p, eval_name)
         except FileNotFoundError:

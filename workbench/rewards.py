@@ -9,7 +9,6 @@ half of the training prompts, or a hub reward model), so over-optimisation of th
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -48,11 +47,6 @@ class RewardFunction:
         return self.score(prompts, completions).tolist()
 
 
-def _model_config(saved: dict) -> models.ModelConfig:
-    names = {f.name for f in dataclasses.fields(models.ModelConfig) if f.init}
-    return models.ModelConfig(**{k: v for k, v in saved.items() if k in names})
-
-
 def load_reward(spec: str, name: str | None = None, max_length: int = 512,
                 batch_size: int | None = None) -> RewardFunction:
     """A reward function from ``spec``: a reward-model run folder (``train("reward", ...)``; its ``model/`` or
@@ -64,7 +58,7 @@ def load_reward(spec: str, name: str | None = None, max_length: int = 512,
             cfg = models.ModelConfig(model_name_or_path=str(path / "model"), load_in_4bit=False, use_peft=False)
             model, tok = models.load_reward_model(cfg)
         else:  # LoRA adapter + score head on the recorded (possibly 4-bit) backbone
-            model, tok = models.load_reward_model(_model_config(saved["model"]), adapter=str(path / "adapter"),
+            model, tok = models.load_reward_model(models.ModelConfig.from_saved(saved["model"]), adapter=str(path / "adapter"),
                                                   trainable=False)
         return RewardFunction(model, tok, name or path.name.split("__")[0], max_length, batch_size)
     if path.exists() and not (path / "config.json").exists():

@@ -12,6 +12,13 @@
 A run is written into ``<folder>.partial`` and renamed to its final name only when it finished, so a crash
 never leaves a folder that looks complete. A failed run is renamed to ``<folder>.failed`` with the traceback in
 ``error.txt``. ``list_runs`` reads complete folders only.
+
+The public surface, used by every other module (none reads or writes a run folder by hand):
+
+    writing   Run, write_json, write_jsonl, atomic_folder, to_jsonable, set_seed, environment
+    reading   is_complete, run_paths (a runs root, one run folder or a list: the folders), list_runs, load_run,
+              run_info (method, seed, β, reference of a run), read_eval (an evaluation folder), read_jsonl
+    naming    default_root ($WORKBENCH_RUNS, else ./runs), run_name, parse_run_name
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ import random
 import re
 import subprocess
 import sys
+import shutil
 import traceback
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -158,8 +167,8 @@ class Run:
         set_seed(self.seed)
         self.partial_path.mkdir(parents=True, exist_ok=False)
         config = {"seed": self.seed, **self.config}
-        _write_json(self.partial_path / "config.json", config)
-        _write_json(self.partial_path / "env.json", environment())
+        write_json(self.partial_path / "config.json", config)
+        write_json(self.partial_path / "env.json", environment())
         self._metrics = open(self.partial_path / "metrics.jsonl", "a", encoding="utf-8")
         return self
 
@@ -177,18 +186,13 @@ class Run:
 
     def write_json(self, name: str, obj) -> Path:
         out = self.partial_path / name
-        _write_json(out, obj)
-        return out
-
-    def save_adapter(self, model) -> Path:
-        out = self.partial_path / "adapter"
-        model.save_pretrained(out)
+        write_json(out, obj)
         return out
 
     def __exit__(self, exc_type, exc, tb):
         self._metrics.close()
         if exc_type is None:
-            _write_json(self.partial_path / "summary.json", self.summary)
+            write_json(self.partial_path / "summary.json", self.summary)
             self.partial_path.rename(self.final_path)
             self._path = self.final_path
             return False
@@ -205,21 +209,42 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(to_jsonable(r)) + "\n")
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
+    """``obj`` as JSON (``to_jsonable``), atomically: written beside ``path`` and renamed over it, so a reader or a
+    crash never sees half a file."""
+    path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(to_jsonable(obj), indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_folder(out: Path):
+    """Write a folder atomically: yields ``<out>.partial`` (emptied first); on a clean exit it replaces ``out``, on
+    an error it is left as it is for a look and ``out`` is untouched."""
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    yield partial
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(partial, out)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Reading runs
 
 
-def _is_complete(p: Path) -> bool:
+def is_complete(p) -> bool:
+    """Is ``p`` a finished run folder: a parsable name without .partial/.failed, and its summary.json written."""
+    p = Path(p)
     return p.is_dir() and p.name.count("__") == 3 and "." not in p.name.rsplit("__", 1)[1] and (p / "summary.json").exists()
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file ([] if it does not exist); a bad line is an error naming file and line."""
+    path = Path(path)
     if not path.exists():
         return []
     rows = []
@@ -232,13 +257,24 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def list_runs(root: str | Path | None = None) -> pd.DataFrame:
-    """One row per complete run under ``root``: method, name, seed, timestamp, path, the config (flattened
-    as ``config.<key>``) and the summary metrics. Partial and failed runs are not listed."""
-    root = Path(root) if root is not None else default_root()
+def run_paths(runs=None) -> list[Path]:
+    """The run folders named by ``runs``: a runs root (its complete runs, sorted), one run folder, or a list of run
+    folders (kept in order); None is the default root. Every function that takes a set of runs reads it here."""
+    if runs is None or isinstance(runs, (str, os.PathLike)):
+        root = Path(runs) if runs is not None else default_root()
+        if (root / "config.json").exists():
+            return [root]
+        return sorted(p for p in root.iterdir() if is_complete(p)) if root.is_dir() else []
+    return [Path(p) for p in runs]
+
+
+def list_runs(root=None) -> pd.DataFrame:
+    """One row per complete run under ``root`` (or per folder of a list, see ``run_paths``): method, name, seed,
+    timestamp, path, the config (flattened as ``config.<key>``) and the summary metrics. Partial and failed runs
+    are not listed."""
     rows = []
-    for p in sorted(root.iterdir()) if root.exists() else []:
-        if not _is_complete(p):
+    for p in run_paths(root):
+        if not is_complete(p):
             continue
         row = {**parse_run_name(p.name), "path": str(p)}
         config = json.loads((p / "config.json").read_text())
@@ -263,18 +299,40 @@ class LoadedRun:
         if not path.exists():
             have = sorted(x.stem for x in (self.path / "records").glob("*.jsonl"))
             raise FileNotFoundError(f"{path} does not exist; this run has records: {have or 'none'}.")
-        return pd.DataFrame(_read_jsonl(path))
+        return pd.DataFrame(read_jsonl(path))
 
 
 def load_run(path: str | Path) -> LoadedRun:
     """Read a complete run folder."""
     path = Path(path)
-    if not _is_complete(path):
+    if not is_complete(path):
         raise ValueError(f"{path} is not a complete run folder (missing summary.json, or a .partial/.failed folder).")
     return LoadedRun(
         path=path,
         config=json.loads((path / "config.json").read_text()),
         env=json.loads((path / "env.json").read_text()),
         summary=json.loads((path / "summary.json").read_text()),
-        metrics=pd.DataFrame(_read_jsonl(path / "metrics.jsonl")),
+        metrics=pd.DataFrame(read_jsonl(path / "metrics.jsonl")),
     )
+
+
+def run_info(run_path) -> dict:
+    """What an evaluation or a table needs to know of a run: method, seed, β, the config, its reference."""
+    run_path = Path(run_path)
+    saved = json.loads((run_path / "config.json").read_text())
+    method = parse_run_name(run_path.name)["method"]
+    # the arm's own β (KL coefficient, IPO's τ, ORPO's λ, ...); SFT and reward models have none (TRL's SFTConfig
+    # carries an unused beta)
+    beta = None if method in ("sft", "reward") else saved.get("kl_coef", saved.get("beta"))
+    return {"method": method, "seed": saved.get("seed"), "beta": beta, "config": saved,
+            "reference": saved.get("sft_run") or "base", "is_reward_model": method == "reward"}
+
+
+def read_eval(run_path, name: str = "default") -> dict:
+    """An evaluation folder ``<run>/eval/<name>/`` as {"config", "summary", "generations", "pairs"} (lists of dicts)."""
+    out = Path(run_path) / "eval" / name
+    if not (out / "summary.json").exists():
+        raise FileNotFoundError(f"{out} is not a complete evaluation; run evaluate.evaluate_run({str(run_path)!r}) first.")
+    return {"config": json.loads((out / "config.json").read_text()),
+            "summary": json.loads((out / "summary.json").read_text()),
+            "generations": read_jsonl(out / "generations.jsonl"), "pairs": read_jsonl(out / "pairs.jsonl")}

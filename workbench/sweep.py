@@ -18,8 +18,8 @@ A grid file (YAML)::
         notebook: 03_rl.ipynb
         params: {reward_model: "@reward[half=a]"}   # a job of stage reward with half = a (same seed if several)
       - stage: evaluate
-        notebook: 05_evaluate.ipynb
-        always: true                    # run again on every resume (evaluations of finished runs are kept)
+        notebook: 05_evaluate.ipynb     # its metadata says {"workbench": {"evaluates": true}}: the sweep's results
+        always: true                    # table is read under its evaluation name; it runs again on every resume
 
 Before anything runs, every job is checked against its notebook's ``parameters`` cell (unknown names, values of
 another type) and, for the training notebooks, built into its config (``train.make_config``); all problems are
@@ -36,7 +36,6 @@ import ast
 import hashlib
 import itertools
 import json
-import os
 import re
 import shutil
 import time
@@ -45,10 +44,18 @@ from pathlib import Path
 
 import yaml
 
+from .runs import default_root, is_complete, write_json
+
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 GRID_KEYS = {"name", "description", "runs_dir", "defaults", "stages"}
 STAGE_KEYS = {"stage", "notebook", "params", "grid", "always"}
 _REF = re.compile(r"^@([A-Za-z0-9_-]+)(?:\[(.*)\])?$")
+
+
+def evaluates(path: Path) -> bool:
+    """Does the notebook evaluate runs (its metadata: ``{"workbench": {"evaluates": true}}``)? The sweep reads its
+    results table under that notebook's evaluation ``name``."""
+    return bool(json.loads(Path(path).read_text()).get("metadata", {}).get("workbench", {}).get("evaluates"))
 
 
 def notebook_parameters(path: Path) -> dict:
@@ -99,8 +106,6 @@ def _expand(stage: dict, defaults: dict, overrides: dict, nb_params: dict) -> li
 
 def _check_job(job: Job, nb_params: dict, stages_before: list[str]) -> list[str]:
     """Problems of one job: unknown parameters, wrong types, bad references, a config that cannot be built."""
-    from . import train
-
     where = f"stage '{job.stage}' ({job.notebook.name})"
     problems = []
     for k, v in job.params.items():
@@ -115,20 +120,31 @@ def _check_job(job: Job, nb_params: dict, stages_before: list[str]) -> list[str]
                 isinstance(v, type(default)) or (isinstance(default, float) and isinstance(v, int))):
             problems.append(f"{where}: {k}={v!r} should be a {type(default).__name__} like the notebook's {default!r}")
     if "method" in nb_params and not problems:  # a training notebook: its config must build
-        merged = {**nb_params, **job.params}
-        merged = {k: ("<ref>" if isinstance(v, str) and _REF.match(v) else v) for k, v in merged.items()}
         try:
-            train.make_config(merged.pop("method"), **merged)
+            job_config(job)
         except (ValueError, TypeError) as e:
             problems.append(f"{where} {job.label}: {e}")
     return problems
+
+
+def job_config(job: Job):
+    """(arm, config) of a training notebook's job, built as the notebook builds it: the notebook's parameters with
+    the job's over them, through ``train.make_config`` (references to other stages' run folders stand as "<ref>"
+    until the sweep resolves them)."""
+    from . import train
+
+    merged = {**notebook_parameters(job.notebook), **job.params}
+    merged = {k: ("<ref>" if isinstance(v, str) and _REF.match(v) else v) for k, v in merged.items()}
+    return train.make_config(merged.pop("method"), **merged)
 
 
 def load_grid(path, overrides: dict | None = None, seeds: list[int] | None = None) -> tuple[dict, list[Job]]:
     """(grid, jobs) from a grid file, validated; ``overrides`` replace the grid's ``defaults`` (a stage's own
     ``params`` and ``grid`` still win), e.g. a tiny model for tests. ``seeds`` makes every stage that is not
     ``always`` and whose notebook takes a ``seed`` run once per seed (its ``seed`` grid axis, replacing any), so
-    ``@stage`` references pair the jobs of one seed. Every problem is listed in one ValueError."""
+    ``@stage`` references pair the jobs of one seed; a stage whose own ``params`` fix the seed keeps it (the reward
+    models of a study: one proxy and one gold judge for every seed, so all runs are evaluated by the same judges).
+    Every problem is listed in one ValueError."""
     path = Path(path)
     grid = yaml.safe_load(path.read_text())
     if not isinstance(grid, dict):
@@ -138,7 +154,8 @@ def load_grid(path, overrides: dict | None = None, seeds: list[int] | None = Non
             raise ValueError(f"seeds must be a non-empty list of integers >= 0 (got {seeds!r}).")
         for stage in grid.get("stages") or []:
             nb = NOTEBOOKS / str(stage.get("notebook"))
-            if not stage.get("always") and nb.exists() and "seed" in notebook_parameters(nb):
+            fixed = "seed" in (stage.get("params") or {})
+            if not stage.get("always") and not fixed and nb.exists() and "seed" in notebook_parameters(nb):
                 stage["grid"] = {**(stage.get("grid") or {}), "seed": list(seeds)}
     problems = [f"unknown key '{k}' (known: {', '.join(sorted(GRID_KEYS))})" for k in grid if k not in GRID_KEYS]
     if not grid.get("name") or not re.fullmatch(r"[A-Za-z0-9_.-]+", str(grid.get("name"))):
@@ -187,12 +204,6 @@ class SweepResult:
         return "\n".join(lines)
 
 
-def _write_state(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, path)
-
-
 def _resolve(job: Job, state: dict, jobs: list[Job]) -> tuple[dict, str | None]:
     """Job parameters with "@stage[k=v,...]" replaced by that stage's run folder; (params, why not) if impossible."""
     out = {}
@@ -221,10 +232,8 @@ def run_sweep(grid_path, overrides: dict | None = None, runs_dir: str | None = N
     ``seeds``: run every seeded stage once per seed (``load_grid``); finished jobs of earlier seeds are kept."""
     import papermill as pm
 
-    from .runs import _is_complete
-
     grid, jobs = load_grid(grid_path, overrides, seeds)
-    root = Path(runs_dir or grid.get("runs_dir") or os.environ.get("WORKBENCH_RUNS", "runs")).resolve()
+    root = Path(runs_dir or grid.get("runs_dir") or default_root()).resolve()
     state_dir = root / "sweeps" / grid["name"]
     (state_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     state_path = state_dir / "state.json"
@@ -234,7 +243,7 @@ def run_sweep(grid_path, overrides: dict | None = None, runs_dir: str | None = N
     for i, job in enumerate(jobs, start=1):
         tag = f"[sweep {i}/{len(jobs)}] {job.label}"
         entry = state.get(job.id, {})
-        if entry.get("status") == "done" and not job.always and (entry.get("run") is None or _is_complete(Path(entry["run"]))):
+        if entry.get("status") == "done" and not job.always and (entry.get("run") is None or is_complete(entry["run"])):
             print(f"{tag}: done before, skipped", flush=True)
             result.done.append((job.label, entry.get("run")))
             continue
@@ -258,18 +267,18 @@ def run_sweep(grid_path, overrides: dict | None = None, runs_dir: str | None = N
         except pm.PapermillExecutionError as e:
             err = f"{e.ename}: {e.evalue}".strip()[:500]
             state[job.id] = {"status": "failed", "label": job.label, "notebook": str(out_nb), "error": err}
-            _write_state(state_path, state)
+            write_json(state_path, state)
             print(f"{tag}: FAILED after {time.time() - t0:.0f} s ({err.splitlines()[0][:120]}); notebook kept: {out_nb}",
                   flush=True)
             result.failed.append((job.label, str(out_nb), err))
             continue
-        new = sorted(p for p in root.iterdir() if p.name not in before and _is_complete(p)) if root.exists() else []
+        new = sorted(p for p in root.iterdir() if p.name not in before and is_complete(p)) if root.exists() else []
         run = str(new[-1]) if new else None
         if run:
             shutil.copy(out_nb, Path(run) / "notebook.ipynb")
         state[job.id] = {"status": "done", "label": job.label, "run": run, "notebook": str(out_nb),
                          "seconds": round(time.time() - t0, 1)}
-        _write_state(state_path, state)
+        write_json(state_path, state)
         print(f"{tag}: done in {time.time() - t0:.0f} s" + (f" -> {run}" if run else ""), flush=True)
         result.done.append((job.label, run))
     result.table = _results(jobs, state)
@@ -281,7 +290,7 @@ def _results(jobs: list[Job], state: dict):
     """The results table of the sweep's finished runs, under the evaluation its evaluate stage ran (if any)."""
     from .results import results_table
 
-    evals = [j for j in jobs if j.notebook.name.startswith("05_") and state.get(j.id, {}).get("status") == "done"]
+    evals = [j for j in jobs if evaluates(j.notebook) and state.get(j.id, {}).get("status") == "done"]
     if not evals:
         return None
     name = evals[-1].params.get("name") or notebook_parameters(evals[-1].notebook)["name"]

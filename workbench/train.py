@@ -1,8 +1,12 @@
-"""Training arms through TRL's trainers: SFT, the DPO family, KTO, ORPO, SimPO, and the reward model.
+"""Every arm of the study, trained through one skeleton: SFT, the DPO family, KTO, ORPO, SimPO, the reward model
+and RLOO/GRPO through TRL's trainers, PPO through our own loop (``ppo.PPOTrainer``).
 
-One entry point, ``train(method, config) -> run folder``. Each arm's config subclasses TRL's own (every TRL
-option works) and adds the workbench's fields: the model, the data, the SFT run to start from. After training,
-the held-out pairs are scored by our own pass (``scoring.score_pairs``): per pair and per token.
+One entry point, ``train(method, config) -> run folder``, and one table of arms (``ARMS``: config class, trainer,
+dataset view, reference). Each TRL arm's config subclasses TRL's own (every TRL option works) and adds the
+workbench's fields (``config.RunFields``: the model, the data, the SFT run to start from). ``make_config`` turns
+flat parameters into a config, for the command line, the notebooks and the grids alike. After training, the
+held-out pairs are scored by our own pass (``scoring.score_pairs``): per pair and per token; the RL arms also
+sample the held-out prompts (``sampling.heldout_look``).
 
 The reference model is never a second copy of the weights. The policy is a LoRA adapter (fresh, or the SFT
 run's); TRL's DPO and KTO trainers copy that starting adapter into a frozen adapter named "ref", and the
@@ -24,8 +28,9 @@ import torch
 import trl
 from transformers import TrainerCallback
 
-from . import data, evaluate, losses, models, ppo, scoring
+from . import data, losses, models, ppo, sampling, scoring
 from .compute import TokenCounter
+from .config import RLFields, RunFields, check_beta, score_beta
 from .rewards import load_reward
 from .runs import Run
 
@@ -45,17 +50,9 @@ DataConfig = data.DataConfig  # re-exported: train.DataConfig is what notebooks 
 
 
 @dataclass
-class _WorkbenchFields:
-    """Fields every arm's config adds to TRL's."""
+class _WorkbenchFields(RunFields):
+    """``config.RunFields`` on a TRL config, and the TRL defaults the workbench changes."""
 
-    run_name: str = "default"  # the <name> part of runs/<method>__<name>__s<seed>__<time>/
-    seed: int = 0  # set first, recorded, part of the run folder name
-    model: models.ModelConfig = field(default_factory=models.ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    sft_run: str | None = None  # an SFT run folder: the policy starts from its adapter, and it is the reference
-    runs_dir: str | None = None  # None: $WORKBENCH_RUNS, else ./runs
-    score_batch_size: int | None = None  # pairs per scoring forward; None: 8 on a GPU, 2 on a CPU
-    score_beta: float | None = None  # β of the scored implicit reward; None: the arm's β if it has a reference, else 0.1
     # TRL defaults changed for CPU-first use; each is a plain TRL option:
     # None: follow the model's compute dtype (models.compute_dtype), i.e. bf16 mixed precision where the hardware
     # computes bf16 natively (a bf16 GPU, a CPU with AMX/AVX512-BF16), fp32 elsewhere. TRL: True
@@ -68,6 +65,8 @@ class _WorkbenchFields:
     max_length: int | None = 512
 
     def __post_init__(self):
+        if hasattr(self, "beta"):
+            check_beta("beta", self.beta)
         if self.bf16 is None:
             self.bf16 = models.compute_dtype(self.model.dtype) == torch.bfloat16
         if self.bf16 and not torch.cuda.is_available():
@@ -139,17 +138,7 @@ class RewardArgs(_WorkbenchFields, trl.RewardConfig):
 
 
 @dataclass
-class _RLFields:
-    """Fields of the RL arms that learn from a reward model."""
-
-    reward_model: str | None = None  # reward run folder, or a sequence-classifier name/path: the reward optimised
-    gold_reward_model: str | None = None  # another one, only measured (over-optimisation; Gao et al. 2022)
-    max_prompt_length: int = 256  # prompts longer than this keep their last tokens in the held-out rollouts
-    score_beta: float = 0.1  # β of the implicit reward recorded on held-out pairs
-
-
-@dataclass
-class RLOOArgs(_RLFields, _WorkbenchFields, trl.RLOOConfig):
+class RLOOArgs(RLFields, _WorkbenchFields, trl.RLOOConfig):
     """RLOO (Ahmadian et al. 2024, arXiv:2402.14740): k samples per prompt, reward = score − β·Σ_t k1-KL, the
     mean reward of the other k − 1 samples as baseline. The reference is the policy's adapter disabled."""
 
@@ -162,7 +151,7 @@ class RLOOArgs(_RLFields, _WorkbenchFields, trl.RLOOConfig):
 
 
 @dataclass
-class GRPOArgs(_RLFields, _WorkbenchFields, trl.GRPOConfig):
+class GRPOArgs(RLFields, _WorkbenchFields, trl.GRPOConfig):
     """GRPO (Shao et al. 2024, arXiv:2402.03300): group-normalised advantages, KL to the reference as a loss term
     (k3 estimator). TRL's default β is 0, no reference; ours is the paper's 0.04 so every RL arm has a KL."""
 
@@ -174,19 +163,40 @@ class GRPOArgs(_RLFields, _WorkbenchFields, trl.GRPOConfig):
     num_train_epochs: float = 1.0
 
 
-# method name -> (config class, TRL trainer class, dataset view, has a reference model)
-METHODS = {
-    "sft": (SFTArgs, trl.SFTTrainer, "sft", False),
-    "dpo": (DPOArgs, trl.DPOTrainer, "pairs", True),
-    "kto": (KTOArgs, trl.KTOTrainer, "unpaired", True),
-    "orpo": (ORPOArgs, ORPOTrainer, "pairs", False),
-    "simpo": (SimPOArgs, CPOTrainer, "pairs", False),
-    "reward": (RewardArgs, trl.RewardTrainer, "pairs", False),
-    "rloo": (RLOOArgs, trl.RLOOTrainer, "prompts", True),
-    "grpo": (GRPOArgs, trl.GRPOTrainer, "prompts", True),
-    "ppo": (ppo.PPOArgs, None, "prompts", True),  # our own loop: ppo.train_ppo
+@dataclass(frozen=True)
+class Arm:
+    """One arm of the study: how its config, data and training are put together."""
+
+    config: type  # its config class
+    trainer: type  # TRL's trainer class, or ours (ppo.PPOTrainer)
+    view: str  # the dataset it trains on: "sft" (prompt, chosen), "pairs", "unpaired" (KTO) or "prompts" (RL)
+    has_reference: bool  # trained against a reference model (the SFT adapter, or the base)
+    aliases: tuple = ()  # (common name, the arm's own field): one name per idea across arms (``make_config``)
+
+    @property
+    def rl(self) -> bool:
+        """Samples its own responses against a reward model."""
+        return self.view == "prompts"
+
+    @property
+    def scores_with_own_beta(self) -> bool:
+        """Its β scales an implicit reward on pairs (DPO family, KTO): the held-out pairs are scored with it."""
+        return self.has_reference and self.view in ("pairs", "unpaired")
+
+
+ARMS = {
+    "sft": Arm(SFTArgs, trl.SFTTrainer, "sft", False),
+    "dpo": Arm(DPOArgs, trl.DPOTrainer, "pairs", True),
+    "kto": Arm(KTOArgs, trl.KTOTrainer, "unpaired", True),
+    "orpo": Arm(ORPOArgs, ORPOTrainer, "pairs", False),
+    "simpo": Arm(SimPOArgs, CPOTrainer, "pairs", False),
+    "reward": Arm(RewardArgs, trl.RewardTrainer, "pairs", False),
+    "rloo": Arm(RLOOArgs, trl.RLOOTrainer, "prompts", True, (("max_new_tokens", "max_completion_length"),)),
+    "grpo": Arm(GRPOArgs, trl.GRPOTrainer, "prompts", True, (("max_new_tokens", "max_completion_length"),)),
+    # our own loop; its own field names for PPO's ideas, the common names map onto them
+    "ppo": Arm(ppo.PPOArgs, ppo.PPOTrainer, "prompts", True,
+               (("max_steps", "iterations"), ("beta", "kl_coef"), ("per_device_train_batch_size", "rollout_batch_size"))),
 }
-RL_METHODS = ("ppo", "rloo", "grpo")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -245,20 +255,19 @@ def method_label(method: str, cfg) -> str:
 
 
 def validate(method: str, cfg) -> None:
-    """Fail before anything loads: unknown method, wrong config class, β ≤ 0, unknown loss type."""
-    if method not in METHODS:
-        raise ValueError(f"Unknown method '{method}'. Known: {', '.join(METHODS)}.")
-    config_cls = METHODS[method][0]
-    if not isinstance(cfg, config_cls):
-        raise TypeError(f"method '{method}' takes a {config_cls.__name__}, got {type(cfg).__name__}.")
-    if hasattr(cfg, "beta") and not cfg.beta > 0:
-        raise ValueError(f"beta must be > 0 (got {cfg.beta}): it weighs the KL term / scales the implicit reward.")
+    """Fail before anything loads: unknown method, wrong config class, unknown loss type, a reward missing, an SFT
+    run that is not one. (Each value's own range is checked where the config is built.)"""
+    if method not in ARMS:
+        raise ValueError(f"Unknown method '{method}'. Known: {', '.join(ARMS)}.")
+    arm = ARMS[method]
+    if not isinstance(cfg, arm.config):
+        raise TypeError(f"method '{method}' takes a {arm.config.__name__}, got {type(cfg).__name__}.")
     if method == "dpo":
         unknown = [t for t in cfg.loss_type if t not in losses.PAIRED_LOSSES]
         if unknown:
             raise ValueError(f"Unknown DPO loss_type {unknown}. Known: {', '.join(losses.PAIRED_LOSSES)}.")
-    if method == "dpo" and cfg.f_divergence_type != "reverse_kl":
-        raise ValueError("Only f_divergence_type='reverse_kl' (standard DPO) has a reference formula here.")
+        if cfg.f_divergence_type != "reverse_kl":
+            raise ValueError("Only f_divergence_type='reverse_kl' (standard DPO) has a reference formula here.")
     if method == "reward" and cfg.sft_run is not None:
         raise ValueError("sft_run does not apply to a reward model: its backbone is set by cfg.model.")
     if cfg.sft_run is not None:
@@ -288,16 +297,16 @@ def _dataset(view: str, rows: list[dict]):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The entry point
+# The trainer of each arm
 
 
 def build_trainer(method: str, cfg, policy, tokenizer, dataset, run: Run, reward_fn=None):
     """TRL's trainer for ``method`` with the workbench's two additions: the NaN guard and metrics.jsonl logging.
     The RL arms get ``reward_fn`` as their one reward function."""
-    trainer_cls = METHODS[method][1]
+    arm = ARMS[method]
     cfg.output_dir = str(run.path / "trainer")
-    extra = {"reward_funcs": [reward_fn]} if method in RL_METHODS else {}
-    trainer = _guarded(trainer_cls, run, tokenizer)(
+    extra = {"reward_funcs": [reward_fn]} if arm.rl else {}
+    trainer = _guarded(arm.trainer, run, tokenizer)(
         model=policy, args=cfg, train_dataset=dataset, processing_class=tokenizer, callbacks=[_RunLogger(run)], **extra)
     # Mixed precision: every trained parameter stays float32 (bf16 compute comes from TRL's autocast). TRL's
     # RewardTrainer casts the trainable parameters of a quantized model to bf16 (QLoRA's advice); undo that.
@@ -305,6 +314,21 @@ def build_trainer(method: str, cfg, policy, tokenizer, dataset, run: Run, reward
         if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
             p.data = p.data.float()
     return trainer
+
+
+def _load_and_build(method: str, cfg, train_rows: list[dict], run: Run, reward_fn, gold_fn):
+    """(policy, tokenizer, trainer): the model the arm trains and the trainer that trains it. PPO's model holds
+    three adapters (policy, reference, critic) and a value head on one base (``ppo.load_actor_critic``); TRL's DPO
+    and KTO trainers copy the starting adapter into a frozen "ref" adapter, the reference."""
+    if method == "ppo":
+        model, value_head, tokenizer = ppo.load_actor_critic(cfg)
+        trainer = ppo.PPOTrainer(cfg, model, value_head, tokenizer, data.prompt_view(train_rows), run, reward_fn, gold_fn)
+        return model, tokenizer, trainer
+    sft_adapter = str(Path(cfg.sft_run) / "adapter") if cfg.sft_run else None
+    load = models.load_reward_model if method == "reward" else models.load_policy
+    policy, tokenizer = load(cfg.model, adapter=sft_adapter)
+    trainer = build_trainer(method, cfg, policy, tokenizer, _dataset(ARMS[method].view, train_rows), run, reward_fn)
+    return policy, tokenizer, trainer
 
 
 def add_pair_losses(method: str, cfg, records: list[dict]) -> None:
@@ -336,7 +360,7 @@ def add_pair_losses(method: str, cfg, records: list[dict]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Flat parameters -> a config (notebooks' parameters cells, sweep grids, the command line)
+# Flat parameters -> a config (the command line, notebooks' parameters cells, sweep grids)
 
 MODEL_PARAMS = {"model": "model_name_or_path", "load_in_4bit": "load_in_4bit", "use_peft": "use_peft", "lora_r": "lora_r",
                 "lora_alpha": "lora_alpha", "dtype": "dtype"}
@@ -345,46 +369,49 @@ DATA_PARAMS = {"subset": "subset", "split": "split", "data_source": "source", "h
                "data_max_length": "max_length"}
 
 
-# one name per idea across arms: our PPO's own fields take the names the TRL arms use
-ARM_ALIASES = {"ppo": {"max_steps": "iterations", "beta": "kl_coef", "per_device_train_batch_size": "rollout_batch_size"},
-               "rloo": {"max_new_tokens": "max_completion_length"}, "grpo": {"max_new_tokens": "max_completion_length"}}
-
-
 def arm_of(method: str) -> tuple[str, dict]:
     """(arm, fixed fields): an arm's own name is that arm; "ipo", "hinge", ... (any other DPO loss type) are the DPO
     arm with that loss_type. "sft" is the SFT arm (TRL's SFTTrainer), never DPO's loss type of that name (reach
     that one as ``method="dpo", loss_type=["sft"]``)."""
-    if method in METHODS and method != "dpo":
+    if method in ARMS and method != "dpo":
         return method, {}
     if method == "dpo" or method in losses.PAIRED_LOSSES:
         return "dpo", {"loss_type": ["sigmoid" if method == "dpo" else method]}
-    if method not in METHODS:
-        known = sorted({*METHODS, *losses.PAIRED_LOSSES} - {"sigmoid"})
-        raise ValueError(f"Unknown method '{method}'. Known: {', '.join(known)}.")
-    return method, {}
+    known = sorted({*ARMS, *losses.PAIRED_LOSSES} - {"sigmoid"})
+    raise ValueError(f"Unknown method '{method}'. Known: {', '.join(known)}.")
 
 
 def _check_type(key: str, value, default) -> str | None:
     if value is None or default is None:
         return None
-    ok = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(default))
+    ok = {bool: (bool,), int: (int,), float: (int, float), str: (str,), list: (list,)}.get(type(default))
     if ok and (not isinstance(value, ok) or (isinstance(value, bool) and type(default) is not bool)):
         return f"{key}={value!r} should be a {type(default).__name__}"
     return None
 
 
+def config_fields(method: str) -> list[str]:
+    """Every flat parameter ``make_config`` takes for ``method``: the arm's own fields (TRL's included), the model's
+    and the data's, and the common names the arm maps onto its own."""
+    arm = ARMS[arm_of(method)[0]]
+    own = [f.name for f in dataclasses.fields(arm.config) if f.init and f.name not in ("model", "data")]
+    return sorted({*own, *MODEL_PARAMS, *DATA_PARAMS, *dict(arm.aliases)})
+
+
 def make_config(method: str, **params):
     """(arm, config) from flat parameters: the arm's own fields (``beta``, ``max_steps``, ``learning_rate``, any TRL
-    option), the model's (``MODEL_PARAMS``) and the data's (``DATA_PARAMS``). Unknown names and values of the wrong
-    type fail here, all listed at once, before anything loads. A value of None means the arm's default. ``ARM_ALIASES`` maps the common names (``max_steps``,
-    ``beta``, ``max_new_tokens``, ``per_device_train_batch_size``) onto PPO's and RLOO/GRPO's own fields."""
+    option), the model's (``MODEL_PARAMS``) and the data's (``DATA_PARAMS``). The one way from flat parameters to a
+    config: the command line, the notebooks' parameters cells and the sweep grids all come through here. Unknown
+    names and values of the wrong type fail here, all listed at once, before anything loads; so do values out of
+    range (the config classes check them). A value of None means the arm's default. An arm's ``aliases`` map the
+    common names (``max_steps``, ``beta``, ``max_new_tokens``, ``per_device_train_batch_size``) onto its own."""
     import difflib
 
-    arm, fixed = arm_of(method)
-    cls = METHODS[arm][0]
-    fields_ = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    arm_name, fixed = arm_of(method)
+    arm = ARMS[arm_name]
+    fields_ = {f.name: f for f in dataclasses.fields(arm.config) if f.init}
     defaults = {k: (f.default if f.default is not dataclasses.MISSING else None) for k, f in fields_.items()}
-    aliases = ARM_ALIASES.get(arm, {})
+    aliases = dict(arm.aliases)
     params = {aliases.get(k, k): v for k, v in params.items() if v is not None}  # None: the arm's default
     model_kw, data_kw, kw, problems = {}, {}, dict(fixed), []
     for key, value in params.items():
@@ -396,7 +423,7 @@ def make_config(method: str, **params):
             kw[key] = value
             problems.append(_check_type(key, value, defaults[key]))
         else:
-            near = difflib.get_close_matches(key, [*fields_, *MODEL_PARAMS, *DATA_PARAMS], n=1)
+            near = difflib.get_close_matches(key, config_fields(arm_name), n=1)
             problems.append(f"unknown parameter '{key}'" + (f" (did you mean '{near[0]}'?)" if near else ""))
     data_defaults = data.DataConfig()
     problems += [_check_type(k, v, getattr(data_defaults, k)) for k, v in data_kw.items()]
@@ -407,10 +434,10 @@ def make_config(method: str, **params):
     kw["model"] = dataclasses.replace(model, **model_kw) if model_kw else model
     data_cfg = fields_["data"].default_factory()
     kw["data"] = dataclasses.replace(data_cfg, **data_kw) if data_kw else data_cfg
-    cfg = cls(**kw)
-    if hasattr(cfg, "beta") and not cfg.beta > 0:
-        raise ValueError(f"{method}: beta must be > 0 (got {cfg.beta}).")
-    return arm, cfg
+    try:
+        return arm_name, arm.config(**kw)
+    except ValueError as e:
+        raise ValueError(f"{method}: {e}") from None
 
 
 REQUIRED_COLUMNS = ("id", "prompt", "chosen", "rejected")
@@ -428,89 +455,71 @@ def check_pairs(pairs: list[dict], where: str = "pairs") -> None:
                 raise ValueError(f"{where}[{i}] ('{row['id']}'): '{side}' must be [{{'role': 'assistant', 'content': ...}}].")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The entry point: one skeleton for every arm
+
+
 def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None, gold_fn=None) -> Path:
     """Train one arm and return its run folder (config, env, metrics, adapter, per-sample records, summary).
+
+    The same steps for every arm: run folder → reward models (RL arms) → model → data → the arm's trainer (TRL's,
+    or ``ppo.PPOTrainer``) under a token counter → compute.json → the adapter (and PPO's critic) → held-out pairs
+    scored per pair and per token, and for the RL arms fresh samples of held-out prompts → summary.json.
 
     ``pairs``: your own preference pairs (data layer format) instead of HH-RLHF; split and scored the same way.
     ``reward_fn`` / ``gold_fn`` (RL arms): a TRL-style reward function instead of ``cfg.reward_model`` /
     ``cfg.gold_reward_model``, e.g. ``rewards.TokenSetReward`` or your own.
     """
-    config_cls, _, view, has_reference = METHODS.get(method, (None,) * 4)
-    cfg = cfg if cfg is not None else (config_cls() if config_cls else None)
+    arm = ARMS.get(method)
+    cfg = cfg if cfg is not None else (arm.config() if arm else None)
     validate(method, cfg)
     if pairs is not None:
         check_pairs(pairs)
-    if method in RL_METHODS and reward_fn is None and cfg.reward_model is None:
+    if arm.rl and reward_fn is None and cfg.reward_model is None:
         raise ValueError(f"{method} needs a reward: set reward_model (a reward run folder or a model name) or pass reward_fn.")
-    if method == "ppo":
-        if pairs is not None:
-            raise ValueError("train('ppo', pairs=...) is not supported; PPO reads its prompts from cfg.data.")
-        return ppo.train_ppo(cfg, reward_fn=reward_fn, gold_fn=gold_fn)
     t0 = time.time()
     with Run(method_label(method, cfg), cfg.run_name, cfg.seed, config=cfg, root=cfg.runs_dir) as run:
-        # --- data: training pairs, and held-out pairs scored at the end
+        # --- the reward models the RL arms learn from (proxy) and are measured by (gold)
+        if arm.rl:
+            reward_fn = reward_fn or load_reward(cfg.reward_model, name="proxy")
+            gold_fn = gold_fn or (load_reward(cfg.gold_reward_model, name="gold") if cfg.gold_reward_model else None)
+
+        # --- data: training rows, and held-out pairs scored at the end
         tokenizer = models.load_tokenizer(cfg.model.model_name_or_path)
         train_rows, heldout, report, split_info = data.load_for_run(cfg.data, cfg.seed, tokenizer, pairs)
         if report is not None:
             run.write_json("data_report.json", report.to_dict())
         run.write_json("split.json", split_info)
-        dataset = _dataset(view, train_rows)
 
-        # --- policy; TRL's DPO/KTO trainers copy its starting adapter into a frozen "ref" adapter: the reference
-        sft_adapter = str(Path(cfg.sft_run) / "adapter") if cfg.sft_run else None
-        load = models.load_reward_model if method == "reward" else models.load_policy
-        policy, tokenizer = load(cfg.model, adapter=sft_adapter)
-
-        if method in RL_METHODS:
-            reward_fn = reward_fn or load_reward(cfg.reward_model, name="proxy")
-            gold_fn = gold_fn or (load_reward(cfg.gold_reward_model, name="gold") if cfg.gold_reward_model else None)
-
-        # --- train
-        trainer = build_trainer(method, cfg, policy, tokenizer, dataset, run, reward_fn)
-        counter = TokenCounter(gradient_checkpointing=bool(cfg.gradient_checkpointing))
+        # --- the model and its trainer; train under a token counter (compute.json)
+        policy, tokenizer, trainer = _load_and_build(method, cfg, train_rows, run, reward_fn, gold_fn)
+        counter = TokenCounter(gradient_checkpointing=bool(getattr(cfg, "gradient_checkpointing", False)))
         counter.attach(policy)
         if getattr(reward_fn, "model", None) is not None:
             counter.attach(reward_fn.model, role="reward")
         result = trainer.train()
         counter.detach()
         run.write_json("compute.json", counter.to_dict(wall_time_s=result.metrics.get("train_runtime")))
-        shutil.rmtree(cfg.output_dir, ignore_errors=True)  # nothing to keep: save_strategy="no", adapter saved below
+
+        # --- save: the adapter (a fully fine-tuned reward encoder: its weights), and what else the trainer trains
+        if getattr(cfg, "output_dir", None):  # TRL's trainer folder: nothing to keep (save_strategy="no")
+            shutil.rmtree(cfg.output_dir, ignore_errors=True)
         if hasattr(policy, "peft_config"):
             policy.save_pretrained(run.path / "adapter", selected_adapters=["default"])
-        else:  # a fully fine-tuned model (the small reward encoder): the weights and the tokenizer
+        else:
             policy.save_pretrained(run.path / "model")
             tokenizer.save_pretrained(run.path / "model")
+        if hasattr(trainer, "save_critic"):
+            trainer.save_critic(run.path / "critic")
 
         # --- score held-out pairs: per pair and per token for a policy, per pair for a reward model
-        scored = heldout[: cfg.data.n_score]
-        # the length-only baseline: a rule fitted on this run's training pairs, lengths in this run's tokens
-        length_rule = scoring.fit_length_rule(tokenizer, train_rows)
-        if method in RL_METHODS:  # fresh samples with reward and per-token KL, and the pairs' log-ratio drift
-            eval_summary = evaluate.evaluate_policy(
-                policy, tokenizer, heldout, run, reward_fn=reward_fn, gold_fn=gold_fn, n=cfg.data.n_score,
-                max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_completion_length,
-                temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.score_batch_size, beta=cfg.score_beta,
-                max_length=cfg.data.max_length, length_rule=length_rule)
-            summary = {k.removeprefix("eval/"): v for k, v in eval_summary.items()}
-        elif method == "reward":
-            records = scoring.score_pairs_with_reward(policy, tokenizer, scored, max_length=cfg.max_length,
-                                                      batch_size=cfg.score_batch_size)
-            scoring.add_lengths(records, scored, tokenizer, length_rule)
-            summary = scoring.summarize_rewards(records, length_rule)
-        else:
-            beta = cfg.score_beta or (cfg.beta if has_reference else 0.1)
-            records = scoring.score_pairs(policy, tokenizer, scored, beta=beta,
-                                          batch_size=cfg.score_batch_size, max_length=cfg.max_length)
-            add_pair_losses(method, cfg, records)
-            scoring.add_lengths(records, scored, tokenizer, length_rule)
-            summary = scoring.summarize(records, length_rule)
-        if method not in RL_METHODS:
-            run.write_records("heldout_pairs", records)
+        summary = _heldout_summary(method, cfg, policy, tokenizer, train_rows, heldout, run, reward_fn, gold_fn)
         run.summary = {
             **{f"eval/{k}": v for k, v in summary.items()},
             "train/loss": result.training_loss,
             "train/steps": result.global_step,
             "train/pairs": len(train_rows),
+            **getattr(trainer, "summary", {}),
             "time/train_s": result.metrics.get("train_runtime"),
             "time/total_s": round(time.time() - t0, 1),
         }
@@ -518,3 +527,32 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
             raise NonFiniteLossError(f"non-finite summary: {json.dumps(run.summary, default=str)}")
     print(f"[train] {method}: run folder {run.path}", flush=True)
     return run.path
+
+
+def _heldout_summary(method: str, cfg, policy, tokenizer, train_rows, heldout, run: Run, reward_fn, gold_fn) -> dict:
+    """The run's own held-out look, as summary metrics (the comparison across arms is ``evaluate``'s), beside the
+    length-only baseline: a rule fitted on this run's training pairs, lengths in this run's tokens."""
+    arm = ARMS[method]
+    scored = heldout[: cfg.data.n_score]
+    length_rule = scoring.fit_length_rule(tokenizer, train_rows)
+    beta = score_beta(cfg, arm.scores_with_own_beta)
+    if arm.rl:  # fresh samples with reward and per-token KL, and the pairs' log-ratio drift
+        eval_summary = sampling.heldout_look(
+            policy, tokenizer, heldout, run, reward_fn=reward_fn, gold_fn=gold_fn, n=cfg.data.n_score,
+            max_prompt_length=cfg.max_prompt_length,
+            max_new_tokens=getattr(cfg, "max_completion_length", None) or cfg.max_new_tokens,
+            temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.score_batch_size, beta=beta,
+            max_length=cfg.data.max_length, length_rule=length_rule)
+        return {k.removeprefix("eval/"): v for k, v in eval_summary.items()}
+    if method == "reward":
+        records = scoring.score_pairs_with_reward(policy, tokenizer, scored, max_length=cfg.max_length,
+                                                  batch_size=cfg.score_batch_size)
+        scoring.add_lengths(records, scored, tokenizer, length_rule)
+        run.write_records("heldout_pairs", records)
+        return scoring.summarize_rewards(records, length_rule)
+    records = scoring.score_pairs(policy, tokenizer, scored, beta=beta, batch_size=cfg.score_batch_size,
+                                  max_length=cfg.max_length)
+    add_pair_losses(method, cfg, records)
+    scoring.add_lengths(records, scored, tokenizer, length_rule)
+    run.write_records("heldout_pairs", records)
+    return scoring.summarize(records, length_rule)

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .evaluate import read_eval, run_info
-from .runs import _read_jsonl, list_runs
+from .runs import read_eval, read_jsonl, run_info, run_paths
 
 PAGE_SIZE = 25
 
@@ -59,19 +58,22 @@ class InspectorModel:
     ``generations`` (each policy's samples); rows are keyed by (run, id[, sample])."""
 
     def __init__(self, runs, eval_name: str = "default"):
-        if isinstance(runs, (str, Path)):
-            runs = [Path(p) for p in list_runs(runs)["path"]]
+        runs = run_paths(runs)
         self.paths = {}
-        pairs, gens, rm = [], [], {}
-        for p in map(Path, runs):
+        pairs, gens, rm, roles = [], [], {}, {}
+        for p in runs:
             try:
                 ev = read_eval(p, eval_name)
             except FileNotFoundError:
                 continue
             label = _label(p)
             if run_info(p)["is_reward_model"]:  # the RMs' margins on the same pairs, joined onto every policy's rows
-                rm[p.name.split("__")[1]] = {r["id"]: r["margin"] for r in ev["pairs"]}
+                rm[str(p.resolve())] = {r["id"]: r["margin"] for r in ev["pairs"]}
                 continue
+            # which reward runs the policies were judged by, as their evaluation recorded (not the runs' names)
+            for role in ("proxy", "gold"):
+                if ev["config"].get(f"{role}_reward_model"):
+                    roles.setdefault(role, str(Path(ev["config"][f"{role}_reward_model"]).resolve()))
             self.paths[label] = p
             pairs += [{**r, "run": label} for r in ev["pairs"]]
             gens += [{**g, "run": label} for g in ev["generations"]]
@@ -80,9 +82,11 @@ class InspectorModel:
                              "run evaluate.evaluate_runs first.")
         self.pairs = pd.DataFrame(pairs)
         self.generations = pd.DataFrame(gens)
-        proxy = rm.get("proxy", next(iter(rm.values()), {}))
+        # the proxy and gold reward models' margins; with no role recorded (policies evaluated without reward
+        # models), the one reward run evaluated is shown as the proxy
+        proxy = rm.get(roles.get("proxy"), next(iter(rm.values())) if len(rm) == 1 else {})
         self.pairs["rm_margin"] = self.pairs["id"].map(proxy).astype(float)
-        self.pairs["gold_margin"] = self.pairs["id"].map(rm.get("gold", {})).astype(float)
+        self.pairs["gold_margin"] = self.pairs["id"].map(rm.get(roles.get("gold"), {})).astype(float)
         if "chosen_length" not in self.pairs:  # evaluated before lengths had one unit: the policy's own tokens
             self.pairs["chosen_length"], self.pairs["rejected_length"] = self.pairs["chosen_tokens"], self.pairs["rejected_tokens"]
             self.pairs["length_rule"] = np.nan
@@ -186,7 +190,7 @@ class InspectorModel:
         when the run logged no samples during training."""
         if run not in self._drift:  # read once: the file does not change under a finished run
             path = self.paths[run] / "records" / "rollouts.jsonl"
-            df = pd.DataFrame(_read_jsonl(path)) if path.exists() else pd.DataFrame()
+            df = pd.DataFrame(read_jsonl(path)) if path.exists() else pd.DataFrame()
             cols = [c for c in ("kl", "score", "gold_score") if c in df and df[c].notna().any()]
             self._drift[run] = df.groupby("iteration")[cols].mean().reset_index() if len(df) else df
         return self._drift[run]

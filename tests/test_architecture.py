@@ -1,0 +1,172 @@
+"""The joints of the package: no import cycle, no module reaching into another's private names, one config path
+from the command line, the notebooks and the grids, and clear errors (exit code 2) for bad input on the command line."""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+from workbench import __main__ as cli
+from workbench import runs, sweep, train
+
+PACKAGE = Path(__file__).resolve().parents[1] / "workbench"
+MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+
+
+def _imports(module: str) -> list[tuple[str, list[str], int]]:
+    """(imported workbench module, names taken from it, line) for every import in ``module``, at any depth
+    (a function-level import is a dependency too)."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:  # from .x import a, b
+                out.append((node.module, [a.name for a in node.names], node.lineno))
+            else:  # from . import x, y
+                out += [(a.name, [], node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("workbench"):
+            out.append((node.module.removeprefix("workbench").lstrip(".") or None, [a.name for a in node.names], node.lineno))
+    return [(m, names, line) for m, names, line in out if m in MODULES]
+
+
+def test_the_package_has_no_import_cycle():
+    graph = {m: {dep for dep, _, _ in _imports(m) if dep != m} for m in MODULES}
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for dep in sorted(graph[m]):
+            if state.get(dep) == "open":
+                cycle = stack[stack.index(dep):] + [dep]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep)
+        stack.pop()
+        state[m] = "done"
+
+    for m in MODULES:
+        if m not in state:
+            visit(m)
+    # the layering the issue asked for: training does not depend on evaluation, nor the readers on either
+    assert "evaluate" not in graph["ppo"] | graph["train"] | graph["results"] | graph["widgets"]
+    assert "sampling" in graph["ppo"] and "sampling" in graph["evaluate"]
+
+
+def test_no_module_uses_another_modules_private_names():
+    found = []
+    for m in MODULES:
+        src = (PACKAGE / f"{m}.py").read_text()
+        tree = ast.parse(src)
+        for dep, names, line in _imports(m):
+            found += [f"{m}.py:{line}: from .{dep} import {n}" for n in names if n.startswith("_") and dep != m]
+        imported = {dep for dep, names, _ in _imports(m) if not names}  # `from . import x`: x.attr
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and isinstance(node.value, ast.Name) and node.value.id in imported):
+                found.append(f"{m}.py:{node.lineno}: {node.value.id}.{node.attr}")
+    assert not found, "private names used across modules:\n" + "\n".join(found)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One config path
+
+
+PARAMS = {"beta": 0.2, "max_steps": 3, "learning_rate": 2e-4, "n_train": 8, "max_length": 192, "seed": 1,
+          "loss_type": ["sigmoid", "sft"], "run_name": "same", "runs_dir": "somewhere", "load_in_4bit": False}
+
+
+def _cli_text(v) -> str:
+    if isinstance(v, list):
+        return ",".join(map(str, v))
+    return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _from_cli(capsys, method, params) -> dict:
+    argv = ["train", method, "--print-config"]
+    for k, v in params.items():
+        argv += [f"--{k.replace('_', '-')}", _cli_text(v)]
+    assert cli.main(argv) == 0
+    return json.loads(capsys.readouterr().out)["config"]
+
+
+def _from_notebook(notebook, params) -> dict:
+    """Run the notebook's cells up to its make_config call with the parameters injected after the parameters
+    cell, as papermill does."""
+    nb = json.loads((sweep.NOTEBOOKS / notebook).read_text())
+    ns = {}
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        src = "".join(cell["source"])
+        exec(src, ns)
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            ns.update(params)
+        if "make_config(" in src:
+            return runs.to_jsonable(ns["cfg"])
+    raise AssertionError(f"{notebook} never calls make_config")
+
+
+def _from_grid(tmp_path, notebook, params) -> dict:
+    grid = tmp_path / "g.yaml"
+    grid.write_text(json.dumps({"name": "g", "stages": [{"stage": "s", "notebook": notebook, "params": params}]}))
+    _, jobs = sweep.load_grid(grid)
+    return runs.to_jsonable(sweep.job_config(jobs[0])[1])
+
+
+@pytest.mark.parametrize("notebook,method,params", [
+    ("04_preference.ipynb", "dpo", PARAMS),
+    ("03_rl.ipynb", "ppo", {"beta": 0.2, "max_steps": 3, "n_train": 8, "seed": 1, "runs_dir": "somewhere",
+                            "max_new_tokens": 12, "per_device_train_batch_size": 4, "learning_rate": 2e-4}),
+])
+def test_the_command_line_a_notebook_and_a_grid_build_the_same_config(capsys, tmp_path, notebook, method, params):
+    nb_params = sweep.notebook_parameters(sweep.NOTEBOOKS / notebook)
+    params = {k: v for k, v in params.items() if k in nb_params}  # what this notebook exposes
+    assert len(params) >= 6, sorted(nb_params)
+    # the same parameters everywhere: the notebook's own, with these over them
+    from_cli = _from_cli(capsys, method, {k: v for k, v in {**nb_params, **params}.items() if k != "method"})
+    from_nb = _from_notebook(notebook, {"method": method, **params})
+    from_grid = _from_grid(tmp_path, notebook, {"method": method, **params})
+    volatile = ("output_dir", "logging_dir")  # TRL's, set when training starts
+    for cfg in (from_cli, from_nb, from_grid):
+        for k in volatile:
+            cfg.pop(k, None)
+    assert from_cli == from_nb == from_grid
+    assert from_cli.get("beta", from_cli.get("kl_coef")) == 0.2 and from_cli["seed"] == 1
+
+
+def test_arm_names_and_aliases_resolve_in_one_place():
+    assert train.make_config("ipo", beta=0.5)[1].loss_type == ["ipo"]
+    arm, cfg = train.make_config("ppo", beta=0.2, max_steps=3)  # the common names map onto PPO's own fields
+    assert (arm, cfg.kl_coef, cfg.iterations) == ("ppo", 0.2, 3)
+    with pytest.raises(ValueError, match="did you mean 'learning_rate'"):
+        train.make_config("dpo", learning_rat=1e-4)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        train.make_config("dpo", beta=0)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "ipo", "--beta", "0.5", "--max-stepz", "2"], "did you mean 'max_steps'"),
+    (["train", "ppo", "--beta", "-1"], "kl_coef must be >= 0"),
+    (["train", "dpo", "--beta", "0"], "beta must be > 0"),
+    (["train", "dpo", "--max-steps", "two"], "max_steps='two' should be a int"),
+    (["train", "nosuch"], "Unknown method 'nosuch'"),
+    (["train", "dpo", "--sft-run", "/no/such/run"], "has no adapter/ folder"),
+    (["train", "dpo", "--beta"], "--beta needs a value"),
+    (["evaluate", "--n-promts", "3"], "did you mean --n-prompts"),
+    (["evaluate", "--n-prompts", "0"], "n_prompts must be >= 1"),
+])
+def test_bad_command_lines_exit_2_with_a_clear_message(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
+def test_command_line_values_parse_as_the_grids_do():
+    assert cli.parse_value("2e-4") == 2e-4 and cli.parse_value("3") == 3 and cli.parse_value("false") is False
+    assert cli.parse_value("sigmoid,sft") == ["sigmoid", "sft"] and cli.parse_value("none") is None
+    assert cli.parse_value("embedded:smollm2-135m-instruct") == "embedded:smollm2-135m-instruct"
+    assert cli.parse_fields(["--max-steps=4", "--loss-type", "ipo"]) == {"max_steps": 4, "loss_type": "ipo"}

@@ -1,0 +1,55 @@
+"""The fields every arm's config shares, declared once.
+
+``RunFields``: the run folder, the seed, the model, the data, the SFT run to start from, and how the held-out pairs
+are scored at the end. ``RLFields``: the reward models of the arms that sample their own responses. TRL's arms add
+both to TRL's own configs (``train.py``: every TRL option keeps working); our PPO adds them to its own
+(``ppo.PPOArgs``). Flat parameters become one of these configs in one place, ``train.make_config``, for the command
+line, the notebooks and the sweep grids alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .data import DataConfig
+from .models import ModelConfig
+
+
+@dataclass
+class RunFields:
+    """Fields of every arm."""
+
+    run_name: str = "default"  # the <name> part of runs/<method>__<name>__s<seed>__<time>/
+    seed: int = 0  # set first, recorded, part of the run folder name
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft_run: str | None = None  # an SFT run folder: the policy starts from its adapter, and it is the reference
+    runs_dir: str | None = None  # None: $WORKBENCH_RUNS, else ./runs
+    score_batch_size: int | None = None  # pairs per scoring forward at the end; None: 8 on a GPU, 2 on a CPU
+    # β of the implicit reward β·log π/π_ref recorded on the held-out pairs at the end; None: the arm's own β for
+    # the arms trained on pairs against a reference (DPO family, KTO), else 0.1 (see ``score_beta``)
+    score_beta: float | None = None
+
+
+@dataclass
+class RLFields:
+    """Fields of the arms that sample their own responses and learn from a reward model (PPO, RLOO, GRPO)."""
+
+    reward_model: str | None = None  # reward run folder, or a sequence-classifier name/path: the reward optimised
+    gold_reward_model: str | None = None  # another one, only measured (over-optimisation; Gao et al. 2022)
+    max_prompt_length: int = 256  # prompts longer than this keep their last tokens
+
+
+def score_beta(cfg, trained_on_pairs_with_reference: bool) -> float:
+    """The β of the implicit reward recorded on held-out pairs: ``cfg.score_beta``, else the arm's own β where that
+    β scales an implicit reward (DPO family, KTO), else 0.1 (the DPO paper's default, arXiv:2305.18290 §6)."""
+    if cfg.score_beta is not None:
+        return cfg.score_beta
+    return cfg.beta if trained_on_pairs_with_reference else 0.1
+
+
+def check_beta(name: str, value: float, zero_ok: bool = False) -> None:
+    """The one check of a KL coefficient / implicit-reward scale: > 0 (or ≥ 0 where no KL term is allowed)."""
+    if value is None or not (value >= 0 if zero_ok else value > 0):
+        raise ValueError(f"{name} must be {'>= 0' if zero_ok else '> 0'} (got {value}): it weighs the KL term / "
+                         "scales the implicit reward.")
