@@ -1,0 +1,101 @@
+"""Every path, module attribute and command the README and the docs name exists: a renamed file, function or
+option fails here instead of misleading a reader."""
+
+import importlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from workbench import __main__ as cli
+from workbench import train
+from workbench.evaluate import EvalConfig
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md",
+        REPO / "notebooks" / "README.md"]
+MODULES = {p.stem for p in (REPO / "workbench").glob("*.py")} - {"__init__", "__main__"}
+TOP = {p.name for p in REPO.iterdir()} - {".git", ".venv"}
+SOURCE_FILE = re.compile(r"^[\w.-]+\.(py|ipynb|sh|yaml)$")
+
+
+def _spans(text: str) -> list[str]:
+    return re.findall(r"`([^`\n]+)`", text)
+
+
+def _code_lines(text: str) -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    return [line.split("  #")[0].strip() for b in blocks for line in b.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_path_and_link_named_exists(doc):
+    text = doc.read_text()
+    missing = []
+    for span in _spans(text):
+        token = span.split()[0].rstrip(",:;")
+        if "<" in token or "..." in token or "*" in token or token.startswith("runs/"):  # runs/: outputs
+            continue
+        first = token.split("/")[0]
+        if "/" in token and first in TOP:  # a path in the repository
+            if not (REPO / token.split("#")[0]).exists():
+                missing.append(token)
+        elif SOURCE_FILE.match(token) and not list(REPO.glob(f"**/{token}")):
+            missing.append(token)
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+        if not target.startswith("http") and not (doc.parent / target).exists():
+            missing.append(target)
+    assert not missing, f"{doc.name} names paths that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_module_attribute_named_exists(doc):
+    missing = []
+    for span in _spans(doc.read_text()):
+        m = re.match(r"^(?:workbench\.)?([a-z_]+)\.([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_]\w*))?", span)
+        if not m or m.group(1) not in MODULES or m.group(2) in ("json", "jsonl", "csv", "py", "md"):  # file names
+            continue
+        obj = importlib.import_module(f"workbench.{m.group(1)}")
+        for part in (m.group(2), m.group(3)):
+            if part is None:
+                break
+            if not hasattr(obj, part):
+                missing.append(span)
+                break
+            obj = getattr(obj, part)
+    assert not missing, f"{doc.name} names what the package does not have: {missing}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_command_shown_exists_with_its_options(doc):
+    _, sub = cli.build_parser()
+    problems = []
+    for line in _code_lines(doc.read_text()):
+        words = shlex.split(line.replace("<", "X").replace(">", "X").replace("|", " "))
+        if words[:2] == ["bash", "scripts/main.sh"] or words[:2] == ["bash", "scripts/test.sh"] or words[:2] == ["bash", "scripts/lab.sh"]:
+            if not (REPO / words[1]).exists():
+                problems.append(line)
+        elif words[:1] == ["python"] and len(words) > 1 and words[1].startswith("benchmarks/"):
+            script = REPO / words[1]
+            opts = [w.split("=")[0] for w in words[2:] if w.startswith("--")]
+            if not script.exists() or any(f'"{o}"' not in script.read_text() for o in opts):
+                problems.append(line)
+        elif words[:3] == ["python", "-m", "workbench"]:
+            command, rest = words[3], words[4:]
+            if command not in sub:
+                problems.append(f"{line}: no command '{command}'")
+                continue
+            known = {o for a in sub[command]._actions for o in a.option_strings}
+            if command == "train":
+                known |= {f"--{f.replace('_', '-')}" for f in train.config_fields(rest[0])}
+            if command == "evaluate":
+                known |= {f"--{f.replace('_', '-')}" for f in EvalConfig.__dataclass_fields__}
+            unknown = [w.split("=")[0] for w in rest if w.startswith("--") and w.split("=")[0] not in known]
+            if unknown:
+                problems.append(f"{line}: {unknown}")
+    assert not problems, f"{doc.name} shows commands that would fail: {problems}"
+
+
+def test_the_readme_is_a_front_door():
+    assert len((REPO / "README.md").read_text().splitlines()) <= 150
