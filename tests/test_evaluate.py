@@ -174,6 +174,8 @@ def test_results_table_win_rates_and_aggregates_on_known_numbers(tmp_path):
     assert d["n_seeds"] == 3 and d["seeds"] == "0,1,2"
     assert d["eval/kl"] == pytest.approx(2.0)
     assert d["eval/kl_hi"] - d["eval/kl"] == pytest.approx(4.303 / math.sqrt(3))  # kl = 1, 2, 3: s = 1
+    # a runs root names the same runs as the list of its folders (a string is not a list of characters)
+    assert sorted(results.results_table(str(tmp_path))["run"]) == sorted(table["run"])
     cost = results.cost_to_reach(table, level=0.5).set_index("method")
     assert cost.loc["dpo", "compute/pipeline_flops"] == pytest.approx(3e9)  # the cheapest dpo run reaching 0.5
     assert cost.loc["dpo", "runs_reaching"] == 3 and math.isnan(cost.loc["sft", "compute/pipeline_flops"])

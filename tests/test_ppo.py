@@ -107,6 +107,18 @@ def test_whiten_and_critic_free_advantages():
     assert ppo.rloo_advantages(r).tolist() == [[1 - 4.0, 2 - 3.5, 6 - 1.5]]
 
 
+def test_explained_variance_by_hand():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    returns = torch.tensor([[1.0, 2.0, 9.0], [3.0, 4.0, 5.0]])  # the masked-out 9 must not count
+    assert ppo.explained_variance(returns.clone(), returns, mask) == pytest.approx(1.0)
+    assert ppo.explained_variance(torch.zeros_like(returns), returns, mask) == pytest.approx(0.0, abs=1e-6)
+    r = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    v = torch.tensor([1.5, 1.5, 3.5, 3.5, 5.0])  # Var(r) = 2, Var(r − v) = 0.2 over the five real tokens
+    assert ppo.explained_variance(torch.cat([v[:2], torch.zeros(1), v[2:]]).view(2, 3),
+                                  torch.cat([r[:2], torch.zeros(1), r[2:]]).view(2, 3), mask) == pytest.approx(0.9)
+    assert math.isnan(ppo.explained_variance(torch.zeros(2, 3), torch.ones(2, 3), mask))  # returns all equal
+
+
 def test_adaptive_kl_controller_follows_ziegler():
     ctl = ppo.AdaptiveKLController(0.1, target=6.0, horizon=100)
     ctl.update(kl=12.0, n_samples=10)  # error clipped to +0.2: β·(1 + 0.2·10/100)
@@ -243,8 +255,12 @@ def test_ppo_raises_an_easy_reward_on_a_tiny_4bit_model(peaked_tiny_dir, hh_dir,
     assert run.metrics["objective/kl"].iloc[0] == pytest.approx(0, abs=1e-5)  # π = π_ref before the first update
     assert run.metrics["objective/kl"].apply(math.isfinite).all()
     for name in ("objective/scores", "objective/rlhf_reward", "policy/approxkl", "policy/clipfrac", "loss/policy",
-                 "loss/value", "val/clipfrac", "policy/entropy", "time/generation_s", "tokens/generated_per_s"):
+                 "loss/value", "val/clipfrac", "policy/entropy", "time/generation_s", "tokens/generated_per_s",
+                 "policy/approxkl_k1", "policy/approxkl_k3", "val/explained_variance"):
         assert name in run.metrics, name
+    # the critic starts at V = 0: it explains none of the first rollout's returns, and learns from there
+    assert run.metrics["val/explained_variance"].iloc[0] == pytest.approx(0, abs=1e-6)
+    assert (run.metrics["policy/approxkl_k3"] >= 0).all()  # k3 = (r − 1) − log r ≥ 0
     assert (path / "critic" / "value_head.pt").exists() and (path / "adapter" / "adapter_config.json").exists()
     assert len(run.records("rollouts")) == 10 * 32
     assert {"eval/objective/scores", "eval/objective/kl", "eval/rewards/accuracies"} <= set(run.summary)

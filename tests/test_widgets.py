@@ -217,3 +217,21 @@ def test_inspector_notebook_renders_in_jupyterlab(runs, tmp_path):
         if server.poll() is None:
             os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_the_reward_models_are_found_by_the_evaluation_not_by_their_names(tmp_path, smollm_tokenizer):
+    """Which reward run is the proxy and which the gold comes from the policies' evaluation config, whatever the
+    reward runs are named."""
+    ids = smollm_tokenizer("yes", add_special_tokens=False)["input_ids"]
+    pairs = [{"id": f"p{i}", "chosen_reward": 0.0, "rejected_reward": 0.0, "margin": 0.0, "correct": False,
+              "chosen_tokens": 1, "rejected_tokens": 1, "chosen_token_ids": ids, "rejected_token_ids": ids,
+              "chosen_length": 1, "rejected_length": 1, "length_rule": 0.5, "chosen_token_logratio": [0.0],
+              "rejected_token_logratio": [0.0], "prompt": []} for i in range(4)]
+    judge_a = _run(tmp_path, "reward", 0, [{"id": f"p{i}", "margin": 1.0} for i in range(4)], [], name="first")
+    judge_b = _run(tmp_path, "reward", 1, [{"id": f"p{i}", "margin": -2.0} for i in range(4)], [], name="second")
+    pol = _run(tmp_path, "dpo", 0, pairs, [])
+    # the policy was evaluated with the second as the proxy and the first as the gold
+    (pol / "eval" / "default" / "config.json").write_text(json.dumps(
+        {"proxy_reward_model": str(judge_b), "gold_reward_model": str(judge_a)}))
+    m = widgets.InspectorModel(tmp_path)
+    assert (m.pairs["rm_margin"] == -2.0).all() and (m.pairs["gold_margin"] == 1.0).all()
