@@ -253,9 +253,27 @@ def test_truncated_gzip_is_a_clear_error(tmp_path):
 
 
 def test_gzip_of_non_json_counts_every_line(tmp_path):
-    write_jsonl_gz(tmp_path, ["this is not json", "neither is this", "", "nor this"])
-    _, report = load_hh(source=tmp_path, on_error="skip")
+    path = write_jsonl_gz(tmp_path, ["this is not json", "neither is this", "", "nor this"])
+    with pytest.raises(HHFormatError, match="no preference pairs") as info:  # nothing left: an error, not []
+        load_hh(source=tmp_path, on_error="skip")
+    report = info.value.report
     assert report.read == 3 and report.skipped["malformed_json"] == 3  # the blank line is not a record
+    assert str(path) in str(info.value) and "3 malformed_json (e.g. " in str(info.value)
+
+
+def test_an_empty_file_is_an_error_naming_it(tmp_path):
+    path = write_jsonl_gz(tmp_path, [])
+    with pytest.raises(HHFormatError, match="no preference pairs: 0 non-blank line") as info:
+        load_hh(source=tmp_path)
+    assert str(path) in str(info.value)
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "harmless-base" / "test.jsonl"
+    path.parent.mkdir()
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD) + "\n").encode() * 2)
+    examples, report = load_hh(source=tmp_path)
+    assert report.kept == 2 and [e["id"] for e in examples] == ["harmless-base/test/1", "harmless-base/test/2"]
 
 
 def test_plain_jsonl_is_accepted(tmp_path):
@@ -347,7 +365,9 @@ def test_over_length_without_chat_template(tmp_path, word_tokenizer):
     write_jsonl_gz(tmp_path, [SHORT])
     _, report = load_hh(source=tmp_path, tokenizer=word_tokenizer, max_length=8)
     assert report.kept == 1 and report.lengths["tokens"]["total"]["max"] == 8
-    _, report = load_hh(source=tmp_path, tokenizer=word_tokenizer, max_length=7)
+    with pytest.raises(HHFormatError, match="1 over_length") as info:  # nothing left: an error with the counts
+        load_hh(source=tmp_path, tokenizer=word_tokenizer, max_length=7)
+    report = info.value.report
     assert report.kept == 0 and report.skipped["over_length"] == 1
     assert_accounted(report)
 
@@ -360,7 +380,9 @@ def test_over_length_uses_chat_template(tmp_path, word_tokenizer):
     )
     write_jsonl_gz(tmp_path, [SHORT])
     assert load_hh(source=tmp_path, tokenizer=word_tokenizer, max_length=9)[1].kept == 1
-    assert load_hh(source=tmp_path, tokenizer=word_tokenizer, max_length=8)[1].skipped["over_length"] == 1
+    with pytest.raises(HHFormatError) as info:
+        load_hh(source=tmp_path, tokenizer=word_tokenizer, max_length=8)
+    assert info.value.report.skipped["over_length"] == 1
 
 
 def test_tokenizer_alone_only_adds_stats_and_max_length_needs_one(tmp_path, word_tokenizer):

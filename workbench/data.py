@@ -260,6 +260,8 @@ def _read_local(path: Path):
     try:
         with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
             for line_no, raw in enumerate(f, 1):
+                if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (some editors write one)
+                    raw = raw[3:]
                 if raw.strip():
                     yield line_no, raw
     except (OSError, EOFError, zlib.error) as e:
@@ -408,6 +410,13 @@ def load_hh(
     report.kept = len(examples)
     report.lengths = _length_stats(examples, tokens if tokenizer is not None else None)
     assert report.read == report.kept + sum(report.skipped.values()), "a line was lost without being counted"
+    if not examples and limit != 0:  # nothing to train on: say so here, not later inside a trainer
+        skipped = ", ".join(f"{n} {why} (e.g. {report.examples[why][0]})" for why, n in report.skipped.items() if n)
+        err = HHFormatError(", ".join(report.files), 0, "<file>",
+                            f"no preference pairs: {report.read} non-blank line(s) read, skipped: {skipped or 'none'}",
+                            "Point the source at a file of HH-RLHF pairs (and raise max_length if they were over length).")
+        err.report = report  # what was read and skipped, for a caller that wants the counts
+        raise err
     return examples, report
 
 
