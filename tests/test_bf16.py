@@ -126,7 +126,8 @@ def test_auto_is_bf16_exactly_where_the_cpu_computes_it(monkeypatch, caps, expec
     assert models.compute_dtype("auto") == expected
     _, cfg = train.make_config("dpo")
     assert cfg.bf16 is (expected == torch.bfloat16)
-    assert cfg.use_cpu is (expected == torch.bfloat16)  # transformers needs it for bf16 without a GPU
+    # without a GPU, always: transformers needs it for bf16, and for data parallelism over CPU processes (torchrun)
+    assert cfg.use_cpu is (not torch.cuda.is_available())
     # full fine-tuning keeps float32 master weights; a frozen 4-bit or LoRA base computes in the chosen dtype
     assert models.weights_dtype(ModelConfig(load_in_4bit=False, use_peft=False)) == torch.float32
     assert models.weights_dtype(ModelConfig()) == expected

@@ -400,3 +400,24 @@ def test_corrupt_records_line_names_file_and_line(tmp_path):
     (run.path / "records" / "pairs.jsonl").write_text('{"a": 1}\nnot json\n')
     with pytest.raises(ValueError, match=r"pairs\.jsonl:2"):
         load_run(run.path).records("pairs")
+
+
+def test_a_run_id_names_the_folder_and_owns_it(tmp_path):
+    """A run id (a sweep's job id) makes the folder's name known in advance: the leftovers of a killed or failed
+    attempt under that id are replaced, and a complete folder is never written a second time."""
+    name = "dpo__default__s0__job-1"
+    (tmp_path / f"{name}.partial").mkdir()  # a kill -9 left these
+    (tmp_path / f"{name}.partial" / "metrics.jsonl").write_text('{"step": 0}\n')
+    (tmp_path / f"{name}.failed").mkdir()
+    with Run("dpo", "default", seed=0, config={}, root=tmp_path, run_id="job-1") as run:
+        run.log({"loss": 1.0}, step=0)
+    assert run.path == tmp_path / name and not (tmp_path / f"{name}.partial").exists()
+    assert not (tmp_path / f"{name}.failed").exists()
+    assert (run.path / "metrics.jsonl").read_text().count("\n") == 1, "the killed attempt's lines are gone"
+    with pytest.raises(FileExistsError, match="already complete"):
+        with Run("dpo", "default", seed=0, config={}, root=tmp_path, run_id="job-1"):
+            pass
+    assert len(list_runs(tmp_path)) == 1
+    for bad in ("a.b", "a__b", "x/y", ""):
+        with pytest.raises(ValueError, match="Run id"):
+            Run("dpo", "default", seed=0, config={}, root=tmp_path, run_id=bad)

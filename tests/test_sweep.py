@@ -5,6 +5,7 @@ papermill, isolates a failing job, survives being killed mid-sweep and resumes w
 import ast
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -125,15 +126,24 @@ def _state(root):
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+KILL_SEEDS = (1, 2)  # seeds of the random moments of the second and third kill
+
+
 @pytest.fixture(scope="module")
 def ci_sweep(tiny_model_dir, hh_dir, tmp_path_factory):
-    """grids/ci.yaml on the tiny model: killed (SIGKILL, kernel and all) once two jobs are done, then resumed."""
+    """grids/ci.yaml on the tiny model, killed with SIGKILL (sweep, papermill and kernel) three times: once two jobs
+    are done, then twice at a random moment after a restart (seeded: ``KILL_SEEDS``); then resumed to the end."""
     cwd = tmp_path_factory.mktemp("sweep")
     root = cwd / "runs" / "ci"
     overrides = {"model": str(tiny_model_dir), "data_source": str(hh_dir)}
     cmd = [sys.executable, "-m", "workbench", "sweep", str(REPO / "grids" / "ci.yaml"), "--runs-dir", str(root)]
     cmd += [f"--set={k}={v}" for k, v in overrides.items()]
-    proc = subprocess.Popen(cmd, cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def start():
+        return subprocess.Popen(cmd, cwd=cwd, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+    proc = start()
     deadline = time.time() + 300
     while sum(e["status"] == "done" for e in _state(root).values()) < 2:
         assert proc.poll() is None and time.time() < deadline, "the sweep stopped or stalled before it was interrupted"
@@ -141,6 +151,11 @@ def ci_sweep(tiny_model_dir, hh_dir, tmp_path_factory):
     os.killpg(proc.pid, signal.SIGKILL)  # the sweep, papermill and the kernel, mid-job
     proc.wait()
     before = _state(root)
+    for seed in KILL_SEEDS:  # anywhere: mid-job, between a run's end and its state, in the evaluation
+        proc = start()
+        time.sleep(random.Random(seed).uniform(5, 40))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     old = os.getcwd()
     os.chdir(cwd)
     try:
@@ -163,6 +178,41 @@ def test_sweep_resumes_after_a_kill_without_losing_or_repeating_runs(ci_sweep):
     for p in runs:  # each run folder holds its executed notebook
         nb = json.loads((p / "notebook.ipynb").read_text())
         assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
+
+
+def test_every_finished_job_has_exactly_one_run_folder_named_by_its_id(ci_sweep, tiny_model_dir, hh_dir):
+    """After three kills: every complete run folder is the one folder of a finished job (named by the job's id),
+    none is missing or extra; the partial folders killed jobs left were replaced."""
+    root, _, result = ci_sweep
+    _, jobs = sweep.load_grid(REPO / "grids" / "ci.yaml", {"model": str(tiny_model_dir), "data_source": str(hh_dir)})
+    state = _state(root)
+    complete = {str(p) for p in root.iterdir() if is_complete(p)}
+    runs = {e["run"] for e in state.values() if e["status"] == "done" and e.get("run")}
+    assert complete == runs
+    for job in jobs:
+        entry = state[job.id]
+        if entry.get("run"):
+            assert Path(entry["run"]).name.endswith("__" + sweep.job_run_id(job))
+    assert not [p for p in root.iterdir() if p.name.endswith(".partial")]
+
+
+def test_a_run_that_finished_before_its_state_was_written_is_adopted(ci_sweep, tiny_model_dir, hh_dir):
+    root, _, _ = ci_sweep
+    state = _state(root)
+    job_id, entry = next((k, v) for k, v in state.items() if v.get("run") and "dpo__" in v["run"])
+    del state[job_id]  # as if killed after the run completed and before the sweep recorded it
+    (root / "sweeps" / "ci" / "state.json").write_text(json.dumps(state))
+    n_before = len([p for p in root.iterdir() if is_complete(p)])
+    overrides = {"model": str(tiny_model_dir), "data_source": str(hh_dir)}
+    old = os.getcwd()
+    os.chdir(root.parent.parent)  # where the sweep ran: the grid's relative figures_dir resolves there
+    try:
+        result = sweep.run_sweep(REPO / "grids" / "ci.yaml", overrides, runs_dir=str(root), retry_failed=False)
+    finally:
+        os.chdir(old)
+    assert _state(root)[job_id]["run"] == entry["run"] and _state(root)[job_id]["adopted"]
+    assert len([p for p in root.iterdir() if is_complete(p)]) == n_before, "adopted, not run again"
+    assert len(result.done) == 10
 
 
 def test_sweep_isolates_the_failing_job_and_keeps_its_notebook(ci_sweep):

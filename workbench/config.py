@@ -25,6 +25,9 @@ class RunFields:
     data: DataConfig = field(default_factory=DataConfig)
     sft_run: str | None = None  # an SFT run folder: the policy starts from its adapter, and it is the reference
     runs_dir: str | None = None  # None: $WORKBENCH_RUNS, else ./runs
+    # the run folder's last part instead of the time it starts: a sweep sets its job id, so the job owns exactly
+    # one folder, known before it runs (resume adopts it when complete, never writes a second)
+    run_id: str | None = None
     score_batch_size: int | None = None  # pairs per scoring forward at the end; None: 8 on a GPU, 2 on a CPU
     # β of the implicit reward β·log π/π_ref recorded on the held-out pairs at the end; None: the arm's own β for
     # the arms trained on pairs against a reference (DPO family, KTO), else 0.1 (see ``score_beta``)

@@ -103,8 +103,12 @@ class ModelConfig(trl.ModelConfig):
 
 
 def device() -> torch.device:
-    """The device models are placed on: the first CUDA GPU if there is one, else the CPU."""
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """The device models are placed on: this process's GPU (``LOCAL_RANK`` under torchrun or accelerate, else the
+    first) if there is one, else the CPU. One device per process: a model split across GPUs by
+    ``device_map="auto"`` would silently skip data parallelism."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def native_bf16() -> tuple[bool, str]:

@@ -1,6 +1,6 @@
 """Run folders: the one contract between training, evaluation, sweeps, tables, widgets and figures.
 
-    runs/<method>__<name>__s<seed>__<timestamp>/
+    runs/<method>__<name>__s<seed>__<timestamp or run id>/
         config.json      everything needed to reproduce the run (seed included)
         env.json         git commit, Python and package versions, device; no secrets
         metrics.jsonl    one JSON object per logged step: {"step": ..., "<metric>": ...}
@@ -31,9 +31,9 @@ import os
 import platform
 import random
 import re
+import shutil
 import subprocess
 import sys
-import shutil
 import traceback
 from contextlib import contextmanager
 from importlib import metadata
@@ -42,12 +42,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+def process_rank() -> int:
+    """This process's rank under torchrun / accelerate (``RANK``), 0 when alone. Only rank 0 writes the run folder."""
+    return int(os.environ.get("RANK", 0))
+
+
 def default_root() -> Path:
     """Where runs go unless told otherwise: $WORKBENCH_RUNS, else ./runs (read at each call, not at import)."""
     return Path(os.environ.get("WORKBENCH_RUNS", "runs"))
 
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]*$")  # no "__" inside a part: it separates the parts
+_ID_OK = re.compile(r"^[A-Za-z0-9](?:_?[A-Za-z0-9+-])*$")  # the last part: no ".", which marks .partial/.failed
 _PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "numpy", "pandas",
              "gguf", "plotly", "ipywidgets", "papermill", "workbench")
 
@@ -119,10 +125,14 @@ def environment() -> dict:
 
 
 def run_name(method: str, name: str, seed: int, timestamp: str | None = None) -> str:
-    """``<method>__<name>__s<seed>__<timestamp>``; parts are checked so the name parses back unambiguously."""
+    """``<method>__<name>__s<seed>__<timestamp>``; parts are checked so the name parses back unambiguously.
+    ``timestamp``: the last part, the time by default; a run id chosen by the caller (a sweep's job id) makes the
+    folder's name known before the run starts."""
     for label, part in (("method", method), ("name", name)):
         if not _NAME_OK.fullmatch(part):  # fullmatch: '$' alone would accept a trailing newline
             raise ValueError(f"Run {label} '{part}' must be letters, digits, '.', '+' or '-' (no '_', no spaces).")
+    if timestamp is not None and not _ID_OK.fullmatch(timestamp):
+        raise ValueError(f"Run id '{timestamp}' must be letters, digits, '_', '+' or '-' (no '.', no '__').")
     timestamp = timestamp or _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     return f"{method}__{name}__s{int(seed)}__{timestamp}"
 
@@ -141,12 +151,26 @@ class Run:
         print(run.path)   # the final folder, after a clean exit
 
     ``config`` (a dataclass or dict) and ``env.json`` are written at once; the seed is set on entry.
+
+    ``run_id`` names the folder instead of the time (a sweep passes its job id), so the one folder a job may write
+    is known in advance: a complete one is never written again (an error: adopt it), and the ``.partial`` or
+    ``.failed`` leftovers of an earlier attempt under that id are removed when the run starts again.
+
+    Under several processes (torchrun) only rank 0 writes the run folder; the other ranks write into a scratch
+    folder of their own that is removed when the run ends, so the training code is the same on every rank.
     """
 
-    def __init__(self, method: str, name: str, seed: int, config, root: str | Path | None = None):
+    def __init__(self, method: str, name: str, seed: int, config, root: str | Path | None = None,
+                 run_id: str | None = None):
         self.seed = int(seed)
-        self.folder = run_name(method, name, self.seed)
+        self.folder = run_name(method, name, self.seed, run_id)
+        self.run_id = run_id
         self.root = Path(root) if root is not None else default_root()
+        self.scratch = None
+        if process_rank() > 0:  # not the writer: a private scratch root, removed at the end
+            import tempfile
+
+            self.scratch = self.root = Path(tempfile.mkdtemp(prefix=f"workbench-rank{process_rank()}-"))
         self.final_path = self.root / self.folder
         self.partial_path = self.root / (self.folder + ".partial")
         self.failed_path = self.root / (self.folder + ".failed")
@@ -164,6 +188,12 @@ class Run:
         return self._path
 
     def __enter__(self) -> "Run":
+        if self.run_id is not None:
+            if is_complete(self.final_path):
+                raise FileExistsError(f"{self.final_path} is already complete: run id '{self.run_id}' is taken. "
+                                      "Use that run, or give another run_id.")
+            for stale in (self.partial_path, self.failed_path, self.final_path):  # an earlier attempt's leftovers
+                shutil.rmtree(stale, ignore_errors=True)
         set_seed(self.seed)
         self.partial_path.mkdir(parents=True, exist_ok=False)
         config = {"seed": self.seed, **self.config}
@@ -191,6 +221,9 @@ class Run:
 
     def __exit__(self, exc_type, exc, tb):
         self._metrics.close()
+        if self.scratch is not None:  # another rank's copy: nothing to keep
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            return False
         if exc_type is None:
             write_json(self.partial_path / "summary.json", self.summary)
             self.partial_path.rename(self.final_path)

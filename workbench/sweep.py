@@ -24,10 +24,14 @@ A grid file (YAML)::
 Before anything runs, every job is checked against its notebook's ``parameters`` cell (unknown names, values of
 another type) and, for the training notebooks, built into its config (``train.make_config``); all problems are
 listed in one error. Jobs run one at a time. A job whose notebook fails is recorded as failed, its executed
-notebook kept and listed, and the sweep goes on (jobs that need its run folder are skipped and listed). Progress is
-written to ``state.json`` after every job, atomically: an interrupted sweep resumes where it stopped, skipping
-finished jobs (their run folders are complete), so nothing finished is lost or run twice. A successful job's
-executed notebook is copied into its run folder as ``notebook.ipynb``.
+notebook kept and listed, and the sweep goes on (jobs that need its run folder are skipped and listed).
+
+Nothing finished is lost or run twice, even under ``kill -9``. A training job owns one run folder, named from its
+config and its job id (``run_id``, passed into the notebook), so its name is known before the job starts
+(``job_folder``). Progress is written to ``state.json`` after every job, atomically; on resume a job whose folder is
+complete is adopted, even when the sweep was killed after the run finished and before its state was written, and an
+interrupted job starts again from the beginning (its ``.partial`` folder never counts and is replaced). A
+successful job's executed notebook is copied into its run folder as ``notebook.ipynb``.
 """
 
 from __future__ import annotations
@@ -125,6 +129,23 @@ def _check_job(job: Job, nb_params: dict, stages_before: list[str]) -> list[str]
         except (ValueError, TypeError) as e:
             problems.append(f"{where} {job.label}: {e}")
     return problems
+
+
+def job_run_id(job: Job) -> str:
+    """The run id a job's run folder is named with: its job id, in the characters a run id allows."""
+    return re.sub(r"[^A-Za-z0-9+-]+", "-", job.id)
+
+
+def job_folder(job: Job, root: Path) -> Path | None:
+    """The one run folder a training job writes (``<root>/<method>__<name>__s<seed>__<run id>``), known before it
+    runs; None for a notebook that writes none (or takes no ``run_id``)."""
+    from . import train
+    from .runs import run_name
+
+    if "run_id" not in notebook_parameters(job.notebook) or "method" not in notebook_parameters(job.notebook):
+        return None
+    arm, cfg = job_config(job)
+    return Path(root) / run_name(train.method_label(arm, cfg), cfg.run_name, cfg.seed, job_run_id(job))
 
 
 def job_config(job: Job):
@@ -250,6 +271,17 @@ def run_sweep(grid_path, overrides: dict | None = None, runs_dir: str | None = N
         if entry.get("status") == "failed" and not retry_failed:
             result.failed.append((job.label, entry["notebook"], entry["error"]))
             continue
+        folder = job_folder(job, root)
+        if folder is not None and is_complete(folder) and not job.always:  # finished, but killed before its state
+            out_nb = state_dir / "notebooks" / f"{job.id}.ipynb"
+            if out_nb.exists() and not (folder / "notebook.ipynb").exists():
+                shutil.copy(out_nb, folder / "notebook.ipynb")
+            state[job.id] = {"status": "done", "label": job.label, "run": str(folder), "notebook": str(out_nb),
+                             "adopted": True}
+            write_json(state_path, state)
+            print(f"{tag}: finished before the interruption, adopted -> {folder}", flush=True)
+            result.done.append((job.label, str(folder)))
+            continue
         params, why = _resolve(job, state, jobs)
         if why:
             print(f"{tag}: skipped, {why}", flush=True)
@@ -257,6 +289,8 @@ def run_sweep(grid_path, overrides: dict | None = None, runs_dir: str | None = N
             continue
         if "runs_dir" in notebook_parameters(job.notebook):
             params["runs_dir"] = str(root)
+        if folder is not None:
+            params["run_id"] = job_run_id(job)
         out_nb = state_dir / "notebooks" / f"{job.id}.ipynb"
         before = {p.name for p in root.iterdir()} if root.exists() else set()
         print(f"{tag}: running {job.notebook.name} ...", flush=True)
@@ -272,8 +306,11 @@ def run_sweep(grid_path, overrides: dict | None = None, runs_dir: str | None = N
                   flush=True)
             result.failed.append((job.label, str(out_nb), err))
             continue
-        new = sorted(p for p in root.iterdir() if p.name not in before and is_complete(p)) if root.exists() else []
-        run = str(new[-1]) if new else None
+        if folder is not None:
+            run = str(folder) if is_complete(folder) else None
+        else:  # a notebook that takes no run_id: the folder it made, if any
+            new = sorted(p for p in root.iterdir() if p.name not in before and is_complete(p)) if root.exists() else []
+            run = str(new[-1]) if new else None
         if run:
             shutil.copy(out_nb, Path(run) / "notebook.ipynb")
         state[job.id] = {"status": "done", "label": job.label, "run": run, "notebook": str(out_nb),

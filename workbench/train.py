@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -69,8 +70,10 @@ class _WorkbenchFields(RunFields):
             check_beta("beta", self.beta)
         if self.bf16 is None:
             self.bf16 = models.compute_dtype(self.model.dtype) == torch.bfloat16
-        if self.bf16 and not torch.cuda.is_available():
-            self.use_cpu = True  # transformers accepts bf16 without a GPU only when told it trains on the CPU
+        if not torch.cuda.is_available():
+            # transformers accepts bf16 without a GPU only when told it trains on the CPU, and under torchrun it
+            # sets up data parallelism over CPU processes (gloo) only then
+            self.use_cpu = True
         super().__post_init__()
 
 
@@ -268,6 +271,9 @@ def validate(method: str, cfg) -> None:
             raise ValueError(f"Unknown DPO loss_type {unknown}. Known: {', '.join(losses.PAIRED_LOSSES)}.")
         if cfg.f_divergence_type != "reverse_kl":
             raise ValueError("Only f_divergence_type='reverse_kl' (standard DPO) has a reference formula here.")
+    if method == "ppo" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ValueError("Our PPO runs in one process for now (one combined policy + value backward under DDP is "
+                         "not built yet): run it without torchrun, or use rloo/grpo (TRL's, multi-process).")
     if method == "reward" and cfg.sft_run is not None:
         raise ValueError("sft_run does not apply to a reward model: its backbone is set by cfg.model.")
     if cfg.sft_run is not None:
@@ -478,7 +484,7 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
     if arm.rl and reward_fn is None and cfg.reward_model is None:
         raise ValueError(f"{method} needs a reward: set reward_model (a reward run folder or a model name) or pass reward_fn.")
     t0 = time.time()
-    with Run(method_label(method, cfg), cfg.run_name, cfg.seed, config=cfg, root=cfg.runs_dir) as run:
+    with Run(method_label(method, cfg), cfg.run_name, cfg.seed, config=cfg, root=cfg.runs_dir, run_id=cfg.run_id) as run:
         # --- the reward models the RL arms learn from (proxy) and are measured by (gold)
         if arm.rl:
             reward_fn = reward_fn or load_reward(cfg.reward_model, name="proxy")
@@ -499,6 +505,7 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
             counter.attach(reward_fn.model, role="reward")
         result = trainer.train()
         counter.detach()
+        counter.sum_over_processes()
         run.write_json("compute.json", counter.to_dict(wall_time_s=result.metrics.get("train_runtime")))
 
         # --- save: the adapter (a fully fine-tuned reward encoder: its weights), and what else the trainer trains
@@ -513,7 +520,8 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
             trainer.save_critic(run.path / "critic")
 
         # --- score held-out pairs: per pair and per token for a policy, per pair for a reward model
-        summary = _heldout_summary(method, cfg, policy, tokenizer, train_rows, heldout, run, reward_fn, gold_fn)
+        summary = ({} if run.scratch is not None else  # another rank under torchrun: rank 0 looks and writes
+                   _heldout_summary(method, cfg, policy, tokenizer, train_rows, heldout, run, reward_fn, gold_fn))
         run.summary = {
             **{f"eval/{k}": v for k, v in summary.items()},
             "train/loss": result.training_loss,
