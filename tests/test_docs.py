@@ -4,12 +4,13 @@ option fails here instead of misleading a reader."""
 import importlib
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from workbench import __main__ as cli
-from workbench import train
+from workbench import runs, train
 from workbench.evaluate import EvalConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,6 +19,9 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "bench
 MODULES = {p.stem for p in (REPO / "workbench").glob("*.py")} - {"__init__", "__main__"}
 TOP = {p.name for p in REPO.iterdir()} - {".git", ".venv"}
 SOURCE_FILE = re.compile(r"^[\w.-]+\.(py|ipynb|sh|yaml)$")
+# the names of the files git tracks (a bare file name in the docs must be one of them, not a run's output)
+TRACKED = {Path(f).name for f in subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                                                 check=True).stdout.split()}
 
 
 def _spans(text: str) -> list[str]:
@@ -41,7 +45,7 @@ def test_every_path_and_link_named_exists(doc):
         if "/" in token and first in TOP:  # a path in the repository
             if not (REPO / token.split("#")[0]).exists():
                 missing.append(token)
-        elif SOURCE_FILE.match(token) and not list(REPO.glob(f"**/{token}")):
+        elif SOURCE_FILE.match(token) and token not in TRACKED and token not in runs.__doc__:  # not a run-folder file
             missing.append(token)
     for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
         if not target.startswith("http") and not (doc.parent / target).exists():
