@@ -156,15 +156,18 @@ class Run:
     is known in advance: a complete one is never written again (an error: adopt it), and the ``.partial`` or
     ``.failed`` leftovers of an earlier attempt under that id are removed when the run starts again.
 
+    With ``resume`` (and a ``run_id``), a ``.partial`` folder left by a killed attempt is kept, for the trainer to
+    resume from its last checkpoint (``train.train`` with ``checkpoint_every``).
+
     Under several processes (torchrun) only rank 0 writes the run folder; the other ranks write into a scratch
     folder of their own that is removed when the run ends, so the training code is the same on every rank.
     """
 
     def __init__(self, method: str, name: str, seed: int, config, root: str | Path | None = None,
-                 run_id: str | None = None):
+                 run_id: str | None = None, resume: bool = False):
         self.seed = int(seed)
         self.folder = run_name(method, name, self.seed, run_id)
-        self.run_id = run_id
+        self.run_id, self.resume = run_id, resume
         self.root = Path(root) if root is not None else default_root()
         self.scratch = None
         if process_rank() > 0:  # not the writer: a private scratch root, removed at the end
@@ -192,15 +195,25 @@ class Run:
             if is_complete(self.final_path):
                 raise FileExistsError(f"{self.final_path} is already complete: run id '{self.run_id}' is taken. "
                                       "Use that run, or give another run_id.")
-            for stale in (self.partial_path, self.failed_path, self.final_path):  # an earlier attempt's leftovers
-                shutil.rmtree(stale, ignore_errors=True)
+            keep = self.resume and self.partial_path.is_dir()  # a killed attempt to resume from its checkpoint
+            for stale in (self.failed_path, self.final_path) if keep else (self.partial_path, self.failed_path,
+                                                                           self.final_path):
+                shutil.rmtree(stale, ignore_errors=True)  # an earlier attempt's leftovers
         set_seed(self.seed)
-        self.partial_path.mkdir(parents=True, exist_ok=False)
+        self.partial_path.mkdir(parents=True, exist_ok=self.run_id is not None and self.resume)
         config = {"seed": self.seed, **self.config}
         write_json(self.partial_path / "config.json", config)
         write_json(self.partial_path / "env.json", environment())
         self._metrics = open(self.partial_path / "metrics.jsonl", "a", encoding="utf-8")
         return self
+
+    def drop_metrics_after(self, step: int) -> None:
+        """Forget metrics.jsonl lines after ``step`` (a resumed run logs them again from its checkpoint)."""
+        self._metrics.close()
+        path = self.partial_path / "metrics.jsonl"
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        write_jsonl(path, kept)
+        self._metrics = open(path, "a", encoding="utf-8")
 
     def log(self, metrics: dict, step: int) -> None:
         """Append one line to metrics.jsonl (flushed, so a crash keeps what was logged)."""

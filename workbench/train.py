@@ -59,7 +59,10 @@ class _WorkbenchFields(RunFields):
     # computes bf16 natively (a bf16 GPU, a CPU with AMX/AVX512-BF16), fp32 elsewhere. TRL: True
     bf16: bool | None = None
     gradient_checkpointing: bool = False  # TRL: True. Saves memory on big models, costs ~30% time; QLoRA on GPU: set True
-    save_strategy: str = "no"  # the adapter is saved once, into the run folder
+    save_strategy: str = "no"  # the adapter is saved once, into the run folder (see checkpoint_every)
+    # save a resumable checkpoint (adapter, optimizer, scheduler, RNG, data position, token counts) every N steps
+    # into the run's .partial folder; started again with the same run_id, a killed run resumes from the last one
+    checkpoint_every: int | None = None
     logging_steps: float = 1
     report_to: str | list[str] = "none"
     per_device_train_batch_size: int = 4
@@ -68,6 +71,11 @@ class _WorkbenchFields(RunFields):
     def __post_init__(self):
         if hasattr(self, "beta"):
             check_beta("beta", self.beta)
+        if self.checkpoint_every is not None:
+            if self.checkpoint_every < 1 or self.run_id is None:
+                raise ValueError("checkpoint_every needs an integer >= 1 and a run_id (the folder a restart resumes; "
+                                 f"got checkpoint_every={self.checkpoint_every}, run_id={self.run_id}).")
+            self.save_strategy, self.save_steps = "steps", self.checkpoint_every
         if self.bf16 is None:
             self.bf16 = models.compute_dtype(self.model.dtype) == torch.bfloat16
         if not torch.cuda.is_available():
@@ -219,6 +227,24 @@ class _RunLogger(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs:
             self.run.log(logs, step=state.global_step)
+
+
+class _CheckpointCounts(TrainerCallback):
+    """Saves the token counts with every checkpoint, so a resumed run's compute.json counts the whole run."""
+
+    def __init__(self, counter: TokenCounter):
+        self.counter = counter
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            (folder / "workbench_tokens.json").write_text(json.dumps(self.counter.tokens))
+
+
+def _last_checkpoint(folder: Path) -> Path | None:
+    """The newest complete checkpoint in a trainer folder (one with its token counts written last), or None."""
+    done = [p for p in folder.glob("checkpoint-*") if (p / "workbench_tokens.json").exists()] if folder.is_dir() else []
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
 def _guarded(trainer_cls, run: Run, tokenizer):
@@ -484,7 +510,9 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
     if arm.rl and reward_fn is None and cfg.reward_model is None:
         raise ValueError(f"{method} needs a reward: set reward_model (a reward run folder or a model name) or pass reward_fn.")
     t0 = time.time()
-    with Run(method_label(method, cfg), cfg.run_name, cfg.seed, config=cfg, root=cfg.runs_dir, run_id=cfg.run_id) as run:
+    resumable = getattr(cfg, "checkpoint_every", None) is not None
+    with Run(method_label(method, cfg), cfg.run_name, cfg.seed, config=cfg, root=cfg.runs_dir, run_id=cfg.run_id,
+             resume=resumable) as run:
         # --- the reward models the RL arms learn from (proxy) and are measured by (gold)
         if arm.rl:
             reward_fn = reward_fn or load_reward(cfg.reward_model, name="proxy")
@@ -503,7 +531,15 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
         counter.attach(policy)
         if getattr(reward_fn, "model", None) is not None:
             counter.attach(reward_fn.model, role="reward")
-        result = trainer.train()
+        checkpoint = None
+        if resumable:  # a killed attempt's last checkpoint: its steps, metrics and token counts carry on from there
+            trainer.add_callback(_CheckpointCounts(counter))
+            checkpoint = _last_checkpoint(Path(cfg.output_dir))
+            if checkpoint is not None:
+                counter.tokens = json.loads((checkpoint / "workbench_tokens.json").read_text())
+                run.drop_metrics_after(int(checkpoint.name.split("-")[1]))
+                print(f"[train] {method}: resuming from {checkpoint}", flush=True)
+        result = trainer.train(resume_from_checkpoint=str(checkpoint)) if checkpoint else trainer.train()
         counter.detach()
         counter.sum_over_processes()
         run.write_json("compute.json", counter.to_dict(wall_time_s=result.metrics.get("train_runtime")))
