@@ -7,7 +7,7 @@ import pytest
 import torch
 import trl
 
-from workbench import logprobs, models, train
+from workbench import arms, logprobs, models, train
 from workbench.models import ModelConfig
 from workbench.runs import load_run
 
@@ -68,7 +68,7 @@ def _check_length_baseline(run, split):
 
 def test_configs_subclass_trl_and_are_cpu_safe():
     trl_configs = {"sft": trl.SFTConfig, "dpo": trl.DPOConfig, "kto": trl.KTOConfig,
-                   "orpo": train.ORPOConfig, "simpo": train.CPOConfig, "reward": trl.RewardConfig,
+                   "orpo": arms.ORPOConfig, "simpo": arms.CPOConfig, "reward": trl.RewardConfig,
                    "rloo": trl.RLOOConfig, "grpo": trl.GRPOConfig}
     for method, config_cls in ((m, a.config) for m, a in train.ARMS.items()):
         cfg = config_cls()

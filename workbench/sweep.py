@@ -22,7 +22,7 @@ A grid file (YAML)::
         always: true                    # table is read under its evaluation name; it runs again on every resume
 
 Before anything runs, every job is checked against its notebook's ``parameters`` cell (unknown names, values of
-another type) and, for the training notebooks, built into its config (``train.make_config``); all problems are
+another type) and, for the training notebooks, built into its config (``arms.make_config``); all problems are
 listed in one error. Jobs run one at a time. A job whose notebook fails is recorded as failed, its executed
 notebook kept and listed, and the sweep goes on (jobs that need its run folder are skipped and listed).
 
@@ -139,24 +139,24 @@ def job_run_id(job: Job) -> str:
 def job_folder(job: Job, root: Path) -> Path | None:
     """The one run folder a training job writes (``<root>/<method>__<name>__s<seed>__<run id>``), known before it
     runs; None for a notebook that writes none (or takes no ``run_id``)."""
-    from . import train
+    from .arms import method_label
     from .runs import run_name
 
     if "run_id" not in notebook_parameters(job.notebook) or "method" not in notebook_parameters(job.notebook):
         return None
     arm, cfg = job_config(job)
-    return Path(root) / run_name(train.method_label(arm, cfg), cfg.run_name, cfg.seed, job_run_id(job))
+    return Path(root) / run_name(method_label(arm, cfg), cfg.run_name, cfg.seed, job_run_id(job))
 
 
 def job_config(job: Job):
     """(arm, config) of a training notebook's job, built as the notebook builds it: the notebook's parameters with
-    the job's over them, through ``train.make_config`` (references to other stages' run folders stand as "<ref>"
+    the job's over them, through ``arms.make_config`` (references to other stages' run folders stand as "<ref>"
     until the sweep resolves them)."""
-    from . import train
+    from . import arms
 
     merged = {**notebook_parameters(job.notebook), **job.params}
     merged = {k: ("<ref>" if isinstance(v, str) and _REF.match(v) else v) for k, v in merged.items()}
-    return train.make_config(merged.pop("method"), **merged)
+    return arms.make_config(merged.pop("method"), **merged)
 
 
 def load_grid(path, overrides: dict | None = None, seeds: list[int] | None = None) -> tuple[dict, list[Job]]:
