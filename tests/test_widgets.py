@@ -148,25 +148,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _dismiss_dialogs(page, seen: list[str]) -> None:
+    """Accept any dialog JupyterLab has opened (on a loaded machine it may ask which kernel to use, "Select
+    Kernel", before or after a click): take its default, as a person would, and remember what it said."""
+    dialogs = page.locator(".jp-Dialog")
+    for _ in range(3):
+        if not dialogs.count():
+            return
+        seen.append(" ".join(dialogs.first.inner_text(timeout=5_000).split())[:200])
+        accept = page.locator(".jp-Dialog .jp-Dialog-button.jp-mod-accept")
+        if accept.count():
+            accept.first.click(timeout=10_000)
+        else:
+            page.keyboard.press("Escape")
+        page.wait_for_timeout(500)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
+
+
 def _run_all_cells(page, attempts: int = 3) -> None:
     """Run > Run All Cells, until the first cell has started (a click can land while JupyterLab is still wiring
-    the kernel up; it is then ignored, so try again). On a loaded machine JupyterLab may meanwhile ask which kernel
-    to use ("Select Kernel"): accept its default, as a person would, before trying again."""
+    the kernel up; it is then ignored, so try again). A dialog that JupyterLab opens meanwhile is accepted first."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
+    seen: list[str] = []
     for _ in range(attempts):
-        page.click(".lm-MenuBar-itemLabel:text-is('Run')", timeout=10_000)
-        page.click(".lm-Menu-itemLabel:text-is('Run All Cells')", timeout=10_000)
+        _dismiss_dialogs(page, seen)
         try:
+            page.click(".lm-MenuBar-itemLabel:text-is('Run')", timeout=10_000)
+            page.click(".lm-Menu-itemLabel:text-is('Run All Cells')", timeout=10_000)
             page.wait_for_selector(".jp-InputPrompt:has-text('[1]')", timeout=45_000)
             return
         except PlaywrightTimeout:
             page.keyboard.press("Escape")
-            dialog_accept = page.locator(".jp-Dialog .jp-Dialog-button.jp-mod-accept")
-            if dialog_accept.count():
-                dialog_accept.first.click(timeout=10_000)
-                page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
-    raise AssertionError(f"Run All Cells did not start the notebook in {attempts} attempts")
+    raise AssertionError(f"Run All Cells did not start the notebook in {attempts} attempts; dialogs seen: {seen}")
 
 
 def test_inspector_notebook_renders_in_jupyterlab(runs, tmp_path):
