@@ -63,6 +63,7 @@ def test_gpu_grid_is_the_real_study():
     assert {"ppo", "rloo", "grpo", "dpo", "ipo", "kto", "orpo", "simpo"} <= methods
     assert {j.params.get("seed") for j in jobs if j.stage in ("rl", "preference")} == {0, 1, 2}
     assert all(j.params.get("load_in_4bit", True) for j in jobs if j.stage != "evaluate")
+    assert all(j.resources["gpus"] == 1 and j.resources["cpus"] >= 1 for j in jobs), "one GPU per job, declared"
 
 
 def test_seeds_run_the_main_study_once_per_seed_and_pair_references_by_seed():
@@ -122,8 +123,7 @@ def test_a_bad_grid_lists_every_problem_before_running(tmp_path):
 
 
 def _state(root):
-    path = root / "sweeps" / "ci" / "state.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return sweep.read_state(root / "sweeps" / "ci")
 
 
 KILL_SEEDS = (1, 2)  # seeds of the random moments of the second and third kill
@@ -200,8 +200,7 @@ def test_a_run_that_finished_before_its_state_was_written_is_adopted(ci_sweep, t
     root, _, _ = ci_sweep
     state = _state(root)
     job_id, entry = next((k, v) for k, v in state.items() if v.get("run") and "dpo__" in v["run"])
-    del state[job_id]  # as if killed after the run completed and before the sweep recorded it
-    (root / "sweeps" / "ci" / "state.json").write_text(json.dumps(state))
+    (root / "sweeps" / "ci" / "jobs" / f"{job_id}.json").unlink()  # as if killed after the run, before its state
     n_before = len([p for p in root.iterdir() if is_complete(p)])
     overrides = {"model": str(tiny_model_dir), "data_source": str(hh_dir)}
     old = os.getcwd()

@@ -108,6 +108,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                          help="replace a default parameter of every job, e.g. --set model=/path --set n_train=8")
     p_sweep.add_argument("--runs-dir", help="runs root (default: the grid's runs_dir)")
     p_sweep.add_argument("--no-retry", action="store_true", help="do not run failed jobs again on resume")
+    p_sweep.add_argument("--executor", choices=("serial", "ray", "slurm"), default="serial",
+                         help="where jobs run: here one at a time (default), as Ray tasks, or as Slurm jobs (submitit); "
+                              "see workbench/executors.py")
+    p_sweep.add_argument("--address", help="with --executor ray: join this Ray cluster (e.g. auto, or ray://host:10001) "
+                                           "instead of starting a local one")
     p_paper = sub.add_parser("paper", allow_abbrev=False, help="fill papers/template.md from the evaluated runs into papers/draft.md")
     p_paper.add_argument("--runs-dir", default="runs/main")
     p_paper.add_argument("--name", default="default", help="evaluation name")
@@ -138,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--set takes KEY=VALUE, got '{item}'")
             overrides[key] = parse_value(value)
         try:
-            result = run_sweep(args.grid, overrides, runs_dir=args.runs_dir, retry_failed=not args.no_retry)
+            if args.address and args.executor != "ray":
+                raise ValueError("--address joins a Ray cluster: it needs --executor ray")
+            result = run_sweep(args.grid, overrides, runs_dir=args.runs_dir, retry_failed=not args.no_retry,
+                               executor=args.executor, address=args.address)
         except (ValueError, FileNotFoundError) as e:  # the grid's problems, all listed, before anything ran
             parser.exit(2, f"workbench sweep: error: {e}\n")
         if result.table is not None:

@@ -25,7 +25,7 @@ def run_study(grid: str | Path = MAIN_GRID, runs_dir: str | None = None, figures
     t0 = time.time()
     result = run_sweep(grid, runs_dir=runs_dir, seeds=seeds)
     if result.table is None or result.table.empty:
-        raise RuntimeError(f"The study produced no evaluated runs; see {result.state_dir}/state.json.\n{result.report()}")
+        raise RuntimeError(f"The study produced no evaluated runs; see the job states in {result.state_dir}/jobs/.\n{result.report()}")
     draft = paper.build(result.table, paper_path, figures_dir)
     _step("done. Where everything is:", t0)
     print(f"    run folders      {result.state_dir.parent.parent}\n"

@@ -20,18 +20,25 @@ A grid file (YAML)::
       - stage: evaluate
         notebook: 05_evaluate.ipynb     # its metadata says {"workbench": {"evaluates": true}}: the sweep's results
         always: true                    # table is read under its evaluation name; it runs again on every resume
+        resources: {gpus: 1, cpus: 8}   # per job, for the ray and slurm executors (workbench/executors.py)
+    slurm: {partition: gpu}             # extra sbatch parameters for --executor slurm
 
 Before anything runs, every job is checked against its notebook's ``parameters`` cell (unknown names, values of
 another type) and, for the training notebooks, built into its config (``arms.make_config``); all problems are
-listed in one error. Jobs run one at a time. A job whose notebook fails is recorded as failed, its executed
-notebook kept and listed, and the sweep goes on (jobs that need its run folder are skipped and listed).
+listed in one error. Jobs run on an executor (``serial``, the default: here, one at a time; ``ray``; ``slurm``). A
+job starts as soon as the jobs whose run folders it references have ended (an ``always`` stage: every job of the
+stages before it). A job whose notebook fails is recorded as failed, its executed notebook kept and listed, and the
+sweep goes on (jobs that need its run folder are skipped and listed). While jobs run, a progress line says how
+many ended, which are running and for how long, and an ETA from the finished jobs' times.
 
 Nothing finished is lost or run twice, even under ``kill -9``. A training job owns one run folder, named from its
 config and its job id (``run_id``, passed into the notebook), so its name is known before the job starts
-(``job_folder``). Progress is written to ``state.json`` after every job, atomically; on resume a job whose folder is
-complete is adopted, even when the sweep was killed after the run finished and before its state was written, and an
-interrupted job starts again from the beginning (its ``.partial`` folder never counts and is replaced). A
-successful job's executed notebook is copied into its run folder as ``notebook.ipynb``.
+(``job_folder``). Each job's state is its own file, ``<runs_dir>/sweeps/<name>/jobs/<job id>.json``, written
+atomically by the job itself (``queued``, ``running``, ``done``/``failed``), so parallel workers never overwrite each
+other (``read_state`` reads them all). On resume a job whose folder is complete is adopted, even when the sweep was
+killed after the run finished and before its state was written, and an interrupted job starts again from the
+beginning (its ``.partial`` folder never counts and is replaced). A successful job's executed notebook is copied
+into its run folder as ``notebook.ipynb``.
 """
 
 from __future__ import annotations
@@ -48,11 +55,12 @@ from pathlib import Path
 
 import yaml
 
+from . import executors
 from .runs import default_root, is_complete, write_json
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-GRID_KEYS = {"name", "description", "runs_dir", "defaults", "stages"}
-STAGE_KEYS = {"stage", "notebook", "params", "grid", "always"}
+GRID_KEYS = {"name", "description", "runs_dir", "defaults", "stages", "slurm"}
+STAGE_KEYS = {"stage", "notebook", "params", "grid", "always", "resources"}
 _REF = re.compile(r"^@([A-Za-z0-9_-]+)(?:\[(.*)\])?$")
 
 
@@ -82,6 +90,8 @@ class Job:
     notebook: Path
     params: dict  # as written in the grid (references "@stage[...]" unresolved)
     always: bool = False
+    grid_keys: tuple = ()
+    resources: dict = field(default_factory=dict)  # the stage's, defaults filled in (executors.resources)
 
     @property
     def id(self) -> str:
@@ -93,8 +103,6 @@ class Job:
         shown = {k: v for k, v in self.params.items() if k in self.grid_keys}
         return " ".join([self.stage, *(f"{k}={v}" for k, v in shown.items())])
 
-    grid_keys: tuple = ()
-
 
 def _expand(stage: dict, defaults: dict, overrides: dict, nb_params: dict) -> list[Job]:
     grid = stage.get("grid") or {}
@@ -104,7 +112,8 @@ def _expand(stage: dict, defaults: dict, overrides: dict, nb_params: dict) -> li
         params = {k: v for k, v in {**defaults, **overrides}.items() if k in nb_params}  # overrides replace defaults
         params.update(stage.get("params") or {})
         params.update(dict(zip(keys, values)))
-        jobs.append(Job(stage["stage"], NOTEBOOKS / stage["notebook"], params, bool(stage.get("always")), tuple(keys)))
+        jobs.append(Job(stage["stage"], NOTEBOOKS / stage["notebook"], params, bool(stage.get("always")), tuple(keys),
+                        executors.resources(stage.get("resources"))))
     return jobs
 
 
@@ -181,6 +190,8 @@ def load_grid(path, overrides: dict | None = None, seeds: list[int] | None = Non
     problems = [f"unknown key '{k}' (known: {', '.join(sorted(GRID_KEYS))})" for k in grid if k not in GRID_KEYS]
     if not grid.get("name") or not re.fullmatch(r"[A-Za-z0-9_.-]+", str(grid.get("name"))):
         problems.append("'name' is required: letters, digits, '_', '.', '-'")
+    if not isinstance(grid.get("slurm", {}), dict):
+        problems.append("'slurm' must be a mapping of submitit's slurm_* parameters without the prefix, e.g. {partition: gpu}")
     jobs, seen = [], []
     for i, stage in enumerate(grid.get("stages") or []):
         bad = [k for k in stage if k not in STAGE_KEYS]
@@ -194,6 +205,7 @@ def load_grid(path, overrides: dict | None = None, seeds: list[int] | None = Non
         if not all(isinstance(v, list) and v for v in (stage.get("grid") or {}).values()):
             problems.append(f"stages[{i}] ('{stage['stage']}'): every grid entry must be a non-empty list")
             continue
+        problems += executors.check_resources(stage.get("resources"), f"stages[{i}] ('{stage['stage']}')")
         nb_params = notebook_parameters(nb)
         for job in _expand(stage, grid.get("defaults") or {}, overrides or {}, nb_params):
             problems += _check_job(job, nb_params, seen)
@@ -247,77 +259,169 @@ def _resolve(job: Job, state: dict, jobs: list[Job]) -> tuple[dict, str | None]:
     return out, None
 
 
-def run_sweep(grid_path, overrides: dict | None = None, runs_dir: str | None = None, retry_failed: bool = True,
-              kernel_name: str = "python3", seeds: list[int] | None = None) -> SweepResult:
-    """Run (or resume) the sweep of a grid file and return what happened, with the results table when it has one.
-    ``seeds``: run every seeded stage once per seed (``load_grid``); finished jobs of earlier seeds are kept."""
-    import papermill as pm
+def read_state(state_dir: Path) -> dict:
+    """{job id: state entry} of a sweep: one JSON file per job under ``<state_dir>/jobs/`` (a sweep's state from
+    before per-job files, ``state.json``, is split into them on first read)."""
+    jobs_dir = Path(state_dir) / "jobs"
+    legacy = Path(state_dir) / "state.json"
+    if legacy.exists() and not jobs_dir.exists():
+        jobs_dir.mkdir(parents=True)
+        for job_id, entry in json.loads(legacy.read_text()).items():
+            write_json(jobs_dir / f"{job_id}.json", entry)
+        legacy.rename(legacy.with_suffix(".json.migrated"))
+    if not jobs_dir.exists():
+        return {}
+    return {p.stem: json.loads(p.read_text()) for p in sorted(jobs_dir.glob("*.json"))}
 
+
+def _deps(job: Job, jobs: list[Job]) -> set[str]:
+    """Ids of the jobs that must end before ``job`` may start: those its ``@stage`` references name and, for an
+    ``always`` stage (an evaluation over the runs directory), every job of an earlier stage."""
+    if job.always:
+        stages = list(dict.fromkeys(j.stage for j in jobs))
+        return {j.id for j in jobs if stages.index(j.stage) < stages.index(job.stage)}
+    out = set()
+    for v in job.params.values():
+        m = _REF.match(v) if isinstance(v, str) else None
+        if m:
+            want = dict(kv.split("=", 1) for kv in m.group(2).split(",")) if m.group(2) else {}
+            out |= {j.id for j in jobs if j.stage == m.group(1) and all(str(j.params.get(a)) == b for a, b in want.items())}
+    return out
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def _progress(jobs: list[Job], state: dict, ended: set, running: dict, t_sweep: float) -> str:
+    """One line: how many jobs ended how, which are running (for how long), and an ETA from finished jobs' times
+    (the mean of the job's stage, else of all; divided among the jobs running at once)."""
+    status = [state.get(j.id, {}).get("status") if j.id in ended else None for j in jobs]
+    took = {}
+    for j in jobs:
+        if j.id in ended and state.get(j.id, {}).get("seconds") is not None:
+            took.setdefault(j.stage, []).append(state[j.id]["seconds"])
+    every = [t for ts in took.values() for t in ts]
+    left = [j for j in jobs if j.id not in ended]
+    started = [j for j in running.values() if state.get(j.id, {}).get("status") == "running"]
+    line = (f"[sweep] {len(ended)}/{len(jobs)} ended ({status.count('done')} done, {status.count('failed')} failed)"
+            f", {len(started)} running, {len(running) - len(started)} queued, {len(left) - len(running)} waiting"
+            f"; {_minutes(time.time() - t_sweep)} so far")
+    if started:
+        now = time.time()
+        line += "; running: " + ", ".join(f"{j.label} ({_minutes(now - state[j.id]['started'])})" for j in started)
+    if left and every:
+        est = sum(sum(took.get(j.stage, every)) / len(took.get(j.stage, every)) for j in left)
+        line += f"; ETA ~{_minutes(est / max(1, len(started)))}"
+    return line
+
+
+def run_sweep(grid_path, overrides: dict | None = None, runs_dir: str | None = None, retry_failed: bool = True,
+              kernel_name: str = "python3", seeds: list[int] | None = None, executor: str = "serial",
+              address: str | None = None, slurm_cluster: str | None = None) -> SweepResult:
+    """Run (or resume) the sweep of a grid file and return what happened, with the results table when it has one.
+    ``seeds``: run every seeded stage once per seed (``load_grid``); finished jobs of earlier seeds are kept.
+    ``executor``: where jobs run (``workbench.executors``): ``serial`` (here, one at a time), ``ray`` (``address``
+    joins a running cluster) or ``slurm`` (``slurm_cluster="local"``: submitit's local processes, for tests). A job
+    starts as soon as the jobs it needs have ended (an ``always`` stage: every earlier stage), not stage by stage."""
     grid, jobs = load_grid(grid_path, overrides, seeds)
     root = Path(runs_dir or grid.get("runs_dir") or default_root()).resolve()
     state_dir = root / "sweeps" / grid["name"]
     (state_dir / "notebooks").mkdir(parents=True, exist_ok=True)
-    state_path = state_dir / "state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    state = read_state(state_dir)
+    (state_dir / "jobs").mkdir(exist_ok=True)
+    ex = executors.make(executor, state_dir, address=address, slurm=grid.get("slurm"), slurm_cluster=slurm_cluster)
+    try:
+        return _schedule(jobs, state, root, state_dir, ex, retry_failed, kernel_name)
+    finally:
+        ex.close()
+
+
+def _schedule(jobs, state, root, state_dir, ex, retry_failed, kernel_name) -> SweepResult:
     result = SweepResult(state_dir)
     t_sweep = time.time()
-    for i, job in enumerate(jobs, start=1):
-        tag = f"[sweep {i}/{len(jobs)}] {job.label}"
-        entry = state.get(job.id, {})
-        if entry.get("status") == "done" and not job.always and (entry.get("run") is None or is_complete(entry["run"])):
-            print(f"{tag}: done before, skipped", flush=True)
-            result.done.append((job.label, entry.get("run")))
-            continue
-        if entry.get("status") == "failed" and not retry_failed:
-            result.failed.append((job.label, entry["notebook"], entry["error"]))
-            continue
-        folder = job_folder(job, root)
-        if folder is not None and is_complete(folder) and not job.always:  # finished, but killed before its state
-            out_nb = state_dir / "notebooks" / f"{job.id}.ipynb"
-            if out_nb.exists() and not (folder / "notebook.ipynb").exists():
-                shutil.copy(out_nb, folder / "notebook.ipynb")
-            state[job.id] = {"status": "done", "label": job.label, "run": str(folder), "notebook": str(out_nb),
-                             "adopted": True}
-            write_json(state_path, state)
-            print(f"{tag}: finished before the interruption, adopted -> {folder}", flush=True)
-            result.done.append((job.label, str(folder)))
-            continue
-        params, why = _resolve(job, state, jobs)
-        if why:
-            print(f"{tag}: skipped, {why}", flush=True)
-            result.skipped.append((job.label, why))
-            continue
-        if "runs_dir" in notebook_parameters(job.notebook):
-            params["runs_dir"] = str(root)
-        if folder is not None:
-            params["run_id"] = job_run_id(job)
-        out_nb = state_dir / "notebooks" / f"{job.id}.ipynb"
-        before = {p.name for p in root.iterdir()} if root.exists() else set()
-        print(f"{tag}: running {job.notebook.name} ...", flush=True)
-        t0 = time.time()
-        try:
-            pm.execute_notebook(str(job.notebook), str(out_nb), parameters=params, kernel_name=kernel_name,
-                                progress_bar=False, cwd=str(Path.cwd()))
-        except pm.PapermillExecutionError as e:
-            err = f"{e.ename}: {e.evalue}".strip()[:500]
-            state[job.id] = {"status": "failed", "label": job.label, "notebook": str(out_nb), "error": err}
-            write_json(state_path, state)
-            print(f"{tag}: FAILED after {time.time() - t0:.0f} s ({err.splitlines()[0][:120]}); notebook kept: {out_nb}",
-                  flush=True)
-            result.failed.append((job.label, str(out_nb), err))
-            continue
-        if folder is not None:
-            run = str(folder) if is_complete(folder) else None
-        else:  # a notebook that takes no run_id: the folder it made, if any
-            new = sorted(p for p in root.iterdir() if p.name not in before and is_complete(p)) if root.exists() else []
-            run = str(new[-1]) if new else None
-        if run:
-            shutil.copy(out_nb, Path(run) / "notebook.ipynb")
-        state[job.id] = {"status": "done", "label": job.label, "run": run, "notebook": str(out_nb),
-                         "seconds": round(time.time() - t0, 1)}
-        write_json(state_path, state)
-        print(f"{tag}: done in {time.time() - t0:.0f} s" + (f" -> {run}" if run else ""), flush=True)
-        result.done.append((job.label, run))
+    number = {j.id: i for i, j in enumerate(jobs, start=1)}
+    deps = {j.id: _deps(j, jobs) for j in jobs}
+    ex.check([(j.label, j.resources) for j in jobs])
+    pending, running, ended = list(jobs), {}, set()
+
+    def tag(job):
+        return f"[sweep {number[job.id]}/{len(jobs)}] {job.label}"
+
+    def record(job, entry):
+        state[job.id] = entry
+        write_json(state_dir / "jobs" / f"{job.id}.json", entry)
+
+    def end(job, outcome, *what):
+        ended.add(job.id)
+        getattr(result, outcome).append((job.label, *what))
+
+    def task(job, params, folder):
+        return {"id": job.id, "label": job.label, "notebook": str(job.notebook), "params": params,
+                "out_nb": str(state_dir / "notebooks" / f"{job.id}.ipynb"), "kernel_name": kernel_name,
+                "cwd": str(Path.cwd()), "folder": str(folder) if folder else None,
+                "state_file": str(state_dir / "jobs" / f"{job.id}.json")}
+
+    while pending or running:
+        for job in list(pending):
+            if not deps[job.id] <= ended:
+                continue
+            entry = state.get(job.id, {})
+            folder = job_folder(job, root)
+            if entry.get("status") == "done" and not job.always and (entry.get("run") is None or is_complete(entry["run"])):
+                print(f"{tag(job)}: done before, skipped", flush=True)
+                pending.remove(job)
+                end(job, "done", entry.get("run"))
+            elif entry.get("status") == "failed" and not retry_failed:
+                pending.remove(job)
+                end(job, "failed", entry["notebook"], entry["error"])
+            elif folder is not None and is_complete(folder) and not job.always:  # finished, killed before its state
+                out_nb = state_dir / "notebooks" / f"{job.id}.ipynb"
+                if out_nb.exists() and not (folder / "notebook.ipynb").exists():
+                    shutil.copy(out_nb, folder / "notebook.ipynb")
+                record(job, {"status": "done", "label": job.label, "run": str(folder), "notebook": str(out_nb),
+                             "adopted": True})
+                print(f"{tag(job)}: finished before the interruption, adopted -> {folder}", flush=True)
+                pending.remove(job)
+                end(job, "done", str(folder))
+            elif (params_why := _resolve(job, state, jobs))[1]:
+                print(f"{tag(job)}: skipped, {params_why[1]}", flush=True)
+                pending.remove(job)
+                end(job, "skipped", params_why[1])
+            elif (handle := ex.reattach(entry, task(job, {}, folder))) is not None:
+                print(f"{tag(job)}: still running from before the interruption, waiting for it", flush=True)
+                pending.remove(job)
+                running[handle] = job
+            elif ex.has_room(running):
+                params = params_why[0]
+                if "runs_dir" in notebook_parameters(job.notebook):
+                    params["runs_dir"] = str(root)
+                if folder is not None:
+                    params["run_id"] = job_run_id(job)
+                print(f"{tag(job)}: running {job.notebook.name} ({ex.name}) ...", flush=True)
+                pending.remove(job)
+                record(job, {"status": "queued", "label": job.label, "queued": time.time()})
+                running[ex.submit(task(job, params, folder), job.resources)] = job
+        if not running:
+            if pending:  # cannot happen: every dependency is an earlier job, which has ended
+                raise RuntimeError(f"sweep scheduler stalled on {[j.label for j in pending]}")
+            break
+        finished = ex.wait(running, timeout=60.0)
+        for handle, entry in finished:
+            job = running.pop(handle)
+            record(job, entry)
+            if entry["status"] == "done":
+                run = entry.get("run")
+                print(f"{tag(job)}: done in {entry['seconds']:.0f} s" + (f" -> {run}" if run else ""), flush=True)
+                end(job, "done", run)
+            else:
+                print(f"{tag(job)}: FAILED after {entry.get('seconds', 0):.0f} s ({entry['error'].splitlines()[0][:120]})"
+                      f"; notebook kept: {entry['notebook']}", flush=True)
+                end(job, "failed", entry["notebook"], entry["error"])
+        for job in running.values():  # what the workers have written since: started, on which devices
+            if (state_dir / "jobs" / f"{job.id}.json").exists():
+                state[job.id] = json.loads((state_dir / "jobs" / f"{job.id}.json").read_text())
+        print(_progress(jobs, state, ended, running, t_sweep), flush=True)
     result.table = _results(jobs, state)
     print(result.report() + f"\n[sweep] {time.time() - t_sweep:.0f} s in all", flush=True)
     return result
