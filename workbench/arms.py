@@ -16,7 +16,7 @@ import torch
 import trl
 
 from . import data, losses, models, ppo
-from .config import RLFields, RunFields, check_beta
+from .config import RLFields, RunFields, check_beta, check_checkpoint_every
 
 
 def _experimental():
@@ -54,10 +54,8 @@ class _WorkbenchFields(RunFields):
     def __post_init__(self):
         if hasattr(self, "beta"):
             check_beta("beta", self.beta)
+        check_checkpoint_every(self.checkpoint_every, self.run_id)
         if self.checkpoint_every is not None:
-            if self.checkpoint_every < 1 or self.run_id is None:
-                raise ValueError("checkpoint_every needs an integer >= 1 and a run_id (the folder a restart resumes; "
-                                 f"got checkpoint_every={self.checkpoint_every}, run_id={self.run_id}).")
             self.save_strategy, self.save_steps = "steps", self.checkpoint_every
         if self.bf16 is None:
             self.bf16 = models.compute_dtype(self.model.dtype) == torch.bfloat16

@@ -9,6 +9,7 @@ line, the notebooks and the sweep grids alike.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from .data import DataConfig
@@ -56,3 +57,14 @@ def check_beta(name: str, value: float, zero_ok: bool = False) -> None:
     if value is None or not (value >= 0 if zero_ok else value > 0):
         raise ValueError(f"{name} must be {'>= 0' if zero_ok else '> 0'} (got {value}): it weighs the KL term / "
                          "scales the implicit reward.")
+
+
+def check_checkpoint_every(checkpoint_every: int | None, run_id: str | None) -> None:
+    """Checkpoints need a run id: the folder a restarted run finds its last checkpoint in."""
+    if checkpoint_every is not None and (checkpoint_every < 1 or run_id is None):
+        raise ValueError("checkpoint_every needs an integer >= 1 and a run_id (the folder a restart resumes; "
+                         f"got checkpoint_every={checkpoint_every}, run_id={run_id}).")
+    if checkpoint_every is not None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ValueError("checkpoint_every under several processes (torchrun) is not built: the other ranks write into "
+                         "scratch folders, so on restart only rank 0 would find its checkpoint and the ranks would part "
+                         "ways. Checkpoint on one process, or train without --checkpoint-every.")

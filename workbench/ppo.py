@@ -28,17 +28,20 @@ networks). It costs one extra forward and backward per minibatch and a few MB of
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 
 from . import data, models
-from .config import RLFields, RunFields, check_beta
+from .config import RLFields, RunFields, check_beta, check_checkpoint_every
 from .logprobs import reference_adapter, response_hidden, response_logprobs
-from .runs import Run
+from .runs import Run, read_jsonl, write_jsonl
 from .sampling import call_reward, encode_prompts, generate
 
 # ----------------------------------------------------------------------------------------------------------
@@ -76,8 +79,13 @@ class PPOArgs(RLFields, RunFields):
     learning_rate: float = 3e-5  # LoRA adapters; full fine-tuning of 1B models uses ~3e-6
     max_grad_norm: float = 1.0
     anneal_lr: bool = True
+    # --- checkpoints: every N iterations, policy and critic adapters, value head, optimizer, KL coefficient, RNG
+    # states and the rollouts so far; a killed run started again with the same run_id resumes from the last one
+    checkpoint_every: int | None = None
+    output_dir: str | None = None  # where checkpoints go while the run is open; train.train sets <run folder>/trainer
 
     def __post_init__(self):
+        check_checkpoint_every(self.checkpoint_every, self.run_id)
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be 'k1' or 'k3' (got {self.kl_estimator!r}).")
         check_beta("kl_coef", self.kl_coef, zero_ok=True)
@@ -99,10 +107,35 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
+def world() -> tuple[int, int]:
+    """(rank, number of processes): (0, 1) unless several processes train together (torchrun)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_sum(x: Tensor) -> Tensor:
+    """x summed over every process's copy (x itself in one process)."""
+    if world()[1] > 1:
+        import torch.distributed as dist
+
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def global_masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """The masked mean over the entries of every process's batch together."""
+    return all_sum((x * mask).sum().double()) / all_sum(mask.sum().double()).clamp(min=1)
+
+
 def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
-    """(x − mean)/std over the masked entries; with shift_mean=False the mean is added back (scale only)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    """(x − mean)/std over the masked entries (of every process's batch together, under torchrun); with
+    shift_mean=False the mean is added back (scale only)."""
+    mean = global_masked_mean(x, mask).to(x.dtype)
+    var = global_masked_mean((x - mean) ** 2, mask).to(x.dtype)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return (out if shift_mean else out + mean) * mask
 
@@ -174,9 +207,9 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
     """1 − Var(R − V) / Var(R) over the masked tokens: how much of the returns the critic predicts (1: all, 0: no
     better than their mean, < 0: worse; NaN when the returns do not vary). cleanrl logs it; with a critic started
     at V ≡ 0 it is 0 at first and is the first thing to check when advantages look like noise."""
-    var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    var_r = global_masked_mean((returns - global_masked_mean(returns, mask)) ** 2, mask)
     err = returns - values
-    var_err = masked_mean((err - masked_mean(err, mask)) ** 2, mask)
+    var_err = global_masked_mean((err - global_masked_mean(err, mask)) ** 2, mask)
     return float("nan") if var_r.item() == 0 else (1 - var_err / var_r).item()
 
 
@@ -223,8 +256,11 @@ def ppo_update(actor_critic, batch: Batch, optimizer, cfg: PPOArgs, params: list
     """``cfg.ppo_epochs`` passes over shuffled minibatches of ``batch``; returns the metrics averaged over them.
 
     ``actor_critic`` has ``logprobs(idx) -> (logprobs, entropy)``, ``values(idx) -> values`` (each (mb, T) for the
-    rows ``idx``) and ``critic()``, a context in which the critic's parameters are the trainable ones (the "value"
-    adapter): its backward runs there. The tabular bandit of ``bandit.py`` and the language model share this loop.
+    rows ``idx``) and ``critic()``, a context in which the critic is the active model (the "value" adapter). The
+    policy and value losses of a minibatch are summed and take one backward pass; under torchrun each process holds
+    its share of the rollouts and the gradients are averaged over processes (one all-reduce) before clipping, as
+    DDP would average them, so every process takes the same step. The tabular bandit of ``bandit.py`` and the
+    language model share this loop.
     """
     n = batch.mask.shape[0]
     mb_size = n // cfg.num_minibatches
@@ -236,15 +272,16 @@ def ppo_update(actor_critic, batch: Batch, optimizer, cfg: PPOArgs, params: list
             idx = perm[start : start + mb_size]
             mb_mask = batch.mask[idx]
             optimizer.zero_grad(set_to_none=True)
-            # Policy loss
+            # Policy loss (the policy adapter active), value loss (the critic's), one backward for both
             logprobs, entropy = actor_critic.logprobs(idx)
             pg_loss, stats = policy_loss(logprobs, batch.logprobs[idx], batch.advantages[idx], mb_mask, cfg.cliprange)
-            pg_loss.backward()
-            # Value loss
             with actor_critic.critic():
                 vpred = actor_critic.values(idx)
-                vf_loss, vstats = value_loss(vpred, batch.values[idx], batch.returns[idx], mb_mask, cfg.cliprange_value)
-                (cfg.vf_coef * vf_loss).backward()
+            for p in params:  # leaving the critic, peft's set_adapter froze its adapter: its gradient must still land
+                p.requires_grad_(True)
+            vf_loss, vstats = value_loss(vpred, batch.values[idx], batch.returns[idx], mb_mask, cfg.cliprange_value)
+            (pg_loss + cfg.vf_coef * vf_loss).backward()
+            average_gradients(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             step_stats = {**stats, **vstats, "loss/policy": pg_loss.item(), "loss/value": vf_loss.item(),
@@ -252,7 +289,26 @@ def ppo_update(actor_critic, batch: Batch, optimizer, cfg: PPOArgs, params: list
             for k, v in step_stats.items():
                 totals[k] = totals.get(k, 0.0) + v
             steps += 1
-    return {k: v / steps for k, v in totals.items()}
+    keys = sorted(totals)
+    means = all_sum(torch.tensor([totals[k] / steps for k in keys], dtype=torch.float64)) / world()[1]
+    return dict(zip(keys, means.tolist()))
+
+
+def average_gradients(params: list[Tensor]) -> None:
+    """Under torchrun: every gradient becomes its mean over processes (one all-reduce of all of them)."""
+    n = world()[1]
+    if n == 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= n
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset : offset + g.numel()].view_as(p).clone()
+        offset += g.numel()
 
 
 
@@ -331,28 +387,80 @@ class PPOResult:
 
 class PPOTrainer:
     """Our PPO loop, plugged into ``train.train`` as a TRL trainer is: built on the loaded actor-critic and the
-    training prompts, ``train()`` runs it, ``save_critic(folder)`` saves what it trains besides the policy adapter.
+    training prompts, ``train(resume_from_checkpoint=None)`` runs it, ``save_critic(folder)`` saves what it trains
+    besides the policy adapter, ``add_callback(cb)`` takes an object whose ``on_save(args, state, control)`` runs
+    after each checkpoint, as TRL's ``TrainerCallback.on_save`` does.
 
     ``reward_fn`` is any TRL-style reward function ``f(prompts=..., completions=..., completion_ids=...) ->
     list[float]``; ``gold_fn`` likewise, measured only. Every iteration logs its metrics to the run's metrics.jsonl
-    and keeps its samples as records (``records/rollouts.jsonl``)."""
+    (step = iterations done) and keeps its samples as records (``records/rollouts.jsonl``).
+
+    Under torchrun (N processes) ``rollout_batch_size`` is the global batch: each process samples and scores its
+    1/N of the iteration's prompts with its own copy of the model; rewards are whitened and advantages normalised
+    over the global batch, gradients are averaged (``ppo_update``), so the copies stay identical; metrics and
+    records cover the global batch, and rank 0 writes them (the others write into a scratch folder)."""
 
     def __init__(self, cfg: PPOArgs, model, value_head, tokenizer, prompts: list[dict], run: Run, reward_fn,
                  gold_fn=None):
         if not prompts:
             raise ValueError("No training prompts left after the held-out split; see data_report.json.")
+        rank, n = world()
+        if cfg.rollout_batch_size % n or (cfg.rollout_batch_size // n) % cfg.num_minibatches:
+            raise ValueError(f"rollout_batch_size {cfg.rollout_batch_size} must split evenly over {n} processes and "
+                             f"then into num_minibatches {cfg.num_minibatches}.")
         self.cfg, self.model, self.value_head, self.tokenizer = cfg, model, value_head, tokenizer
         self.prompts, self.run, self.reward_fn, self.gold_fn = prompts, run, reward_fn, gold_fn
         self.summary = {"train/iterations": cfg.iterations, "train/prompts": len(prompts)}
+        self.callbacks = []
+
+    def add_callback(self, callback) -> None:
+        self.callbacks.append(callback)
 
     def save_critic(self, folder: Path) -> None:
         """The critic: its LoRA adapter "value" (peft writes it to ``folder/value/``) and the value head's weights."""
         self.model.save_pretrained(folder, selected_adapters=["value"])
         torch.save(self.value_head.state_dict(), folder / "value_head.pt")
 
-    def train(self) -> PPOResult:
+    # --- checkpoints: what a resumed run needs to continue exactly where this one stands after `done` iterations
+
+    def _trained(self) -> dict[str, Tensor]:
+        named = {f"model.{n}": p for n, p in self.model.named_parameters() if ".default." in n or ".value." in n}
+        return {**named, **{f"value_head.{n}": p for n, p in self.value_head.named_parameters()}}
+
+    def _save_checkpoint(self, done: int, optimizer, kl_ctl, generator, losses: list, samples: list) -> None:
+        folder = Path(self.cfg.output_dir) / f"checkpoint-{done}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        torch.save({"iterations_done": done, "parameters": {k: v.detach().cpu() for k, v in self._trained().items()},
+                    "optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value, "losses": losses,
+                    "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   folder / "ppo_state.pt")
+        write_jsonl(folder / "rollouts.jsonl", samples)
+        for cb in self.callbacks:  # e.g. train.train's token counts, written last: they mark the checkpoint complete
+            cb.on_save(self.cfg, SimpleNamespace(global_step=done), None)
+        for old in Path(self.cfg.output_dir).glob("checkpoint-*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _load_checkpoint(self, folder: Path, optimizer, kl_ctl, generator) -> tuple[int, list, list]:
+        state = torch.load(Path(folder) / "ppo_state.pt", weights_only=False)
+        trained = self._trained()
+        with torch.no_grad():
+            for k, v in state["parameters"].items():
+                trained[k].copy_(v)
+        optimizer.load_state_dict(state["optimizer"])
+        kl_ctl.value = state["kl_coef"]
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        return state["iterations_done"], state["losses"], read_jsonl(Path(folder) / "rollouts.jsonl")
+
+    def train(self, resume_from_checkpoint: str | None = None) -> PPOResult:
         cfg, model, value_head, tokenizer, run = self.cfg, self.model, self.value_head, self.tokenizer, self.run
         reward_fn, gold_fn, prompts = self.reward_fn, self.gold_fn, self.prompts
+        rank, n_proc = world()
         params = _trainable(model, value_head)
         optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, eps=1e-5)
         kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
@@ -360,13 +468,17 @@ class PPOTrainer:
         generator = torch.Generator().manual_seed(cfg.seed)
         order = torch.randperm(len(prompts), generator=generator).tolist()
         pad = tokenizer.pad_token_id
-        samples, losses = [], []
+        samples, losses, start = [], [], 0
+        if resume_from_checkpoint:
+            start, losses, samples = self._load_checkpoint(resume_from_checkpoint, optimizer, kl_ctl, generator)
         t_loop = time.time()
-        for it in range(cfg.iterations):
+        for it in range(start, cfg.iterations):
             if cfg.anneal_lr:
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.learning_rate * (1 - it / cfg.iterations)
-            rows = [prompts[order[(it * cfg.rollout_batch_size + j) % len(prompts)]] for j in range(cfg.rollout_batch_size)]
+            batch_rows = [prompts[order[(it * cfg.rollout_batch_size + j) % len(prompts)]]
+                          for j in range(cfg.rollout_batch_size)]
+            rows = batch_rows[rank::n_proc]  # this process's share of the iteration's prompts
             prompt_ids = encode_prompts(tokenizer, [r["prompt"] for r in rows], cfg.max_prompt_length)
 
             # --- 1. rollout: the policy samples; policy, reference and critic score the samples; the RM scores them
@@ -405,38 +517,44 @@ class PPOTrainer:
             t_train = time.time() - t0
             losses.append(stats["loss/policy"] + cfg.vf_coef * stats["loss/value"])
 
-            # --- 4. bookkeeping: metrics with TRL/cleanrl names, per-sample records, the KL controller
+            # --- 4. bookkeeping: metrics with TRL/cleanrl names (over the global batch), records, the KL controller
             seq_kl = kl.sum(1)
             non_score = -kl_ctl.value * seq_kl
+            n_rows = cfg.rollout_batch_size
+
+            def batch_mean(x: Tensor) -> float:  # over the rows of every process
+                return all_sum(x.double().sum()).item() / n_rows
+
             metrics = {
-                "objective/kl": seq_kl.mean().item(),
+                "objective/kl": batch_mean(seq_kl),
                 "objective/kl_coef": kl_ctl.value,
-                "objective/entropy": (entropy * mask).sum(1).mean().item(),
-                "objective/non_score_reward": non_score.mean().item(),
-                "objective/rlhf_reward": (scores + non_score).mean().item(),
-                "objective/scores": raw_scores.mean().item(),
-                **({"objective/gold_scores": gold.mean().item()} if gold is not None else {}),
+                "objective/entropy": batch_mean((entropy * mask).sum(1)),
+                "objective/non_score_reward": batch_mean(non_score),
+                "objective/rlhf_reward": batch_mean(scores + non_score),
+                "objective/scores": batch_mean(raw_scores),
+                **({"objective/gold_scores": batch_mean(gold)} if gold is not None else {}),
                 **stats,
-                "val/num_eos_tokens": ended.sum().item(),
-                "val/mean_value": masked_mean(values, mask).item(),
+                "val/num_eos_tokens": int(all_sum(ended.sum()).item()),
+                "val/mean_value": global_masked_mean(values, mask).item(),
                 # of the critic that made this rollout's advantages (before this iteration's updates)
                 "val/explained_variance": explained_variance(values, returns, mask),
-                "lengths/response_tokens": mask.sum(1).float().mean().item(),
+                "lengths/response_tokens": batch_mean(mask.sum(1).float()),
                 "lr": optimizer.param_groups[0]["lr"],
                 "episode": (it + 1) * cfg.rollout_batch_size,
                 "time/generation_s": t_gen, "time/scoring_s": t_score, "time/training_s": t_train,
-                "tokens/generated_per_s": mask.sum().item() / max(t_gen, 1e-9),
+                "tokens/generated_per_s": all_sum(mask.sum()).item() / max(t_gen, 1e-9),
             }
             finite = [v for k, v in metrics.items() if k != "val/explained_variance"]  # NaN there: returns all equal
             if not all(math.isfinite(v) for v in finite):
                 run.write_json("nan_diagnostic.json", {"iteration": it, "metrics": metrics,
                                                        "prompt_ids": [r["id"] for r in rows]})
                 raise FloatingPointError(f"non-finite PPO metrics at iteration {it}; see {run.path / 'nan_diagnostic.json'}")
-            run.log(metrics, step=it)
+            run.log(metrics, step=it + 1)
             kl_ctl.update(metrics["objective/kl"], cfg.rollout_batch_size)
+            mine = []
             for i, row in enumerate(rows):
                 m = mask[i]
-                samples.append({
+                mine.append({
                     "iteration": it, "id": row["id"], "prompt": row["prompt"], "completion": texts[i],
                     "completion_token_ids": response[i][m].tolist(), "response_tokens": int(m.sum()),
                     "ended": ended[i].item(), "score": raw_scores[i].item(),
@@ -445,8 +563,33 @@ class PPOTrainer:
                     "token_logps": logprobs[i][m].tolist(), "reference_token_logps": ref_logprobs[i][m].tolist(),
                     "token_kl": kl[i][m].tolist(), "token_values": values[i][m].tolist(),
                     "token_advantages": advantages[i][m].tolist()})
-            print(f"[ppo] iter {it + 1}/{cfg.iterations} score {metrics['objective/scores']:.3f} "
-                  f"kl {metrics['objective/kl']:.3f} ({t_gen:.1f}s gen, {t_score:.1f}s score, {t_train:.1f}s train)",
-                  flush=True)
+            samples += _gather_rows(mine)
+            if rank == 0:
+                print(f"[ppo] iter {it + 1}/{cfg.iterations} score {metrics['objective/scores']:.3f} "
+                      f"kl {metrics['objective/kl']:.3f} ({t_gen:.1f}s gen, {t_score:.1f}s score, {t_train:.1f}s train)",
+                      flush=True)
+            if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
+                self._save_checkpoint(it + 1, optimizer, kl_ctl, generator, losses, samples)
         run.write_records("rollouts", samples)
         return PPOResult(cfg.iterations, sum(losses) / len(losses), {"train_runtime": round(time.time() - t_loop, 1)})
+
+
+def _gather_rows(rows: list[dict]) -> list[dict]:
+    """Every process's records of one iteration, in prompt order (one process: ``rows`` itself)."""
+    rank, n = world()
+    if n == 1:
+        return rows
+    import torch.distributed as dist
+
+    parts = [None] * n
+    dist.all_gather_object(parts, rows)
+    # process r held prompts r, r + n, r + 2n, ...: interleave back into the iteration's order
+    return [parts[r][i] for i in range(max(len(p) for p in parts)) for r in range(n) if i < len(parts[r])]
+
+
+def init_distributed() -> None:
+    """Under torchrun (WORLD_SIZE > 1), join the process group: gloo for CPU tensors, NCCL for CUDA ones."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")

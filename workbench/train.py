@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -112,9 +111,6 @@ def validate(method: str, cfg) -> None:
             raise ValueError(f"Unknown DPO loss_type {unknown}. Known: {', '.join(losses.PAIRED_LOSSES)}.")
         if cfg.f_divergence_type != "reverse_kl":
             raise ValueError("Only f_divergence_type='reverse_kl' (standard DPO) has a reference formula here.")
-    if method == "ppo" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise ValueError("Our PPO runs in one process for now (one combined policy + value backward under DDP is "
-                         "not built yet): run it without torchrun, or use rloo/grpo (TRL's, multi-process).")
     if method == "reward" and cfg.sft_run is not None:
         raise ValueError("sft_run does not apply to a reward model: its backbone is set by cfg.model.")
     if cfg.sft_run is not None:
@@ -168,6 +164,8 @@ def _load_and_build(method: str, cfg, train_rows: list[dict], run: Run, reward_f
     three adapters (policy, reference, critic) and a value head on one base (``ppo.load_actor_critic``); TRL's DPO
     and KTO trainers copy the starting adapter into a frozen "ref" adapter, the reference."""
     if method == "ppo":
+        ppo.init_distributed()  # under torchrun: TRL's trainers join the process group themselves, ours here
+        cfg.output_dir = str(run.path / "trainer")  # its checkpoints, if any
         model, value_head, tokenizer = ppo.load_actor_critic(cfg)
         trainer = ppo.PPOTrainer(cfg, model, value_head, tokenizer, data.prompt_view(train_rows), run, reward_fn, gold_fn)
         return model, tokenizer, trainer
