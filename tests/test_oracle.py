@@ -452,3 +452,33 @@ def test_trl_grpo_kl_gradient_follows_its_bias_correction_flag(bandit, trl_grpo)
     pi = trl_grpo["use_bias_correction_kl=False"]
     assert total_variation(pi, forward.float()) < 0.05
     assert total_variation(pi, reverse.float()) > 0.15
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Iterative (online) DPO: pairs sampled from the current policy each round, labelled by the true reward's BT model
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_iterative_dpo_with_a_fixed_reference_reaches_the_kl_regularised_optimum(bandit, seed):
+    """Every round's pairs come from another μ (the current policy); DPO's optimum does not depend on μ, so each
+    round ends at π* ∝ π_ref·exp(r/β)."""
+    from workbench.bandit import train_tabular_iterative_dpo
+
+    target = bandit.optimal_policy(BETA)
+    policies = train_tabular_iterative_dpo(bandit, BETA, rounds=4, seed=seed)
+    assert all(total_variation(p, target) <= TV_TOL for p in policies), [total_variation(p, target) for p in policies]
+
+
+def test_iterative_dpo_with_the_reference_refreshed_every_round_keeps_moving_to_the_best_response(bandit):
+    """Refreshing the reference to the current policy each round compounds the tilt: after t rounds π ∝
+    π_ref·exp(t·r/β), past π* and towards the reward's argmax."""
+    from workbench.bandit import train_tabular_iterative_dpo
+
+    best = bandit.rewards.argmax(-1)
+    rows = torch.arange(len(best))
+    policies = train_tabular_iterative_dpo(bandit, BETA, rounds=4, refresh_reference_every=1)
+    p_best = [p[rows, best] for p in policies]
+    assert all((later > earlier).all() for earlier, later in zip(p_best, p_best[1:])), p_best
+    assert (p_best[-1] > 0.75).all() and (p_best[-1] > bandit.optimal_policy(BETA)[rows, best] + 0.3).all()
+    assert total_variation(policies[0], bandit.optimal_policy(BETA)) <= TV_TOL  # round 1 is plain DPO from π_ref
+    assert total_variation(policies[-1], bandit.optimal_policy(BETA)) > 0.25

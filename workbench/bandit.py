@@ -29,6 +29,11 @@ apo_down          moves away (documented)         it lowers the chosen likelihoo
                                                   than the policy's own it ends on a rarely chosen (bad) response
 ================  ==============================  ================================================================
 
+Iterative (online) DPO (``train_tabular_iterative_dpo``: each round, pairs sampled from the current policy and
+labelled by the BT model of r, DPO from the current policy) is checked against π* with the reference fixed (DPO's
+optimum does not depend on the pairs' μ), and, with the reference refreshed to the current policy every round,
+against π ∝ π_ref·exp(t·r/β): past π* after round 1, towards the argmax.
+
 Δ is the log-ratio of the better of two arms minus that of the worse, P = σ(r_better − r_worse). The closed forms
 of DPO, rDPO and IPO are also checked without sampling, as zero gradients of the expected loss. No closed form is
 claimed for the other losses (bco_pair, nca_pair, sppo_hard, apo_zero, aot, aot_unpaired, kto, orpo, cpo and simpo
@@ -223,6 +228,38 @@ def train_tabular(loss: str | Callable[..., losses.LossOutput], bandit: Bandit, 
         objective(F.log_softmax(theta, dim=-1), reference, pairs, beta, **options).backward()
         optimizer.step()
     return torch.softmax(theta.detach(), dim=-1)
+
+
+def train_tabular_iterative_dpo(bandit: Bandit, beta: float, rounds: int = 4, pairs_per_round: int = 32768,
+                                refresh_reference_every: int | None = None, steps: int = 150, lr: float = 0.1,
+                                loss: str = "sigmoid", seed: int = 0) -> list[Tensor]:
+    """Iterative (online) DPO: each round samples two responses per prompt from the current policy, labels them by
+    the Bradley–Terry model of the true reward, and trains the DPO loss on that round's pairs from the current
+    policy (``steps`` of full-batch Adam); with ``refresh_reference_every = R`` the reference becomes the current
+    policy every R rounds (Xu et al. 2024, arXiv:2404.10719; Xiong et al. 2024, arXiv:2312.11456). Returns the
+    policy after each round, [(P, K)] * rounds.
+
+    What to expect. With the reference fixed, every round's pairs come from another μ (the current policy), but the
+    DPO loss's optimum does not depend on μ where μ covers the responses (the BT fit in the log-ratio): each round
+    pulls the policy to π* ∝ π_ref·exp(r/β). With the reference refreshed every round, round t's optimum is
+    π_t ∝ π_{t−1}·exp(r/β) = π_ref·exp(t·r/β): the policy keeps moving towards the reward's argmax."""
+    objective = OBJECTIVES[loss]
+    reference = bandit.reference_probs.log()
+    theta = reference.clone()
+    policies = []
+    for t in range(rounds):
+        if refresh_reference_every and t > 0 and t % refresh_reference_every == 0:
+            reference = F.log_softmax(theta, dim=-1)  # the current policy becomes the reference
+        pairs = bandit.sample_pairs(pairs_per_round, seed=seed * 1000 + t, mu=torch.softmax(theta, dim=-1))
+        theta = theta.clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([theta], lr=lr)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            objective(F.log_softmax(theta, dim=-1), reference, pairs, beta).backward()
+            optimizer.step()
+        theta = theta.detach()
+        policies.append(torch.softmax(theta, dim=-1))
+    return policies
 
 
 # ---------------------------------------------------------------------------------------------------------
