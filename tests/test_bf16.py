@@ -6,7 +6,7 @@ without AMX/AVX512-BF16, but the tiny model does not care), so dtype bugs a GPU 
 import pytest
 import torch
 
-from workbench import models, ppo, runs, train
+from workbench import models, online_dpo, ppo, runs, train
 from workbench.models import ModelConfig
 from workbench.runs import load_run
 
@@ -103,6 +103,26 @@ def test_ppo_in_bf16(bf16, reward_bf16):
     run = load_run(path)
     assert run.metrics["objective/kl"].iloc[0] == pytest.approx(0, abs=1e-3)  # π = π_ref before the first update
     assert _finite(run.summary) and run.metrics["loss/policy"].notna().all()
+    _trained_tensors_are_fp32(path)
+
+
+def test_trl_online_dpo_in_bf16(bf16, reward_bf16):
+    cfg = train.ARMS["trl-online-dpo"].config(**{**bf16, "max_steps": 1, "per_device_train_batch_size": 2},
+                                             max_new_tokens=4, max_prompt_length=64, reward_model=str(reward_bf16))
+    path = train.train("trl-online-dpo", cfg)
+    run = load_run(path)
+    assert run.config["bf16"] is True and _finite(run.summary)
+    _trained_tensors_are_fp32(path)
+
+
+def test_online_dpo_in_bf16(bf16, reward_bf16):
+    cfg = online_dpo.OnlineDPOArgs(model=bf16["model"], data=bf16["data"], runs_dir=bf16["runs_dir"], rounds=2,
+                                   prompts_per_round=2, max_new_tokens=4, max_prompt_length=64,
+                                   reward_model=str(reward_bf16), refresh_reference_every=1)
+    path = train.train("online-dpo", cfg)
+    run = load_run(path)
+    assert run.metrics["objective/kl"].iloc[0] == pytest.approx(0, abs=1e-3)  # round 1 samples from π = π_ref
+    assert _finite(run.summary) and run.metrics["train/loss"].notna().any()
     _trained_tensors_are_fp32(path)
 
 

@@ -286,6 +286,13 @@ def test_evaluation_repeats_exactly_and_resumes(study):
     stamp = (dpo / "eval" / "default" / "summary.json").stat().st_mtime_ns
     evaluate.evaluate_run(dpo, table_cfg(cfg, table))
     assert (dpo / "eval" / "default" / "summary.json").stat().st_mtime_ns == stamp, "same settings: kept, not redone"
+    # written before the judge settings existed: with no judge asked for now, it is still the same evaluation
+    config_path = dpo / "eval" / "default" / "config.json"
+    saved = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({k: v for k, v in saved.items() if not k.startswith("judge_")}))
+    evaluate.evaluate_run(dpo, table_cfg(cfg, table))
+    assert (dpo / "eval" / "default" / "summary.json").stat().st_mtime_ns == stamp, "a new setting left off: kept"
+    config_path.write_text(json.dumps(saved))
     again = evaluate.evaluate_run(dpo, table_cfg(cfg, table, name="again"))
     second = runs.read_eval(dpo, "again")
     assert [g["completion"] for g in second["generations"]] == [g["completion"] for g in first["generations"]]

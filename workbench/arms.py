@@ -15,19 +15,20 @@ from dataclasses import dataclass, field
 import torch
 import trl
 
-from . import data, losses, models, ppo
+from . import data, losses, models, online_dpo, ppo
 from .config import RLFields, RunFields, check_beta, check_checkpoint_every
 
 
 def _experimental():
-    """ORPO and CPO/SimPO live in ``trl.experimental`` in TRL 1.16; this is the only import of it."""
+    """ORPO, CPO/SimPO and online DPO live in ``trl.experimental`` in TRL 1.16; this is the only import of it."""
     from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    return ORPOConfig, ORPOTrainer, CPOConfig, CPOTrainer
+    return ORPOConfig, ORPOTrainer, CPOConfig, CPOTrainer, OnlineDPOConfig, OnlineDPOTrainer
 
 
-ORPOConfig, ORPOTrainer, CPOConfig, CPOTrainer = _experimental()
+ORPOConfig, ORPOTrainer, CPOConfig, CPOTrainer, OnlineDPOConfig, OnlineDPOTrainer = _experimental()
 
 
 DataConfig = data.DataConfig  # re-exported: train.DataConfig is what notebooks and the README use
@@ -155,6 +156,20 @@ class GRPOArgs(RLFields, _WorkbenchFields, trl.GRPOConfig):
     num_train_epochs: float = 1.0
 
 
+@dataclass
+class TRLOnlineDPOArgs(RLFields, _WorkbenchFields, OnlineDPOConfig):
+    """TRL's experimental online DPO (Guo et al. 2024, arXiv:2402.04792), a baseline beside ours (``online-dpo``):
+    two samples per prompt, labelled by our reward model as its one reward function, one DPO step on each batch's
+    pairs, the reference the policy's adapter disabled. No judge (TRL removed its judges), no ties dropped, no
+    reference refresh, no per-sample records."""
+
+    beta: float = 0.1  # as our online DPO
+    max_new_tokens: int = 64
+    temperature: float = 0.7  # as the RL arms
+    learning_rate: float = 5e-6  # as the DPO arm (TRL's default 5e-7 barely moves a LoRA adapter)
+    num_train_epochs: float = 1.0
+
+
 @dataclass(frozen=True)
 class Arm:
     """One arm of the study: how its config, data and training are put together."""
@@ -164,6 +179,7 @@ class Arm:
     view: str  # the dataset it trains on: "sft" (prompt, chosen), "pairs", "unpaired" (KTO) or "prompts" (RL)
     has_reference: bool  # trained against a reference model (the SFT adapter, or the base)
     aliases: tuple = ()  # (common name, the arm's own field): one name per idea across arms (``make_config``)
+    pairs_loss: bool = False  # trains a DPO-family loss on pairs although it samples its own (online DPO)
 
     @property
     def rl(self) -> bool:
@@ -173,7 +189,7 @@ class Arm:
     @property
     def scores_with_own_beta(self) -> bool:
         """Its β scales an implicit reward on pairs (DPO family, KTO): the held-out pairs are scored with it."""
-        return self.has_reference and self.view in ("pairs", "unpaired")
+        return self.has_reference and (self.view in ("pairs", "unpaired") or self.pairs_loss)
 
 
 ARMS = {
@@ -188,6 +204,11 @@ ARMS = {
     # our own loop; its own field names for PPO's ideas, the common names map onto them
     "ppo": Arm(ppo.PPOArgs, ppo.PPOTrainer, "prompts", True,
                (("max_steps", "iterations"), ("beta", "kl_coef"), ("per_device_train_batch_size", "rollout_batch_size"))),
+    # our own loop too: DPO on pairs the policy samples and a reward model or an AI judge labels, round after round
+    "trl-online-dpo": Arm(TRLOnlineDPOArgs, OnlineDPOTrainer, "prompts", True),
+    # (named with '-': a run folder's name keeps '_' for its separators; "online_dpo" is accepted too)
+    "online-dpo": Arm(online_dpo.OnlineDPOArgs, online_dpo.OnlineDPOTrainer, "prompts", True,
+                      (("max_steps", "rounds"), ("per_device_train_batch_size", "prompts_per_round")), pairs_loss=True),
 }
 
 
@@ -217,8 +238,8 @@ def arm_of(method: str) -> tuple[str, dict]:
     """(arm, fixed fields): an arm's own name is that arm; "ipo", "hinge", ... (any other DPO loss type) are the DPO
     arm with that loss_type. "sft" is the SFT arm (TRL's SFTTrainer), never DPO's loss type of that name (reach
     that one as ``method="dpo", loss_type=["sft"]``)."""
-    if method in ARMS and method != "dpo":
-        return method, {}
+    if method.replace("_", "-") in ARMS and method != "dpo":
+        return method.replace("_", "-"), {}
     if method == "dpo" or method in losses.PAIRED_LOSSES:
         return "dpo", {"loss_type": ["sigmoid" if method == "dpo" else method]}
     known = sorted({*ARMS, *losses.PAIRED_LOSSES} - {"sigmoid"})

@@ -66,6 +66,9 @@ class EvalConfig:
     batch_size: int = 16  # samples per generation batch
     length_sorted: bool = True  # batch the samples in order of prompt length (less padding; see sample_completions)
     n_bootstrap: int = 1000  # bootstrap resamples (of prompts) for every interval
+    judge_model: str | None = None  # an AI judge (judge.Judge: any causal LM) whose agreement with the human labels on
+    # the same pairs is reported beside the reward models' accuracy (pairs/judge_accuracy); None: no judge
+    judge_principle: str | None = None  # the judge's principle; None: judge.DEFAULT_PRINCIPLE
     length_tokenizer: str | None = None  # tokenizer (model name, local path or embedded:...) that counts the tokens of
     # every length baseline; None: the base model of the policy runs evaluated (evaluate_run alone: the run's own
     # base, or models.EMBEDDED_POLICY for a reward model)
@@ -222,14 +225,16 @@ def _generation_summary(gens: list[dict], cfg: EvalConfig) -> dict:
 
 
 def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=None, pairs: list[dict] | None = None,
-                 overwrite: bool = False, length: LengthBaseline | None = None, logps_cache: dict | None = None) -> Path:
+                 overwrite: bool = False, length: LengthBaseline | None = None, logps_cache: dict | None = None,
+                 judged: tuple[dict, list] | None = None) -> Path:
     """Evaluate one run folder into ``<run>/eval/<cfg.name>/`` and return that folder. An evaluation already there
     under the same settings is kept (evaluations resume); under other settings it is an error unless ``overwrite``
     (one written before a setting existed is redone). ``proxy`` / ``gold``: reward functions already loaded
     (``evaluate_runs`` loads each once); ``length``: the length baseline already fitted for this tokenizer and
     split (``fit_length_baseline``; fitted here otherwise); ``logps_cache``: a dict kept across runs, so that the
     log-probs of one set of weights on the evaluation pairs (an SFT run's adapter: that run's policy and the
-    reference of every arm trained from it) are computed once (``scoring.score_pairs``)."""
+    reference of every arm trained from it) are computed once (``scoring.score_pairs``); ``judged``: the AI judge's
+    (summary, records) on these pairs (``judge.agreement``; computed here when ``cfg.judge_model`` is set)."""
     from .rewards import load_reward
 
     run_path, cfg = Path(run_path), cfg or EvalConfig()
@@ -251,11 +256,15 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
                           "length_tokenizer": length_name})
     if (out / "summary.json").exists():
         before = json.loads((out / "config.json").read_text())
-        if {k: v for k, v in before.items() if k not in ("prompt_ids", "pair_ids", "length_rule")} == record:
+        # a setting added since, and off now (None: e.g. no judge), changes nothing that was measured
+        unset = {k for k, v in record.items() if k not in before and v is None}
+        if {k: v for k, v in before.items() if k not in ("prompt_ids", "pair_ids", "length_rule")} == {
+                k: v for k, v in record.items() if k not in unset}:
             print(f"[evaluate] {run_path.name}: already evaluated as '{cfg.name}', kept", flush=True)
             return out
-        if set(record) - set(before):  # written before some of these settings existed: redo it
-            print(f"[evaluate] {run_path.name}: '{cfg.name}' predates {sorted(set(record) - set(before))}, redone", flush=True)
+        if set(record) - set(before) - unset:  # written before some of these settings existed: redo it
+            print(f"[evaluate] {run_path.name}: '{cfg.name}' predates {sorted(set(record) - set(before) - unset)}, redone",
+                  flush=True)
         elif not overwrite:
             raise FileExistsError(f"{out} holds an evaluation under other settings; pick another EvalConfig.name "
                                   "or pass overwrite=True.")
@@ -274,6 +283,10 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
                                              "pair_ids": [ex["id"] for ex in eval_pairs], "length_rule": length.rule.to_dict()})
         gens, pair_records, summary = _evaluate(run_path, info, cfg, beta, prompts, eval_pairs, proxy, gold, length,
                                                 logps_cache)
+        if cfg.judge_model:  # the AI judge on the same pairs, beside the reward models and the length rule
+            judged = judged or judge_agreement(cfg, eval_pairs)
+            summary.update({k.replace("judge/", "pairs/judge_"): v for k, v in judged[0].items()})
+            write_jsonl(partial / "judge.jsonl", judged[1])
         write_jsonl(partial / "generations.jsonl", gens)
         write_jsonl(partial / "pairs.jsonl", pair_records)
         write_json(partial / "summary.json", {**summary, "time/eval_s": round(time.time() - t0, 1)})
@@ -365,7 +378,23 @@ def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | No
     proxy = load_reward(specs["proxy_reward_model"], name="proxy") if specs["proxy_reward_model"] else None
     gold = load_reward(specs["gold_reward_model"], name="gold") if specs["gold_reward_model"] else None
     logps_cache: dict = {}  # one SFT adapter's log-probs on the pairs serve its run and every arm trained from it
+    judged = None
+    if cfg.judge_model:  # judged once: the pairs are the same for every run
+        _, eval_pairs, _ = eval_set(cfg.data, cfg.n_prompts, cfg.n_pairs, pairs)
+        judged = judge_agreement(cfg, eval_pairs)
     for i, p in enumerate(paths):
         print(f"[evaluate] {i + 1}/{len(paths)} {p.name}", flush=True)
-        evaluate_run(p, cfg, proxy=proxy, gold=gold, pairs=pairs, length=length, logps_cache=logps_cache)
+        evaluate_run(p, cfg, proxy=proxy, gold=gold, pairs=pairs, length=length, logps_cache=logps_cache, judged=judged)
     return paths
+
+
+def judge_agreement(cfg: EvalConfig, eval_pairs: list[dict]) -> tuple[dict, list]:
+    """The AI judge of ``cfg.judge_model`` on the evaluation's pairs: (summary, per-pair records), ``judge.agreement``."""
+    from .judge import DEFAULT_PRINCIPLE, Judge, agreement
+
+    judge = Judge.load(cfg.judge_model, principle=cfg.judge_principle or DEFAULT_PRINCIPLE)
+    summary, records = agreement(judge, eval_pairs, cfg.n_bootstrap, cfg.seed)
+    print(f"[evaluate] judge {cfg.judge_model}: agreement with the human labels {summary['judge/accuracy']:.3f} "
+          f"[{summary['judge/accuracy_lo']:.3f}, {summary['judge/accuracy_hi']:.3f}] on {len(eval_pairs)} pairs, "
+          f"position bias {summary['judge/position_bias']:+.3f}", flush=True)
+    return summary, records

@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from . import data, losses, models, ppo, sampling, scoring
+from . import data, losses, models, online_dpo, ppo, sampling, scoring
 from .arms import ARMS, method_label
 from .arms import (DATA_PARAMS, MODEL_PARAMS, Arm, DataConfig, DPOArgs, GRPOArgs, KTOArgs, ORPOArgs,  # noqa: F401
                    RewardArgs, RLOOArgs, SFTArgs, SimPOArgs, arm_of, config_fields, make_config)  # re-exported
 from .compute import TokenCounter
 from .config import score_beta
+from .judge import Judge
 from .rewards import load_reward
 from .runs import Run
 
@@ -169,6 +170,18 @@ def _load_and_build(method: str, cfg, train_rows: list[dict], run: Run, reward_f
         model, value_head, tokenizer = ppo.load_actor_critic(cfg)
         trainer = ppo.PPOTrainer(cfg, model, value_head, tokenizer, data.prompt_view(train_rows), run, reward_fn, gold_fn)
         return model, tokenizer, trainer
+    if method == "online-dpo":  # policy "default", reference "ref" (the SFT adapter, frozen) or the base
+        sft_adapter = str(Path(cfg.sft_run) / "adapter") if cfg.sft_run else None
+        model, tokenizer = models.load_policy(cfg.model, adapter=sft_adapter)
+        if sft_adapter:
+            model.load_adapter(sft_adapter, adapter_name="ref", is_trainable=False)
+            model.set_adapter("default")
+        judge = None
+        if cfg.labeller == "judge":
+            judge = Judge.load(cfg.judge_model or models.EMBEDDED_POLICY, principle=cfg.judge_principle)
+        trainer = online_dpo.OnlineDPOTrainer(cfg, model, tokenizer, data.prompt_view(train_rows), run, reward_fn,
+                                              gold_fn, judge)
+        return model, tokenizer, trainer
     sft_adapter = str(Path(cfg.sft_run) / "adapter") if cfg.sft_run else None
     load = models.load_reward_model if method == "reward" else models.load_policy
     policy, tokenizer = load(cfg.model, adapter=sft_adapter)
@@ -240,7 +253,8 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
     validate(method, cfg)
     if pairs is not None:
         check_pairs(pairs)
-    if arm.rl and reward_fn is None and cfg.reward_model is None:
+    judged = getattr(cfg, "labeller", None) == "judge"  # online DPO labelled by the AI judge needs no reward model
+    if arm.rl and reward_fn is None and cfg.reward_model is None and not judged:
         raise ValueError(f"{method} needs a reward: set reward_model (a reward run folder or a model name) or pass reward_fn.")
     t0 = time.time()
     resumable = getattr(cfg, "checkpoint_every", None) is not None
@@ -248,7 +262,7 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
              resume=resumable) as run:
         # --- the reward models the RL arms learn from (proxy) and are measured by (gold)
         if arm.rl:
-            reward_fn = reward_fn or load_reward(cfg.reward_model, name="proxy")
+            reward_fn = reward_fn or (load_reward(cfg.reward_model, name="proxy") if cfg.reward_model else None)
             gold_fn = gold_fn or (load_reward(cfg.gold_reward_model, name="gold") if cfg.gold_reward_model else None)
 
         # --- data: training rows, and held-out pairs scored at the end
@@ -262,8 +276,9 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
         policy, tokenizer, trainer = _load_and_build(method, cfg, train_rows, run, reward_fn, gold_fn)
         counter = TokenCounter(gradient_checkpointing=bool(getattr(cfg, "gradient_checkpointing", False)))
         counter.attach(policy)
-        if getattr(reward_fn, "model", None) is not None:
-            counter.attach(reward_fn.model, role="reward")
+        for scorer in (reward_fn, getattr(trainer, "judge", None)):  # what labels the samples: reward model or judge
+            if getattr(scorer, "model", None) is not None:
+                counter.attach(scorer.model, role="reward")
         checkpoint = None
         if resumable:  # a killed attempt's last checkpoint: its steps, metrics and token counts carry on from there
             trainer.add_callback(_CheckpointCounts(counter))

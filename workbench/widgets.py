@@ -3,7 +3,7 @@
 Two layers. ``InspectorModel`` is plain Python over DataFrames (loading, filters, sorting, paging, selection,
 the per-token HTML), tested without a browser. ``Inspector`` puts ipywidgets and plotly FigureWidgets on top:
 
-    run picker │ view (held-out pairs | generations) │ filter │ sort
+    run picker │ view (held-out pairs | generations | online pairs) │ filter │ sort
     one page of the sample table (paging: thousands of samples stay responsive)
     scatter (linked: box/lasso selection or a click selects samples) │ sample view: prompt, responses, and the
     per-token log-ratio log π − log π_ref as colour over the text, side by side for two runs
@@ -27,15 +27,16 @@ PAGE_SIZE = 25
 
 # name -> (views it applies to, mask of the rows to keep); "selected" is handled by the model
 FILTERS = {
-    "all": (("pairs", "generations"), lambda d: np.ones(len(d), bool)),
+    "all": (("pairs", "generations", "online"), lambda d: np.ones(len(d), bool)),
     "implicit reward wrong, RM right": (("pairs",), lambda d: (~d["correct"]) & (d["rm_margin"] > 0)),
     "implicit reward right, RM wrong": (("pairs",), lambda d: d["correct"] & (d["rm_margin"] <= 0)),
     "implicit reward wrong": (("pairs",), lambda d: ~d["correct"]),
     "implicit reward wrong, length rule right": (("pairs",), lambda d: (~d["correct"]) & (d["length_rule"] == 1)),
     "highest KL (top 10%)": (("generations",), lambda d: d["kl"] >= d["kl"].quantile(0.9)),
-    "longest responses (top 10%)": (("pairs", "generations"), lambda d: d["length"] >= d["length"].quantile(0.9)),
+    "longest responses (top 10%)": (("pairs", "generations", "online"), lambda d: d["length"] >= d["length"].quantile(0.9)),
     "loses to the chosen response": (("generations",), lambda d: d["gold_score"] < d["chosen_gold_score"]),
-    "selected": (("pairs", "generations"), None),
+    "ties kept out: smallest label gaps (bottom 10%)": (("online",), lambda d: d["label_gap"] <= d["label_gap"].quantile(0.1)),
+    "selected": (("pairs", "generations", "online"), None),
 }
 COLUMNS = {
     # lengths: tokens of the evaluation's one length tokenizer; length_rule: the credit of the length-only rule
@@ -43,8 +44,10 @@ COLUMNS = {
     "pairs": ["run", "id", "chosen_reward", "rejected_reward", "margin", "correct", "rm_margin", "gold_margin",
               "chosen_length", "rejected_length", "length_rule"],
     "generations": ["run", "id", "sample", "gold_score", "score", "chosen_gold_score", "kl", "response_tokens", "ended"],
+    # the pairs online DPO sampled and labelled during training (records/online_pairs.jsonl), with their round
+    "online": ["run", "round", "id", "chosen_label", "rejected_label", "label_gap", "chosen_kl", "rejected_kl"],
 }
-SCATTERS = {"pairs": ("rm_margin", "margin"), "generations": ("kl", "gold_score")}
+SCATTERS = {"pairs": ("rm_margin", "margin"), "generations": ("kl", "gold_score"), "online": ("round", "label_gap")}
 
 
 def _label(path: Path) -> str:
@@ -54,13 +57,14 @@ def _label(path: Path) -> str:
 
 
 class InspectorModel:
-    """Samples of evaluated runs as two DataFrames: ``pairs`` (held-out pairs under each policy) and
-    ``generations`` (each policy's samples); rows are keyed by (run, id[, sample])."""
+    """Samples of evaluated runs as DataFrames: ``pairs`` (held-out pairs under each policy), ``generations`` (each
+    policy's samples) and ``online`` (the pairs an online DPO run sampled and labelled while training, with their
+    round); rows are keyed by (run, id[, sample]), online pairs by (run, id, round)."""
 
     def __init__(self, runs, eval_name: str = "default"):
         runs = run_paths(runs)
         self.paths = {}
-        pairs, gens, rm, roles = [], [], {}, {}
+        pairs, gens, online, rm, roles = [], [], [], {}, {}
         for p in runs:
             try:
                 ev = read_eval(p, eval_name)
@@ -77,11 +81,16 @@ class InspectorModel:
             self.paths[label] = p
             pairs += [{**r, "run": label} for r in ev["pairs"]]
             gens += [{**g, "run": label} for g in ev["generations"]]
+            if (p / "records" / "online_pairs.jsonl").exists():
+                online += [{**r, "run": label, "label_gap": r["chosen_label"] - r["rejected_label"],
+                            "length": max(len(r["chosen_token_ids"]), len(r["rejected_token_ids"]))}
+                           for r in read_jsonl(p / "records" / "online_pairs.jsonl")]
         if not self.paths:
             raise ValueError(f"No evaluated policy runs (eval/{eval_name}/) among {len(list(runs))} run folder(s): "
                              "run evaluate.evaluate_runs first.")
         self.pairs = pd.DataFrame(pairs)
         self.generations = pd.DataFrame(gens)
+        self.online = pd.DataFrame(online)
         # the proxy and gold reward models' margins; with no role recorded (policies evaluated without reward
         # models), the one reward run evaluated is shown as the proxy
         proxy = rm.get(roles.get("proxy"), next(iter(rm.values())) if len(rm) == 1 else {})
@@ -98,10 +107,12 @@ class InspectorModel:
 
     # --- the table
     def frame(self, view: str) -> pd.DataFrame:
-        return self.pairs if view == "pairs" else self.generations
+        return {"pairs": self.pairs, "generations": self.generations, "online": self.online}[view]
 
     @staticmethod
     def key(view: str, row) -> tuple:
+        if view == "online":
+            return row["run"], row["id"], int(row["round"])
         return (row["run"], row["id"]) if view == "pairs" else (row["run"], row["id"], int(row["sample"]))
 
     def rows(self, view: str, runs: list[str] | None = None, filter_name: str = "all", sort: str | None = None,
@@ -158,12 +169,19 @@ class InspectorModel:
         run = key[0]
         tok = self.tokenizer(run)
         df = self.frame(view)
-        row = df[(df["run"] == run) & (df["id"] == key[1]) & ((df["sample"] == key[2]) if view == "generations" else True)]
+        extra = {"generations": "sample", "online": "round"}.get(view)
+        row = df[(df["run"] == run) & (df["id"] == key[1]) & ((df[extra] == key[2]) if extra else True)]
         if row.empty:
             return f"<p>{html.escape(str(key))}: not in this run</p>"
         r = row.iloc[0]
         parts = [f'<div class="wb-sample"><h4>{html.escape(run)} · {html.escape(str(key[1]))}</h4>']
-        if view == "pairs":
+        if view == "online":  # sampled by the policy in round r, labelled by the run's reward model or judge
+            parts.append(f"<p>round {int(r['round'])}</p>" + _prompt_html(r["prompt"]))
+            for side in ("chosen", "rejected"):
+                parts.append(f"<p><b>{side}</b> (label {r[f'{side}_label']:.3g}, KL {r[f'{side}_kl']:.3g})</p>")
+                ids = r[f"{side}_token_ids"]
+                parts.append(token_html(tok, ids, [0.0] * len(ids), scale=1.0))  # no per-token ratio was kept
+        elif view == "pairs":
             if isinstance(r.get("prompt"), list):
                 parts.append(_prompt_html(r["prompt"]))
             for side in ("chosen", "rejected"):
@@ -234,7 +252,8 @@ class Inspector:
         self.page_size, self.page_no, self.current = page_size, 0, pd.DataFrame()
         labels = list(self.model.paths)
         self.runs = W.SelectMultiple(options=labels, value=tuple(labels[:2]), description="runs", rows=min(6, len(labels)))
-        self.view = W.ToggleButtons(options=["pairs", "generations"], description="view")
+        self.view = W.ToggleButtons(options=["pairs", "generations"] + (["online"] if len(self.model.online) else []),
+                                    description="view")
         self.filter = W.Dropdown(description="filter")
         self.sort = W.Dropdown(description="sort by")
         self.descending = W.Checkbox(value=True, description="descending")

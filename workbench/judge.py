@@ -1,0 +1,137 @@
+"""AI feedback: a prompted causal LM as a pairwise judge of two responses (Constitutional AI, Bai et al. 2022,
+arXiv:2212.08073; RLAIF, Lee et al. 2023, arXiv:2309.00267; online AI feedback, Guo et al. 2024,
+arXiv:2402.04792).
+
+The judge reads a principle, the conversation and two responses labelled A and B, and is asked which is better.
+Its answer is not sampled: the preference is read from the next-token logits of the two labels after the
+assistant cue, p_A = softmax over the two label logits only. Language models favour one position (Zheng et al.
+2023, arXiv:2306.05685 §3.3), so each pair is judged in both orders and the two readings are averaged:
+
+    P(a ≻ b) = ½ · [p_A(a first) + p_B(a second)] = ½ · [p_A(a, b) + 1 − p_A(b, a)]
+
+Both readings are kept per pair (``JudgedPair``), so the position bias ½·(p_A(a, b) + p_A(b, a)) − ½ and the
+agreement of the two orders can be checked. As a labeller (``label_pairs``) it turns pairs of responses into
+(chosen, rejected) pairs; ``agreement`` measures it against human labels on held-out HH-RLHF pairs, with a
+bootstrap interval, beside which a researcher reads the reward models' accuracy and the length-only baseline
+before training on AI feedback.
+
+For the RL arms the judge is a pairwise comparison, not a pointwise score: a rubric score from a small model is
+read from a handful of digit tokens and is poorly calibrated, while the pairwise question is the one it is asked
+as a labeller too, so both uses measure the same thing. ``Judge.score`` is that reward: log-odds that the
+response beats a baseline response to the same prompt (the online DPO arm labels its own pairs instead).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import models, stats
+from .logprobs import in_length_buckets
+
+DEFAULT_PRINCIPLE = (
+    "You are comparing two replies of an AI assistant. Choose the reply that is more harmless and ethical: it does "
+    "not help with dangerous, illegal or hateful requests, it does not insult the person, and when it declines it "
+    "says so politely. Among equally harmless replies, choose the more helpful and honest one.")
+QUESTION = "Which reply is better, A or B? Answer with the single letter A or B."
+
+
+@dataclass
+class JudgedPair:
+    """One pair's judgement: p_A with ``a`` shown first, p_A with ``b`` shown first, and P(a ≻ b) from both."""
+
+    p_a_first: float
+    p_a_second: float  # p_A(b, a): the probability of label A when b is A
+    prefer_a: float  # ½ · (p_a_first + 1 − p_a_second)
+
+
+def _render(conversation: list[dict]) -> str:
+    return "\n".join(f"{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in conversation)
+
+
+class Judge:
+    """A causal LM asked which of two replies is better; see the module docstring.
+
+    ``model``/``tokenizer``: any chat causal LM (``Judge.load`` takes a hub name, a local path or ``embedded:...``).
+    ``max_context_chars`` / ``max_reply_chars`` cut long conversations (their start) and replies (their end), so the
+    question always fits."""
+
+    def __init__(self, model, tokenizer, principle: str = DEFAULT_PRINCIPLE, batch_size: int | None = None,
+                 max_context_chars: int = 1500, max_reply_chars: int = 800, name: str = "judge"):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.principle, self.batch_size = principle, batch_size
+        self.max_context_chars, self.max_reply_chars = max_context_chars, max_reply_chars
+        self.__name__ = name
+        ids = [tokenizer.encode(label, add_special_tokens=False) for label in ("A", "B")]
+        if any(len(i) != 1 for i in ids):
+            raise ValueError(f"The judge reads the labels 'A' and 'B' as single tokens; this tokenizer gives {ids}.")
+        self.label_ids = [i[0] for i in ids]
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @classmethod
+    def load(cls, spec: str = models.EMBEDDED_POLICY, **kwargs) -> "Judge":
+        cfg = models.ModelConfig(model_name_or_path=spec, load_in_4bit=False, use_peft=False)
+        model, tokenizer = models.load_policy(cfg, trainable=False)
+        return cls(model, tokenizer, **kwargs)
+
+    def _question(self, prompt: list[dict], first: str, second: str) -> list[int]:
+        context = _render(prompt)[-self.max_context_chars:]
+        text = (f"{self.principle}\n\nConversation:\n{context}\n\nReply A: {first[: self.max_reply_chars]}\n\n"
+                f"Reply B: {second[: self.max_reply_chars]}\n\n{QUESTION}")
+        return list(self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                       tokenize=True, return_dict=True)["input_ids"])
+
+    @torch.no_grad()
+    def p_first(self, prompts: list[list[dict]], first: list[str], second: list[str]) -> torch.Tensor:
+        """(n,) p_A: the probability of label A against B when ``first`` is reply A."""
+        ids = [self._question(p, a, b) for p, a, b in zip(prompts, first, second, strict=True)]
+        dev = next(self.model.parameters()).device
+        pad = self.tokenizer.pad_token_id
+
+        def read(idx):
+            width = max(len(ids[i]) for i in idx)
+            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            attention = torch.zeros_like(input_ids)
+            for row, i in enumerate(idx):  # left padding: every question ends in the last column
+                input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
+                attention[row, width - len(ids[i]):] = 1
+            logits = self.model(input_ids=input_ids.to(dev), attention_mask=attention.to(dev)).logits[:, -1]
+            return torch.softmax(logits[:, self.label_ids].float(), -1)[:, 0].cpu()
+
+        return torch.stack(in_length_buckets(self.model, [len(x) for x in ids], self.batch_size, read)) if ids \
+            else torch.empty(0)
+
+    def judge(self, prompts: list[list[dict]], a: list[str], b: list[str]) -> list[JudgedPair]:
+        """Each pair judged in both orders."""
+        first, second = self.p_first(prompts, a, b), self.p_first(prompts, b, a)
+        return [JudgedPair(x, y, 0.5 * (x + 1 - y)) for x, y in zip(first.tolist(), second.tolist())]
+
+    def prefer(self, prompts: list[list[dict]], a: list[str], b: list[str]) -> torch.Tensor:
+        """(n,) P(a ≻ b), both orders averaged."""
+        return torch.tensor([j.prefer_a for j in self.judge(prompts, a, b)])
+
+    def score(self, prompts: list[list[dict]], completions: list[str], baselines: list[str]) -> torch.Tensor:
+        """(n,) the log-odds that each completion beats the baseline reply to its prompt (a pairwise reward)."""
+        p = self.prefer(prompts, completions, baselines).clamp(1e-4, 1 - 1e-4)
+        return torch.log(p / (1 - p))
+
+
+def agreement(judge: Judge, pairs: list[dict], n_bootstrap: int = 1000, seed: int = 0) -> tuple[dict, list[dict]]:
+    """(summary, records) of the judge on human-labelled pairs (data layer format): ``judge/accuracy`` (the share of
+    pairs where P(chosen ≻ rejected) > ½, a tie counting half) with a bootstrap interval over prompts,
+    ``judge/position_bias`` (mean p_A over both orders, minus ½: 0 for a judge without one) and
+    ``judge/order_agreement`` (the share of pairs whose two readings pick the same reply)."""
+    prompts = [ex["prompt"] for ex in pairs]
+    chosen = [ex["chosen"][0]["content"] for ex in pairs]
+    rejected = [ex["rejected"][0]["content"] for ex in pairs]
+    judged = judge.judge(prompts, chosen, rejected)
+    correct = [float(j.prefer_a > 0.5) + 0.5 * (j.prefer_a == 0.5) for j in judged]
+    acc, lo, hi = stats.bootstrap_mean(correct, [ex["id"] for ex in pairs], n_bootstrap, seed)
+    records = [{"id": ex["id"], "p_chosen_first": j.p_a_first, "p_chosen_second": j.p_a_second,
+                "p_chosen": j.prefer_a, "correct": c} for ex, j, c in zip(pairs, judged, correct)]
+    summary = {"judge/accuracy": acc, "judge/accuracy_lo": lo, "judge/accuracy_hi": hi, "judge/n_pairs": len(pairs),
+               "judge/position_bias": sum(j.p_a_first + j.p_a_second for j in judged) / (2 * len(judged)) - 0.5,
+               "judge/order_agreement": sum((j.p_a_first > 0.5) != (j.p_a_second > 0.5) for j in judged) / len(judged)}
+    return summary, records
