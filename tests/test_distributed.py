@@ -62,7 +62,7 @@ def test_dpo_on_two_processes_equals_one_process_over_the_same_global_batch(tiny
 PPO_FIXED_ROLLOUTS = """
 import os, sys
 import torch
-from workbench import data, models, ppo, rewards, train
+from workbench import data, distributed, models, ppo, rewards, train
 
 model_dir, hh_dir, runs_dir, dump = sys.argv[1:5]
 
@@ -75,7 +75,7 @@ ppo.generate = fixed_responses
 run_ppo = ppo.PPOTrainer.train
 def train_and_dump(self, *args, **kwargs):
     out = run_ppo(self, *args, **kwargs)
-    torch.save({k: v.detach().clone() for k, v in self._trained().items()}, os.path.join(dump, f"rank{ppo.world()[0]}.pt"))
+    torch.save({k: v.detach().clone() for k, v in self._trained().items()}, os.path.join(dump, f"rank{distributed.world()[0]}.pt"))
     return out
 ppo.PPOTrainer.train = train_and_dump
 

@@ -221,13 +221,21 @@ def train_tabular(loss: str | Callable[..., losses.LossOutput], bandit: Bandit, 
     """
     objective = OBJECTIVES[loss] if isinstance(loss, str) else _paired_objective(loss)
     reference = bandit.reference_probs.log()  # (P, K) log π_ref
-    theta = reference.clone().requires_grad_(True)  # (P, K) logits, π_θ = π_ref at the start
+    theta = _minimise(objective, reference, reference, pairs, beta, steps, lr, **options)  # from π_θ = π_ref
+    return torch.softmax(theta, dim=-1)
+
+
+def _minimise(objective, start: Tensor, reference: Tensor, pairs: Pairs, beta: float, steps: int, lr: float,
+              **options) -> Tensor:
+    """The logits θ (P, K) after ``steps`` of full-batch Adam on the mean loss over ``pairs``, from θ = ``start``,
+    against the reference log-probs ``reference``."""
+    theta = start.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([theta], lr=lr)
     for _ in range(steps):
         optimizer.zero_grad()
         objective(F.log_softmax(theta, dim=-1), reference, pairs, beta, **options).backward()
         optimizer.step()
-    return torch.softmax(theta.detach(), dim=-1)
+    return theta.detach()
 
 
 def train_tabular_iterative_dpo(bandit: Bandit, beta: float, rounds: int = 4, pairs_per_round: int = 32768,
@@ -251,13 +259,7 @@ def train_tabular_iterative_dpo(bandit: Bandit, beta: float, rounds: int = 4, pa
         if refresh_reference_every and t > 0 and t % refresh_reference_every == 0:
             reference = F.log_softmax(theta, dim=-1)  # the current policy becomes the reference
         pairs = bandit.sample_pairs(pairs_per_round, seed=seed * 1000 + t, mu=torch.softmax(theta, dim=-1))
-        theta = theta.clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([theta], lr=lr)
-        for _ in range(steps):
-            optimizer.zero_grad()
-            objective(F.log_softmax(theta, dim=-1), reference, pairs, beta).backward()
-            optimizer.step()
-        theta = theta.detach()
+        theta = _minimise(objective, theta, reference, pairs, beta, steps, lr)  # from the current policy
         policies.append(torch.softmax(theta, dim=-1))
     return policies
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .distributed import all_sum
+
 KINDS = ("train", "forward", "reference_forward", "generated", "reward_forward")
 
 
@@ -104,12 +106,8 @@ class TokenCounter:
 
     def sum_over_processes(self) -> None:
         """Under several processes (torchrun), every count becomes the sum over all of them: the run's compute."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            counts = torch.tensor([self.tokens[k] for k in KINDS], dtype=torch.float64)
-            dist.all_reduce(counts)
-            self.tokens = {k: int(v) for k, v in zip(KINDS, counts.tolist())}
+        counts = all_sum(torch.tensor([self.tokens[k] for k in KINDS], dtype=torch.float64))
+        self.tokens = {k: int(v) for k, v in zip(KINDS, counts.tolist())}
 
     def flops(self) -> dict:
         """FLOPs per kind, 2N per forward token; training tokens add the backward (and recomputation)."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from . import models, stats
-from .logprobs import in_length_buckets
+from .logprobs import in_length_buckets, pad_left
 
 DEFAULT_PRINCIPLE = (
     "You are comparing two replies of an AI assistant. Choose the reply that is more harmless and ethical: it does "
@@ -91,12 +91,7 @@ class Judge:
         pad = self.tokenizer.pad_token_id
 
         def read(idx):
-            width = max(len(ids[i]) for i in idx)
-            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            attention = torch.zeros_like(input_ids)
-            for row, i in enumerate(idx):  # left padding: every question ends in the last column
-                input_ids[row, width - len(ids[i]):] = torch.tensor(ids[i])
-                attention[row, width - len(ids[i]):] = 1
+            input_ids, attention = pad_left([ids[i] for i in idx], pad)  # every question ends in the last column
             logits = self.model(input_ids=input_ids.to(dev), attention_mask=attention.to(dev)).logits[:, -1]
             return torch.softmax(logits[:, self.label_ids].float(), -1)[:, 0].cpu()
 

@@ -40,6 +40,17 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return out.masked_scatter(target_mask, picked)
 
 
+def pad_left(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask (B, T) with every sequence ending in the last column (left padding): what
+    generation continues from, and where a next-token reading is taken."""
+    T = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for i, x in enumerate(ids):
+        input_ids[i, T - len(x):], attention_mask[i, T - len(x):] = torch.tensor(x), 1
+    return input_ids, attention_mask
+
+
 def pad_right(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int):
     """Concatenate prompt and completion ids and right-pad them.
 

@@ -164,7 +164,8 @@ class OnlineDPOTrainer:
         samples, pair_records, step_losses, steps = [], [], [], 0
         t_loop = time.time()
         for rnd in range(cfg.rounds):
-            if cfg.refresh_reference_every and rnd > 0 and rnd % cfg.refresh_reference_every == 0:
+            refreshed = bool(cfg.refresh_reference_every and rnd > 0 and rnd % cfg.refresh_reference_every == 0)
+            if refreshed:
                 self._refresh_reference()
             rows = [self.prompts[order[(rnd * cfg.prompts_per_round + j) % len(order)]] for j in range(cfg.prompts_per_round)]
             prompts = [r["prompt"] for r in rows for _ in range(k)]  # k samples per prompt, consecutive
@@ -229,8 +230,7 @@ class OnlineDPOTrainer:
                 **{f"train/{key}": sum(v) / len(v) for key, v in round_stats.items()},
                 "lengths/response_tokens": mask.sum(1).float().mean().item(),
                 "val/num_eos_tokens": ended.sum().item(),
-                "reference/refreshed": int(bool(cfg.refresh_reference_every and rnd > 0
-                                                and rnd % cfg.refresh_reference_every == 0)),
+                "reference/refreshed": int(refreshed),
                 "time/generation_s": t_gen, "time/labelling_s": t_label, "time/training_s": t_train,
                 "tokens/generated_per_s": mask.sum().item() / max(t_gen, 1e-9),
             }

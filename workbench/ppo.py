@@ -28,7 +28,6 @@ networks). It costs one extra forward and backward per minibatch and a few MB of
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -38,7 +37,8 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from . import data, models
+from . import data, distributed, models
+from .distributed import all_sum, average_gradients, world
 from .config import RLFields, RunFields, check_beta, check_checkpoint_every
 from .logprobs import reference_adapter, response_hidden, response_logprobs
 from .runs import Run, read_jsonl, write_jsonl
@@ -105,25 +105,6 @@ class PPOArgs(RLFields, RunFields):
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def world() -> tuple[int, int]:
-    """(rank, number of processes): (0, 1) unless several processes train together (torchrun)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_sum(x: Tensor) -> Tensor:
-    """x summed over every process's copy (x itself in one process)."""
-    if world()[1] > 1:
-        import torch.distributed as dist
-
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
 
 
 def global_masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -293,22 +274,6 @@ def ppo_update(actor_critic, batch: Batch, optimizer, cfg: PPOArgs, params: list
     means = all_sum(torch.tensor([totals[k] / steps for k in keys], dtype=torch.float64)) / world()[1]
     return dict(zip(keys, means.tolist()))
 
-
-def average_gradients(params: list[Tensor]) -> None:
-    """Under torchrun: every gradient becomes its mean over processes (one all-reduce of all of them)."""
-    n = world()[1]
-    if n == 1:
-        return
-    import torch.distributed as dist
-
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= n
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset : offset + g.numel()].view_as(p).clone()
-        offset += g.numel()
 
 
 
@@ -563,7 +528,7 @@ class PPOTrainer:
                     "token_logps": logprobs[i][m].tolist(), "reference_token_logps": ref_logprobs[i][m].tolist(),
                     "token_kl": kl[i][m].tolist(), "token_values": values[i][m].tolist(),
                     "token_advantages": advantages[i][m].tolist()})
-            samples += _gather_rows(mine)
+            samples += distributed.gather_rows(mine)
             if rank == 0:
                 print(f"[ppo] iter {it + 1}/{cfg.iterations} score {metrics['objective/scores']:.3f} "
                       f"kl {metrics['objective/kl']:.3f} ({t_gen:.1f}s gen, {t_score:.1f}s score, {t_train:.1f}s train)",
@@ -572,24 +537,3 @@ class PPOTrainer:
                 self._save_checkpoint(it + 1, optimizer, kl_ctl, generator, losses, samples)
         run.write_records("rollouts", samples)
         return PPOResult(cfg.iterations, sum(losses) / len(losses), {"train_runtime": round(time.time() - t_loop, 1)})
-
-
-def _gather_rows(rows: list[dict]) -> list[dict]:
-    """Every process's records of one iteration, in prompt order (one process: ``rows`` itself)."""
-    rank, n = world()
-    if n == 1:
-        return rows
-    import torch.distributed as dist
-
-    parts = [None] * n
-    dist.all_gather_object(parts, rows)
-    # process r held prompts r, r + n, r + 2n, ...: interleave back into the iteration's order
-    return [parts[r][i] for i in range(max(len(p) for p in parts)) for r in range(n) if i < len(parts[r])]
-
-
-def init_distributed() -> None:
-    """Under torchrun (WORLD_SIZE > 1), join the process group: gloo for CPU tensors, NCCL for CUDA ones."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")

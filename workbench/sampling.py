@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import data, scoring, stats
-from .logprobs import reference_adapter, response_logprobs
+from .logprobs import pad_left, reference_adapter, response_logprobs
 
 
 def encode_prompts(tokenizer, prompts: list[list[dict]], max_length: int) -> list[list[int]]:
@@ -37,11 +37,8 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
     dev = next(model.parameters()).device
     if generator_seed is not None:
         torch.manual_seed(generator_seed)
-    P = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), P), tokenizer.pad_token_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, p in enumerate(prompt_ids):  # left padding: generation continues from the last column
-        ids[i, P - len(p):], attn[i, P - len(p):] = torch.tensor(p), 1
+    ids, attn = pad_left(prompt_ids, tokenizer.pad_token_id)  # generation continues from the last column
+    P = ids.shape[1]
     was_training = model.training
     model.eval()
     out = model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), do_sample=True, temperature=temperature,

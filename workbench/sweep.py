@@ -342,6 +342,7 @@ def _schedule(jobs, state, root, state_dir, ex, retry_failed, kernel_name) -> Sw
     t_sweep = time.time()
     number = {j.id: i for i, j in enumerate(jobs, start=1)}
     deps = {j.id: _deps(j, jobs) for j in jobs}
+    folders = {j.id: job_folder(j, root) for j in jobs}  # each builds the job's config: once, not on every pass
     ex.check([(j.label, j.resources) for j in jobs])
     pending, running, ended = list(jobs), {}, set()
 
@@ -367,7 +368,7 @@ def _schedule(jobs, state, root, state_dir, ex, retry_failed, kernel_name) -> Sw
             if not deps[job.id] <= ended:
                 continue
             entry = state.get(job.id, {})
-            folder = job_folder(job, root)
+            folder = folders[job.id]
             if entry.get("status") == "done" and not job.always and (entry.get("run") is None or is_complete(entry["run"])):
                 print(f"{tag(job)}: done before, skipped", flush=True)
                 pending.remove(job)

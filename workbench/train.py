@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from . import data, losses, models, online_dpo, ppo, sampling, scoring
+from . import data, distributed, losses, models, online_dpo, ppo, sampling, scoring
 from .arms import ARMS, method_label
 from .arms import (DATA_PARAMS, MODEL_PARAMS, Arm, DataConfig, DPOArgs, GRPOArgs, KTOArgs, ORPOArgs,  # noqa: F401
                    RewardArgs, RLOOArgs, SFTArgs, SimPOArgs, arm_of, config_fields, make_config)  # re-exported
@@ -165,7 +165,7 @@ def _load_and_build(method: str, cfg, train_rows: list[dict], run: Run, reward_f
     three adapters (policy, reference, critic) and a value head on one base (``ppo.load_actor_critic``); TRL's DPO
     and KTO trainers copy the starting adapter into a frozen "ref" adapter, the reference."""
     if method == "ppo":
-        ppo.init_distributed()  # under torchrun: TRL's trainers join the process group themselves, ours here
+        distributed.init_distributed()  # under torchrun: TRL's trainers join the process group themselves, ours here
         cfg.output_dir = str(run.path / "trainer")  # its checkpoints, if any
         model, value_head, tokenizer = ppo.load_actor_critic(cfg)
         trainer = ppo.PPOTrainer(cfg, model, value_head, tokenizer, data.prompt_view(train_rows), run, reward_fn, gold_fn)
