@@ -148,9 +148,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _jupyter_env(home: Path) -> dict[str, str]:
+    """JupyterLab in a state of its own, whatever the machine's home holds: on a first launch (a fresh CI machine)
+    JupyterLab asks which kernel to start ("Select Kernel") after the first click, and accepting it replaces the
+    kernel under a running notebook. A user setting starts the notebook's own kernel instead, as the box "Always
+    start the preferred kernel" would; the news prompt is answered "never" (the test machine is offline)."""
+    settings = home / "settings"
+    for plugin, values in {"notebook-extension/tracker": {"autoStartDefaultKernel": True},
+                           "apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False}}.items():
+        f = settings / "@jupyterlab" / f"{plugin}.jupyterlab-settings"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(values))
+    dirs = {"JUPYTERLAB_SETTINGS_DIR": settings, "JUPYTERLAB_WORKSPACES_DIR": home / "workspaces",
+            "JUPYTER_CONFIG_DIR": home / "config", "JUPYTER_RUNTIME_DIR": home / "runtime", "IPYTHONDIR": home / "ipython"}
+    return {**os.environ, **{k: str(v) for k, v in dirs.items()}}
+
+
 def _dismiss_dialogs(page, seen: list[str]) -> None:
-    """Accept any dialog JupyterLab has opened (on a loaded machine it may ask which kernel to use, "Select
-    Kernel", before or after a click): take its default, as a person would, and remember what it said."""
+    """Accept any dialog JupyterLab has opened (take its default, as a person would) and remember what it said."""
     dialogs = page.locator(".jp-Dialog")
     for _ in range(3):
         if not dialogs.count():
@@ -165,22 +180,32 @@ def _dismiss_dialogs(page, seen: list[str]) -> None:
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
 
 
-def _run_all_cells(page, attempts: int = 3) -> None:
-    """Run > Run All Cells, until the first cell has started (a click can land while JupyterLab is still wiring
-    the kernel up; it is then ignored, so try again). A dialog that JupyterLab opens meanwhile is accepted first."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+def _prompts(page) -> list[str]:
+    return [t.strip() for t in page.locator(".jp-CodeCell .jp-InputPrompt").all_inner_texts()]
 
+
+def _run_all_cells(page, clicks: int = 5, timeout: float = 300) -> list[str]:
+    """Run > Run All Cells, until every code cell has run. JupyterLab can drop the queued cells while it is still
+    wiring the kernel up (seen on a first launch: the first cell runs, the others go back to "[ ]" with the kernel
+    idle), and a dialog can open meanwhile: so while nothing runs and some cell has not run, accept any dialog and
+    click again. Returns the dialogs seen."""
     seen: list[str] = []
-    for _ in range(attempts):
+    clicked, deadline = 0.0, time.time() + timeout
+    for _ in range(clicks):
         _dismiss_dialogs(page, seen)
-        try:
-            page.click(".lm-MenuBar-itemLabel:text-is('Run')", timeout=10_000)
-            page.click(".lm-Menu-itemLabel:text-is('Run All Cells')", timeout=10_000)
-            page.wait_for_selector(".jp-InputPrompt:has-text('[1]')", timeout=45_000)
-            return
-        except PlaywrightTimeout:
-            page.keyboard.press("Escape")
-    raise AssertionError(f"Run All Cells did not start the notebook in {attempts} attempts; dialogs seen: {seen}")
+        page.click(".lm-MenuBar-itemLabel:text-is('Run')", timeout=10_000)
+        page.click(".lm-Menu-itemLabel:text-is('Run All Cells')", timeout=10_000)
+        clicked = time.time()
+        while time.time() < deadline:
+            prompts = _prompts(page)
+            if all(p[1:-2].isdigit() for p in prompts):
+                return seen
+            busy = "[*]:" in prompts or page.locator(".jp-Notebook-ExecutionIndicator[data-status='busy']").count() > 0
+            if not busy and time.time() - clicked > 10:
+                break  # nothing runs, something has not run: click again
+            page.wait_for_timeout(500)
+    raise AssertionError(f"Run All Cells did not run the notebook ({clicks} clicks, {timeout:.0f} s); prompts "
+                         f"{_prompts(page)}, dialogs seen: {seen}")
 
 
 def test_inspector_notebook_renders_in_jupyterlab(runs, tmp_path):
@@ -191,12 +216,19 @@ def test_inspector_notebook_renders_in_jupyterlab(runs, tmp_path):
     nb = json.loads((REPO / "notebooks" / "06_inspector.ipynb").read_text())
     params = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
     params["source"] = [line.replace('"runs/main"', json.dumps(str(runs))) for line in params["source"]]
-    (tmp_path / "inspector.ipynb").write_text(json.dumps(nb))
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "inspector.ipynb").write_text(json.dumps(nb))
     port, token = _free_port(), "wb-test-token"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}", "--ServerApp.port_retries=0", "--allow-root"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ARTIFACTS.mkdir(exist_ok=True)
+    log = ARTIFACTS / "jupyterlab.log"  # the server's log, kept for a failure's reader
+    with open(log, "w") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+             f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.port_retries=0",
+             "--allow-root"], env=_jupyter_env(tmp_path / "jupyter"),
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    seen, failure = [], None
     try:
         deadline = time.time() + 60
         while True:
@@ -204,17 +236,16 @@ def test_inspector_notebook_renders_in_jupyterlab(runs, tmp_path):
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status?token={token}", timeout=2)
                 break
             except OSError:
-                assert server.poll() is None and time.time() < deadline, "JupyterLab did not start"
+                assert server.poll() is None and time.time() < deadline, f"JupyterLab did not start; see {log}"
                 time.sleep(0.5)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1400, "height": 1600})
-            ARTIFACTS.mkdir(exist_ok=True)
             try:
                 page.goto(f"http://127.0.0.1:{port}/lab/tree/inspector.ipynb?token={token}")
                 page.wait_for_selector(".jp-Notebook", timeout=60_000)
                 page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
-                _run_all_cells(page)
+                seen = _run_all_cells(page)
                 page.wait_for_selector(".wb-table tr", timeout=120_000)
                 page.wait_for_selector(".js-plotly-plot", timeout=60_000)
                 page.locator(".wb-sample-select select").select_option(index=0)  # pick a sample: its tokens are drawn in colour
@@ -223,9 +254,14 @@ def test_inspector_notebook_renders_in_jupyterlab(runs, tmp_path):
                 tokens = page.locator(".wb-token").count()
                 page.locator(".wb-tokens").first.scroll_into_view_if_needed()
                 page.screenshot(path=str(ARTIFACTS / "inspector-sample.png"))  # scatter and coloured tokens
+            except Exception as e:  # say what the notebook showed: prompts, errors, dialogs
+                errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").all_inner_texts()
+                failure = (f"{type(e).__name__}: {str(e)[:300]}\nprompts {_prompts(page)}; dialogs seen {seen}; "
+                           f"stderr outputs {[t[-500:] for t in errors]}; screenshot and server log in {ARTIFACTS}")
             finally:  # the screenshot is kept whatever happened: test-artifacts/inspector.png
                 page.screenshot(path=str(ARTIFACTS / "inspector.png"), full_page=True)
                 browser.close()
+        assert failure is None, failure
         assert rows == 25 and tokens > 0
     finally:  # the server stops with the test, whatever happened
         if server.poll() is None:
