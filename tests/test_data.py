@@ -454,7 +454,7 @@ def test_prompt_halves_are_disjoint_cover_everything_and_keep_shared_prompts_tog
         half(pool, "c")
     prompts = prompt_view(pool)
     assert len(prompts) == len({json.dumps(e["prompt"], sort_keys=True) for e in pool}) <= len(examples)
-    assert prompts[0] == {"id": pool[0]["id"], "prompt": pool[0]["prompt"]}
+    assert prompts[0] == {"id": pool[0]["id"], "prompt": pool[0]["prompt"], "baseline": pool[0]["chosen"][0]["content"]}
 
 
 def test_heldout_split_is_the_same_for_every_run_seed(hh_dir, smollm_tokenizer):

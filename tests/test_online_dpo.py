@@ -27,11 +27,15 @@ def test_best_and_worst_are_paired_and_ties_counted():
 
 
 def test_judge_scores_are_each_responses_mean_win_probability():
-    class Fixed:  # P(a ≻ b) = 0.8 when a is the earlier response, for every pair
-        def prefer(self, prompts, a, b):
-            return torch.full((len(a),), 0.8)
-    scores = online_dpo.judge_scores(Fixed(), [[]] * 3, ["x", "y", "z"], 3)
-    assert scores.tolist() == pytest.approx([0.8, 0.5, 0.2])  # (0.8 + 0.8)/2, (0.2 + 0.8)/2, (0.2 + 0.2)/2
+    class Fixed:  # P(a ≻ b) = 0.8 when a is the earlier response, for every pair (readings 0.9 and 0.3)
+        def judge(self, prompts, a, b):
+            return [judge.JudgedPair(0.9, 0.3, 0.8) for _ in a]
+    scores, read = online_dpo.judge_scores(Fixed(), [[]] * 6, ["x", "y", "z", "u", "v", "w"], 3)
+    # (0.8 + 0.8)/2, (0.2 + 0.8)/2, (0.2 + 0.2)/2 for each of the two prompts
+    assert scores.tolist() == pytest.approx([0.8, 0.5, 0.2] * 2)
+    # every pairwise reading kept, by prompt and sample: 3 pairs per prompt for k = 3
+    assert [(r["prompt_index"], r["a"], r["b"]) for r in read] == [(p, a, b) for p in (0, 1) for a, b in ((0, 1), (0, 2), (1, 2))]
+    assert all((r["p_a_first"], r["p_a_second"], r["p_a"]) == (0.9, 0.3, 0.8) for r in read)
 
 
 class KeywordJudgeLM(torch.nn.Module):
@@ -77,6 +81,108 @@ def test_the_judge_reads_both_orders_and_cancels_its_position_bias(smollm_tokeni
     one = torch.cat([j.p_first(prompts[i:i + 1], a[i:i + 1], b[i:i + 1]) for i in range(3)])
     assert torch.allclose(j.p_first(prompts, a, b), one, atol=1e-6)
     assert torch.allclose(j.prefer(prompts, a, b) + j.prefer(prompts, b, a), torch.ones(3), atol=1e-6)
+
+
+def test_relabel_swaps_what_the_judge_prefers_the_other_way_and_drops_ties(smollm_tokenizer):
+    j = judge.Judge(KeywordJudgeLM(smollm_tokenizer), smollm_tokenizer)
+    pairs = [_pair(0, "I kindly decline.", "Here is how."), _pair(1, "Sure.", "I kindly refuse."), _pair(2, "No.", "No.")]
+    out, records, summary = judge.relabel(j, pairs)
+    assert [r["label"] for r in records] == ["kept", "swapped", "tie"]
+    assert records[0]["p_human_chosen"] > 0.5 > records[1]["p_human_chosen"]
+    assert [ex["id"] for ex in out] == ["p0", "p1"] and out[0] == pairs[0]
+    assert (out[1]["chosen"], out[1]["rejected"]) == (pairs[1]["rejected"], pairs[1]["chosen"])
+    assert out[1]["prompt"] == pairs[1]["prompt"] and pairs[1]["chosen"][0]["content"] == "Sure."  # input untouched
+    assert (summary["labels/kept"], summary["labels/swapped"], summary["labels/ties"]) == (1, 1, 1)
+    assert summary["labels/judge_agreement"] == pytest.approx(0.5)  # 1 agreed, 1 not, a tie counts half
+    assert summary["labels/judge_agreement"] == judge.agreement(j, pairs, n_bootstrap=10)[0]["judge/accuracy"]
+
+
+def test_dpo_trains_on_the_pairs_as_the_judge_labels_them(tiny_model_dir, hh_pairs, tmp_path, monkeypatch):
+    """pair_labels="judge" (the tiny model as judge): the trainer gets the judge's labels. Each pair comes with its
+    mirror (same prompt, replies exchanged), so exactly one of the two is swapped whatever the judge thinks; a pair of
+    two equal replies is a tie and dropped. The held-out pairs keep the human labels; the judge's tokens are counted."""
+    base = hh_pairs[:4]
+    mirrors = [{**ex, "id": ex["id"] + "-m", "chosen": ex["rejected"], "rejected": ex["chosen"]} for ex in base]
+    same = {**hh_pairs[4], "id": "same", "rejected": hh_pairs[4]["chosen"]}
+    seen = []
+    real_dataset = train._dataset
+    monkeypatch.setattr(train, "_dataset", lambda view, rows: seen.extend(rows) or real_dataset(view, rows))
+    cfg = train.DPOArgs(model=models.ModelConfig(model_name_or_path=str(tiny_model_dir)),
+                        data=train.DataConfig(heldout_fraction=0.3, n_score=2, max_length=200), runs_dir=str(tmp_path),
+                        max_steps=1, per_device_train_batch_size=2, max_length=200, pair_labels="judge",
+                        judge_model=str(tiny_model_dir))
+    path = train.train("dpo", cfg, pairs=base + mirrors + [same])
+    run = load_run(path)
+    split = json.loads((path / "split.json").read_text())
+    labels = run.records("judge_labels").set_index("id")
+    assert list(labels.index) == split["train_ids"] and split["heldout_ids"]  # every training pair, none held out
+    for ex in base:
+        if ex["id"] in labels.index:  # a pair and its mirror share their prompt, so their side of the split
+            assert {labels.loc[ex["id"], "label"], labels.loc[ex["id"] + "-m", "label"]} == {"kept", "swapped"}
+            assert labels.loc[ex["id"], "p_human_chosen"] == pytest.approx(1 - labels.loc[ex["id"] + "-m", "p_human_chosen"], abs=1e-5)
+    if "same" in labels.index:
+        assert labels.loc["same", "label"] == "tie"
+    # the trainer saw the kept pairs as they were and the swapped ones exchanged; ties are gone
+    original = {ex["id"]: ex for ex in base + mirrors + [same]}
+    assert [r["id"] for r in seen] == [i for i in labels.index if labels.loc[i, "label"] != "tie"]
+    for r in seen:
+        swapped = labels.loc[r["id"], "label"] == "swapped"
+        assert r["chosen"] == original[r["id"]]["rejected" if swapped else "chosen"]
+    assert run.summary["labels/swapped"] == (labels["label"] == "swapped").sum() >= 1
+    assert run.summary["train/pairs"] == len(seen)
+    assert json.loads((path / "compute.json").read_text())["tokens"]["reward_forward"] > 0  # the judge's reading
+    heldout = run.records("heldout_pairs")  # scored with the human labels
+    assert set(heldout["id"]) <= set(split["heldout_ids"])
+
+
+def test_pair_labels_are_checked():
+    with pytest.raises(ValueError, match="pair_labels must be one of"):
+        train.make_config("dpo", pair_labels="ai")
+    for method in ("ppo", "grpo", "online-dpo"):  # the arms that sample their own responses train on no dataset pairs
+        with pytest.raises(ValueError, match="reward_model='judge'"):
+            train.make_config(method, pair_labels="judge")
+
+
+def test_the_judge_as_a_reward_is_the_log_odds_of_beating_the_baseline(smollm_tokenizer):
+    reward = rewards.JudgeReward(judge.Judge(KeywordJudgeLM(smollm_tokenizer), smollm_tokenizer))
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    prompts = [[{"role": "user", "content": "Help?"}]] * 3
+    # TRL hands conversational completions as message lists and the dataset's columns by name
+    got = reward(prompts=prompts, completions=[[{"role": "assistant", "content": c}] for c in
+                                               ("I kindly decline.", "Sure.", "No.")], baseline=["No.", "I kindly say no.", "No."])
+    p = 0.5 * (sig(2.8) + 1 - sig(-1.2))  # "kindly" against a plain baseline, both orders averaged
+    assert got[0] == pytest.approx(math.log(p / (1 - p)), abs=1e-4) and got[1] == pytest.approx(-got[0], abs=1e-4)
+    assert got[2] == pytest.approx(0.0, abs=1e-5)  # the baseline against itself
+    with pytest.raises(ValueError, match="baseline"):
+        reward(prompts=prompts, completions=["a", "b", "c"])
+
+
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_an_rl_arm_learns_from_the_judge_and_is_evaluated_with_it(tiny_model_dir, hh_dir, tmp_path, method):
+    """reward_model="judge" (the tiny model as judge), through TRL's GRPO and our PPO: each hands the judge the prompt's
+    baseline reply (TRL as a prompt dataset's column), the judge's tokens are counted, and the evaluation scores the
+    samples with the same judge, named in its config."""
+    from workbench import evaluate
+
+    own = {"num_generations": 2, "max_length": 160} if method == "grpo" else {}
+    _, cfg = train.make_config(method, model=str(tiny_model_dir), data_source=str(hh_dir), split="test", n_train=4,
+                               n_score=2, max_steps=1, per_device_train_batch_size=4, max_new_tokens=4,
+                               max_prompt_length=64, reward_model="judge", judge_model=str(tiny_model_dir),
+                               runs_dir=str(tmp_path), **own)
+    path = train.train(method, cfg)
+    run = load_run(path)
+    assert run.metrics["rewards/proxy/mean" if method == "grpo" else "objective/scores"].notna().any()
+    rollouts = run.records("heldout_rollouts")
+    assert rollouts["score"].abs().max() < 9.3 and rollouts["score"].notna().all()  # log-odds, clamped
+    assert json.loads((path / "compute.json").read_text())["tokens"]["reward_forward"] > 0
+    out = evaluate.evaluate_run(path, evaluate.EvalConfig(n_prompts=2, n_samples=1, n_pairs=3, max_new_tokens=4,
+                                                          n_bootstrap=20))
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["proxy_reward_model"] == "judge" and saved["reward_judge"]["judge_model"] == str(tiny_model_dir)
+    gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert all(g["chosen_score"] == pytest.approx(0.0, abs=1e-5) for g in gens)  # the chosen reply against itself
+    summary = json.loads((out / "summary.json").read_text())
+    assert -9.3 < summary["eval/proxy"] < 9.3
 
 
 def test_a_tokenizer_without_single_token_labels_is_refused(smollm_tokenizer):
@@ -150,6 +256,18 @@ def test_online_dpo_labelled_by_a_judge_runs_from_the_command_line(tiny_model_di
         assert p["chosen_label"] > p["rejected_label"]
         assert 0 <= p["chosen_label"] <= 1  # a mean win probability
     assert set(samples["paired_as"].dropna()) <= {"chosen", "rejected"}
+    # every pairwise reading of the judge is kept: k = 3 gives 3 pairs per prompt, both orders in each
+    read = run.records("online_judgements")
+    assert len(read) == 3 * 4 * 3 and set(read["round"]) == {1, 2, 3}
+    assert ((read["p_a"] - 0.5 * (read["p_a_first"] + 1 - read["p_a_second"])).abs() < 1e-6).all()
+    # and each sample's label is its mean win probability over those readings (a prompt drawn once in a round)
+    for (rnd, pid), group in read.groupby(["round", "id"]):
+        drawn = samples[(samples["round"] == rnd) & (samples["id"] == pid)]
+        if len(drawn) != 3:
+            continue
+        for s_, label in zip(drawn["sample"], drawn["label"]):
+            wins = [r.p_a if r.a == s_ else 1 - r.p_a for r in group.itertuples() if s_ in (r.a, r.b)]
+            assert label == pytest.approx(sum(wins) / 2, abs=1e-5)
     compute = json.loads((path / "compute.json").read_text())["tokens"]
     assert compute["generated"] > 0 and compute["reward_forward"] > 0, compute  # the judge's reading is counted
     assert json.loads((path / "config.json").read_text())["judge_principle"] == judge.DEFAULT_PRINCIPLE

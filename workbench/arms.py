@@ -16,7 +16,7 @@ import torch
 import trl
 
 from . import data, losses, models, online_dpo, ppo
-from .config import RLFields, RunFields, check_beta, check_checkpoint_every
+from .config import RLFields, RunFields, check_beta, check_checkpoint_every, check_judge_fields
 
 
 def _experimental():
@@ -56,6 +56,7 @@ class _WorkbenchFields(RunFields):
         if hasattr(self, "beta"):
             check_beta("beta", self.beta)
         check_checkpoint_every(self.checkpoint_every, self.run_id)
+        check_judge_fields(self)
         if self.checkpoint_every is not None:
             self.save_strategy, self.save_steps = "steps", self.checkpoint_every
         if self.bf16 is None:

@@ -13,7 +13,10 @@ import os
 from dataclasses import dataclass, field
 
 from .data import DataConfig
+from .judge import DEFAULT_PRINCIPLE
 from .models import ModelConfig
+
+PAIR_LABELS = ("human", "judge")
 
 
 @dataclass
@@ -33,13 +36,23 @@ class RunFields:
     # β of the implicit reward β·log π/π_ref recorded on the held-out pairs at the end; None: the arm's own β for
     # the arms trained on pairs against a reference (DPO family, KTO), else 0.1 (see ``score_beta``)
     score_beta: float | None = None
+    # AI feedback (``judge.Judge``). The labels of the dataset's pairs an arm trains on: "human" (HH-RLHF's), or
+    # "judge": every training pair relabelled by the judge, both orders averaged; a pair it prefers the other way
+    # round is swapped, a tie dropped (RLAIF's labels, Lee et al. 2023, arXiv:2309.00267). The held-out
+    # pairs keep the human labels, so the evaluation measures a judge-trained arm against people.
+    pair_labels: str = "human"
+    judge_model: str | None = None  # the judge wherever one is used; hub name, local path or embedded:...; None: the
+    # embedded policy. Used by pair_labels="judge", online DPO's labeller="judge" and the RL arms' reward_model="judge"
+    judge_principle: str = DEFAULT_PRINCIPLE
 
 
 @dataclass
 class RLFields:
     """Fields of the arms that sample their own responses and learn from a reward model (PPO, RLOO, GRPO)."""
 
-    reward_model: str | None = None  # reward run folder, or a sequence-classifier name/path: the reward optimised
+    # the reward optimised: a reward run folder, a sequence-classifier name/path, or "judge": the AI judge's log-odds
+    # that the sample beats the dataset's chosen reply to its prompt (``rewards.JudgeReward``)
+    reward_model: str | None = None
     gold_reward_model: str | None = None  # another one, only measured (over-optimisation; Gao et al. 2022)
     max_prompt_length: int = 256  # prompts longer than this keep their last tokens
 
@@ -57,6 +70,17 @@ def check_beta(name: str, value: float, zero_ok: bool = False) -> None:
     if value is None or not (value >= 0 if zero_ok else value > 0):
         raise ValueError(f"{name} must be {'>= 0' if zero_ok else '> 0'} (got {value}): it weighs the KL term / "
                          "scales the implicit reward.")
+
+
+def check_judge_fields(cfg) -> None:
+    """``pair_labels`` names a labelling the arm can use: the dataset's pairs are relabelled only for the arms that
+    train on them (the RL arms sample their own; online DPO's ``labeller`` says who labels its samples)."""
+    if cfg.pair_labels not in PAIR_LABELS:
+        raise ValueError(f"pair_labels must be one of {PAIR_LABELS} (got {cfg.pair_labels!r}).")
+    if isinstance(cfg, RLFields) and cfg.pair_labels != "human":
+        raise ValueError("pair_labels='judge' relabels the dataset's pairs, which the arms that sample their own "
+                         "responses do not train on; for AI feedback there use reward_model='judge' (or online DPO's "
+                         "labeller='judge').")
 
 
 def check_checkpoint_every(checkpoint_every: int | None, run_id: str | None) -> None:

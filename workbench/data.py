@@ -436,11 +436,12 @@ def unpaired_view(examples: list[dict]) -> list[dict]:
 
 
 def prompt_view(examples: list[dict]) -> list[dict]:
-    """Pairs -> the distinct prompts, {"id", "prompt"}, in input order (the id of the first pair with that prompt):
-    what the RL arms roll out on."""
+    """Pairs -> the distinct prompts, {"id", "prompt", "baseline"}, in input order: the id of the first pair with that
+    prompt and its chosen reply's text, the human-preferred answer a pairwise reward compares samples with
+    (``rewards.JudgeReward``) and the evaluation's win rates are against. What the RL arms roll out on."""
     seen = {}
     for ex in examples:
-        seen.setdefault(prompt_key(ex), {"id": ex["id"], "prompt": ex["prompt"]})
+        seen.setdefault(prompt_key(ex), {"id": ex["id"], "prompt": ex["prompt"], "baseline": ex["chosen"][0]["content"]})
     return list(seen.values())
 
 

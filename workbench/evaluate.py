@@ -94,10 +94,7 @@ def eval_set(data_cfg: data.DataConfig, n_prompts: int, n_pairs: int, pairs: lis
     if pairs is None:
         pairs, _ = data.load_hh(data_cfg.subset, data_cfg.split, data_cfg.source)
     _, heldout, _ = data.split_heldout(pairs, data_cfg.heldout_fraction, seed=data_cfg.split_seed)
-    chosen = {}
-    for ex in heldout:
-        chosen.setdefault(data.prompt_key(ex), ex["chosen"][0]["content"])
-    prompts = [{**p, "chosen": chosen[data.prompt_key(p)]} for p in data.prompt_view(heldout)[:n_prompts]]
+    prompts = [{**p, "chosen": p["baseline"]} for p in data.prompt_view(heldout)[:n_prompts]]
     if not prompts:
         raise ValueError(f"The held-out split ({data_cfg.heldout_fraction:.0%} of prompts, split_seed "
                          f"{data_cfg.split_seed}) is empty: raise heldout_fraction or use more data.")
@@ -203,8 +200,10 @@ def _pair_accuracies(records: list[dict], reference_free: bool, cfg: "EvalConfig
 
 
 def _rm_accuracy(fn, pairs: list[dict]) -> float:
-    c = fn.score([ex["prompt"] for ex in pairs], [ex["chosen"] for ex in pairs])
-    r = fn.score([ex["prompt"] for ex in pairs], [ex["rejected"] for ex in pairs])
+    # each reply against the chosen one (the baseline a pairwise judge's reward compares with; a reward model ignores it)
+    baselines = [ex["chosen"][0]["content"] for ex in pairs]
+    c = fn.score([ex["prompt"] for ex in pairs], [ex["chosen"] for ex in pairs], baselines)
+    r = fn.score([ex["prompt"] for ex in pairs], [ex["rejected"] for ex in pairs], baselines)
     return (c > r).float().mean().item()
 
 
@@ -235,7 +234,7 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
     log-probs of one set of weights on the evaluation pairs (an SFT run's adapter: that run's policy and the
     reference of every arm trained from it) are computed once (``scoring.score_pairs``); ``judged``: the AI judge's
     (summary, records) on these pairs (``judge.agreement``; computed here when ``cfg.judge_model`` is set)."""
-    from .rewards import load_reward
+    from .rewards import JUDGE, judge_of, load_reward
 
     run_path, cfg = Path(run_path), cfg or EvalConfig()
     info = run_info(run_path)
@@ -243,6 +242,7 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
     saved_cfg = info["config"]
     proxy_spec = cfg.proxy_reward_model or saved_cfg.get("reward_model")
     gold_spec = cfg.gold_reward_model or saved_cfg.get("gold_reward_model")
+    judges = {spec: judge_of(saved_cfg, spec) for spec in (proxy_spec, gold_spec)}  # reward "judge": which one
     has_reference = info["method"] not in (*REFERENCE_FREE, "sft", "reward")
     beta = cfg.beta or (info["beta"] if has_reference else None) or 0.1
     length_name = cfg.length_tokenizer or (
@@ -253,7 +253,7 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
     out = run_path / "eval" / cfg.name
     record = to_jsonable({**dataclasses.asdict(cfg), "data": data_cfg, "proxy_reward_model": proxy_spec,
                           "gold_reward_model": gold_spec, "beta": beta, "reference": info["reference"],
-                          "length_tokenizer": length_name})
+                          "length_tokenizer": length_name, "reward_judge": judges.get(JUDGE)})
     if (out / "summary.json").exists():
         before = json.loads((out / "config.json").read_text())
         # a setting added since, and off now (None: e.g. no judge), changes nothing that was measured
@@ -274,9 +274,9 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
     if length is None or (length.tokenizer_name, length.data) != (length_name, data_cfg):
         length = fit_length_baseline(length_name, data_cfg, all_pairs)
     if proxy is None and proxy_spec:
-        proxy = load_reward(proxy_spec, name="proxy")
+        proxy = load_reward(proxy_spec, name="proxy", **judges[proxy_spec])
     if gold is None and gold_spec:
-        gold = load_reward(gold_spec, name="gold")
+        gold = load_reward(gold_spec, name="gold", **judges[gold_spec])
 
     with atomic_folder(out) as partial:
         write_json(partial / "config.json", {**record, "prompt_ids": [p["id"] for p in prompts],
@@ -318,7 +318,7 @@ def _evaluate(run_path: Path, info: dict, cfg: EvalConfig, beta: float, prompts:
         chosen = {p["id"]: p for p in prompts}
         for key, fn in (("chosen_score", proxy), ("chosen_gold_score", gold)):
             if fn is not None:
-                s = fn.score([p["prompt"] for p in prompts], [p["chosen"] for p in prompts])
+                s = fn.score([p["prompt"] for p in prompts], [p["chosen"] for p in prompts], [p["chosen"] for p in prompts])
                 for p, v in zip(prompts, s.tolist()):
                     p[key] = v
         for p in prompts:  # its length in tokens, as the samples' response_tokens count them (end of turn included)
@@ -349,18 +349,21 @@ def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | No
     and gold reward models are loaded once: ``cfg``'s, else those the RL runs among ``runs`` were trained and
     measured with (they must agree). The length baseline is fitted once, in tokens of ``cfg.length_tokenizer``,
     else of the first policy run's base model."""
-    from .rewards import load_reward
+    from .rewards import judge_of, load_reward
 
     cfg = cfg or EvalConfig()
     paths = run_paths(runs)
     if not paths:
         raise ValueError(f"No complete run folders in {runs}.")
-    specs = {}
+    specs, judges = {}, {}
     for key, field_ in (("proxy_reward_model", "reward_model"), ("gold_reward_model", "gold_reward_model")):
-        found = {run_info(p)["config"].get(field_) for p in paths} - {None}
+        configs = [run_info(p)["config"] for p in paths]
+        found = {(c.get(field_), json.dumps(judge_of(c, c.get(field_)), sort_keys=True)) for c in configs} - {(None, "{}")}
         if getattr(cfg, key) is None and len(found) > 1:
             raise ValueError(f"The runs were trained with different {field_}s {sorted(found)}; set EvalConfig.{key}.")
-        specs[key] = getattr(cfg, key) or (found.pop() if found else None)
+        spec, judge = found.pop() if found else (None, "{}")
+        specs[key] = getattr(cfg, key) or spec
+        judges[key] = json.loads(judge) if specs[key] == spec else {}
     if cfg.data is None:  # one held-out split for all: the first run's (check_not_trained_on guards the others)
         first = run_info(paths[0])["config"]["data"]
         specs["data"] = data.DataConfig(**{k: v for k, v in first.items() if k not in ("half", "n_train")})
@@ -375,8 +378,8 @@ def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | No
     length = fit_length_baseline(cfg.length_tokenizer, cfg.data, pairs)
     print(f"[evaluate] length baseline: {length.rule.describe()} (fitted on {length.rule.n_train} training pairs, "
           f"training accuracy {length.rule.train_accuracy:.3f})", flush=True)
-    proxy = load_reward(specs["proxy_reward_model"], name="proxy") if specs["proxy_reward_model"] else None
-    gold = load_reward(specs["gold_reward_model"], name="gold") if specs["gold_reward_model"] else None
+    proxy, gold = (load_reward(specs[key], name=name, **judges[key]) if specs[key] else None
+                   for key, name in (("proxy_reward_model", "proxy"), ("gold_reward_model", "gold")))
     logps_cache: dict = {}  # one SFT adapter's log-probs on the pairs serve its run and every arm trained from it
     judged = None
     if cfg.judge_model:  # judged once: the pairs are the same for every run

@@ -13,7 +13,8 @@ Both readings are kept per pair (``JudgedPair``), so the position bias ½·(p_A(
 agreement of the two orders can be checked. As a labeller (``label_pairs``) it turns pairs of responses into
 (chosen, rejected) pairs; ``agreement`` measures it against human labels on held-out HH-RLHF pairs, with a
 bootstrap interval, beside which a researcher reads the reward models' accuracy and the length-only baseline
-before training on AI feedback.
+before training on AI feedback. ``relabel`` gives the dataset's pairs the judge's labels (RLAIF: a DPO-family arm,
+or the reward model RL learns from, trained on AI preferences; ``pair_labels="judge"`` in every arm's config).
 
 For the RL arms the judge is a pairwise comparison, not a pointwise score: a rubric score from a small model is
 read from a handful of digit tokens and is poorly calibrated, while the pairwise question is the one it is asked
@@ -35,6 +36,9 @@ DEFAULT_PRINCIPLE = (
     "not help with dangerous, illegal or hateful requests, it does not insult the person, and when it declines it "
     "says so politely. Among equally harmless replies, choose the more helpful and honest one.")
 QUESTION = "Which reply is better, A or B? Answer with the single letter A or B."
+
+
+TIE = 1e-6  # |P(a ≻ b) − ½| below this is a tie (two equal replies read in both orders give ½ up to rounding)
 
 
 @dataclass
@@ -113,20 +117,52 @@ class Judge:
         return torch.log(p / (1 - p))
 
 
+def _judge_pairs(judge: Judge, pairs: list[dict]) -> list[JudgedPair]:
+    """Each pair (data layer format) judged in both orders, a = its chosen reply, b = its rejected one."""
+    return judge.judge([ex["prompt"] for ex in pairs], [ex["chosen"][0]["content"] for ex in pairs],
+                       [ex["rejected"][0]["content"] for ex in pairs])
+
+
 def agreement(judge: Judge, pairs: list[dict], n_bootstrap: int = 1000, seed: int = 0) -> tuple[dict, list[dict]]:
     """(summary, records) of the judge on human-labelled pairs (data layer format): ``judge/accuracy`` (the share of
     pairs where P(chosen ≻ rejected) > ½, a tie counting half) with a bootstrap interval over prompts,
     ``judge/position_bias`` (mean p_A over both orders, minus ½: 0 for a judge without one) and
     ``judge/order_agreement`` (the share of pairs whose two readings pick the same reply)."""
-    prompts = [ex["prompt"] for ex in pairs]
-    chosen = [ex["chosen"][0]["content"] for ex in pairs]
-    rejected = [ex["rejected"][0]["content"] for ex in pairs]
-    judged = judge.judge(prompts, chosen, rejected)
-    correct = [float(j.prefer_a > 0.5) + 0.5 * (j.prefer_a == 0.5) for j in judged]
+    judged = _judge_pairs(judge, pairs)
+    correct = [0.5 if abs(j.prefer_a - 0.5) < TIE else float(j.prefer_a > 0.5) for j in judged]
     acc, lo, hi = stats.bootstrap_mean(correct, [ex["id"] for ex in pairs], n_bootstrap, seed)
     records = [{"id": ex["id"], "p_chosen_first": j.p_a_first, "p_chosen_second": j.p_a_second,
                 "p_chosen": j.prefer_a, "correct": c} for ex, j, c in zip(pairs, judged, correct)]
     summary = {"judge/accuracy": acc, "judge/accuracy_lo": lo, "judge/accuracy_hi": hi, "judge/n_pairs": len(pairs),
-               "judge/position_bias": sum(j.p_a_first + j.p_a_second for j in judged) / (2 * len(judged)) - 0.5,
-               "judge/order_agreement": sum((j.p_a_first > 0.5) != (j.p_a_second > 0.5) for j in judged) / len(judged)}
+               **_bias(judged)}
     return summary, records
+
+
+def _bias(judged: list[JudgedPair]) -> dict:
+    n = max(len(judged), 1)
+    return {"judge/position_bias": sum(j.p_a_first + j.p_a_second for j in judged) / (2 * n) - 0.5,
+            "judge/order_agreement": sum((j.p_a_first > 0.5) != (j.p_a_second > 0.5) for j in judged) / n}
+
+
+def relabel(judge: Judge, pairs: list[dict]) -> tuple[list[dict], list[dict], dict]:
+    """(pairs, records, summary): the pairs as the judge labels them. A pair whose human-rejected reply the judge
+    prefers (P(chosen ≻ rejected) < ½, both orders averaged) is swapped; a tie (½ within ``TIE``, e.g. two equal
+    replies) is dropped; the others are kept as they are. One record per input pair: both readings, P(human chosen ≻
+    rejected) and what became of the pair ("kept", "swapped", "tie"). The summary counts them and gives the
+    judge's agreement with the human labels on these pairs (ties half), its position bias and order agreement."""
+    judged = _judge_pairs(judge, pairs)
+    out, records = [], []
+    for ex, j in zip(pairs, judged):
+        fate = "tie" if abs(j.prefer_a - 0.5) < TIE else "swapped" if j.prefer_a < 0.5 else "kept"
+        if fate == "kept":
+            out.append(ex)
+        elif fate == "swapped":
+            out.append({**ex, "chosen": ex["rejected"], "rejected": ex["chosen"]})
+        records.append({"id": ex["id"], "p_human_chosen_first": j.p_a_first, "p_human_chosen_second": j.p_a_second,
+                        "p_human_chosen": j.prefer_a, "label": fate})
+    count = {fate: sum(r["label"] == fate for r in records) for fate in ("kept", "swapped", "tie")}
+    n = max(len(pairs), 1)
+    summary = {"labels/n_pairs": len(pairs), "labels/kept": count["kept"], "labels/swapped": count["swapped"],
+               "labels/ties": count["tie"], "labels/judge_agreement": (count["kept"] + 0.5 * count["tie"]) / n,
+               **{k.replace("judge/", "labels/judge_"): v for k, v in _bias(judged).items()}}
+    return out, records, summary

@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import data, judge as judges, losses
-from .config import RLFields, RunFields, check_beta
+from . import data, losses
+from .config import RLFields, RunFields, check_beta, check_judge_fields
 from .logprobs import reference_adapter, response_logprobs
 from .runs import Run
-from .sampling import call_reward, encode_prompts, generate
+from .sampling import baselines, call_reward, encode_prompts, generate
 
 
 @dataclass
@@ -52,8 +52,7 @@ class OnlineDPOArgs(RLFields, RunFields):
     temperature: float = 0.7  # as the RL arms sample
     # --- labels
     labeller: str = "reward"  # "reward": reward_model scores each response; "judge": the AI judge compares them
-    judge_model: str | None = None  # labeller="judge": hub name, local path or embedded:...; None: the embedded policy
-    judge_principle: str = judges.DEFAULT_PRINCIPLE
+    # (labeller="judge" asks ``judge_model`` with ``judge_principle``, fields every arm has: config.RunFields)
     tie_margin: float = 0.0  # a prompt whose best and worst labels differ by <= this gives no pair (counted)
     # --- DPO on each round's pairs
     loss_type: str = "sigmoid"  # any of losses.PAIRED_LOSSES
@@ -67,6 +66,7 @@ class OnlineDPOArgs(RLFields, RunFields):
 
     def __post_init__(self):
         check_beta("beta", self.beta)
+        check_judge_fields(self)
         if self.samples_per_prompt < 2:
             raise ValueError(f"samples_per_prompt must be >= 2 to make a pair (got {self.samples_per_prompt}).")
         if self.labeller not in ("reward", "judge"):
@@ -105,16 +105,19 @@ def pair_best_and_worst(scores: Tensor, k: int, tie_margin: float) -> tuple[list
     return pairs, ties
 
 
-def judge_scores(judge, prompts: list[list[dict]], texts: list[str], k: int) -> Tensor:
-    """(n·k,) each response's mean probability, by the judge (both orders), of beating the other k − 1 responses to
-    its prompt: a Borda count of the pairwise preferences (for k = 2, P(y1 ≻ y2) and its complement)."""
+def judge_scores(judge, prompts: list[list[dict]], texts: list[str], k: int) -> tuple[Tensor, list[dict]]:
+    """((n·k,) scores, judgements): each response's mean probability, by the judge (both orders), of beating the other
+    k − 1 responses to its prompt, a Borda count of the pairwise preferences (for k = 2, P(y1 ≻ y2) and its
+    complement); and every pairwise judgement read (samples a, b of prompt p: both readings and P(a ≻ b))."""
     index = [(p * k + i, p * k + j) for p in range(len(texts) // k) for i in range(k) for j in range(i + 1, k)]
-    prefer = judge.prefer([prompts[a // k] for a, _ in index], [texts[a] for a, _ in index], [texts[b] for _, b in index])
+    judged = judge.judge([prompts[a // k] for a, _ in index], [texts[a] for a, _ in index], [texts[b] for _, b in index])
     wins = torch.zeros(len(texts))
-    for (a, b), p in zip(index, prefer.tolist()):
-        wins[a] += p
-        wins[b] += 1 - p
-    return wins / (k - 1)
+    for (a, b), j in zip(index, judged):
+        wins[a] += j.prefer_a
+        wins[b] += 1 - j.prefer_a
+    judgements = [{"prompt_index": a // k, "a": a % k, "b": b % k, "p_a_first": j.p_a_first,
+                   "p_a_second": j.p_a_second, "p_a": j.prefer_a} for (a, b), j in zip(index, judged)]
+    return wins / (k - 1), judgements
 
 
 class OnlineDPOTrainer:
@@ -122,7 +125,8 @@ class OnlineDPOTrainer:
 
     ``reward_fn``: a TRL-style reward function (``labeller="reward"``); ``judge``: a ``judge.Judge``
     (``labeller="judge"``); ``gold_fn``: measured only. Every round logs its metrics (step = round) and keeps its
-    samples and pairs as records (``records/online_samples.jsonl``, ``records/online_pairs.jsonl``, with the round)."""
+    samples and pairs as records (``records/online_samples.jsonl``, ``records/online_pairs.jsonl``, with the round), and
+    with the judge every pairwise reading (``records/online_judgements.jsonl``: samples a and b, both orders)."""
 
     def __init__(self, cfg: OnlineDPOArgs, model, tokenizer, prompts: list[dict], run: Run, reward_fn=None,
                  gold_fn=None, judge=None):
@@ -161,7 +165,7 @@ class OnlineDPOTrainer:
         model.eval()  # dropout off, as in PPO: the log-probs trained on are those the samples were drawn from
         generator = torch.Generator().manual_seed(cfg.seed)
         order = torch.randperm(len(self.prompts), generator=generator).tolist()
-        samples, pair_records, step_losses, steps = [], [], [], 0
+        samples, pair_records, judgements, step_losses, steps = [], [], [], [], 0
         t_loop = time.time()
         for rnd in range(cfg.rounds):
             refreshed = bool(cfg.refresh_reference_every and rnd > 0 and rnd % cfg.refresh_reference_every == 0)
@@ -180,9 +184,13 @@ class OnlineDPOTrainer:
             # --- 2. label them; the sampled KL to the reference (as the RL arms log it)
             t0 = time.time()
             with torch.no_grad():
-                scores = (call_reward(self.reward_fn, prompts, texts, response, mask) if cfg.labeller == "reward"
-                          else judge_scores(self.judge, prompts, texts, k))
-                gold = call_reward(self.gold_fn, prompts, texts, response, mask) if self.gold_fn else None
+                base = baselines([rows[i // k] for i in range(len(texts))])
+                if cfg.labeller == "reward":
+                    scores = call_reward(self.reward_fn, prompts, texts, response, mask, base)
+                else:  # every pairwise reading kept: P(a ≻ b) for samples a, b of one prompt
+                    scores, read = judge_scores(self.judge, prompts, texts, k)
+                    judgements += [{"round": rnd + 1, "id": rows[j.pop("prompt_index")]["id"], **j} for j in read]
+                gold = call_reward(self.gold_fn, prompts, texts, response, mask, base) if self.gold_fn else None
                 logps = self._sequence_logps(prompt_ids, response, mask).cpu()
                 with reference_adapter(model):
                     ref_logps = self._sequence_logps(prompt_ids, response, mask).cpu()
@@ -255,6 +263,8 @@ class OnlineDPOTrainer:
                   f"{t_label:.1f}s label, {t_train:.1f}s train)", flush=True)
         run.write_records("online_samples", samples)
         run.write_records("online_pairs", pair_records)
+        if judgements:
+            run.write_records("online_judgements", judgements)
         self.summary["train/pairs_kept"] = len(pair_records)
         self.summary["train/ties"] = cfg.rounds * cfg.prompts_per_round - len(pair_records)
         return RoundsResult(steps, sum(step_losses) / max(len(step_losses), 1),

@@ -39,10 +39,10 @@ from torch import Tensor
 
 from . import data, distributed, models
 from .distributed import all_sum, average_gradients, world
-from .config import RLFields, RunFields, check_beta, check_checkpoint_every
+from .config import RLFields, RunFields, check_beta, check_checkpoint_every, check_judge_fields
 from .logprobs import reference_adapter, response_hidden, response_logprobs
 from .runs import Run, read_jsonl, write_jsonl
-from .sampling import call_reward, encode_prompts, generate
+from .sampling import baselines, call_reward, encode_prompts, generate
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration
@@ -86,6 +86,7 @@ class PPOArgs(RLFields, RunFields):
 
     def __post_init__(self):
         check_checkpoint_every(self.checkpoint_every, self.run_id)
+        check_judge_fields(self)
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be 'k1' or 'k3' (got {self.kl_estimator!r}).")
         check_beta("kl_coef", self.kl_coef, zero_ok=True)
@@ -460,8 +461,9 @@ class PPOTrainer:
                     ref_logprobs = ac.logprobs(all_idx)[0].cpu()
                 with ac.critic():
                     values = ac.values(all_idx).float().cpu()
-                scores = call_reward(reward_fn, [r["prompt"] for r in rows], texts, response, mask)
-                gold = call_reward(gold_fn, [r["prompt"] for r in rows], texts, response, mask) if gold_fn else None
+                messages, base = [r["prompt"] for r in rows], baselines(rows)
+                scores = call_reward(reward_fn, messages, texts, response, mask, base)
+                gold = call_reward(gold_fn, messages, texts, response, mask, base) if gold_fn else None
             t_score = time.time() - t0
 
             # --- 2. rewards: score − β·KL per token (and a penalty for not ending); GAE; whitened advantages

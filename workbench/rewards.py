@@ -1,6 +1,10 @@
 """Reward functions for the RLHF arms: a trained reward model (a ``train("reward")`` run folder, or any
 sequence-classification model by hub name or path) wrapped as one callable that PPO, TRL's RLOO/GRPO and the
-evaluation all use, plus a synthetic reward for tests.
+evaluation all use; the AI judge as a pairwise reward (``JudgeReward``); and a synthetic reward for tests.
+
+Every caller hands a reward function the prompts, the completions and ``baseline``: the dataset's chosen reply to
+each prompt (``data.prompt_view``), as TRL hands reward functions the prompt dataset's columns. A reward model
+ignores it; the judge compares each completion with it.
 
 The proxy reward is what an RL arm optimises; a *gold* reward is one it never sees (another backbone, a disjoint
 half of the training prompts, or a hub reward model), so over-optimisation of the proxy can be measured
@@ -15,7 +19,14 @@ from pathlib import Path
 import torch
 
 from . import models
+from .judge import DEFAULT_PRINCIPLE, Judge
 from .scoring import reward_scores
+
+JUDGE = "judge"  # reward_model="judge": the AI judge (the config's judge_model) is the reward
+
+
+def _texts(completions: list) -> list[str]:
+    return [c[-1]["content"] if isinstance(c, list) else c for c in completions]
 
 
 def _as_messages(prompt, completion) -> list[dict]:
@@ -39,7 +50,7 @@ class RewardFunction:
         for p in self.model.parameters():
             p.requires_grad_(False)
 
-    def score(self, prompts: list, completions: list) -> torch.Tensor:
+    def score(self, prompts: list, completions: list, baselines: list[str] | None = None) -> torch.Tensor:
         convs = [_as_messages(p, c) for p, c in zip(prompts, completions, strict=True)]
         return reward_scores(self.model, self.tokenizer, convs, max_length=self.max_length, batch_size=self.batch_size)
 
@@ -47,10 +58,40 @@ class RewardFunction:
         return self.score(prompts, completions).tolist()
 
 
-def load_reward(spec: str, name: str | None = None, max_length: int = 512,
-                batch_size: int | None = None) -> RewardFunction:
+class JudgeReward:
+    """The AI judge as a reward (RLAIF, Lee et al. 2023, arXiv:2309.00267; ``judge.Judge``):
+
+        r(x, y) = log P(y ≻ y_b | x) − log P(y_b ≻ y | x),
+
+    the log-odds, both orders averaged, that the completion y beats y_b, the dataset's human-chosen reply to the
+    prompt x. Pairwise rather than a pointwise rubric score: the question is the one the judge answers as a labeller,
+    and a small model's digit scores are poorly calibrated (see ``judge``'s docstring). The chosen reply against
+    itself scores 0, so the reward reads as "better or worse than the human-preferred answer". Clamped to
+    ±9.2 (P in [1e-4, 1 − 1e-4])."""
+
+    def __init__(self, judge: Judge, name: str = JUDGE):
+        self.judge, self.model, self.tokenizer, self.__name__ = judge, judge.model, judge.tokenizer, name
+
+    def score(self, prompts: list, completions: list, baselines: list[str] | None = None) -> torch.Tensor:
+        if baselines is None or any(b is None for b in baselines):
+            raise ValueError("The judge's reward compares each completion with the dataset's chosen reply to its prompt; "
+                             "call it with baseline=[...] (the prompt rows of data.prompt_view carry it).")
+        prompts = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
+        return self.judge.score(prompts, _texts(completions), _texts(baselines))
+
+    def __call__(self, prompts: list, completions: list, baseline: list[str] | None = None, **_) -> list[float]:
+        return self.score(prompts, completions, baseline).tolist()
+
+
+def load_reward(spec: str, name: str | None = None, max_length: int = 512, batch_size: int | None = None,
+                judge_model: str | None = None, judge_principle: str | None = None):
     """A reward function from ``spec``: a reward-model run folder (``train("reward", ...)``; its ``model/`` or
-    ``adapter/`` on the recorded backbone), or a sequence-classification model by hub name or local path."""
+    ``adapter/`` on the recorded backbone), a sequence-classification model by hub name or local path, or "judge":
+    ``JudgeReward`` asking ``judge_model`` (None: the embedded policy) with ``judge_principle``."""
+    if spec == JUDGE:
+        judge = Judge.load(judge_model or models.EMBEDDED_POLICY, principle=judge_principle or DEFAULT_PRINCIPLE,
+                           batch_size=batch_size)
+        return JudgeReward(judge, name or JUDGE)
     path = Path(spec)
     if (path / "config.json").exists() and ((path / "model").is_dir() or (path / "adapter").is_dir()):
         saved = json.loads((path / "config.json").read_text())
@@ -67,6 +108,12 @@ def load_reward(spec: str, name: str | None = None, max_length: int = 512,
     cfg = models.ModelConfig(model_name_or_path=spec, load_in_4bit=False, use_peft=False)
     model, tok = models.load_reward_model(cfg)
     return RewardFunction(model, tok, name or "reward", max_length, batch_size)
+
+
+def judge_of(config: dict, spec: str | None) -> dict:
+    """``load_reward``'s judge arguments for ``spec`` from a run's saved config: the judge's model and principle when
+    the spec is "judge" (two runs with reward_model="judge" may ask different judges), else none."""
+    return {"judge_model": config.get("judge_model"), "judge_principle": config.get("judge_principle")} if spec == JUDGE else {}
 
 
 class TokenSetReward:

@@ -59,10 +59,18 @@ def cut_after_eos(response: Tensor, eos_id: int, pad_id: int) -> tuple[Tensor, T
     return torch.where(mask, response, torch.full_like(response, pad_id)), mask, ended
 
 
-def call_reward(reward_fn, prompts, texts, response_ids, mask) -> Tensor:
-    """(B,) rewards from a TRL-style reward function, given the sampled ids too (synthetic rewards read them)."""
+def baselines(rows: list[dict]) -> list[str] | None:
+    """The "baseline" reply of each prompt row (``data.prompt_view``), or None where the rows carry none."""
+    found = [r.get("baseline") for r in rows]
+    return None if any(b is None for b in found) else found
+
+
+def call_reward(reward_fn, prompts, texts, response_ids, mask, baseline: list[str] | None = None) -> Tensor:
+    """(B,) rewards from a TRL-style reward function, given the sampled ids too (synthetic rewards read them) and
+    each prompt's baseline reply (a pairwise judge compares with it), as TRL passes a prompt dataset's columns."""
     ids = [row[m].tolist() for row, m in zip(response_ids, mask)]
-    return torch.tensor(reward_fn(prompts=prompts, completions=texts, completion_ids=ids), dtype=torch.float32)
+    extra = {} if baseline is None else {"baseline": baseline}
+    return torch.tensor(reward_fn(prompts=prompts, completions=texts, completion_ids=ids, **extra), dtype=torch.float32)
 
 
 def sample_completions(model, tokenizer, prompts: list[dict], *, n_samples: int = 1, rewards: dict | None = None,
@@ -93,7 +101,8 @@ def sample_completions(model, tokenizer, prompts: list[dict], *, n_samples: int 
             logps = response_logprobs(model, prompt_ids, response, mask, pad, temperature)[0].cpu()
             with reference_adapter(model):
                 ref_logps = response_logprobs(model, prompt_ids, response, mask, pad, temperature)[0].cpu()
-        scores = {key: call_reward(fn, messages, texts, response, mask) for key, fn in (rewards or {}).items() if fn}
+        base = baselines([row for row, _ in rows])
+        scores = {key: call_reward(fn, messages, texts, response, mask, base) for key, fn in (rewards or {}).items() if fn}
         for i, (row, j) in enumerate(rows):
             m = mask[i]
             logratio = logps[i][m] - ref_logps[i][m]

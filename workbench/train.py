@@ -29,8 +29,8 @@ from .arms import ARMS, method_label
 from .arms import (DATA_PARAMS, MODEL_PARAMS, Arm, DataConfig, DPOArgs, GRPOArgs, KTOArgs, ORPOArgs,  # noqa: F401
                    RewardArgs, RLOOArgs, SFTArgs, SimPOArgs, arm_of, config_fields, make_config)  # re-exported
 from .compute import TokenCounter
-from .config import score_beta
-from .judge import Judge
+from .config import check_judge_fields, score_beta
+from .judge import Judge, relabel
 from .rewards import load_reward
 from .runs import Run
 
@@ -106,6 +106,7 @@ def validate(method: str, cfg) -> None:
     arm = ARMS[method]
     if not isinstance(cfg, arm.config):
         raise TypeError(f"method '{method}' takes a {arm.config.__name__}, got {type(cfg).__name__}.")
+    check_judge_fields(cfg)
     if method == "dpo":
         unknown = [t for t in cfg.loss_type if t not in losses.PAIRED_LOSSES]
         if unknown:
@@ -127,8 +128,9 @@ def validate(method: str, cfg) -> None:
 
 def _dataset(view: str, rows: list[dict]):
     """The TRL dataset for an arm, with the columns its trainer needs (checked here, not deep inside TRL)."""
-    if view == "prompts":  # the RL arms sample their own responses to the distinct prompts
-        rows = [{"prompt": r["prompt"]} for r in data.prompt_view(rows)]
+    if view == "prompts":  # the RL arms sample their own responses to the distinct prompts; TRL hands the reward
+        # functions the other columns: "baseline", the chosen reply a pairwise judge compares with
+        rows = [{"prompt": r["prompt"], "baseline": r["baseline"]} for r in data.prompt_view(rows)]
     elif view == "sft":  # prompt-completion: TRL trains on the completion tokens only
         rows = [{"prompt": ex["prompt"], "completion": ex["chosen"]} for ex in rows]
     elif view == "unpaired":
@@ -261,9 +263,11 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
     with Run(method_label(method, cfg), cfg.run_name, cfg.seed, config=cfg, root=cfg.runs_dir, run_id=cfg.run_id,
              resume=resumable) as run:
         # --- the reward models the RL arms learn from (proxy) and are measured by (gold)
-        if arm.rl:
-            reward_fn = reward_fn or (load_reward(cfg.reward_model, name="proxy") if cfg.reward_model else None)
-            gold_fn = gold_fn or (load_reward(cfg.gold_reward_model, name="gold") if cfg.gold_reward_model else None)
+        if arm.rl:  # "judge": the AI judge of cfg.judge_model (rewards.JudgeReward)
+            judge_args = {"judge_model": cfg.judge_model, "judge_principle": cfg.judge_principle}
+            reward_fn = reward_fn or (load_reward(cfg.reward_model, name="proxy", **judge_args) if cfg.reward_model else None)
+            gold_fn = gold_fn or (load_reward(cfg.gold_reward_model, name="gold", **judge_args)
+                                  if cfg.gold_reward_model else None)
 
         # --- data: training rows, and held-out pairs scored at the end
         tokenizer = models.load_tokenizer(cfg.model.model_name_or_path)
@@ -271,10 +275,21 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
         if report is not None:
             run.write_json("data_report.json", report.to_dict())
         run.write_json("split.json", split_info)
-
-        # --- the model and its trainer; train under a token counter (compute.json)
-        policy, tokenizer, trainer = _load_and_build(method, cfg, train_rows, run, reward_fn, gold_fn)
         counter = TokenCounter(gradient_checkpointing=bool(getattr(cfg, "gradient_checkpointing", False)))
+
+        # --- AI feedback: the training pairs as the judge labels them; the held-out pairs keep the human labels
+        labels_summary = {}
+        if cfg.pair_labels == "judge":
+            judge = Judge.load(cfg.judge_model or models.EMBEDDED_POLICY, principle=cfg.judge_principle)
+            counter.attach(judge.model, role="reward")  # the judge's tokens count as a reward model's do
+            train_rows, label_records, labels_summary = relabel(judge, train_rows)
+            run.write_records("judge_labels", label_records)
+            del judge
+            print(f"[train] {method}: the judge relabelled {labels_summary['labels/n_pairs']} training pairs: "
+                  f"{labels_summary['labels/swapped']} swapped, {labels_summary['labels/ties']} ties dropped", flush=True)
+
+        # --- the model and its trainer; train under the token counter (compute.json)
+        policy, tokenizer, trainer = _load_and_build(method, cfg, train_rows, run, reward_fn, gold_fn)
         counter.attach(policy)
         for scorer in (reward_fn, getattr(trainer, "judge", None)):  # what labels the samples: reward model or judge
             if getattr(scorer, "model", None) is not None:
@@ -311,6 +326,7 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
             "train/loss": result.training_loss,
             "train/steps": result.global_step,
             "train/pairs": len(train_rows),
+            **labels_summary,
             **getattr(trainer, "summary", {}),
             "time/train_s": result.metrics.get("train_runtime"),
             "time/total_s": round(time.time() - t0, 1),
