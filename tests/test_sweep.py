@@ -64,6 +64,14 @@ def test_gpu_grid_is_the_real_study():
     assert {j.params.get("seed") for j in jobs if j.stage in ("rl", "preference")} == {0, 1, 2}
     assert all(j.params.get("load_in_4bit", True) for j in jobs if j.stage != "evaluate")
     assert all(j.resources["gpus"] == 1 and j.resources["cpus"] >= 1 for j in jobs), "one GPU per job, declared"
+    # AI feedback: DPO on the judge's labels and GRPO with the judge as reward, three seeds each, configs that build
+    judged = [j for j in jobs if j.stage in ("rlaifpairs", "rlaifreward")]
+    assert len(judged) == 6 and {(j.params["pair_labels"] if "pair_labels" in j.params else j.params["reward_model"])
+                                 for j in judged} == {"judge"}
+    for j in judged:
+        params = {k: v for k, v in j.params.items() if not str(v).startswith("@")}
+        arm, cfg = train.make_config(params.pop("method"), **params)
+        assert cfg.judge_model == "Qwen/Qwen2.5-1.5B-Instruct"
 
 
 def test_seeds_run_the_main_study_once_per_seed_and_pair_references_by_seed():

@@ -285,3 +285,36 @@ def test_the_reward_models_are_found_by_the_evaluation_not_by_their_names(tmp_pa
         {"proxy_reward_model": str(judge_b), "gold_reward_model": str(judge_a)}))
     m = widgets.InspectorModel(tmp_path)
     assert (m.pairs["rm_margin"] == -2.0).all() and (m.pairs["gold_margin"] == 1.0).all()
+
+
+def test_online_pairs_are_shown_by_round(tmp_path, smollm_tokenizer):
+    """An online DPO run's training pairs (records/online_pairs.jsonl) in the "online" view: each with its round and
+    label gap, the ties filter, the sample view naming the round, and the widget offering the view."""
+    ids = smollm_tokenizer("Sure, here is a kind answer.", add_special_tokens=False)["input_ids"]
+    prompt = [{"role": "user", "content": "Help?"}]
+    pairs = [{"id": f"p{i}", "chosen_reward": 0.1, "rejected_reward": 0.0, "margin": 0.1, "correct": True,
+              "chosen_tokens": len(ids), "rejected_tokens": 2, "chosen_token_ids": ids, "rejected_token_ids": ids[:2],
+              "chosen_length": len(ids), "rejected_length": 2, "length_rule": 1.0, "prompt": prompt,
+              "chosen_token_logratio": [0.0] * len(ids), "rejected_token_logratio": [0.0, 0.0]} for i in range(4)]
+    gens = [{"id": f"q{i}", "sample": 0, "prompt": prompt, "completion": "x", "gold_score": 0.0, "score": 0.0, "kl": 0.1,
+             "response_tokens": len(ids), "ended": True, "completion_token_ids": ids,
+             "token_logratio": [0.0] * len(ids)} for i in range(4)]
+    path = _run(tmp_path, "online-dpo", 0, pairs, gens)
+    online = [{"round": r, "id": f"q{i}", "prompt": prompt, "chosen": "Sure.", "rejected": "No.",
+               "chosen_label": 1.0 + r + i, "rejected_label": 1.0 + r, "chosen_kl": 0.2 * r, "rejected_kl": 0.1 * r,
+               "chosen_token_ids": ids, "rejected_token_ids": ids[:2]} for r in (1, 2, 3) for i in range(1, 5)]
+    (path / "records").mkdir()
+    (path / "records" / "online_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in online))
+    m = widgets.InspectorModel(tmp_path)
+    (label,) = m.paths
+    rows = m.rows("online", sort="label_gap", descending=False)
+    assert len(rows) == 12 and sorted(set(rows["round"])) == [1, 2, 3]
+    assert (rows["label_gap"] == rows["chosen_label"] - rows["rejected_label"]).all() and rows["label_gap"].iloc[0] == 1
+    ties = m.rows("online", filter_name="ties kept out: smallest label gaps (bottom 10%)")
+    assert set(ties["label_gap"]) == {1.0}  # the smallest gap of each round
+    page = m.sample_html("online", (label, "q2", 3))
+    assert "round 3" in page and page.count('class="wb-token"') == len(ids) + 2 and "label 6" in page
+    ins = widgets.Inspector(tmp_path)
+    assert "online" in ins.view.options
+    ins.view.value = "online"
+    assert "<th>round</th>" in ins.table.value and ins.scatter.layout.xaxis.title.text == "round"
