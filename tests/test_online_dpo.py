@@ -185,6 +185,27 @@ def test_an_rl_arm_learns_from_the_judge_and_is_evaluated_with_it(tiny_model_dir
     assert -9.3 < summary["eval/proxy"] < 9.3
 
 
+def test_the_judge_reads_the_label_logits_in_float32(tiny_model_dir, smollm_tokenizer):
+    """The judge's labels come from the last hidden state times the label rows of the output layer, in float32: equal
+    to the model's own logits in float32, and finer than a bf16 model's own logits (8 significant bits), so the two
+    orders of a pair do not read alike by rounding."""
+    rows = [smollm_tokenizer.encode(t, add_special_tokens=False) for t in ("Which reply, A or B?", "A or B? Say one.")]
+    input_ids, attention = logprobs.pad_left(rows, smollm_tokenizer.pad_token_id)
+    labels = [smollm_tokenizer.encode(x, add_special_tokens=False)[0] for x in ("A", "B")]
+    for dtype in ("float32", "bfloat16"):
+        model, _ = models.load_policy(models.ModelConfig(model_name_or_path=str(tiny_model_dir), load_in_4bit=False,
+                                                         use_peft=False, dtype=dtype), trainable=False)
+        with torch.no_grad():
+            got = logprobs.last_token_logits(model, input_ids, attention, labels)
+            own = model(input_ids=input_ids, attention_mask=attention).logits[:, -1, labels].float()
+        assert got.dtype == torch.float32 and got.shape == (2, 2)
+        if dtype == "float32":
+            torch.testing.assert_close(got, own, atol=1e-5, rtol=0)
+        else:  # bf16 rounding of the same numbers, and read finer than that
+            torch.testing.assert_close(got.bfloat16().float(), own, atol=0.02, rtol=0.02)
+            assert (got != got.bfloat16().float()).any()
+
+
 def test_a_tokenizer_without_single_token_labels_is_refused(smollm_tokenizer):
     class Odd:
         pad_token_id = 0

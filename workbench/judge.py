@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from . import models, stats
-from .logprobs import in_length_buckets, pad_left
+from .logprobs import in_length_buckets, last_token_logits, pad_left
 
 DEFAULT_PRINCIPLE = (
     "You are comparing two replies of an AI assistant. Choose the reply that is more harmless and ethical: it does "
@@ -96,8 +96,8 @@ class Judge:
 
         def read(idx):
             input_ids, attention = pad_left([ids[i] for i in idx], pad)  # every question ends in the last column
-            logits = self.model(input_ids=input_ids.to(dev), attention_mask=attention.to(dev)).logits[:, -1]
-            return torch.softmax(logits[:, self.label_ids].float(), -1)[:, 0].cpu()
+            logits = last_token_logits(self.model, input_ids.to(dev), attention.to(dev), self.label_ids)
+            return torch.softmax(logits, -1)[:, 0].cpu()
 
         return torch.stack(in_length_buckets(self.model, [len(x) for x in ids], self.batch_size, read)) if ids \
             else torch.empty(0)

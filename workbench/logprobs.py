@@ -96,6 +96,29 @@ def _backbone_and_head(model):
     return getattr(lm, lm.base_model_prefix), lm.get_output_embeddings()
 
 
+# configs whose models change the logits after the output layer (Gemma 2's soft cap, Cohere's and Granite's scales)
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def last_token_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """(B, len(token_ids)) float32 logits of ``token_ids`` at the last position (left-padded rows): the last hidden
+    state times the output layer's rows of those tokens, in float32. A bf16 model's own logits are bf16, 8
+    significant bits (logits near 20 lie 0.125 apart), so two nearby readings (the AI judge's two orders of a pair)
+    often come out exactly equal, ties the model did not make; and no logits over the whole vocabulary are made.
+    Models that transform their logits after the output layer, or lack the usual layout, are read through their own
+    logits."""
+    config = getattr(model, "config", None)
+    try:
+        backbone, head = _backbone_and_head(model)
+    except AttributeError:
+        backbone = head = None
+    if head is None or any(getattr(config, k, None) not in (None, 1.0) for k in _LOGIT_TRANSFORMS):
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1, token_ids].float()
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, -1].float()
+    logits = hidden @ head.weight[token_ids].float().T
+    return logits + head.bias[token_ids].float() if getattr(head, "bias", None) is not None else logits
+
+
 def _shared_prompt_logps(model, prompts: list[list[int]], completions: list[list[list[int]]], pad_id: int) -> list[list[torch.Tensor]]:
     """Per-token log-probs of several completions per prompt, running each prompt through the model once.
 
