@@ -182,7 +182,7 @@ def test_sweep_resumes_after_a_kill_without_losing_or_repeating_runs(ci_sweep):
     runs = [p for p in root.iterdir() if is_complete(p)]
     keys = [p.name.rsplit("__", 1)[0] for p in runs]
     assert len(keys) == len(set(keys)), f"a run was repeated: {sorted(keys)}"
-    assert sorted(k.split("__")[0] for k in keys) == ["dpo", "ipo", "online-dpo", "ppo", "reward", "reward", "rloo", "sft"]
+    assert sorted(k.split("__")[0] for k in keys) == ["dpo", "dpo", "ipo", "online-dpo", "ppo", "reward", "reward", "rloo", "sft"]
     for p in runs:  # each run folder holds its executed notebook
         nb = json.loads((p / "notebook.ipynb").read_text())
         assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
@@ -219,7 +219,7 @@ def test_a_run_that_finished_before_its_state_was_written_is_adopted(ci_sweep, t
         os.chdir(old)
     assert _state(root)[job_id]["run"] == entry["run"] and _state(root)[job_id]["adopted"]
     assert len([p for p in root.iterdir() if is_complete(p)]) == n_before, "adopted, not run again"
-    assert len(result.done) == 11
+    assert len(result.done) == 12
 
 
 def test_sweep_isolates_the_failing_job_and_keeps_its_notebook(ci_sweep):
@@ -228,14 +228,14 @@ def test_sweep_isolates_the_failing_job_and_keeps_its_notebook(ci_sweep):
     label, nb, err = result.failed[0]
     assert "FileNotFoundError" in err and "/nonexistent/hh-rlhf" in err
     assert Path(nb).exists() and "FileNotFoundError" in Path(nb).read_text()
-    assert len(result.done) == 11 and not result.skipped  # everything after the failure still ran
+    assert len(result.done) == 12 and not result.skipped  # everything after the failure still ran
     assert "FAILED" in result.report()
 
 
 def test_sweep_ends_with_the_table_the_figures_and_a_paper(ci_sweep, tmp_path):
     root, _, result = ci_sweep
     table = result.table
-    assert sorted(table["method"]) == ["dpo", "ipo", "online-dpo", "ppo", "reward", "reward", "rloo", "sft"]
+    assert sorted(table["method"]) == ["dpo", "dpo", "ipo", "online-dpo", "ppo", "reward", "reward", "rloo", "sft"]
     assert table[table["method"] != "reward"]["eval/gold"].notna().all()
     policies = table[table["method"] != "reward"]  # the AI judge's agreement, beside the reward models' accuracy
     assert policies["pairs/judge_accuracy"].between(0, 1).all() and policies["pairs/judge_accuracy"].nunique() == 1
@@ -243,6 +243,11 @@ def test_sweep_ends_with_the_table_the_figures_and_a_paper(ci_sweep, tmp_path):
 
     online = widgets.InspectorModel(root).online  # the inspector shows online DPO's pairs with their round
     assert len(online) and set(online["round"]) == {1} and (online["label_gap"] > 0).all()
+    (rlaif,) = [p for p in root.iterdir() if is_complete(p) and p.name.startswith("dpo__rlaif__")]  # AI feedback
+    labels = [json.loads(line) for line in (rlaif / "records" / "judge_labels.jsonl").read_text().splitlines()]
+    summary = json.loads((rlaif / "summary.json").read_text())
+    assert len(labels) == summary["labels/n_pairs"] == 4 and {r["label"] for r in labels} <= {"kept", "swapped", "tie"}
+    assert summary["train/pairs"] == 4 - summary["labels/ties"]
     figs = sorted(p.name for p in (root.parent.parent / "runs" / "ci" / "figures").iterdir())
     assert {f"{n}.{ext}" for n in ("frontier", "overoptimization", "win_rates", "accuracy", "cost")
             for ext in ("pdf", "svg", "png")} <= set(figs)
