@@ -57,6 +57,26 @@ def test_dpo_on_two_processes_equals_one_process_over_the_same_global_batch(tiny
     assert json.loads((two / "compute.json").read_text())["tokens"]["train"] > 0
 
 
+def test_judge_labels_on_two_processes_equal_one_process(tiny_model_dir, hh_dir, tmp_path):
+    """pair_labels="judge" under torchrun: each process judges its share of the pairs and all get every label; the
+    labels, the trained adapter and the judge's token count equal those of one process."""
+    common = ["dpo", "--model", str(tiny_model_dir), "--data-source", str(hh_dir), "--split", "test", "--n-train", "6",
+              "--n-score", "2", "--max-steps", "1", "--max-length", "160", "--learning-rate", "1e-3",
+              "--pair-labels", "judge", "--judge-model", str(tiny_model_dir)]
+    two = _train([*common, "--per-device-train-batch-size", "1"], 2, tmp_path / "two")
+    one = _train([*common, "--per-device-train-batch-size", "2"], 1, tmp_path / "one")
+    labels = [[json.loads(line) for line in (p / "records" / "judge_labels.jsonl").read_text().splitlines()]
+              for p in (two, one)]
+    assert [r["id"] for r in labels[0]] == [r["id"] for r in labels[1]] and len(labels[0]) == 6
+    assert [r["label"] for r in labels[0]] == [r["label"] for r in labels[1]]
+    for a, b in zip(*labels):
+        assert abs(a["p_human_chosen"] - b["p_human_chosen"]) < 1e-5
+    tokens = [json.loads((p / "compute.json").read_text())["tokens"]["reward_forward"] for p in (two, one)]
+    assert tokens[0] == tokens[1] > 0, tokens  # judged once in all, not once per process
+    a, b = (load_file(str(p / "adapter" / "adapter_model.safetensors")) for p in (two, one))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
 # PPO on the tiny model; each prompt's response is a fixed function of its tokens (not sampled), so the rollouts are
 # the same whichever process holds the prompt. Each process saves its trained parameters to <dump>/rank<r>.pt.
 PPO_FIXED_ROLLOUTS = """

@@ -4,6 +4,7 @@ tokenizer and chat template); online DPO raising an easy reward computed exactly
 command line, its records with their rounds, ties, reference refreshes and compute. (The bandit oracle of iterative
 DPO is in test_oracle.py.)"""
 
+import dataclasses
 import json
 import math
 import os
@@ -183,6 +184,18 @@ def test_an_rl_arm_learns_from_the_judge_and_is_evaluated_with_it(tiny_model_dir
     assert all(g["chosen_score"] == pytest.approx(0.0, abs=1e-5) for g in gens)  # the chosen reply against itself
     summary = json.loads((out / "summary.json").read_text())
     assert -9.3 < summary["eval/proxy"] < 9.3
+    if method == "grpo":  # with a DPO run that asked no judge: both scored by, and recording, the GRPO run's judge
+        _, dpo_cfg = train.make_config("dpo", model=str(tiny_model_dir), data_source=str(hh_dir), split="test",
+                                       n_train=4, n_score=2, max_steps=1, max_length=160, runs_dir=str(tmp_path))
+        dpo = train.train("dpo", dpo_cfg)
+        both = evaluate.EvalConfig(name="both", n_prompts=2, n_samples=1, n_pairs=3, max_new_tokens=4, n_bootstrap=20)
+        evaluate.evaluate_runs([path, dpo], both)
+        for p in (path, dpo):
+            saved = json.loads((p / "eval" / "both" / "config.json").read_text())
+            assert saved["proxy_reward_model"] == "judge" and saved["reward_judge"]["judge_model"] == str(tiny_model_dir)
+        # evaluated alone again, the DPO run resolves no judge of its own: not the same settings, so not silently kept
+        with pytest.raises(FileExistsError, match="other settings"):
+            evaluate.evaluate_run(dpo, dataclasses.replace(both, proxy_reward_model="judge"))
 
 
 def test_the_judge_reads_the_label_logits_in_float32(tiny_model_dir, smollm_tokenizer):

@@ -161,8 +161,8 @@ class GRPOArgs(RLFields, _WorkbenchFields, trl.GRPOConfig):
 class TRLOnlineDPOArgs(RLFields, _WorkbenchFields, OnlineDPOConfig):
     """TRL's experimental online DPO (Guo et al. 2024, arXiv:2402.04792), a baseline beside ours (``online-dpo``):
     two samples per prompt, labelled by our reward model as its one reward function, one DPO step on each batch's
-    pairs, the reference the policy's adapter disabled. No judge (TRL removed its judges), no ties dropped, no
-    reference refresh, no per-sample records."""
+    pairs, the reference the policy's adapter disabled. No judge of TRL's own (TRL removed its judges; ours works as
+    its reward function, reward_model="judge"), no ties dropped, no reference refresh, no per-sample records."""
 
     beta: float = 0.1  # as our online DPO
     max_new_tokens: int = 64

@@ -69,6 +69,10 @@ class EvalConfig:
     judge_model: str | None = None  # an AI judge (judge.Judge: any causal LM) whose agreement with the human labels on
     # the same pairs is reported beside the reward models' accuracy (pairs/judge_accuracy); None: no judge
     judge_principle: str | None = None  # the judge's principle; None: judge.DEFAULT_PRINCIPLE
+    # a proxy or gold reward "judge" (rewards.JudgeReward): which judge and principle; None: the one the runs trained
+    # with (their saved judge_model / judge_principle)
+    reward_judge_model: str | None = None
+    reward_judge_principle: str | None = None
     length_tokenizer: str | None = None  # tokenizer (model name, local path or embedded:...) that counts the tokens of
     # every length baseline; None: the base model of the policy runs evaluated (evaluate_run alone: the run's own
     # base, or models.EMBEDDED_POLICY for a reward model)
@@ -200,10 +204,12 @@ def _pair_accuracies(records: list[dict], reference_free: bool, cfg: "EvalConfig
 
 
 def _rm_accuracy(fn, pairs: list[dict]) -> float:
+    from .rewards import score_replies
+
     # each reply against the chosen one (the baseline a pairwise judge's reward compares with; a reward model ignores it)
     baselines = [ex["chosen"][0]["content"] for ex in pairs]
-    c = fn.score([ex["prompt"] for ex in pairs], [ex["chosen"] for ex in pairs], baselines)
-    r = fn.score([ex["prompt"] for ex in pairs], [ex["rejected"] for ex in pairs], baselines)
+    c = score_replies(fn, [ex["prompt"] for ex in pairs], [ex["chosen"] for ex in pairs], baselines)
+    r = score_replies(fn, [ex["prompt"] for ex in pairs], [ex["rejected"] for ex in pairs], baselines)
     return (c > r).float().mean().item()
 
 
@@ -234,7 +240,7 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
     log-probs of one set of weights on the evaluation pairs (an SFT run's adapter: that run's policy and the
     reference of every arm trained from it) are computed once (``scoring.score_pairs``); ``judged``: the AI judge's
     (summary, records) on these pairs (``judge.agreement``; computed here when ``cfg.judge_model`` is set)."""
-    from .rewards import JUDGE, judge_of, load_reward
+    from .rewards import JUDGE, load_reward
 
     run_path, cfg = Path(run_path), cfg or EvalConfig()
     info = run_info(run_path)
@@ -242,7 +248,7 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
     saved_cfg = info["config"]
     proxy_spec = cfg.proxy_reward_model or saved_cfg.get("reward_model")
     gold_spec = cfg.gold_reward_model or saved_cfg.get("gold_reward_model")
-    judges = {spec: judge_of(saved_cfg, spec) for spec in (proxy_spec, gold_spec)}  # reward "judge": which one
+    judge = _reward_judge(cfg, saved_cfg) if JUDGE in (proxy_spec, gold_spec) else None  # a reward "judge": which
     has_reference = info["method"] not in (*REFERENCE_FREE, "sft", "reward")
     beta = cfg.beta or (info["beta"] if has_reference else None) or 0.1
     length_name = cfg.length_tokenizer or (
@@ -251,9 +257,10 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
         whose = "the default policy" if info["is_reward_model"] else "the run's base model"
         print(f"[evaluate] {run_path.name}: length baseline in tokens of {length_name} ({whose})", flush=True)
     out = run_path / "eval" / cfg.name
-    record = to_jsonable({**dataclasses.asdict(cfg), "data": data_cfg, "proxy_reward_model": proxy_spec,
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("reward_judge_model", "reward_judge_principle")}
+    record = to_jsonable({**settings, "data": data_cfg, "proxy_reward_model": proxy_spec,  # as resolved for this run
                           "gold_reward_model": gold_spec, "beta": beta, "reference": info["reference"],
-                          "length_tokenizer": length_name, "reward_judge": judges.get(JUDGE)})
+                          "length_tokenizer": length_name, "reward_judge": judge})
     if (out / "summary.json").exists():
         before = json.loads((out / "config.json").read_text())
         # a setting added since, and off now (None: e.g. no judge), changes nothing that was measured
@@ -274,9 +281,9 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
     if length is None or (length.tokenizer_name, length.data) != (length_name, data_cfg):
         length = fit_length_baseline(length_name, data_cfg, all_pairs)
     if proxy is None and proxy_spec:
-        proxy = load_reward(proxy_spec, name="proxy", **judges[proxy_spec])
+        proxy = load_reward(proxy_spec, name="proxy", **(judge if proxy_spec == JUDGE else {}))
     if gold is None and gold_spec:
-        gold = load_reward(gold_spec, name="gold", **judges[gold_spec])
+        gold = load_reward(gold_spec, name="gold", **(judge if gold_spec == JUDGE else {}))
 
     with atomic_folder(out) as partial:
         write_json(partial / "config.json", {**record, "prompt_ids": [p["id"] for p in prompts],
@@ -298,7 +305,7 @@ def _evaluate(run_path: Path, info: dict, cfg: EvalConfig, beta: float, prompts:
               proxy, gold, length: LengthBaseline, logps_cache: dict | None) -> tuple[list, list, dict]:
     """(generations, pair records, summary) of one run: a policy's samples and its implicit reward on the pairs,
     or a reward model's ranking of the pairs; for both the length baseline and the reward models' accuracy."""
-    from .rewards import load_reward
+    from .rewards import load_reward, score_replies
 
     summary = {}
     if info["is_reward_model"]:  # a reward model is evaluated by how it ranks held-out pairs
@@ -318,7 +325,8 @@ def _evaluate(run_path: Path, info: dict, cfg: EvalConfig, beta: float, prompts:
         chosen = {p["id"]: p for p in prompts}
         for key, fn in (("chosen_score", proxy), ("chosen_gold_score", gold)):
             if fn is not None:
-                s = fn.score([p["prompt"] for p in prompts], [p["chosen"] for p in prompts], [p["chosen"] for p in prompts])
+                s = score_replies(fn, [p["prompt"] for p in prompts], [p["chosen"] for p in prompts],
+                                  [p["chosen"] for p in prompts])
                 for p, v in zip(prompts, s.tolist()):
                     p[key] = v
         for p in prompts:  # its length in tokens, as the samples' response_tokens count them (end of turn included)
@@ -349,21 +357,27 @@ def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | No
     and gold reward models are loaded once: ``cfg``'s, else those the RL runs among ``runs`` were trained and
     measured with (they must agree). The length baseline is fitted once, in tokens of ``cfg.length_tokenizer``,
     else of the first policy run's base model."""
-    from .rewards import judge_of, load_reward
+    from .rewards import JUDGE, load_reward
 
     cfg = cfg or EvalConfig()
     paths = run_paths(runs)
     if not paths:
         raise ValueError(f"No complete run folders in {runs}.")
-    specs, judges = {}, {}
+    specs, configs = {}, [run_info(p)["config"] for p in paths]
     for key, field_ in (("proxy_reward_model", "reward_model"), ("gold_reward_model", "gold_reward_model")):
-        configs = [run_info(p)["config"] for p in paths]
-        found = {(c.get(field_), json.dumps(judge_of(c, c.get(field_)), sort_keys=True)) for c in configs} - {(None, "{}")}
+        found = {c.get(field_) for c in configs} - {None}
         if getattr(cfg, key) is None and len(found) > 1:
             raise ValueError(f"The runs were trained with different {field_}s {sorted(found)}; set EvalConfig.{key}.")
-        spec, judge = found.pop() if found else (None, "{}")
-        specs[key] = getattr(cfg, key) or spec
-        judges[key] = json.loads(judge) if specs[key] == spec else {}
+        specs[key] = getattr(cfg, key) or (found.pop() if found else None)
+    if JUDGE in (specs["proxy_reward_model"], specs["gold_reward_model"]) and cfg.reward_judge_model is None:
+        # one judge for every run, recorded as the one used: that of the runs trained with it (they must agree)
+        found = {json.dumps(_reward_judge(cfg, c), sort_keys=True) for c in configs
+                 if JUDGE in (c.get("reward_model"), c.get("gold_reward_model"))}
+        if len(found) > 1:
+            raise ValueError(f"The runs were trained with different reward judges {sorted(found)}; set "
+                             "EvalConfig.reward_judge_model (and reward_judge_principle).")
+        chosen = json.loads(found.pop()) if found else _reward_judge(cfg, {})
+        specs["reward_judge_model"], specs["reward_judge_principle"] = chosen["judge_model"], chosen["judge_principle"]
     if cfg.data is None:  # one held-out split for all: the first run's (check_not_trained_on guards the others)
         first = run_info(paths[0])["config"]["data"]
         specs["data"] = data.DataConfig(**{k: v for k, v in first.items() if k not in ("half", "n_train")})
@@ -378,8 +392,8 @@ def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | No
     length = fit_length_baseline(cfg.length_tokenizer, cfg.data, pairs)
     print(f"[evaluate] length baseline: {length.rule.describe()} (fitted on {length.rule.n_train} training pairs, "
           f"training accuracy {length.rule.train_accuracy:.3f})", flush=True)
-    proxy, gold = (load_reward(specs[key], name=name, **judges[key]) if specs[key] else None
-                   for key, name in (("proxy_reward_model", "proxy"), ("gold_reward_model", "gold")))
+    proxy, gold = (load_reward(spec, name=name, **(_reward_judge(cfg, {}) if spec == JUDGE else {})) if spec else None
+                   for spec, name in ((cfg.proxy_reward_model, "proxy"), (cfg.gold_reward_model, "gold")))
     logps_cache: dict = {}  # one SFT adapter's log-probs on the pairs serve its run and every arm trained from it
     judged = None
     if cfg.judge_model:  # judged once: the pairs are the same for every run
@@ -389,6 +403,15 @@ def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | No
         print(f"[evaluate] {i + 1}/{len(paths)} {p.name}", flush=True)
         evaluate_run(p, cfg, proxy=proxy, gold=gold, pairs=pairs, length=length, logps_cache=logps_cache, judged=judged)
     return paths
+
+
+def _reward_judge(cfg: EvalConfig, saved: dict) -> dict:
+    """The judge of a proxy or gold reward "judge": ``cfg.reward_judge_model`` / ``_principle`` where set, else the
+    run's own (its saved ``judge_model`` / ``judge_principle``), else the embedded policy and the default principle."""
+    from .judge import DEFAULT_PRINCIPLE
+
+    return {"judge_model": cfg.reward_judge_model or saved.get("judge_model") or models.EMBEDDED_POLICY,
+            "judge_principle": cfg.reward_judge_principle or saved.get("judge_principle") or DEFAULT_PRINCIPLE}
 
 
 def judge_agreement(cfg: EvalConfig, eval_pairs: list[dict]) -> tuple[dict, list]:

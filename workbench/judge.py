@@ -134,35 +134,52 @@ def agreement(judge: Judge, pairs: list[dict], n_bootstrap: int = 1000, seed: in
     records = [{"id": ex["id"], "p_chosen_first": j.p_a_first, "p_chosen_second": j.p_a_second,
                 "p_chosen": j.prefer_a, "correct": c} for ex, j, c in zip(pairs, judged, correct)]
     summary = {"judge/accuracy": acc, "judge/accuracy_lo": lo, "judge/accuracy_hi": hi, "judge/n_pairs": len(pairs),
-               **_bias(judged)}
+               **_bias([(j.p_a_first, j.p_a_second) for j in judged])}
     return summary, records
 
 
-def _bias(judged: list[JudgedPair]) -> dict:
-    n = max(len(judged), 1)
-    return {"judge/position_bias": sum(j.p_a_first + j.p_a_second for j in judged) / (2 * n) - 0.5,
-            "judge/order_agreement": sum((j.p_a_first > 0.5) != (j.p_a_second > 0.5) for j in judged) / n}
+def _bias(readings: list[tuple[float, float]]) -> dict:
+    """Position bias and order agreement of (p_A(a, b), p_A(b, a)) readings."""
+    n = max(len(readings), 1)
+    return {"judge/position_bias": sum(x + y for x, y in readings) / (2 * n) - 0.5,
+            "judge/order_agreement": sum((x > 0.5) != (y > 0.5) for x, y in readings) / n}
+
+
+def judge_labels(judge: Judge, pairs: list[dict]) -> list[dict]:
+    """One record per pair: both readings, P(human chosen ≻ rejected) and what the judge's label makes of the pair:
+    "kept" (it prefers the human-chosen reply), "swapped" (it prefers the rejected one) or "tie" (½ within ``TIE``)."""
+    records = []
+    for ex, j in zip(pairs, _judge_pairs(judge, pairs)):
+        fate = "tie" if abs(j.prefer_a - 0.5) < TIE else "swapped" if j.prefer_a < 0.5 else "kept"
+        records.append({"id": ex["id"], "p_human_chosen_first": j.p_a_first, "p_human_chosen_second": j.p_a_second,
+                        "p_human_chosen": j.prefer_a, "label": fate})
+    return records
+
+
+def apply_labels(pairs: list[dict], records: list[dict]) -> tuple[list[dict], dict]:
+    """(pairs, summary): ``pairs`` as ``records`` (``judge_labels``, in the same order) label them: kept as they are,
+    swapped (chosen and rejected exchanged) or dropped (a tie). The summary counts them and gives the judge's
+    agreement with the human labels on these pairs (ties half), its position bias and order agreement."""
+    out = []
+    for ex, r in zip(pairs, records, strict=True):
+        if r["id"] != ex["id"]:
+            raise ValueError(f"judge label {r['id']!r} is not for pair {ex['id']!r}: labels out of order.")
+        if r["label"] == "kept":
+            out.append(ex)
+        elif r["label"] == "swapped":
+            out.append({**ex, "chosen": ex["rejected"], "rejected": ex["chosen"]})
+    count = {fate: sum(r["label"] == fate for r in records) for fate in ("kept", "swapped", "tie")}
+    readings = [(r["p_human_chosen_first"], r["p_human_chosen_second"]) for r in records]
+    summary = {"labels/n_pairs": len(pairs), "labels/kept": count["kept"], "labels/swapped": count["swapped"],
+               "labels/ties": count["tie"], "labels/judge_agreement": (count["kept"] + 0.5 * count["tie"]) / max(len(pairs), 1),
+               **{k.replace("judge/", "labels/judge_"): v for k, v in _bias(readings).items()}}
+    return out, summary
 
 
 def relabel(judge: Judge, pairs: list[dict]) -> tuple[list[dict], list[dict], dict]:
-    """(pairs, records, summary): the pairs as the judge labels them. A pair whose human-rejected reply the judge
-    prefers (P(chosen ≻ rejected) < ½, both orders averaged) is swapped; a tie (½ within ``TIE``, e.g. two equal
-    replies) is dropped; the others are kept as they are. One record per input pair: both readings, P(human chosen ≻
-    rejected) and what became of the pair ("kept", "swapped", "tie"). The summary counts them and gives the
-    judge's agreement with the human labels on these pairs (ties half), its position bias and order agreement."""
-    judged = _judge_pairs(judge, pairs)
-    out, records = [], []
-    for ex, j in zip(pairs, judged):
-        fate = "tie" if abs(j.prefer_a - 0.5) < TIE else "swapped" if j.prefer_a < 0.5 else "kept"
-        if fate == "kept":
-            out.append(ex)
-        elif fate == "swapped":
-            out.append({**ex, "chosen": ex["rejected"], "rejected": ex["chosen"]})
-        records.append({"id": ex["id"], "p_human_chosen_first": j.p_a_first, "p_human_chosen_second": j.p_a_second,
-                        "p_human_chosen": j.prefer_a, "label": fate})
-    count = {fate: sum(r["label"] == fate for r in records) for fate in ("kept", "swapped", "tie")}
-    n = max(len(pairs), 1)
-    summary = {"labels/n_pairs": len(pairs), "labels/kept": count["kept"], "labels/swapped": count["swapped"],
-               "labels/ties": count["tie"], "labels/judge_agreement": (count["kept"] + 0.5 * count["tie"]) / n,
-               **{k.replace("judge/", "labels/judge_"): v for k, v in _bias(judged).items()}}
+    """(pairs, records, summary): the pairs as the judge labels them (``judge_labels``, then ``apply_labels``). A
+    pair whose human-rejected reply the judge prefers (P(chosen ≻ rejected) < ½, both orders averaged) is swapped; a
+    tie (½ within ``TIE``, e.g. two equal replies) is dropped; the others are kept as they are."""
+    records = judge_labels(judge, pairs)
+    out, summary = apply_labels(pairs, records)
     return out, records, summary

@@ -114,7 +114,8 @@ def last_token_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         backbone = head = None
     if head is None or any(getattr(config, k, None) not in (None, 1.0) for k in _LOGIT_TRANSFORMS):
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1, token_ids].float()
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, -1].float()
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # each row from 0, however much it is padded
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).last_hidden_state[:, -1].float()
     logits = hidden @ head.weight[token_ids].float().T
     return logits + head.bias[token_ids].float() if getattr(head, "bias", None) is not None else logits
 

@@ -110,10 +110,16 @@ def load_reward(spec: str, name: str | None = None, max_length: int = 512, batch
     return RewardFunction(model, tok, name or "reward", max_length, batch_size)
 
 
-def judge_of(config: dict, spec: str | None) -> dict:
-    """``load_reward``'s judge arguments for ``spec`` from a run's saved config: the judge's model and principle when
-    the spec is "judge" (two runs with reward_model="judge" may ask different judges), else none."""
-    return {"judge_model": config.get("judge_model"), "judge_principle": config.get("judge_principle")} if spec == JUDGE else {}
+def score_replies(fn, prompts: list, replies: list, baselines: list[str]) -> torch.Tensor:
+    """``fn.score`` of the replies, handing each prompt's baseline reply to reward objects that take one
+    (``baselines``: ``RewardFunction``, ``JudgeReward``), and not to one of your own whose ``score(prompts,
+    completions)`` takes none."""
+    import inspect
+
+    params = inspect.signature(fn.score).parameters
+    if "baselines" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return fn.score(prompts, replies, baselines=baselines)
+    return fn.score(prompts, replies)
 
 
 class TokenSetReward:

@@ -30,7 +30,7 @@ from .arms import (DATA_PARAMS, MODEL_PARAMS, Arm, DataConfig, DPOArgs, GRPOArgs
                    RewardArgs, RLOOArgs, SFTArgs, SimPOArgs, arm_of, config_fields, make_config)  # re-exported
 from .compute import TokenCounter
 from .config import check_judge_fields, score_beta
-from .judge import Judge, relabel
+from .judge import Judge, apply_labels, judge_labels
 from .rewards import load_reward
 from .runs import Run
 
@@ -278,11 +278,14 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
         counter = TokenCounter(gradient_checkpointing=bool(getattr(cfg, "gradient_checkpointing", False)))
 
         # --- AI feedback: the training pairs as the judge labels them; the held-out pairs keep the human labels
-        labels_summary = {}
+        labels_summary, human_rows = {}, train_rows
         if cfg.pair_labels == "judge":
+            distributed.init_distributed()  # under torchrun each process judges its share: pairs rank, rank + n, ...
+            rank, n_proc = distributed.world()
             judge = Judge.load(cfg.judge_model or models.EMBEDDED_POLICY, principle=cfg.judge_principle)
             counter.attach(judge.model, role="reward")  # the judge's tokens count as a reward model's do
-            train_rows, label_records, labels_summary = relabel(judge, train_rows)
+            label_records = distributed.gather_rows(judge_labels(judge, train_rows[rank::n_proc]))
+            train_rows, labels_summary = apply_labels(train_rows, label_records)
             run.write_records("judge_labels", label_records)
             del judge
             print(f"[train] {method}: the judge relabelled {labels_summary['labels/n_pairs']} training pairs: "
@@ -320,7 +323,7 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
 
         # --- score held-out pairs: per pair and per token for a policy, per pair for a reward model
         summary = ({} if run.scratch is not None else  # another rank under torchrun: rank 0 looks and writes
-                   _heldout_summary(method, cfg, policy, tokenizer, train_rows, heldout, run, reward_fn, gold_fn))
+                   _heldout_summary(method, cfg, policy, tokenizer, human_rows, heldout, run, reward_fn, gold_fn))
         run.summary = {
             **{f"eval/{k}": v for k, v in summary.items()},
             "train/loss": result.training_loss,
@@ -339,7 +342,8 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
 
 def _heldout_summary(method: str, cfg, policy, tokenizer, train_rows, heldout, run: Run, reward_fn, gold_fn) -> dict:
     """The run's own held-out look, as summary metrics (the comparison across arms is ``evaluate``'s), beside the
-    length-only baseline: a rule fitted on this run's training pairs, lengths in this run's tokens."""
+    length-only baseline: a rule fitted on this run's training pairs with their human labels (as the held-out pairs
+    keep theirs, whoever labelled what the run trained on), lengths in this run's tokens."""
     arm = ARMS[method]
     scored = heldout[: cfg.data.n_score]
     length_rule = scoring.fit_length_rule(tokenizer, train_rows)
