@@ -71,7 +71,7 @@ def test_judge_labels_on_two_processes_equal_one_process(tiny_model_dir, hh_dir,
     assert [r["label"] for r in labels[0]] == [r["label"] for r in labels[1]]
     for a, b in zip(*labels):
         assert abs(a["p_human_chosen"] - b["p_human_chosen"]) < 1e-5
-    tokens = [json.loads((p / "compute.json").read_text())["tokens"]["reward_forward"] for p in (two, one)]
+    tokens = [json.loads((p / "compute.json").read_text())["tokens"]["judge_forward"] for p in (two, one)]
     assert tokens[0] == tokens[1] > 0, tokens  # judged once in all, not once per process
     a, b = (load_file(str(p / "adapter" / "adapter_model.safetensors")) for p in (two, one))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4

@@ -131,7 +131,8 @@ def test_dpo_trains_on_the_pairs_as_the_judge_labels_them(tiny_model_dir, hh_pai
         assert r["chosen"] == original[r["id"]]["rejected" if swapped else "chosen"]
     assert run.summary["labels/swapped"] == (labels["label"] == "swapped").sum() >= 1
     assert run.summary["train/pairs"] == len(seen)
-    assert json.loads((path / "compute.json").read_text())["tokens"]["reward_forward"] > 0  # the judge's reading
+    tokens = json.loads((path / "compute.json").read_text())["tokens"]
+    assert tokens["judge_forward"] > 0 and tokens["reward_forward"] == 0  # the judge's reading, under its own name
     heldout = run.records("heldout_pairs")  # scored with the human labels
     assert set(heldout["id"]) <= set(split["heldout_ids"])
 
@@ -175,7 +176,8 @@ def test_an_rl_arm_learns_from_the_judge_and_is_evaluated_with_it(tiny_model_dir
     assert run.metrics["rewards/proxy/mean" if method == "grpo" else "objective/scores"].notna().any()
     rollouts = run.records("heldout_rollouts")
     assert rollouts["score"].abs().max() < 9.3 and rollouts["score"].notna().all()  # log-odds, clamped
-    assert json.loads((path / "compute.json").read_text())["tokens"]["reward_forward"] > 0
+    compute = json.loads((path / "compute.json").read_text())
+    assert compute["tokens"]["judge_forward"] > 0 and compute["flops"]["judge_forward"] > 0
     out = evaluate.evaluate_run(path, evaluate.EvalConfig(n_prompts=2, n_samples=1, n_pairs=3, max_new_tokens=4,
                                                           n_bootstrap=20))
     saved = json.loads((out / "config.json").read_text())
@@ -217,6 +219,23 @@ def test_the_judge_reads_the_label_logits_in_float32(tiny_model_dir, smollm_toke
         else:  # bf16 rounding of the same numbers, and read finer than that
             torch.testing.assert_close(got.bfloat16().float(), own, atol=0.02, rtol=0.02)
             assert (got != got.bfloat16().float()).any()
+
+
+def test_a_judge_is_counted_under_its_own_name_and_once(tiny_model_dir):
+    """compute.json counts an AI judge's tokens as judge_forward with its own parameter count (not mixed into a
+    reward model's), and a judge attached twice (it labels and rewards) counts each token once."""
+    from workbench.compute import TokenCounter
+
+    model, _ = models.load_policy(models.ModelConfig(model_name_or_path=str(tiny_model_dir), load_in_4bit=False,
+                                                     use_peft=False), trainable=False)
+    counter = TokenCounter()
+    counter.attach(model, role="judge")
+    counter.attach(model, role="judge")
+    with torch.no_grad():
+        model(input_ids=torch.ones(1, 5, dtype=torch.long), attention_mask=torch.ones(1, 5, dtype=torch.long))
+    counter.detach()
+    assert counter.tokens["judge_forward"] == 5 and counter.tokens["reward_forward"] == 0
+    assert counter.flops()["judge_forward"] == 2 * counter.params["judge"] * 5 > 0
 
 
 def test_a_tokenizer_without_single_token_labels_is_refused(smollm_tokenizer):
@@ -303,7 +322,7 @@ def test_online_dpo_labelled_by_a_judge_runs_from_the_command_line(tiny_model_di
             wins = [r.p_a if r.a == s_ else 1 - r.p_a for r in group.itertuples() if s_ in (r.a, r.b)]
             assert label == pytest.approx(sum(wins) / 2, abs=1e-5)
     compute = json.loads((path / "compute.json").read_text())["tokens"]
-    assert compute["generated"] > 0 and compute["reward_forward"] > 0, compute  # the judge's reading is counted
+    assert compute["generated"] > 0 and compute["judge_forward"] > 0, compute  # the judge's reading is counted
     assert json.loads((path / "config.json").read_text())["judge_principle"] == judge.DEFAULT_PRINCIPLE
 
 

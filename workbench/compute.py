@@ -30,7 +30,7 @@ import torch
 
 from .distributed import all_sum
 
-KINDS = ("train", "forward", "reference_forward", "generated", "reward_forward")
+KINDS = ("train", "forward", "reference_forward", "generated", "reward_forward", "judge_forward")
 
 
 def matmul_params(model) -> int:
@@ -63,14 +63,19 @@ class TokenCounter:
     """Counts tokens per kind (``KINDS``) over the models it is attached to; ``attach`` once per model."""
 
     tokens: dict = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
-    params: dict = field(default_factory=dict)  # role ("trained" | "reward") -> N
+    params: dict = field(default_factory=dict)  # role ("trained" | "reward" | "judge") -> N
     full_training: dict = field(default_factory=dict)  # role -> True when all weights train (backward 4N, not 2N)
     gradient_checkpointing: bool = False
     _handles: list = field(default_factory=list, repr=False)
+    _models: list = field(default_factory=list, repr=False)
 
     def attach(self, model, role: str = "trained") -> None:
-        """Count ``model``'s forward calls as the model being trained (``role="trained"``) or as a reward model
-        that only scores (``role="reward"``)."""
+        """Count ``model``'s forward calls as the model being trained (``role="trained"``), as a reward model that
+        only scores (``role="reward"``) or as an AI judge (``role="judge"``, ``judge.Judge``). A model already
+        attached is not counted twice (a judge that both labels and rewards)."""
+        if any(m is model for m in self._models):
+            return
+        self._models.append(model)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         backbone = getattr(base, base.base_model_prefix)
         lora = _lora_layer(model)
@@ -85,8 +90,8 @@ class TokenCounter:
             new = ref.shape[1]  # tokens this call adds (decode steps add 1 per row)
             mask = kwargs.get("attention_mask")
             n = int(mask[:, -new:].sum()) if torch.is_tensor(mask) and mask.dim() == 2 else ref.shape[0] * new
-            if role == "reward":
-                kind = "reward_forward"
+            if role in ("reward", "judge"):
+                kind = f"{role}_forward"
             elif torch.is_grad_enabled():
                 kind = "train"
             elif _is_reference(lora):
@@ -103,6 +108,7 @@ class TokenCounter:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._models.clear()
 
     def sum_over_processes(self) -> None:
         """Under several processes (torchrun), every count becomes the sum over all of them: the run's compute."""
@@ -111,7 +117,7 @@ class TokenCounter:
 
     def flops(self) -> dict:
         """FLOPs per kind, 2N per forward token; training tokens add the backward (and recomputation)."""
-        n_pol, n_rm = self.params.get("trained", 0), self.params.get("reward", 0)
+        n_pol, n_rm, n_judge = (self.params.get(role, 0) for role in ("trained", "reward", "judge"))
         backward = 4 if self.full_training.get("trained") else 2
         train = 2 + backward + (2 if self.gradient_checkpointing else 0)
         out = {
@@ -120,6 +126,7 @@ class TokenCounter:
             "reference_forward": 2 * n_pol * self.tokens["reference_forward"],
             "generated": 2 * n_pol * self.tokens["generated"],
             "reward_forward": 2 * n_rm * self.tokens["reward_forward"],
+            "judge_forward": 2 * n_judge * self.tokens["judge_forward"],
         }
         out["total"] = sum(out.values())
         return out

@@ -31,7 +31,7 @@ from .arms import (DATA_PARAMS, MODEL_PARAMS, Arm, DataConfig, DPOArgs, GRPOArgs
 from .compute import TokenCounter
 from .config import check_judge_fields, score_beta
 from .judge import Judge, apply_labels, judge_labels
-from .rewards import load_reward
+from .rewards import JudgeReward, load_reward
 from .runs import Run
 
 
@@ -179,8 +179,9 @@ def _load_and_build(method: str, cfg, train_rows: list[dict], run: Run, reward_f
             model.load_adapter(sft_adapter, adapter_name="ref", is_trainable=False)
             model.set_adapter("default")
         judge = None
-        if cfg.labeller == "judge":
-            judge = Judge.load(cfg.judge_model or models.EMBEDDED_POLICY, principle=cfg.judge_principle)
+        if cfg.labeller == "judge":  # the reward's judge if the reward is the same judge, else its own
+            judge = (reward_fn.judge if isinstance(reward_fn, JudgeReward) and cfg.reward_model == "judge" else
+                     Judge.load(cfg.judge_model or models.EMBEDDED_POLICY, principle=cfg.judge_principle))
         trainer = online_dpo.OnlineDPOTrainer(cfg, model, tokenizer, data.prompt_view(train_rows), run, reward_fn,
                                               gold_fn, judge)
         return model, tokenizer, trainer
@@ -283,7 +284,7 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
             distributed.init_distributed()  # under torchrun each process judges its share: pairs rank, rank + n, ...
             rank, n_proc = distributed.world()
             judge = Judge.load(cfg.judge_model or models.EMBEDDED_POLICY, principle=cfg.judge_principle)
-            counter.attach(judge.model, role="reward")  # the judge's tokens count as a reward model's do
+            counter.attach(judge.model, role="judge")
             label_records = distributed.gather_rows(judge_labels(judge, train_rows[rank::n_proc]))
             train_rows, labels_summary = apply_labels(train_rows, label_records)
             run.write_records("judge_labels", label_records)
@@ -294,15 +295,15 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
         # --- the model and its trainer; train under the token counter (compute.json)
         policy, tokenizer, trainer = _load_and_build(method, cfg, train_rows, run, reward_fn, gold_fn)
         counter.attach(policy)
-        for scorer in (reward_fn, getattr(trainer, "judge", None)):  # what labels the samples: reward model or judge
+        for scorer in (reward_fn, getattr(trainer, "judge", None)):  # what scores the samples: reward model or judge
             if getattr(scorer, "model", None) is not None:
-                counter.attach(scorer.model, role="reward")
+                counter.attach(scorer.model, role="judge" if isinstance(scorer, (Judge, JudgeReward)) else "reward")
         checkpoint = None
         if resumable:  # a killed attempt's last checkpoint: its steps, metrics and token counts carry on from there
             trainer.add_callback(_CheckpointCounts(counter))
             checkpoint = _last_checkpoint(Path(cfg.output_dir))
             if checkpoint is not None:
-                counter.tokens = json.loads((checkpoint / "workbench_tokens.json").read_text())
+                counter.tokens = {**counter.tokens, **json.loads((checkpoint / "workbench_tokens.json").read_text())}
                 run.drop_metrics_after(int(checkpoint.name.split("-")[1]))
                 print(f"[train] {method}: resuming from {checkpoint}", flush=True)
         result = trainer.train(resume_from_checkpoint=str(checkpoint)) if checkpoint else trainer.train()
