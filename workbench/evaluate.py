@@ -416,9 +416,9 @@ def _reward_judge(cfg: EvalConfig, saved: dict) -> dict:
 
 def judge_agreement(cfg: EvalConfig, eval_pairs: list[dict]) -> tuple[dict, list]:
     """The AI judge of ``cfg.judge_model`` on the evaluation's pairs: (summary, per-pair records), ``judge.agreement``."""
-    from .judge import DEFAULT_PRINCIPLE, Judge, agreement
+    from .judge import Judge, agreement
 
-    judge = Judge.load(cfg.judge_model, principle=cfg.judge_principle or DEFAULT_PRINCIPLE)
+    judge = Judge.load(cfg.judge_model, principle=cfg.judge_principle)
     summary, records = agreement(judge, eval_pairs, cfg.n_bootstrap, cfg.seed)
     print(f"[evaluate] judge {cfg.judge_model}: agreement with the human labels {summary['judge/accuracy']:.3f} "
           f"[{summary['judge/accuracy_lo']:.3f}, {summary['judge/accuracy_hi']:.3f}] on {len(eval_pairs)} pairs, "

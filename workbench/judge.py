@@ -75,10 +75,11 @@ class Judge:
             p.requires_grad_(False)
 
     @classmethod
-    def load(cls, spec: str = models.EMBEDDED_POLICY, **kwargs) -> "Judge":
-        cfg = models.ModelConfig(model_name_or_path=spec, load_in_4bit=False, use_peft=False)
+    def load(cls, spec: str | None = None, principle: str | None = None, **kwargs) -> "Judge":
+        """The judge ``spec`` (None: the embedded policy) asked with ``principle`` (None: ``DEFAULT_PRINCIPLE``)."""
+        cfg = models.ModelConfig(model_name_or_path=spec or models.EMBEDDED_POLICY, load_in_4bit=False, use_peft=False)
         model, tokenizer = models.load_policy(cfg, trainable=False)
-        return cls(model, tokenizer, **kwargs)
+        return cls(model, tokenizer, principle=principle or DEFAULT_PRINCIPLE, **kwargs)
 
     def _question(self, prompt: list[dict], first: str, second: str) -> list[int]:
         context = _render(prompt)[-self.max_context_chars:]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import models
-from .judge import DEFAULT_PRINCIPLE, Judge
+from .judge import Judge
 from .scoring import reward_scores
 
 JUDGE = "judge"  # reward_model="judge": the AI judge (the config's judge_model) is the reward
@@ -89,8 +89,7 @@ def load_reward(spec: str, name: str | None = None, max_length: int = 512, batch
     ``adapter/`` on the recorded backbone), a sequence-classification model by hub name or local path, or "judge":
     ``JudgeReward`` asking ``judge_model`` (None: the embedded policy) with ``judge_principle``."""
     if spec == JUDGE:
-        judge = Judge.load(judge_model or models.EMBEDDED_POLICY, principle=judge_principle or DEFAULT_PRINCIPLE,
-                           batch_size=batch_size)
+        judge = Judge.load(judge_model, principle=judge_principle, batch_size=batch_size)
         return JudgeReward(judge, name or JUDGE)
     path = Path(spec)
     if (path / "config.json").exists() and ((path / "model").is_dir() or (path / "adapter").is_dir()):

@@ -181,7 +181,7 @@ def _load_and_build(method: str, cfg, train_rows: list[dict], run: Run, reward_f
         judge = None
         if cfg.labeller == "judge":  # the reward's judge if the reward is the same judge, else its own
             judge = (reward_fn.judge if isinstance(reward_fn, JudgeReward) and cfg.reward_model == "judge" else
-                     Judge.load(cfg.judge_model or models.EMBEDDED_POLICY, principle=cfg.judge_principle))
+                     Judge.load(cfg.judge_model, principle=cfg.judge_principle))
         trainer = online_dpo.OnlineDPOTrainer(cfg, model, tokenizer, data.prompt_view(train_rows), run, reward_fn,
                                               gold_fn, judge)
         return model, tokenizer, trainer
@@ -283,7 +283,7 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
         if cfg.pair_labels == "judge":
             distributed.init_distributed()  # under torchrun each process judges its share: pairs rank, rank + n, ...
             rank, n_proc = distributed.world()
-            judge = Judge.load(cfg.judge_model or models.EMBEDDED_POLICY, principle=cfg.judge_principle)
+            judge = Judge.load(cfg.judge_model, principle=cfg.judge_principle)
             counter.attach(judge.model, role="judge")
             label_records = distributed.gather_rows(judge_labels(judge, train_rows[rank::n_proc]))
             train_rows, labels_summary = apply_labels(train_rows, label_records)
