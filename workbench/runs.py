@@ -42,6 +42,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import malloc
+
+
 def process_rank() -> int:
     """This process's rank under torchrun / accelerate (``RANK``), 0 when alone. Only rank 0 writes the run folder."""
     return int(os.environ.get("RANK", 0))
@@ -121,6 +124,7 @@ def environment() -> dict:
         "dtype_auto": str(compute_dtype("auto")).removeprefix("torch."),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "malloc": malloc.policy(),  # what the C allocator keeps (malloc.py); it changes speed, not results
     }
 
 
