@@ -321,6 +321,31 @@ def test_an_sft_adapters_logps_are_computed_once_and_equal_a_fresh_pass(study):
     assert len(cache) == 3, "DPO's and IPO's adapters, and their one reference"
 
 
+def test_workers_evaluate_as_one_process_does(study):
+    """evaluate_runs with 2 worker processes: the SFT run first in this process (its adapter is the others'
+    reference), every other run in a worker with its share of the threads; the same numbers as one process, and
+    the SFT adapter's log-probs reach the workers through the cache (not computed again)."""
+    import dataclasses
+
+    root, cfg, table = study
+    threads = torch.get_num_threads()
+    paths = evaluate.evaluate_runs(root, dataclasses.replace(cfg, name="workers", workers=2))
+    assert sorted(map(str, paths)) == sorted(table["path"])
+    sft = Path(table[table["method"] == "sft"].iloc[0]["path"])
+    shared = [(p["policy_chosen_logp"], p["policy_rejected_logp"]) for p in runs.read_eval(sft, "workers")["pairs"]]
+    for _, row in table.iterrows():
+        one, two = runs.read_eval(row["path"]), runs.read_eval(row["path"], "workers")
+        assert two["config"]["torch_threads"] == (threads if row["method"] == "sft" else max(1, threads // 2))
+        assert [g["completion"] for g in two["generations"]] == [g["completion"] for g in one["generations"]]
+        for key, value in one["summary"].items():
+            if isinstance(value, float) and key != "time/eval_s":
+                assert two["summary"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), (row["method"], key)
+        if row["method"] in ("dpo", "ipo", "ppo"):  # their reference is the SFT adapter: from the cache, bit for bit
+            assert [(p["reference_chosen_logp"], p["reference_rejected_logp"]) for p in two["pairs"]] == shared
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        evaluate.EvalConfig(workers=0)
+
+
 def table_cfg(cfg, table, **changes):
     """The EvalConfig evaluate_runs used (its data and reward models filled in from the runs)."""
     import dataclasses

@@ -33,9 +33,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from . import data, models, scoring, stats
 from .runs import atomic_folder, run_info, run_paths, to_jsonable, write_json, write_jsonl
@@ -76,9 +81,12 @@ class EvalConfig:
     length_tokenizer: str | None = None  # tokenizer (model name, local path or embedded:...) that counts the tokens of
     # every length baseline; None: the base model of the policy runs evaluated (evaluate_run alone: the run's own
     # base, or models.EMBEDDED_POLICY for a reward model)
+    workers: int = 1  # evaluate_runs: runs evaluated at once, each worker a process with its share of this process's
+    # threads (1: all in this process). On 2 CPU cores 2 workers of 1 thread take ~20 % less time than one of 2
+    # threads: sampling is bound by per-token overhead and gains little from a second thread (evaluate_runs)
 
     def __post_init__(self):
-        for f in ("n_prompts", "n_samples", "n_pairs", "max_new_tokens", "batch_size", "n_bootstrap"):
+        for f in ("n_prompts", "n_samples", "n_pairs", "max_new_tokens", "batch_size", "n_bootstrap", "workers"):
             if getattr(self, f) < 1:
                 raise ValueError(f"EvalConfig.{f} must be >= 1 (got {getattr(self, f)}).")
         if not self.temperature > 0 or not 0 < self.top_p <= 1:
@@ -203,6 +211,23 @@ def _pair_accuracies(records: list[dict], reference_free: bool, cfg: "EvalConfig
             "pairs/implicit_accuracy": implicit, "pairs/avg_logp_accuracy": avg_acc, "pairs/margin": sum(r["margin"] for r in records) / n}
 
 
+def reward_readings(proxy, gold, prompts: list[dict], pairs: list[dict]) -> dict:
+    """What the reward models (None: left out) say of the evaluation's fixed texts, the same for every run and so
+    computed once by ``evaluate_runs``: "summary", their accuracy on the pairs (``pairs/proxy_rm_accuracy``,
+    ``pairs/gold_rm_accuracy``: how often the chosen response scores above the rejected one), and "chosen", their
+    scores of each prompt's chosen response (``chosen_score``, ``chosen_gold_score``; for win rates)."""
+    from .rewards import score_replies
+
+    out = {"summary": {}, "chosen": {}}
+    for name, fn in (("proxy", proxy), ("gold", gold)):
+        if fn is not None:
+            out["summary"][f"pairs/{name}_rm_accuracy"] = _rm_accuracy(fn, pairs)
+            chosen = [p["chosen"] for p in prompts]
+            out["chosen"]["chosen_score" if name == "proxy" else "chosen_gold_score"] = score_replies(
+                fn, [p["prompt"] for p in prompts], chosen, chosen).tolist()
+    return out
+
+
 def _rm_accuracy(fn, pairs: list[dict]) -> float:
     from .rewards import score_replies
 
@@ -231,7 +256,7 @@ def _generation_summary(gens: list[dict], cfg: EvalConfig) -> dict:
 
 def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=None, pairs: list[dict] | None = None,
                  overwrite: bool = False, length: LengthBaseline | None = None, logps_cache: dict | None = None,
-                 judged: tuple[dict, list] | None = None) -> Path:
+                 judged: tuple[dict, list] | None = None, reward_cache: dict | None = None) -> Path:
     """Evaluate one run folder into ``<run>/eval/<cfg.name>/`` and return that folder. An evaluation already there
     under the same settings is kept (evaluations resume); under other settings it is an error unless ``overwrite``
     (one written before a setting existed is redone). ``proxy`` / ``gold``: reward functions already loaded
@@ -239,7 +264,9 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
     split (``fit_length_baseline``; fitted here otherwise); ``logps_cache``: a dict kept across runs, so that the
     log-probs of one set of weights on the evaluation pairs (an SFT run's adapter: that run's policy and the
     reference of every arm trained from it) are computed once (``scoring.score_pairs``); ``judged``: the AI judge's
-    (summary, records) on these pairs (``judge.agreement``; computed here when ``cfg.judge_model`` is set)."""
+    (summary, records) on these pairs (``judge.agreement``; computed here when ``cfg.judge_model`` is set);
+    ``reward_cache``: a dict kept across runs evaluated with the same reward models, prompts and pairs, filled
+    with their ``reward_readings`` on first use."""
     from .rewards import JUDGE, load_reward
 
     run_path, cfg = Path(run_path), cfg or EvalConfig()
@@ -257,7 +284,9 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
         whose = "the default policy" if info["is_reward_model"] else "the run's base model"
         print(f"[evaluate] {run_path.name}: length baseline in tokens of {length_name} ({whose})", flush=True)
     out = run_path / "eval" / cfg.name
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("reward_judge_model", "reward_judge_principle")}
+    # how many processes evaluated at once changes the time, not what is measured
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("reward_judge_model", "reward_judge_principle", "workers")}
     record = to_jsonable({**settings, "data": data_cfg, "proxy_reward_model": proxy_spec,  # as resolved for this run
                           "gold_reward_model": gold_spec, "beta": beta, "reference": info["reference"],
                           "length_tokenizer": length_name, "reward_judge": judge})
@@ -265,7 +294,7 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
         before = json.loads((out / "config.json").read_text())
         # a setting added since, and off now (None: e.g. no judge), changes nothing that was measured
         unset = {k for k, v in record.items() if k not in before and v is None}
-        if {k: v for k, v in before.items() if k not in ("prompt_ids", "pair_ids", "length_rule")} == {
+        if {k: v for k, v in before.items() if k not in ("prompt_ids", "pair_ids", "length_rule", "torch_threads")} == {
                 k: v for k, v in record.items() if k not in unset}:
             print(f"[evaluate] {run_path.name}: already evaluated as '{cfg.name}', kept", flush=True)
             return out
@@ -287,9 +316,14 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
 
     with atomic_folder(out) as partial:
         write_json(partial / "config.json", {**record, "prompt_ids": [p["id"] for p in prompts],
-                                             "pair_ids": [ex["id"] for ex in eval_pairs], "length_rule": length.rule.to_dict()})
+                                             "pair_ids": [ex["id"] for ex in eval_pairs], "length_rule": length.rule.to_dict(),
+                                             "torch_threads": torch.get_num_threads()})
+        readings = {} if reward_cache is None else reward_cache
+        if not readings:
+            readings.update(reward_readings(proxy, gold, prompts, eval_pairs))
         gens, pair_records, summary = _evaluate(run_path, info, cfg, beta, prompts, eval_pairs, proxy, gold, length,
-                                                logps_cache)
+                                                logps_cache, readings["chosen"])
+        summary.update(readings["summary"])
         if cfg.judge_model:  # the AI judge on the same pairs, beside the reward models and the length rule
             judged = judged or judge_agreement(cfg, eval_pairs)
             summary.update({k.replace("judge/", "pairs/judge_"): v for k, v in judged[0].items()})
@@ -302,10 +336,10 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
 
 
 def _evaluate(run_path: Path, info: dict, cfg: EvalConfig, beta: float, prompts: list[dict], eval_pairs: list[dict],
-              proxy, gold, length: LengthBaseline, logps_cache: dict | None) -> tuple[list, list, dict]:
+              proxy, gold, length: LengthBaseline, logps_cache: dict | None, chosen_scores: dict) -> tuple[list, list, dict]:
     """(generations, pair records, summary) of one run: a policy's samples and its implicit reward on the pairs,
     or a reward model's ranking of the pairs; for both the length baseline and the reward models' accuracy."""
-    from .rewards import load_reward, score_replies
+    from .rewards import load_reward
 
     summary = {}
     if info["is_reward_model"]:  # a reward model is evaluated by how it ranks held-out pairs
@@ -321,14 +355,11 @@ def _evaluate(run_path: Path, info: dict, cfg: EvalConfig, beta: float, prompts:
                                   rewards={"score": proxy, "gold_score": gold}, max_prompt_length=cfg.max_prompt_length,
                                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                   seed=cfg.seed, batch_size=cfg.batch_size, length_sorted=cfg.length_sorted)
-        # the dataset's chosen response to each prompt, judged by the same reward models
+        # the dataset's chosen response to each prompt, judged by the same reward models (``reward_readings``)
         chosen = {p["id"]: p for p in prompts}
-        for key, fn in (("chosen_score", proxy), ("chosen_gold_score", gold)):
-            if fn is not None:
-                s = score_replies(fn, [p["prompt"] for p in prompts], [p["chosen"] for p in prompts],
-                                  [p["chosen"] for p in prompts])
-                for p, v in zip(prompts, s.tolist()):
-                    p[key] = v
+        for key, values in chosen_scores.items():
+            for p, v in zip(prompts, values):
+                p[key] = v
         for p in prompts:  # its length in tokens, as the samples' response_tokens count them (end of turn included)
             p["chosen_tokens"] = len(models.encode(tokenizer, p["prompt"], [{"role": "assistant", "content": p["chosen"]}])[1])
         for g in gens:
@@ -345,9 +376,6 @@ def _evaluate(run_path: Path, info: dict, cfg: EvalConfig, beta: float, prompts:
     # the length-only baseline on the same pairs, in the evaluation's one unit
     scoring.add_lengths(pair_records, eval_pairs, length.tokenizer, length.rule)
     summary.update(_length_summary(pair_records, length.rule, cfg))
-    for key, fn in (("pairs/proxy_rm_accuracy", proxy), ("pairs/gold_rm_accuracy", gold)):
-        if fn is not None:
-            summary[key] = _rm_accuracy(fn, eval_pairs)
     return gens, pair_records, summary
 
 
@@ -357,7 +385,7 @@ def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | No
     and gold reward models are loaded once: ``cfg``'s, else those the RL runs among ``runs`` were trained and
     measured with (they must agree). The length baseline is fitted once, in tokens of ``cfg.length_tokenizer``,
     else of the first policy run's base model."""
-    from .rewards import JUDGE, load_reward
+    from .rewards import JUDGE
 
     cfg = cfg or EvalConfig()
     paths = run_paths(runs)
@@ -392,17 +420,82 @@ def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | No
     length = fit_length_baseline(cfg.length_tokenizer, cfg.data, pairs)
     print(f"[evaluate] length baseline: {length.rule.describe()} (fitted on {length.rule.n_train} training pairs, "
           f"training accuracy {length.rule.train_accuracy:.3f})", flush=True)
-    proxy, gold = (load_reward(spec, name=name, **(_reward_judge(cfg, {}) if spec == JUDGE else {})) if spec else None
-                   for spec, name in ((cfg.proxy_reward_model, "proxy"), (cfg.gold_reward_model, "gold")))
-    logps_cache: dict = {}  # one SFT adapter's log-probs on the pairs serve its run and every arm trained from it
+    proxy, gold = _load_rewards(cfg)
     judged = None
     if cfg.judge_model:  # judged once: the pairs are the same for every run
         _, eval_pairs, _ = eval_set(cfg.data, cfg.n_prompts, cfg.n_pairs, pairs)
         judged = judge_agreement(cfg, eval_pairs)
-    for i, p in enumerate(paths):
+    # one SFT adapter's log-probs on the pairs serve its run and every arm trained from it; what the reward models
+    # say of the fixed prompts and pairs is the same for every run
+    shared = {"pairs": pairs, "length": length, "judged": judged, "logps_cache": {}, "reward_cache": {}}
+    first = _evaluated_first(paths) if cfg.workers > 1 else paths
+    rest = [p for p in paths if p not in first]
+    for i, p in enumerate(first):
         print(f"[evaluate] {i + 1}/{len(paths)} {p.name}", flush=True)
-        evaluate_run(p, cfg, proxy=proxy, gold=gold, pairs=pairs, length=length, logps_cache=logps_cache, judged=judged)
+        evaluate_run(p, cfg, proxy=proxy, gold=gold, **shared)
+    if rest:
+        if not shared["reward_cache"]:  # before the workers start, so that none computes it again
+            prompts, eval_pairs, _ = eval_set(cfg.data, cfg.n_prompts, cfg.n_pairs, pairs)
+            shared["reward_cache"].update(reward_readings(proxy, gold, prompts, eval_pairs))
+        threads = max(1, torch.get_num_threads() // cfg.workers)
+        print(f"[evaluate] the other {len(rest)} runs in {min(cfg.workers, len(rest))} processes of {threads} "
+              f"thread(s) each", flush=True)
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools or kernel state
+        tqdm_before = os.environ.get("TQDM_DISABLE")
+        os.environ["TQDM_DISABLE"] = "1"  # read by tqdm in the workers as they start; this process's tqdm read it already
+        try:
+            with ProcessPoolExecutor(min(cfg.workers, len(rest)), mp_context=ctx, initializer=_worker_start,
+                                     initargs=(cfg, shared, threads)) as pool:
+                for p in pool.map(_worker_evaluate, [str(p) for p in rest]):
+                    print(f"[evaluate] done: {Path(p).parent.parent.name}", flush=True)
+        finally:
+            if tqdm_before is None:
+                del os.environ["TQDM_DISABLE"]
+            else:
+                os.environ["TQDM_DISABLE"] = tqdm_before
     return paths
+
+
+def _load_rewards(cfg: EvalConfig) -> tuple:
+    """(proxy, gold) reward functions of an evaluation whose specs ``evaluate_runs`` resolved (None where unset)."""
+    from .rewards import JUDGE, load_reward
+
+    return tuple(load_reward(spec, name=name, **(_reward_judge(cfg, {}) if spec == JUDGE else {})) if spec else None
+                 for spec, name in ((cfg.proxy_reward_model, "proxy"), (cfg.gold_reward_model, "gold")))
+
+
+def _evaluated_first(paths: list[Path]) -> list[Path]:
+    """The runs ``evaluate_runs`` evaluates in its own process before the workers start: those whose log-probs
+    on the pairs other runs need as their reference's (an SFT run: its adapter is the reference of every arm
+    trained from it), and one run for each reference not covered so. Their entries in the log-prob cache go to
+    every worker, so no reference pass is computed twice."""
+    keys = {p: _weights_keys(p) for p in paths if not run_info(p)["is_reward_model"]}
+    references = {k["reference_key"] for k in keys.values()}
+    first = [p for p, k in keys.items() if k["policy_key"] in references]
+    covered = {key for p in first for key in keys[p].values()}
+    for p, k in keys.items():
+        if k["reference_key"] not in covered:
+            first.append(p)
+            covered.update(k.values())
+    return first
+
+
+_worker: dict = {}
+
+
+def _worker_start(cfg: EvalConfig, shared: dict, threads: int) -> None:
+    """A worker process of ``evaluate_runs``: its threads, no progress bars (they would interleave with the other
+    workers'; tqdm's are off through the environment it was started with), and the reward models loaded once."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(threads)
+    proxy, gold = _load_rewards(cfg)
+    _worker.update(cfg=cfg, kwargs={"proxy": proxy, "gold": gold, **shared})
+
+
+def _worker_evaluate(path: str) -> str:
+    return str(evaluate_run(Path(path), _worker["cfg"], **_worker["kwargs"]))
 
 
 def _reward_judge(cfg: EvalConfig, saved: dict) -> dict:
