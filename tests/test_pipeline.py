@@ -82,3 +82,34 @@ def test_the_same_seed_gives_the_same_results_table(tiny_model_dir, hh_dir, tmp_
     assert {"pairs/accuracy", "eval/gold", "eval/kl"} <= set(numeric)
     for c in a.columns:
         assert a[c].equals(b[c]), f"{c}: {a[c].tolist()} != {b[c].tolist()}"
+
+
+def test_the_main_job_puts_figures_and_draft_where_it_is_told(tiny_model_dir, hh_dir, tmp_path, monkeypatch):
+    """``workbench main --figures DIR --paper FILE``: the evaluate stage exports the figures into DIR (the grid's
+    default figures_dir is replaced) and the draft links them there; nothing is written to ./figures."""
+    from pathlib import Path
+
+    import yaml
+
+    from workbench import pipeline
+
+    grid = {"name": "tiny-main", "runs_dir": "runs/main",
+            "defaults": {"split": "test", "n_train": 4, "n_score": 2, "max_steps": 1, "figures_dir": "figures"},
+            "stages": [{"stage": "sft", "notebook": "01_sft.ipynb", "params": {"per_device_train_batch_size": 2, "max_length": 160}},
+                       *({"stage": h, "notebook": "02_reward.ipynb",
+                          "params": {"half": h[0], "run_name": h, "n_train": 8, "per_device_train_batch_size": 4,
+                                     "max_length": 160, "model": "embedded:all-minilm-l6-v2"}} for h in ("a-proxy", "b-gold")),
+                       {"stage": "evaluate", "notebook": "05_evaluate.ipynb", "always": True,
+                        "params": {"n_prompts": 2, "n_samples": 1, "n_pairs": 2, "max_new_tokens": 4, "n_bootstrap": 50,
+                                   "proxy_reward_model": "@a-proxy", "gold_reward_model": "@b-gold"}}]}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    monkeypatch.chdir(tmp_path)
+    result = pipeline.run_study(tmp_path / "grid.yaml", runs_dir=str(tmp_path / "runs"), figures_dir=str(tmp_path / "out" / "figs"),
+                                paper_path=str(tmp_path / "out" / "draft.md"),
+                                overrides={"model": str(tiny_model_dir), "data_source": str(hh_dir)})
+    assert not result.failed
+    figs = sorted(p.name for p in (tmp_path / "out" / "figs").glob("*.png"))
+    assert "frontier.png" in figs and len(figs) >= 5, figs
+    assert not (tmp_path / "figures").exists(), "the grid's default figures_dir was replaced"
+    draft = Path(tmp_path / "out" / "draft.md").read_text()
+    assert "figs/frontier.png" in draft

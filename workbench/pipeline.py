@@ -15,15 +15,17 @@ MAIN_GRID = Path(__file__).resolve().parents[1] / "grids" / "main.yaml"
 
 
 def run_study(grid: str | Path = MAIN_GRID, runs_dir: str | None = None, figures_dir: str = "figures",
-              paper_path: str = "papers/draft.md", seeds: list[int] | None = None):
+              paper_path: str = "papers/draft.md", seeds: list[int] | None = None, overrides: dict | None = None):
     """Run (or resume) the study's sweep, then fill the paper draft; returns the sweep's result. ``seeds``: the
     same study once per seed (the grid's own seed otherwise); the table and figures then show intervals across
-    seeds."""
+    seeds. ``overrides`` replace the grid's defaults (``sweep.run_sweep``); ``figures_dir`` is one of them, so the
+    evaluate stage exports the figures where the draft links them."""
     from . import paper
     from .sweep import run_sweep
 
     t0 = time.time()
-    result = run_sweep(grid, runs_dir=runs_dir, seeds=seeds)
+    result = run_sweep(grid, overrides={**(overrides or {}), "figures_dir": str(figures_dir)}, runs_dir=runs_dir,
+                       seeds=seeds)
     if result.table is None or result.table.empty:
         raise RuntimeError(f"The study produced no evaluated runs; see the job states in {result.state_dir}/jobs/.\n{result.report()}")
     draft = paper.build(result.table, paper_path, figures_dir)
