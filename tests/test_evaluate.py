@@ -322,9 +322,9 @@ def test_an_sft_adapters_logps_are_computed_once_and_equal_a_fresh_pass(study):
 
 
 def test_workers_evaluate_as_one_process_does(study):
-    """evaluate_runs with 2 worker processes: the SFT run first in this process (its adapter is the others'
-    reference), every other run in a worker with its share of the threads; the same numbers as one process, and
-    the SFT adapter's log-probs reach the workers through the cache (not computed again)."""
+    """evaluate_runs with 2 worker processes: the SFT adapter's log-probs on the pairs first, in this process (it
+    is the others' reference), then every run in a worker with its share of the threads; the same numbers as one
+    process, and the SFT adapter's log-probs reach the workers through the cache (not computed again)."""
     import dataclasses
 
     root, cfg, table = study
@@ -335,7 +335,7 @@ def test_workers_evaluate_as_one_process_does(study):
     shared = [(p["policy_chosen_logp"], p["policy_rejected_logp"]) for p in runs.read_eval(sft, "workers")["pairs"]]
     for _, row in table.iterrows():
         one, two = runs.read_eval(row["path"]), runs.read_eval(row["path"], "workers")
-        assert two["config"]["torch_threads"] == (threads if row["method"] == "sft" else max(1, threads // 2))
+        assert two["config"]["torch_threads"] == max(1, threads // 2)
         assert [g["completion"] for g in two["generations"]] == [g["completion"] for g in one["generations"]]
         for key, value in one["summary"].items():
             if isinstance(value, float) and key != "time/eval_s":

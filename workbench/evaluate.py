@@ -384,7 +384,9 @@ def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | No
     and return the run folders evaluated (``results.results_table(paths, cfg.name)`` tabulates them). The proxy
     and gold reward models are loaded once: ``cfg``'s, else those the RL runs among ``runs`` were trained and
     measured with (they must agree). The length baseline is fitted once, in tokens of ``cfg.length_tokenizer``,
-    else of the first policy run's base model."""
+    else of the first policy run's base model. With ``cfg.workers`` > 1 the runs not yet evaluated are evaluated
+    in that many processes, each with its share of this process's threads, after the log-probs on the pairs of
+    the weights they share (an SFT adapter) are computed here; each evaluation records its thread count."""
     from .rewards import JUDGE
 
     cfg = cfg or EvalConfig()
@@ -428,25 +430,33 @@ def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | No
     # one SFT adapter's log-probs on the pairs serve its run and every arm trained from it; what the reward models
     # say of the fixed prompts and pairs is the same for every run
     shared = {"pairs": pairs, "length": length, "judged": judged, "logps_cache": {}, "reward_cache": {}}
-    first = _evaluated_first(paths) if cfg.workers > 1 else paths
-    rest = [p for p in paths if p not in first]
-    for i, p in enumerate(first):
+    # with workers: the runs not evaluated yet go to them, policies first (the reward models' runs are short)
+    todo = [p for p in paths if not (p / "eval" / cfg.name / "summary.json").exists()] if cfg.workers > 1 else []
+    todo = sorted(todo, key=lambda p: run_info(p)["is_reward_model"]) if len(todo) > 1 else []
+    for i, p in enumerate(p for p in paths if p not in todo):
         print(f"[evaluate] {i + 1}/{len(paths)} {p.name}", flush=True)
         evaluate_run(p, cfg, proxy=proxy, gold=gold, **shared)
-    if rest:
-        if not shared["reward_cache"]:  # before the workers start, so that none computes it again
-            prompts, eval_pairs, _ = eval_set(cfg.data, cfg.n_prompts, cfg.n_pairs, pairs)
-            shared["reward_cache"].update(reward_readings(proxy, gold, prompts, eval_pairs))
+    if todo:
+        # first, in this process: what the reward models say of the prompts and pairs, and the log-probs on the pairs
+        # of the weights several runs share (an SFT adapter), so that no worker computes them again
+        prompts, eval_pairs, _ = eval_set(cfg.data, cfg.n_prompts, cfg.n_pairs, pairs)
+        shared["reward_cache"].update(reward_readings(proxy, gold, prompts, eval_pairs))
+        for p in _runs_with_shared_weights(todo):
+            print(f"[evaluate] log-probs on the pairs of {p.name}, which other runs share", flush=True)
+            model, tokenizer = load_run_policy(p)
+            scoring.score_pairs(model, tokenizer, eval_pairs, max_length=cfg.max_length, cache=shared["logps_cache"],
+                                **_weights_keys(p))
+            del model
         threads = max(1, torch.get_num_threads() // cfg.workers)
-        print(f"[evaluate] the other {len(rest)} runs in {min(cfg.workers, len(rest))} processes of {threads} "
-              f"thread(s) each", flush=True)
+        print(f"[evaluate] {len(todo)} runs in {min(cfg.workers, len(todo))} processes of {threads} thread(s) each",
+              flush=True)
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools or kernel state
         tqdm_before = os.environ.get("TQDM_DISABLE")
         os.environ["TQDM_DISABLE"] = "1"  # read by tqdm in the workers as they start; this process's tqdm read it already
         try:
-            with ProcessPoolExecutor(min(cfg.workers, len(rest)), mp_context=ctx, initializer=_worker_start,
+            with ProcessPoolExecutor(min(cfg.workers, len(todo)), mp_context=ctx, initializer=_worker_start,
                                      initargs=(cfg, shared, threads)) as pool:
-                for p in pool.map(_worker_evaluate, [str(p) for p in rest]):
+                for p in pool.map(_worker_evaluate, [str(p) for p in todo]):
                     print(f"[evaluate] done: {Path(p).parent.parent.name}", flush=True)
         finally:
             if tqdm_before is None:
@@ -464,11 +474,11 @@ def _load_rewards(cfg: EvalConfig) -> tuple:
                  for spec, name in ((cfg.proxy_reward_model, "proxy"), (cfg.gold_reward_model, "gold")))
 
 
-def _evaluated_first(paths: list[Path]) -> list[Path]:
-    """The runs ``evaluate_runs`` evaluates in its own process before the workers start: those whose log-probs
-    on the pairs other runs need as their reference's (an SFT run: its adapter is the reference of every arm
-    trained from it), and one run for each reference not covered so. Their entries in the log-prob cache go to
-    every worker, so no reference pass is computed twice."""
+def _runs_with_shared_weights(paths: list[Path]) -> list[Path]:
+    """The runs whose log-probs on the pairs ``evaluate_runs`` computes in its own process before the workers
+    start: those whose weights other runs have as their reference (an SFT run: its adapter is the reference of
+    every arm trained from it), and one run for each reference not covered so. Their entries in the log-prob cache
+    go to every worker, so no reference pass is computed twice."""
     keys = {p: _weights_keys(p) for p in paths if not run_info(p)["is_reward_model"]}
     references = {k["reference_key"] for k in keys.values()}
     first = [p for p, k in keys.items() if k["policy_key"] in references]
