@@ -72,20 +72,20 @@ def main():
     from workbench import models
     print(f"{models.native_bf16()[1]}, {os.cpu_count()} cores; DPO {args.pairs_per_step} pairs x <= {args.max_length} "
           f"tokens per step, sampling {args.prompts} prompts x 2 x {args.new_tokens} tokens")
-    results = {"system": [], "keep freed memory": []}
+    results = {"system": [], "keep": []}
     for r in range(args.rounds):
         for setting in ("system", "keep"):
             env = dict(os.environ, WORKBENCH_MALLOC=setting)
             out = subprocess.run([sys.executable, __file__, "--child", *sys.argv[1:]], env=env, capture_output=True,
                                  text=True, check=True).stdout
             res = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
-            results[res["policy"]].append(res)
+            results[setting].append(res)
             print(f"round {r} {res['policy']:>17}: DPO step {res['step_s']:.2f} s, sampling {res['sample_s']:.2f} s, "
                   f"user {res['user_s']:.1f} s, system {res['sys_s']:.1f} s, minor faults {res['minor_faults']:,}",
                   flush=True)
     mean = {k: {m: statistics.mean(r[m] for r in v) for m in ("step_s", "sample_s", "sys_s", "minor_faults")}
             for k, v in results.items()}
-    sys_, keep = mean["system"], mean["keep freed memory"]
+    sys_, keep = mean["system"], mean["keep"]
     print(f"mean over {args.rounds} rounds: DPO step {sys_['step_s']:.2f} s -> {keep['step_s']:.2f} s "
           f"({sys_['step_s'] / keep['step_s']:.2f}x), sampling {sys_['sample_s']:.2f} s -> {keep['sample_s']:.2f} s "
           f"({sys_['sample_s'] / keep['sample_s']:.2f}x), system time {sys_['sys_s']:.1f} s -> {keep['sys_s']:.1f} s, "
