@@ -219,12 +219,12 @@ def reward_readings(proxy, gold, prompts: list[dict], pairs: list[dict]) -> dict
     from .rewards import score_replies
 
     out = {"summary": {}, "chosen": {}}
-    for name, fn in (("proxy", proxy), ("gold", gold)):
+    chosen = [p["chosen"] for p in prompts]
+    for fn, accuracy_key, chosen_key in ((proxy, "pairs/proxy_rm_accuracy", "chosen_score"),
+                                         (gold, "pairs/gold_rm_accuracy", "chosen_gold_score")):
         if fn is not None:
-            out["summary"][f"pairs/{name}_rm_accuracy"] = _rm_accuracy(fn, pairs)
-            chosen = [p["chosen"] for p in prompts]
-            out["chosen"]["chosen_score" if name == "proxy" else "chosen_gold_score"] = score_replies(
-                fn, [p["prompt"] for p in prompts], chosen, chosen).tolist()
+            out["summary"][accuracy_key] = _rm_accuracy(fn, pairs)
+            out["chosen"][chosen_key] = score_replies(fn, [p["prompt"] for p in prompts], chosen, chosen).tolist()
     return out
 
 
@@ -437,33 +437,38 @@ def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | No
         print(f"[evaluate] {i + 1}/{len(paths)} {p.name}", flush=True)
         evaluate_run(p, cfg, proxy=proxy, gold=gold, **shared)
     if todo:
-        # first, in this process: what the reward models say of the prompts and pairs, and the log-probs on the pairs
-        # of the weights several runs share (an SFT adapter), so that no worker computes them again
-        prompts, eval_pairs, _ = eval_set(cfg.data, cfg.n_prompts, cfg.n_pairs, pairs)
-        shared["reward_cache"].update(reward_readings(proxy, gold, prompts, eval_pairs))
-        for p in _runs_with_shared_weights(todo):
-            print(f"[evaluate] log-probs on the pairs of {p.name}, which other runs share", flush=True)
-            model, tokenizer = load_run_policy(p)
-            scoring.score_pairs(model, tokenizer, eval_pairs, max_length=cfg.max_length, cache=shared["logps_cache"],
-                                **_weights_keys(p))
-            del model
-        threads = max(1, torch.get_num_threads() // cfg.workers)
-        print(f"[evaluate] {len(todo)} runs in {min(cfg.workers, len(todo))} processes of {threads} thread(s) each",
-              flush=True)
-        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools or kernel state
-        tqdm_before = os.environ.get("TQDM_DISABLE")
-        os.environ["TQDM_DISABLE"] = "1"  # read by tqdm in the workers as they start; this process's tqdm read it already
-        try:
-            with ProcessPoolExecutor(min(cfg.workers, len(todo)), mp_context=ctx, initializer=_worker_start,
-                                     initargs=(cfg, shared, threads)) as pool:
-                for p in pool.map(_worker_evaluate, [str(p) for p in todo]):
-                    print(f"[evaluate] done: {Path(p).parent.parent.name}", flush=True)
-        finally:
-            if tqdm_before is None:
-                del os.environ["TQDM_DISABLE"]
-            else:
-                os.environ["TQDM_DISABLE"] = tqdm_before
+        _evaluate_in_workers(todo, cfg, proxy, gold, shared)
     return paths
+
+
+def _evaluate_in_workers(todo: list[Path], cfg: EvalConfig, proxy, gold, shared: dict) -> None:
+    """``evaluate_runs``' runs not yet evaluated, in ``cfg.workers`` spawned processes with their share of the threads."""
+    # first, in this process: what the reward models say of the prompts and pairs, and the log-probs on the pairs
+    # of the weights several runs share (an SFT adapter), so that no worker computes them again
+    prompts, eval_pairs, _ = eval_set(cfg.data, cfg.n_prompts, cfg.n_pairs, shared["pairs"])
+    shared["reward_cache"].update(reward_readings(proxy, gold, prompts, eval_pairs))
+    for p in _runs_with_shared_weights(todo):
+        print(f"[evaluate] log-probs on the pairs of {p.name}, which other runs share", flush=True)
+        model, tokenizer = load_run_policy(p)
+        scoring.score_pairs(model, tokenizer, eval_pairs, max_length=cfg.max_length, cache=shared["logps_cache"],
+                            **_weights_keys(p))
+        del model
+    threads = max(1, torch.get_num_threads() // cfg.workers)
+    print(f"[evaluate] {len(todo)} runs in {min(cfg.workers, len(todo))} processes of {threads} thread(s) each",
+          flush=True)
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools or kernel state
+    tqdm_before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # read by tqdm in the workers as they start; this process's tqdm read it already
+    try:
+        with ProcessPoolExecutor(min(cfg.workers, len(todo)), mp_context=ctx, initializer=_worker_start,
+                                 initargs=(cfg, shared, threads)) as pool:
+            for p in pool.map(_worker_evaluate, [str(p) for p in todo]):
+                print(f"[evaluate] done: {Path(p).parent.parent.name}", flush=True)
+    finally:
+        if tqdm_before is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_before
 
 
 def _load_rewards(cfg: EvalConfig) -> tuple:
