@@ -177,6 +177,29 @@ def test_shared_prompt_logps_equal_one_sequence_at_a_time(tiny_model_dir, hh_pai
     assert not torch.allclose(got[0][0], got_ref[0][0])
 
 
+def test_shared_prompt_logps_take_any_number_of_completions_at_a_temperature(tiny_model_dir, hh_pairs):
+    """n samples of a prompt (here 1, 3 and 2) each scored from one pass over the prompt, at the sampling
+    temperature, equal the full forward of each prompt + completion with its logits divided by the temperature."""
+    model, tok = models.load_policy(_cfg(tiny_model_dir, load_in_4bit=False))
+    _perturb_lora(model, seed=7)
+    prompts = [models.encode_many(tok, ex["prompt"], [ex["chosen"]])[0] for ex in hh_pairs[:3]]
+    g = torch.Generator().manual_seed(0)
+    completions = [[torch.randint(5, 200, (n,), generator=g).tolist() for n in lengths]
+                   for lengths in ([4], [1, 6, 3], [5, 2])]
+    got = logprobs.shared_prompt_logps(model, prompts, completions, pad_id=tok.pad_token_id, batch_size=3,
+                                       temperature=0.7)
+    model.eval()
+    with torch.no_grad():
+        for p, cs, gs in zip(prompts, completions, got):
+            assert len(gs) == len(cs)
+            for c, lp in zip(cs, gs):
+                logits = model(input_ids=torch.tensor([p + c])).logits[0].float() / 0.7
+                want = torch.log_softmax(logits, -1)[torch.arange(len(p) - 1, len(p) + len(c) - 1), torch.tensor(c)]
+                torch.testing.assert_close(lp, want, atol=1e-4, rtol=1e-4)
+    at_one = logprobs.shared_prompt_logps(model, prompts, completions, pad_id=tok.pad_token_id, batch_size=3)
+    assert not torch.allclose(at_one[1][1], got[1][1]), "the temperature must change the log-probs"
+
+
 def test_completion_logps_rejects_bad_input(tiny_model_dir):
     model, tok = models.load_policy(_cfg(tiny_model_dir, load_in_4bit=False, use_peft=False))
     with pytest.raises(ValueError, match="reference=True"):

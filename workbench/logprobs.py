@@ -120,39 +120,41 @@ def last_token_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     return logits + head.bias[token_ids].float() if getattr(head, "bias", None) is not None else logits
 
 
-def _shared_prompt_logps(model, prompts: list[list[int]], completions: list[list[list[int]]], pad_id: int) -> list[list[torch.Tensor]]:
+def _shared_prompt_logps(model, prompts: list[list[int]], completions: list[list[list[int]]], pad_id: int,
+                         temperature: float = 1.0) -> list[list[torch.Tensor]]:
     """Per-token log-probs of several completions per prompt, running each prompt through the model once.
 
-    prompts: B token lists; completions: for each prompt, C token lists (C = 2 for chosen and rejected).
+    prompts: B token lists; completions: for each prompt, its own number of token lists (2 for a preference
+    pair's chosen and rejected, n for n samples of one prompt). ``temperature``: the logits are divided by it.
     1. The prompts, right-padded, go through the backbone once and leave their KV cache.
-    2. The B·C completions continue from that cache (repeated C times), each at the positions following its own
+    2. Every completion continues from its prompt's rows of that cache, at the positions following its own
        prompt (explicit position_ids; the padding gap is masked out).
     3. Completion token j is predicted from the hidden state before it: the prompt's last one for j = 0, the
-       completion's own (j − 1)-th after that; the LM head runs only on those B·C·L_c states.
+       completion's own (j − 1)-th after that; the LM head runs only on the completion tokens' states.
     """
     backbone, head = _backbone_and_head(model)
     dev = next(model.parameters()).device
-    B, C = len(prompts), len(completions[0])
+    B = len(prompts)
+    owner = torch.tensor([b for b, cs in enumerate(completions) for _ in cs], device=dev)  # prompt of each completion
     p_len = torch.tensor([len(p) for p in prompts], device=dev)
     p_ids, p_mask, _ = (t.to(dev) for t in pad_right(prompts, [[] for _ in prompts], pad_id))  # (B, Lp)
     out = backbone(input_ids=p_ids, attention_mask=p_mask, use_cache=True)
     last = out.last_hidden_state[torch.arange(B, device=dev), p_len - 1]  # (B, H): predicts completion token 0
     cache = out.past_key_values
-    cache.batch_repeat_interleave(C)  # row b·C + c continues prompt b
+    cache.batch_select_indices(owner)  # row k continues prompt owner[k]
 
-    flat = [c for cs in completions for c in cs]  # (B·C) lists, prompt-major
+    flat = [c for cs in completions for c in cs]  # prompt-major
     c_len = torch.tensor([len(c) for c in flat], device=dev)
-    c_ids, c_mask, _ = (t.to(dev) for t in pad_right(flat, [[] for _ in flat], pad_id))  # (B·C, Lc)
+    c_ids, c_mask, _ = (t.to(dev) for t in pad_right(flat, [[] for _ in flat], pad_id))  # (K, Lc)
     Lc, c_mask = c_ids.shape[1], c_mask.bool()
-    start = p_len.repeat_interleave(C)  # (B·C,) first position of each completion
-    hidden = backbone(input_ids=c_ids, attention_mask=torch.cat([p_mask.repeat_interleave(C, 0), c_mask.long()], 1),
-                      position_ids=start[:, None] + torch.arange(Lc, device=dev)[None],
-                      past_key_values=cache, use_cache=False).last_hidden_state  # (B·C, Lc, H)
-    predictors = torch.cat([last.repeat_interleave(C, 0)[:, None], hidden[:, :-1]], dim=1)  # (B·C, Lc, H)
-    logits = head(predictors[c_mask]).float()  # (N, V), N = all completion tokens
+    hidden = backbone(input_ids=c_ids, attention_mask=torch.cat([p_mask[owner], c_mask.long()], 1),
+                      position_ids=p_len[owner][:, None] + torch.arange(Lc, device=dev)[None],
+                      past_key_values=cache, use_cache=False).last_hidden_state  # (K, Lc, H)
+    predictors = torch.cat([last[owner][:, None], hidden[:, :-1]], dim=1)  # (K, Lc, H)
+    logits = head(predictors[c_mask]).float() / temperature  # (N, V), N = all completion tokens
     picked = logits.gather(1, c_ids[c_mask].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    per_row = picked.cpu().split(c_len.tolist())
-    return [list(per_row[b * C : (b + 1) * C]) for b in range(B)]
+    per_row = iter(picked.cpu().split(c_len.tolist()))
+    return [[next(per_row) for _ in cs] for cs in completions]
 
 
 def in_length_buckets(model, lengths: list[int], batch_size: int | None, score, reference: bool = False) -> list:
@@ -179,10 +181,12 @@ def in_length_buckets(model, lengths: list[int], batch_size: int | None, score, 
 
 @torch.no_grad()
 def shared_prompt_logps(model, prompts: list[list[int]], completions: list[list[list[int]]], *, pad_id: int,
-                        batch_size: int | None = None, reference: bool = False) -> list[list[torch.Tensor]]:
-    """``completion_logps`` for several completions of each prompt (a preference pair: chosen and rejected),
-    with each prompt computed once instead of once per completion. Batched over prompts, length-bucketed,
-    returned in input order: result[i][c] has the per-token log-probs of completions[i][c].
+                        batch_size: int | None = None, reference: bool = False,
+                        temperature: float = 1.0) -> list[list[torch.Tensor]]:
+    """``completion_logps`` for several completions of each prompt (a preference pair: chosen and rejected; n
+    samples of one prompt), with each prompt computed once instead of once per completion. Batched over prompts,
+    length-bucketed, returned in input order: result[i][c] has the per-token log-probs of completions[i][c], at
+    ``temperature`` (the logits divided by it, as where the completions were sampled).
 
     Needs a decoder with a KV cache (every causal LM in transformers); the numbers equal ``completion_logps``'.
     """
@@ -190,7 +194,7 @@ def shared_prompt_logps(model, prompts: list[list[int]], completions: list[list[
         raise ValueError("An empty prompt or completion cannot be scored; filter empty ones first.")
     lengths = [len(p) + max(map(len, cs)) for p, cs in zip(prompts, completions)]
     return in_length_buckets(model, lengths, batch_size, reference=reference, score=lambda idx: _shared_prompt_logps(
-        model, [prompts[i] for i in idx], [completions[i] for i in idx], pad_id))
+        model, [prompts[i] for i in idx], [completions[i] for i in idx], pad_id, temperature))
 
 
 @torch.no_grad()

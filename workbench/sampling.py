@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import data, scoring, stats
-from .logprobs import pad_left, reference_adapter, response_logprobs
+from .logprobs import pad_left, reference_adapter, shared_prompt_logps
 
 
 def encode_prompts(tokenizer, prompts: list[list[dict]], max_length: int) -> list[list[int]]:
@@ -97,23 +97,40 @@ def sample_completions(model, tokenizer, prompts: list[dict], *, n_samples: int 
         prompt_ids = [encoded[i] for i in idx]
         response, mask, ended = generate(model, tokenizer, prompt_ids, max_new_tokens, temperature, seed + start, top_p)
         texts = tokenizer.batch_decode(response, skip_special_tokens=True)
-        with torch.no_grad():
-            logps = response_logprobs(model, prompt_ids, response, mask, pad, temperature)[0].cpu()
-            with reference_adapter(model):
-                ref_logps = response_logprobs(model, prompt_ids, response, mask, pad, temperature)[0].cpu()
+        same_prompt: dict[int, list[int]] = {}  # the batch's samples of each prompt: job i is prompt i // n_samples
+        for k, i in enumerate(idx):
+            same_prompt.setdefault(i // n_samples, []).append(k)
+        logps = _sample_logps(model, prompt_ids, response, mask, list(same_prompt.values()), pad, temperature)
+        with reference_adapter(model):
+            ref_logps = _sample_logps(model, prompt_ids, response, mask, list(same_prompt.values()), pad, temperature)
         base = baselines([row for row, _ in rows])
         scores = {key: call_reward(fn, messages, texts, response, mask, base) for key, fn in (rewards or {}).items() if fn}
         for i, (row, j) in enumerate(rows):
             m = mask[i]
-            logratio = logps[i][m] - ref_logps[i][m]
+            logratio = logps[i] - ref_logps[i]
             records[idx[i]] = {
                 "id": row["id"], "sample": j, "prompt": row["prompt"], "completion": texts[i],
                 "completion_token_ids": response[i][m].tolist(), "response_tokens": int(m.sum()),
                 "response_chars": len(texts[i]), "ended": bool(ended[i]), "kl": logratio.sum().item(),
                 **{key: s[i].item() for key, s in scores.items()},
-                "token_logps": logps[i][m].tolist(), "reference_token_logps": ref_logps[i][m].tolist(),
+                "token_logps": logps[i].tolist(), "reference_token_logps": ref_logps[i].tolist(),
                 "token_logratio": logratio.tolist()}
     return records
+
+
+def _sample_logps(model, prompt_ids: list[list[int]], response: Tensor, mask: Tensor, groups: list[list[int]],
+                  pad_id: int, temperature: float) -> list[Tensor]:
+    """Per-token log-probs (at ``temperature``) of each sampled response's kept tokens, under the model's active
+    adapter; ``groups`` lists the rows that share one prompt, which then runs through the model once for all of
+    them (``shared_prompt_logps``: with 2 samples per prompt, ~40 % fewer tokens on HH's long prompts)."""
+    got = shared_prompt_logps(model, [prompt_ids[g[0]] for g in groups],
+                              [[response[k][mask[k]].tolist() for k in g] for g in groups],
+                              pad_id=pad_id, batch_size=len(groups), temperature=temperature)
+    out: list = [None] * len(response)
+    for g, per_sample in zip(groups, got):
+        for k, t in zip(g, per_sample):
+            out[k] = t
+    return out
 
 
 def summarize_samples(records: list[dict]) -> dict:
