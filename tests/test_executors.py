@@ -1,8 +1,10 @@
-"""Sweeps on executors: the CI grid on Ray with two jobs at once, killed at random moments and resumed (one complete
+"""Sweeps on executors: jobs side by side on this machine (``local``: packed by their cpus and GPUs, threads and
+devices passed to the kernel, gone when the sweep is killed); the CI grid on Ray with two jobs at once, killed at random moments and resumed (one complete
 run folder per finished job, none lost, the failing job isolated); GPUs assigned per job by Ray (fake GPUs on a CPU
 machine) and inherited by the notebook's kernel; jobs Ray could never place refused before anything runs; Slurm
 through submitit's local executor, in order and resumed; per-job state files."""
 
+import functools
 import json
 import os
 import random
@@ -31,8 +33,8 @@ def _env_notebook(path: Path) -> Path:
          "source": ['tag = "x"\n', 'after = ""\n', 'out_dir = ""\n']},
         {"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [],
          "source": ["import json, os, time\n", "t0 = time.time()\n", "time.sleep(3)\n",
-                    "json.dump({'devices': os.environ.get('CUDA_VISIBLE_DEVICES'), 'start': t0, "
-                    "'end': time.time()}, open(os.path.join(out_dir, tag + '.json'), 'w'))\n"]}]
+                    "json.dump({'devices': os.environ.get('CUDA_VISIBLE_DEVICES'), 'start': t0, 'end': time.time(), "
+                    "'threads': os.environ.get('OMP_NUM_THREADS')}, open(os.path.join(out_dir, tag + '.json'), 'w'))\n"]}]
     nb = {"cells": cells, "nbformat": 4, "nbformat_minor": 5, "metadata": {
         "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
         "language_info": {"name": "python"}}}
@@ -62,6 +64,75 @@ def fake_gpu_ray():
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture
+def two_cpu_two_gpu_local(monkeypatch):
+    """The local executor on a machine of 2 CPUs and 2 (fake) GPUs, whatever this one has."""
+    monkeypatch.setattr(executors, "Local", functools.partial(executors.Local, cpus=2, gpus=2))
+
+
+def test_local_runs_jobs_side_by_side_with_their_threads_and_gpus(tmp_path, two_cpu_two_gpu_local):
+    grid = _grid(tmp_path, resources={"cpus": 1, "gpus": 1}, executor="local")  # the grid names its executor
+    result = sweep.run_sweep(grid)
+    assert len(result.done) == 3 and not result.failed
+    a0, a1, b = (json.loads((tmp_path / f"{t}.json").read_text()) for t in ("a0", "a1", "b"))
+    assert _overlap(a0, a1), "two jobs of one CPU each fit the two CPUs at once"
+    assert {a0["devices"], a1["devices"]} == {"0", "1"} and a0["threads"] == a1["threads"] == "1"
+    assert b["start"] >= max(a0["end"], a1["end"]) and b["devices"] == os.environ.get("CUDA_VISIBLE_DEVICES")
+    state = sweep.read_state(tmp_path / "runs" / "sweeps" / "env")
+    assert all(e["status"] == "done" and e["seconds"] > 0 for e in state.values())
+
+
+def test_local_packs_jobs_by_their_cpus_and_refuses_what_cannot_fit(tmp_path, two_cpu_two_gpu_local):
+    grid = _grid(tmp_path, resources={"cpus": 2})
+    result = sweep.run_sweep(grid, executor="local")
+    a0, a1 = (json.loads((tmp_path / f"{t}.json").read_text()) for t in ("a0", "a1"))
+    assert len(result.done) == 3 and not _overlap(a0, a1), "two jobs of 2 CPUs each run one after the other"
+    assert a0["threads"] == a1["threads"] == "2"
+    (tmp_path / "bad").mkdir()
+    for res, needle in (({"cpus": 3}, "(cpus 3, gpus 0)"), ({"gpus": 3}, "(cpus 1, gpus 3)")):
+        with pytest.raises(ValueError, match=r"2 job\(s\) need more than this machine has \(2 CPUs, 2 GPUs\)") as e:
+            sweep.run_sweep(_grid(tmp_path / "bad", resources=res), executor="local")
+        assert needle in str(e.value)
+
+
+def test_a_killed_sweep_leaves_no_local_job_running(tmp_path):
+    """The sweep's process is SIGKILLed while a job runs: the job's process and its notebook's kernel end too, so a
+    resumed sweep never races a job left over from before."""
+    nb = _env_notebook(tmp_path / "slow.ipynb")
+    cells = json.loads(nb.read_text())
+    cells["cells"][1]["source"] = ["import os, time\n", "open(os.path.join(out_dir, tag + '.pid'), 'w').write(str(os.getpid()))\n",
+                                   "time.sleep(120)\n"]
+    nb.write_text(json.dumps(cells))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"name": "slow", "runs_dir": str(tmp_path / "runs"), "executor": "local", "stages": [
+        {"stage": "a", "notebook": str(nb), "params": {"out_dir": str(tmp_path), "tag": "a"}}]}))
+    proc = subprocess.Popen([sys.executable, "-m", "workbench", "sweep", str(grid)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid_file = tmp_path / "a.pid"
+    for _ in range(120):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.5)
+    kernel = int(pid_file.read_text())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for _ in range(60):
+        if not _alive(kernel):
+            break
+        time.sleep(0.5)
+    else:
+        os.kill(kernel, signal.SIGKILL)
+        pytest.fail("the notebook's kernel outlived the killed sweep by 30 s")
 
 
 def test_ray_gives_each_job_its_own_gpu_and_the_kernel_inherits_it(tmp_path, fake_gpu_ray):

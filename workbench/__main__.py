@@ -77,7 +77,7 @@ def _split_fields(argv: list[str], sub: dict) -> tuple[list[str], list[str]]:
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     """(the parser, its subcommands' parsers by name). ``train`` and ``evaluate`` also take every field of their
     config as ``--name value`` (``parse_fields``)."""
-    from . import pipeline
+    from . import executors, pipeline
 
     parser = argparse.ArgumentParser(prog="workbench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,6 +90,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     p_study.add_argument("--paper", default="papers/draft.md", help="the filled paper draft (default: %(default)s)")
     p_study.add_argument("--seeds", type=_seed_list, help="comma-separated seeds, e.g. 0,1,2: the study once per seed "
                          "(default: the grid's own); finished runs of other seeds are kept")
+    p_study.add_argument("--executor", choices=executors.EXECUTORS,
+                         help="where the jobs run (default: the grid's executor; grids/main.yaml: local, side by side "
+                              "on this machine); see workbench/executors.py")
     p_train = sub.add_parser("train", allow_abbrev=False, help="train one arm and print its run folder; any config field as --name value",
                              description="Train one arm. Every field of its config is an option: --name value "
                              "(e.g. --max-steps 4 --beta 0.2 --n-train 64 --model embedded:smollm2-135m-instruct "
@@ -108,9 +111,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                          help="replace a default parameter of every job, e.g. --set model=/path --set n_train=8")
     p_sweep.add_argument("--runs-dir", help="runs root (default: the grid's runs_dir)")
     p_sweep.add_argument("--no-retry", action="store_true", help="do not run failed jobs again on resume")
-    p_sweep.add_argument("--executor", choices=("serial", "ray", "slurm"), default="serial",
-                         help="where jobs run: here one at a time (default), as Ray tasks, or as Slurm jobs (submitit); "
-                              "see workbench/executors.py")
+    p_sweep.add_argument("--executor", choices=executors.EXECUTORS,
+                         help="where jobs run: here one at a time (serial, the default unless the grid names one), side "
+                              "by side on this machine (local), as Ray tasks, or as Slurm jobs (submitit); see "
+                              "workbench/executors.py")
     p_sweep.add_argument("--address", help="with --executor ray: join this Ray cluster (e.g. auto, or ray://host:10001) "
                                            "instead of starting a local one")
     p_paper = sub.add_parser("paper", allow_abbrev=False, help="fill papers/template.md from the evaluated runs into papers/draft.md")
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[paper] {paper.build(results_table(args.runs_dir, args.name), args.out, args.figures)}")
         return 0
     if args.command == "main":
-        pipeline.run_study(args.grid, args.runs_dir, args.figures, args.paper, seeds=args.seeds)
+        pipeline.run_study(args.grid, args.runs_dir, args.figures, args.paper, seeds=args.seeds, executor=args.executor)
         return 0
     if args.command == "train":
         from . import train

@@ -1,5 +1,5 @@
-"""Where a sweep's jobs run: in this process one after another (``serial``), as Ray tasks (``ray``), or as Slurm jobs
-through submitit (``slurm``). The sweep (``workbench.sweep``) decides *what* runs and when a job may start; an
+"""Where a sweep's jobs run: in this process one after another (``serial``), side by side as processes of this
+machine (``local``), as Ray tasks (``ray``), or as Slurm jobs through submitit (``slurm``). The sweep (``workbench.sweep``) decides *what* runs and when a job may start; an
 executor only runs the job it is given and reports how it ended.
 
 A job travels as a plain dict (a *task*: its notebook, parameters, executed-notebook path, run folder and state
@@ -10,6 +10,11 @@ finds the job's end on disk.
 Resources are declared per stage in the grid (``resources: {cpus: 4, gpus: 1, mem_gb: 32, time_min: 240}``):
 
 - **serial** ignores them (one job at a time, in this process: what CI's main path uses);
+- **local** starts as many jobs at once as this machine's cores (and GPUs) hold by their ``cpus`` (and ``gpus``),
+  each in its own process; the job's kernel gets ``OMP_NUM_THREADS`` = its ``cpus`` and, when it declares GPUs, its own
+  ``CUDA_VISIBLE_DEVICES`` (a job that declares none sees the machine's, as under serial). No servers, nothing beyond
+  the standard library: the main job's executor on one machine. A job's process ends when the sweep's does (on
+  Linux even when the sweep is killed), so a resumed sweep never finds one still running;
 - **ray** gives each job a task with ``num_cpus``/``num_gpus``/``memory``; Ray sets ``CUDA_VISIBLE_DEVICES`` per task
   and the notebook's kernel inherits it, so jobs on one node use distinct GPUs. Without an address a local Ray
   starts with this machine's CPUs and CUDA GPUs (dashboard off; note that Ray 2.58's own servers still listen on
@@ -24,15 +29,18 @@ Resources are declared per stage in the grid (``resources: {cpus: 4, gpus: 1, me
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
 
 from .runs import is_complete, write_json
 
-EXECUTORS = ("serial", "ray", "slurm")
+EXECUTORS = ("serial", "local", "ray", "slurm")
 RESOURCE_KEYS = {"cpus": 1, "gpus": 0, "mem_gb": None, "time_min": 24 * 60}  # and their defaults
 
 
@@ -101,7 +109,7 @@ class Serial:
     def check(self, needs: list[tuple[str, dict]]) -> None:
         pass
 
-    def has_room(self, running: dict) -> bool:
+    def has_room(self, running: dict, res: dict) -> bool:
         return not running
 
     def submit(self, task: dict, res: dict):
@@ -118,6 +126,88 @@ class Serial:
 
     def close(self) -> None:
         pass
+
+
+class Local:
+    """Jobs side by side, each in a process of this machine, packed by their ``cpus`` and ``gpus`` into what the
+    machine has (``cpus``, ``gpus``: what to use instead; ``gpus`` also fakes devices for tests, as Ray can)."""
+
+    name = "local"
+
+    def __init__(self, cpus: float | None = None, gpus: int | None = None):
+        import multiprocessing
+
+        if gpus is None:
+            import torch
+
+            gpus = torch.cuda.device_count()
+        self.cpus, self.gpus = cpus or os.cpu_count() or 1, list(range(gpus))
+        self._spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing inherited from a notebook
+        self._jobs = {}  # process -> (task, resources, GPU indices)
+
+    def check(self, needs: list[tuple[str, dict]]) -> None:
+        """Refuse, before anything runs, jobs this machine can never hold."""
+        bad = [f"{label} (cpus {r['cpus']}, gpus {r['gpus']})" for label, r in needs
+               if r["cpus"] > self.cpus or r["gpus"] > len(self.gpus)]
+        if bad:
+            raise ValueError(f"{len(bad)} job(s) need more than this machine has ({self.cpus:g} CPUs, {len(self.gpus)} "
+                             f"GPUs): {'; '.join(bad[:5])}. Lower the stage's resources in the grid, or use --executor "
+                             "ray or slurm.")
+
+    def _free_gpus(self) -> list[int]:
+        taken = {i for _, _, devices in self._jobs.values() for i in devices}
+        return [i for i in self.gpus if i not in taken]
+
+    def has_room(self, running: dict, res: dict) -> bool:
+        used = sum(r["cpus"] for _, r, _ in self._jobs.values())
+        return used + res["cpus"] <= self.cpus and res["gpus"] <= len(self._free_gpus())
+
+    def submit(self, task: dict, res: dict):
+        devices = self._free_gpus()[: int(res["gpus"])]
+        threads = str(max(1, int(res["cpus"])))
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        if devices:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
+        proc = self._spawn.Process(target=_run_local, args=(task, env, os.getpid()), name=task["label"][:100], daemon=True)
+        proc.start()
+        self._jobs[proc] = (task, res, devices)
+        return proc
+
+    def reattach(self, entry: dict, task: dict):
+        return None  # a job's process ends with the sweep that started it (_run_local), so nothing is left to wait for
+
+    def wait(self, running: dict, timeout: float) -> list:
+        from multiprocessing.connection import wait
+
+        wait([p.sentinel for p in running], timeout)
+        out = []
+        for proc in [p for p in running if not p.is_alive()]:
+            proc.join()
+            task, _, _ = self._jobs.pop(proc)
+            entry = json.loads(Path(task["state_file"]).read_text())
+            if entry.get("status") not in ("done", "failed"):  # the process died before the job could record its end
+                entry = _failed(task, f"the job's process ended with exit code {proc.exitcode} before the job ended")
+            out.append((proc, entry))
+        return out
+
+    def close(self) -> None:
+        for proc in self._jobs:
+            proc.terminate()
+            proc.join(10)
+        self._jobs.clear()
+
+
+def _run_local(task: dict, env: dict, parent: int) -> None:
+    """A local job's process: ends with the sweep (Linux: the kernel sends SIGTERM when the sweep's process dies, and
+    the notebook's kernel follows its own parent), takes its threads and devices, runs the job."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (AttributeError, OSError):  # not Linux: the job outlives a killed sweep, and resume runs it again
+        pass
+    if os.getppid() != parent:  # the sweep died before the line above
+        return
+    os.environ.update(env)
+    run_job(task)
 
 
 class Ray:
@@ -152,7 +242,7 @@ class Ray:
             raise ValueError(f"{len(bad)} job(s) need more than any Ray node has ({have}): {'; '.join(bad[:5])}. "
                              "Lower the stage's resources in the grid, or join a larger cluster with --address.")
 
-    def has_room(self, running: dict) -> bool:
+    def has_room(self, running: dict, res: dict) -> bool:
         return True
 
     def submit(self, task: dict, res: dict):
@@ -205,7 +295,7 @@ class Slurm:
     def check(self, needs: list[tuple[str, dict]]) -> None:
         pass
 
-    def has_room(self, running: dict) -> bool:
+    def has_room(self, running: dict, res: dict) -> bool:
         return True
 
     def submit(self, task: dict, res: dict):
@@ -256,6 +346,8 @@ def make(kind: str, state_dir: Path, address: str | None = None, slurm: dict | N
          slurm_cluster: str | None = None):
     if kind == "serial":
         return Serial()
+    if kind == "local":
+        return Local()
     if kind == "ray":
         return Ray(address)
     if kind == "slurm":

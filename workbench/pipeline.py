@@ -15,17 +15,19 @@ MAIN_GRID = Path(__file__).resolve().parents[1] / "grids" / "main.yaml"
 
 
 def run_study(grid: str | Path = MAIN_GRID, runs_dir: str | None = None, figures_dir: str = "figures",
-              paper_path: str = "papers/draft.md", seeds: list[int] | None = None, overrides: dict | None = None):
+              paper_path: str = "papers/draft.md", seeds: list[int] | None = None, overrides: dict | None = None,
+              executor: str | None = None):
     """Run (or resume) the study's sweep, then fill the paper draft; returns the sweep's result. ``seeds``: the
     same study once per seed (the grid's own seed otherwise); the table and figures then show intervals across
     seeds. ``overrides`` replace the grid's defaults (``sweep.run_sweep``); ``figures_dir`` is one of them, so the
-    evaluate stage exports the figures where the draft links them."""
+    evaluate stage exports the figures where the draft links them. ``executor``: where the jobs run (default: the
+    grid's; ``sweep.run_sweep``)."""
     from . import paper
     from .sweep import run_sweep
 
     t0 = time.time()
     result = run_sweep(grid, overrides={**(overrides or {}), "figures_dir": str(figures_dir)}, runs_dir=runs_dir,
-                       seeds=seeds)
+                       seeds=seeds, executor=executor)
     if result.table is None or result.table.empty:
         raise RuntimeError(f"The study produced no evaluated runs; see the job states in {result.state_dir}/jobs/.\n{result.report()}")
     draft = paper.build(result.table, paper_path, figures_dir)

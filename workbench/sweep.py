@@ -20,12 +20,14 @@ A grid file (YAML)::
       - stage: evaluate
         notebook: 05_evaluate.ipynb     # its metadata says {"workbench": {"evaluates": true}}: the sweep's results
         always: true                    # table is read under its evaluation name; it runs again on every resume
-        resources: {gpus: 1, cpus: 8}   # per job, for the ray and slurm executors (workbench/executors.py)
+        resources: {gpus: 1, cpus: 8}   # per job, for the local, ray and slurm executors (workbench/executors.py)
+    executor: local                     # where jobs run unless --executor says otherwise (default: serial)
     slurm: {partition: gpu}             # extra sbatch parameters for --executor slurm
 
 Before anything runs, every job is checked against its notebook's ``parameters`` cell (unknown names, values of
 another type) and, for the training notebooks, built into its config (``arms.make_config``); all problems are
-listed in one error. Jobs run on an executor (``serial``, the default: here, one at a time; ``ray``; ``slurm``). A
+listed in one error. Jobs run on an executor (``serial``, the default: here, one at a time; ``local``: side by side
+on this machine; ``ray``; ``slurm``). A
 job starts as soon as the jobs whose run folders it references have ended (an ``always`` stage: every job of the
 stages before it). A job whose notebook fails is recorded as failed, its executed notebook kept and listed, and the
 sweep goes on (jobs that need its run folder are skipped and listed). While jobs run, a progress line says how
@@ -59,7 +61,7 @@ from . import executors
 from .runs import default_root, is_complete, write_json
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-GRID_KEYS = {"name", "description", "runs_dir", "defaults", "stages", "slurm"}
+GRID_KEYS = {"name", "description", "runs_dir", "defaults", "stages", "executor", "slurm"}
 STAGE_KEYS = {"stage", "notebook", "params", "grid", "always", "resources"}
 _REF = re.compile(r"^@([A-Za-z0-9_-]+)(?:\[(.*)\])?$")
 
@@ -190,6 +192,8 @@ def load_grid(path, overrides: dict | None = None, seeds: list[int] | None = Non
     problems = [f"unknown key '{k}' (known: {', '.join(sorted(GRID_KEYS))})" for k in grid if k not in GRID_KEYS]
     if not grid.get("name") or not re.fullmatch(r"[A-Za-z0-9_.-]+", str(grid.get("name"))):
         problems.append("'name' is required: letters, digits, '_', '.', '-'")
+    if grid.get("executor", "serial") not in executors.EXECUTORS:
+        problems.append(f"'executor' must be one of {', '.join(executors.EXECUTORS)} (got {grid['executor']!r})")
     if not isinstance(grid.get("slurm", {}), dict):
         problems.append("'slurm' must be a mapping of submitit's slurm_* parameters without the prefix, e.g. {partition: gpu}")
     jobs, seen = [], []
@@ -317,11 +321,12 @@ def _progress(jobs: list[Job], state: dict, ended: set, running: dict, t_sweep: 
 
 
 def run_sweep(grid_path, overrides: dict | None = None, runs_dir: str | None = None, retry_failed: bool = True,
-              kernel_name: str = "python3", seeds: list[int] | None = None, executor: str = "serial",
+              kernel_name: str = "python3", seeds: list[int] | None = None, executor: str | None = None,
               address: str | None = None, slurm_cluster: str | None = None) -> SweepResult:
     """Run (or resume) the sweep of a grid file and return what happened, with the results table when it has one.
     ``seeds``: run every seeded stage once per seed (``load_grid``); finished jobs of earlier seeds are kept.
-    ``executor``: where jobs run (``workbench.executors``): ``serial`` (here, one at a time), ``ray`` (``address``
+    ``executor``: where jobs run (``workbench.executors``; default: the grid's ``executor``, else serial): ``serial``
+    (here, one at a time), ``local`` (side by side on this machine, by the stages' resources), ``ray`` (``address``
     joins a running cluster) or ``slurm`` (``slurm_cluster="local"``: submitit's local processes, for tests). A job
     starts as soon as the jobs it needs have ended (an ``always`` stage: every earlier stage), not stage by stage."""
     grid, jobs = load_grid(grid_path, overrides, seeds)
@@ -330,7 +335,7 @@ def run_sweep(grid_path, overrides: dict | None = None, runs_dir: str | None = N
     (state_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     state = read_state(state_dir)
     (state_dir / "jobs").mkdir(exist_ok=True)
-    ex = executors.make(executor, state_dir, address=address, slurm=grid.get("slurm"), slurm_cluster=slurm_cluster)
+    ex = executors.make(executor or grid.get("executor") or "serial", state_dir, address=address, slurm=grid.get("slurm"), slurm_cluster=slurm_cluster)
     try:
         return _schedule(jobs, state, root, state_dir, ex, retry_failed, kernel_name)
     finally:
@@ -393,7 +398,7 @@ def _schedule(jobs, state, root, state_dir, ex, retry_failed, kernel_name) -> Sw
                 print(f"{tag(job)}: still running from before the interruption, waiting for it", flush=True)
                 pending.remove(job)
                 running[handle] = job
-            elif ex.has_room(running):
+            elif ex.has_room(running, job.resources):
                 params = params_why[0]
                 if "runs_dir" in notebook_parameters(job.notebook):
                     params["runs_dir"] = str(root)
