@@ -65,11 +65,16 @@ def _setup(table: pd.DataFrame) -> str:
         f"seeds {', '.join(str(s) for s in sorted(table['seed'].unique()))}.",
         f"- **Evaluation**: {ev['n_prompts']} held-out prompts × {ev['n_samples']} samples, temperature {ev['temperature']}, "
         f"top-p {ev['top_p']}, ≤ {ev['max_new_tokens']} new tokens, sampling seed {ev['seed']}; {ev['n_pairs']} held-out "
-        f"pairs for preference accuracy; proxy RM `{ev.get('proxy_reward_model')}`, gold RM `{ev.get('gold_reward_model')}`; "
+        f"pairs for preference accuracy; proxy RM `{_name(ev.get('proxy_reward_model'))}`, gold RM `{_name(ev.get('gold_reward_model'))}`; "
         f"intervals: 95% cluster bootstrap over prompts ({ev['n_bootstrap']} resamples) within a run, t-intervals across seeds.",
         f"- **Hardware and software**: {', '.join(device)}; " + ", ".join(f"{k} {v}" for k, v in versions.items()
                                                                           if k in ("torch", "transformers", "trl", "peft", "bitsandbytes")) + ".",
     ])
+
+
+def _name(spec) -> str | None:
+    """A reward model as the draft names it: a run folder by its name (the same on every machine), else the spec."""
+    return Path(spec).name if spec and Path(spec).is_dir() else spec
 
 
 def _results(agg: pd.DataFrame) -> str:
