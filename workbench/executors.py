@@ -1,6 +1,7 @@
 """Where a sweep's jobs run: in this process one after another (``serial``), side by side as processes of this
-machine (``local``), as Ray tasks (``ray``), or as Slurm jobs through submitit (``slurm``). The sweep (``workbench.sweep``) decides *what* runs and when a job may start; an
-executor only runs the job it is given and reports how it ended.
+machine (``local``), as Ray tasks (``ray``), or as Slurm jobs through submitit (``slurm``). The sweep
+(``workbench.sweep``) decides *what* runs and when a job may start; an executor only runs the job it is given and
+reports how it ended.
 
 A job travels as a plain dict (a *task*: its notebook, parameters, executed-notebook path, run folder and state
 file), and runs through ``run_job`` wherever it lands: it writes its own state file (``running``, then ``done`` or
