@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -369,7 +370,8 @@ def test_every_figure_is_exported(study, tmp_path):
 
     caveats = paper._caveats(table, results.aggregate(table))
     rule = table["pairs/length_rule"].iloc[0]
-    gold = table["pairs/gold_rm_accuracy"].dropna().mean()
+    # the gold reward model's accuracy as its own row in the table shows it (the number of the table and the figure)
+    gold = table[table["path"].map(lambda p: Path(p).name.startswith("reward__b-gold"))]["pairs/accuracy"].item()
     assert f"length-only rule fitted on {int(table['pairs/length_rule_n_train'].iloc[0])} training pairs" in caveats
     assert table["pairs/length_rule_fit"].iloc[0] in caveats and "the longer response wins" in caveats
     assert f"{(gold - rule) * 100:+.1f} points against the length-only rule" in caveats
@@ -390,3 +392,24 @@ def test_cli_evaluates_a_runs_root_and_writes_table_and_figures(study, tmp_path,
     assert len(table) == 6 and table["eval/gold"].notna().sum() == 4  # four policies; the two RMs rank pairs only
     assert (tmp_path / "results_by_method.csv").exists() and (tmp_path / "frontier.pdf").exists()
     assert "results.csv" in capsys.readouterr().out
+
+
+def test_the_frontier_averages_seeds_that_each_start_from_their_own_sft_run():
+    """With three seeds every arm's reference is its seed's SFT run: the frontier keeps all three seeds (one point
+    per method, t-intervals across seeds, the SFT runs at KL 0) and leaves out only a run from another SFT recipe."""
+    rows = []
+    for seed in (0, 1, 2):
+        sft = f"/runs/sft__default__s{seed}__a{seed}"
+        rows.append({"path": sft, "method": "sft", "name": "default", "seed": seed, "beta": None, "reference": None,
+                     "eval/gold": 0.05 + 0.01 * seed, "eval/kl": 1.5})
+        rows.append({"path": f"/runs/dpo__default__s{seed}__b{seed}", "method": "dpo", "name": "default", "seed": seed,
+                     "beta": 0.1, "reference": sft, "eval/gold": 0.06 + 0.01 * seed, "eval/kl": 0.1 * (seed + 1)})
+    rows.append({"path": "/runs/dpo__other__s0__c", "method": "dpo", "name": "other", "seed": 0, "beta": 0.1,
+                 "reference": "/runs/sft__longer__s0__d", "eval/gold": 0.09, "eval/kl": 0.9})
+    fig = figures.fig_frontier(pd.DataFrame(rows))
+    assert "seeds 0,1,2" in fig.layout.title.text and "1 run(s) with another reference left out" in fig.layout.title.text
+    traces = {t.name: t for t in fig.data}
+    assert set(traces) == {"dpo", "sft"}
+    assert list(traces["sft"].x) == [0.0] and traces["sft"].y[0] == pytest.approx(0.06)
+    assert traces["dpo"].x[0] == pytest.approx(0.2) and traces["dpo"].y[0] == pytest.approx(0.07)
+    assert traces["dpo"].error_x.array[0] > 0, "a t-interval across the three seeds"

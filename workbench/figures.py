@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .results import aggregate
-from .runs import read_jsonl
+from .runs import parse_run_name, read_jsonl
 
 FORMATS = ("pdf", "svg", "png")
 _LAYOUT = dict(template="plotly_white", font=dict(size=13), width=720, height=440, legend=dict(orientation="v"))
@@ -47,16 +47,32 @@ def _policies(table: pd.DataFrame) -> pd.DataFrame:
     return table[~table["method"].isin(["reward"])] if len(table) else table
 
 
+def _recipe(reference) -> str | None:
+    """A reference by its recipe: a run folder's method and name (``runs.parse_run_name``), the seed left out; any
+    other reference (a model name) as it is."""
+    if not isinstance(reference, str):
+        return None
+    try:
+        parsed = parse_run_name(Path(reference).name)
+    except ValueError:
+        return reference
+    return f"{parsed['method']}__{parsed['name']}"
+
+
 def fig_frontier(table: pd.DataFrame) -> go.Figure:
     """Gold reward against KL(π‖π_ref), one curve per method over its β (the shape of Fig. 2 of the DPO paper,
     arXiv:2305.18290): the higher and further left, the better the trade-off."""
     pol = _policies(table)
-    # KL is to each run's own reference; an SFT run that is the reference of the others sits at KL 0 (the frontier's
-    # start), and runs with another reference than the most common one are left out (noted in the subtitle)
-    refs = pol.loc[pol["method"] != "sft", "reference"]
-    ref = refs.mode().iloc[0] if len(refs) else None
-    anchor = pol[pol["path"].map(lambda p: ref is not None and Path(p).resolve() == Path(ref).resolve())].assign(**{"eval/kl": 0.0})
-    kept = pol[(pol["method"] != "sft") & (pol["reference"] == ref)] if ref is not None else pol
+    # KL is to each run's own reference. The references are told apart by their recipe (an SFT run's method and
+    # name, whatever its seed: each seed's arms start from that seed's SFT run); runs with another recipe than the
+    # most common one are left out (noted in the subtitle), and the SFT runs that are the kept runs' references sit
+    # at KL 0 (the frontier's start)
+    recipes = pol["reference"].map(_recipe)
+    arms = pol["method"] != "sft"
+    recipe = recipes[arms].mode().iloc[0] if recipes[arms].notna().any() else None
+    kept = pol[arms & (recipes == recipe)] if recipe is not None else pol
+    refs = {Path(r).resolve() for r in kept["reference"].dropna()} if recipe is not None else set()
+    anchor = pol[pol["path"].map(lambda p: Path(p).resolve() in refs)].assign(**{"eval/kl": 0.0})
     dropped = len(pol) - len(kept) - len(anchor)
     agg = aggregate(pd.concat([anchor, kept]), ["eval/gold", "eval/kl"])
     note = _seeds_note(agg) + (f"; {dropped} run(s) with another reference left out" if dropped else "")

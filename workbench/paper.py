@@ -138,14 +138,25 @@ def _length_baseline(table: pd.DataFrame) -> str:
             f"({row['pairs/length_rule_fit']}; training accuracy {_fmt(row['pairs/length_rule_train_accuracy'])}; "
             f"lengths in tokens of `{ev.get('length_tokenizer')}`); its accuracy on the held-out pairs is "
             f"{_ci(row, 'pairs/length_rule')}, that of \"the longer response wins\" {_fmt(row['pairs/longer_wins'])}.")
-    judges = [(name, table[m].dropna().mean()) for m, name in (("pairs/gold_rm_accuracy", "gold"),
-                                                                ("pairs/proxy_rm_accuracy", "proxy"))
-              if m in table and table[m].notna().any()]
+    judges = [(name, acc) for name in ("gold", "proxy") if (acc := _judge_accuracy(table, ev, name)) is not None]
     if judges:
         ranks = "; ".join(f"the {name} reward model ranks the same pairs with accuracy {_fmt(acc)}, "
                           f"{(acc - rule) * 100:+.1f} points against the length-only rule" for name, acc in judges)
         text += f" {ranks[0].upper()}{ranks[1:]}: a reward model is only as good a judge as its margin over length."
     return text
+
+
+def _judge_accuracy(table: pd.DataFrame, ev: dict, name: str) -> float | None:
+    """The gold or proxy reward model's accuracy on the evaluation's pairs: its own row's, as the results table and
+    the accuracy figure show it (pairs cut to the evaluation's max_length), when that reward model is a run of the
+    table; else what the evaluation read through it as a judge (``pairs/<name>_rm_accuracy``)."""
+    spec = ev.get(f"{name}_reward_model")
+    if spec and Path(spec).is_dir() and "pairs/accuracy" in table:
+        mine = table["path"].map(lambda p: Path(p).resolve() == Path(spec).resolve())
+        if table.loc[mine, "pairs/accuracy"].notna().any():
+            return table.loc[mine, "pairs/accuracy"].dropna().mean()
+    key = f"pairs/{name}_rm_accuracy"
+    return table[key].dropna().mean() if key in table and table[key].notna().any() else None
 
 
 def _figure(name: str, fn, figures_dir: Path, here: Path) -> str:
