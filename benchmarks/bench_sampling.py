@@ -39,6 +39,7 @@ def child(args) -> dict:
     before = args.setting == "before"
     mcfg = models.ModelConfig(model_name_or_path=models.EMBEDDED_POLICY, load_in_4bit=True,
                               dtype="float32" if before else "auto")
+    torch.manual_seed(0)  # the adapters' initial A matrices: the same model in every process
     model, tok = models.load_policy(mcfg, trainable=False)
     model.add_adapter("ref", model.peft_config["default"])  # the reference is an adapter, as an SFT run's is
     model.set_adapter("default")
