@@ -1,7 +1,8 @@
 """Log-probabilities of completions under a policy and its reference: the primitive that DPO scoring, KL drift
 and the widgets reuse. Batched, length-bucketed, prompt and padding masked, the LM head run on completion tokens
-only; each prompt computed once for all of its completions (chosen and rejected). Also the per-token forward
-over sampled responses that PPO and the evaluation share (``response_hidden``, ``response_logprobs``)."""
+only; each prompt computed once for all of its completions (chosen and rejected, or the samples the evaluation
+draws from it). Also the per-token forward over sampled responses that PPO and online DPO share
+(``response_hidden``, ``response_logprobs``)."""
 
 from __future__ import annotations
 

@@ -100,9 +100,10 @@ def sample_completions(model, tokenizer, prompts: list[dict], *, n_samples: int 
         same_prompt: dict[int, list[int]] = {}  # the batch's samples of each prompt: job i is prompt i // n_samples
         for k, i in enumerate(idx):
             same_prompt.setdefault(i // n_samples, []).append(k)
-        logps = _sample_logps(model, prompt_ids, response, mask, list(same_prompt.values()), pad, temperature)
+        groups = list(same_prompt.values())
+        logps = _sample_logps(model, prompt_ids, response, mask, groups, pad, temperature)
         with reference_adapter(model):
-            ref_logps = _sample_logps(model, prompt_ids, response, mask, list(same_prompt.values()), pad, temperature)
+            ref_logps = _sample_logps(model, prompt_ids, response, mask, groups, pad, temperature)
         base = baselines([row for row, _ in rows])
         scores = {key: call_reward(fn, messages, texts, response, mask, base) for key, fn in (rewards or {}).items() if fn}
         for i, (row, j) in enumerate(rows):

@@ -335,7 +335,8 @@ def run_sweep(grid_path, overrides: dict | None = None, runs_dir: str | None = N
     (state_dir / "notebooks").mkdir(parents=True, exist_ok=True)
     state = read_state(state_dir)
     (state_dir / "jobs").mkdir(exist_ok=True)
-    ex = executors.make(executor or grid.get("executor") or "serial", state_dir, address=address, slurm=grid.get("slurm"), slurm_cluster=slurm_cluster)
+    ex = executors.make(executor or grid.get("executor") or "serial", state_dir, address=address, slurm=grid.get("slurm"),
+                        slurm_cluster=slurm_cluster)
     try:
         return _schedule(jobs, state, root, state_dir, ex, retry_failed, kernel_name)
     finally:
