@@ -45,7 +45,8 @@ def test_notebooks_are_clean_parameterized_and_define_nothing(path):
 
 def test_there_is_a_notebook_for_each_stage_of_the_study():
     names = [p.name for p in NOTEBOOKS]
-    for prefix in ("00_data", "01_sft", "02_reward", "03_rl", "04_preference", "05_evaluate", "06_inspector"):
+    for prefix in ("00_data", "01_sft", "01b_gold_pairs", "02_reward", "03_rl", "04_preference", "05_evaluate",
+                   "06_inspector"):
         assert any(n.startswith(prefix) for n in names), prefix
 
 
@@ -74,12 +75,35 @@ def test_gpu_grid_is_the_real_study():
         assert cfg.judge_model == "Qwen/Qwen2.5-1.5B-Instruct"
 
 
-def test_seeds_run_the_main_study_once_per_seed_and_pair_references_by_seed():
+def test_the_main_job_is_the_known_gold_study_with_shared_data_and_seeded_arms():
+    """grids/main.yaml: SFT, the gold-labelled dataset and the proxies are built once (seed 0), every arm the issue
+    names is there once per seed, the proxy and the policy arms read the dataset's disjoint halves, the RL arms are
+    measured by the gold, PPO also runs against the gold itself, and the evaluation reads the dataset."""
+    _, one = sweep.load_grid(REPO / "grids" / "main.yaml")
+    _, three = sweep.load_grid(REPO / "grids" / "main.yaml", seeds=[0, 1, 2])
+    shared = [j for j in one if j.stage in ("sft", "gold-pairs", "noisy", "proxy", "proxy-small", "proxy-noisy")]
+    assert all(j.params["seed"] == 0 for j in shared) and [j for j in three if j in shared] == shared
+    arms = [j for j in one if j not in shared and not j.always]
+    methods = {j.params.get("method") for j in arms}
+    assert {"dpo", "ipo", "kto", "ppo", "online-dpo"} <= methods
+    assert len([j for j in three if not j.always]) == len(shared) + 3 * len(arms)
+    assert {j.params["half"] for j in arms} == {"b"} and {j.params["half"] for j in shared if "half" in j.params} == {"a"}
+    assert all(j.params["data_source"].startswith("@") for j in arms)
+    rl = [j for j in arms if j.notebook.name == "03_rl.ipynb"]
+    assert {j.params["gold_reward_model"] for j in rl} == {"vader"}
+    assert any(j.params["method"] == "ppo" and j.params["reward_model"] == "vader" for j in rl), "PPO-GT"
+    assert all(j.params.get("snapshots", 0) >= 2 for j in arms), "at least 3 frontier points per run"
+    (ev,) = [j for j in one if j.always]
+    assert ev.params["data_source"] == "@gold-pairs" and ev.params["gold_reward_model"] == "vader"
+    assert ev.params["n_pairs"] >= 256
+
+
+def test_seeds_run_the_hh_study_once_per_seed_and_pair_references_by_seed():
     from workbench import sweep as sw
     from workbench.__main__ import _seed_list
 
-    _, one = sw.load_grid(REPO / "grids" / "main.yaml")
-    _, three = sw.load_grid(REPO / "grids" / "main.yaml", seeds=[0, 1, 2])
+    _, one = sw.load_grid(REPO / "grids" / "hh.yaml")
+    _, three = sw.load_grid(REPO / "grids" / "hh.yaml", seeds=[0, 1, 2])
     trained = [j for j in one if not j.always]
     judges = [j for j in trained if j.stage in ("proxy", "gold")]  # their params fix seed 0: one pair for all seeds
     assert len(judges) == 2 and all(j.params["seed"] == 0 for j in judges)
@@ -103,7 +127,7 @@ def test_seeds_run_the_main_study_once_per_seed_and_pair_references_by_seed():
         with pytest.raises(Exception, match="--seeds"):
             _seed_list(bad)
     with pytest.raises(ValueError, match="seeds must be"):
-        sw.load_grid(REPO / "grids" / "main.yaml", seeds=[])
+        sw.load_grid(REPO / "grids" / "hh.yaml", seeds=[])
 
 
 def test_a_bad_grid_lists_every_problem_before_running(tmp_path):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import trl
 
-from . import data, losses, models, online_dpo, ppo
+from . import data, gold_pairs, losses, models, online_dpo, ppo
 from .config import RLFields, RunFields, check_beta, check_checkpoint_every, check_judge_fields
 
 
@@ -176,8 +176,10 @@ class Arm:
     """One arm of the study: how its config, data and training are put together."""
 
     config: type  # its config class
-    trainer: type  # TRL's trainer class, or ours (ppo.PPOTrainer)
-    view: str  # the dataset it trains on: "sft" (prompt, chosen), "pairs", "unpaired" (KTO) or "prompts" (RL)
+    trainer: type  # TRL's trainer class, or ours (ppo.PPOTrainer); for a dataset, the function that builds it
+    # the dataset it trains on: "sft" (prompt, chosen), "pairs", "unpaired" (KTO) or "prompts" (RL); "dataset": not a
+    # policy at all but a stage that writes a dataset (gold-pairs), built by ``trainer(cfg) -> run folder``
+    view: str
     has_reference: bool  # trained against a reference model (the SFT adapter, or the base)
     aliases: tuple = ()  # (common name, the arm's own field): one name per idea across arms (``make_config``)
     pairs_loss: bool = False  # trains a DPO-family loss on pairs although it samples its own (online DPO)
@@ -210,6 +212,8 @@ ARMS = {
     # (named with '-': a run folder's name keeps '_' for its separators; "online_dpo" is accepted too)
     "online-dpo": Arm(online_dpo.OnlineDPOArgs, online_dpo.OnlineDPOTrainer, "prompts", True,
                       (("max_steps", "rounds"), ("per_device_train_batch_size", "prompts_per_round")), pairs_loss=True),
+    # the known-gold study's data: the SFT policy's own samples, labelled by a gold reward (gold_pairs.py)
+    "gold-pairs": Arm(gold_pairs.GoldPairsArgs, gold_pairs.build, "dataset", False),
 }
 
 

@@ -44,6 +44,10 @@ class RunFields:
     judge_model: str | None = None  # the judge wherever one is used; hub name, local path or embedded:...; None: the
     # embedded policy. Used by pair_labels="judge", online DPO's labeller="judge" and the RL arms' reward_model="judge"
     judge_principle: str = DEFAULT_PRINCIPLE
+    # adapters saved at evenly spaced points of training besides the final one (2: after 1/3 and 2/3 of the steps),
+    # into <run>/checkpoints/step-<n>/adapter; the evaluation measures each (the reward–KL frontier plots every
+    # evaluation of a run, as the DPO paper's Fig. 2 does)
+    snapshots: int = 0
 
 
 @dataclass
@@ -63,6 +67,14 @@ def score_beta(cfg, trained_on_pairs_with_reference: bool) -> float:
     if cfg.score_beta is not None:
         return cfg.score_beta
     return cfg.beta if trained_on_pairs_with_reference else 0.1
+
+
+def snapshot_steps(total: int, count: int) -> list[int]:
+    """The steps after which ``count`` snapshots are saved in a run of ``total`` steps: evenly spaced, rounded, never
+    the last step (the final adapter is saved anyway) nor step 0."""
+    if count < 0:
+        raise ValueError(f"snapshots must be >= 0 (got {count}).")
+    return sorted({round(total * i / (count + 1)) for i in range(1, count + 1)} - {0, total})
 
 
 def check_beta(name: str, value: float, zero_ok: bool = False) -> None:

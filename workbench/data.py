@@ -20,6 +20,11 @@ Quirks of the real data handled here (see ``tests/test_data.py`` for the counts 
   * Some final turns are empty ("...\\n\\nAssistant: "); such pairs are dropped and counted.
 
 Local layout: ``<root>/<subset>/<split>.jsonl.gz`` (an uncompressed ``.jsonl`` is accepted too).
+
+A *pairs folder* is the other kind of source: a folder holding ``pairs.jsonl``, one pair per line already in the
+format above (``read_pairs``); the known-gold study's gold-labelled datasets are such folders (``gold_pairs.build``
+writes them, a run folder with its recipe beside the pairs), and every arm that reads pairs reads them through
+``load_pairs`` exactly as it reads HH-RLHF: the same held-out split, halves, ``n_train`` and report.
 """
 
 from __future__ import annotations
@@ -420,6 +425,86 @@ def load_hh(
     return examples, report
 
 
+# --- A pairs folder: pairs already in the data layer's format ---------------------------------------
+
+PAIRS_FILE = "pairs.jsonl"  # a pairs folder's pairs, one JSON object per line
+_PAIR_FIX = ("Each line of a pairs file is one JSON object {\"id\": str, \"prompt\": [messages, user first, roles "
+             "alternating], \"chosen\": [{\"role\": \"assistant\", \"content\": str}], \"rejected\": [...]}")
+
+
+def is_pairs_folder(source) -> bool:
+    """Is ``source`` a folder of pairs (it holds ``pairs.jsonl``), rather than an HH-RLHF directory or "hub"?"""
+    return source not in (None, "hub") and (Path(source) / PAIRS_FILE).is_file()
+
+
+def check_pair_row(row, location: str, line: int) -> dict:
+    """``row`` if it is a pair in the data layer's format; else an HHFormatError naming the file, line and field.
+    Raised for a missing or empty field, a prompt whose turns do not alternate from a user turn, and chosen ==
+    rejected (a pair that prefers nothing)."""
+    def bad(field, problem):
+        return HHFormatError(location, line, field, problem, _PAIR_FIX + ".")
+
+    if not isinstance(row, dict):
+        raise bad("<json>", f"expected a JSON object, got {type(row).__name__}")
+    for field in ("id", "prompt", "chosen", "rejected"):
+        if field not in row:
+            raise bad(field, f"missing (keys present: {sorted(row)})")
+    prompt = row["prompt"]
+    if not isinstance(prompt, list) or not prompt or not all(isinstance(m, dict) for m in prompt):
+        raise bad("prompt", "must be a non-empty list of {role, content} messages")
+    for i, m in enumerate(prompt):
+        want = "user" if i % 2 == 0 else "assistant"
+        if m.get("role") != want:
+            raise bad("prompt", f"turn {i} has role {m.get('role')!r}, expected {want!r} (turns alternate, user first)")
+        if not isinstance(m.get("content"), str):
+            raise bad("prompt", f"turn {i} has no string content")
+    for side in ("chosen", "rejected"):
+        v = row[side]
+        if not (isinstance(v, list) and len(v) == 1 and isinstance(v[0], dict) and v[0].get("role") == "assistant"):
+            raise bad(side, "must be a list with one {\"role\": \"assistant\", \"content\": ...} message")
+        if not isinstance(v[0].get("content"), str) or not v[0]["content"].strip():
+            raise bad(side, "is empty")
+    if row["chosen"][0]["content"] == row["rejected"][0]["content"]:
+        raise bad("rejected", "is the same text as chosen")
+    return row
+
+
+def read_pairs(path, *, tokenizer=None, max_length: int | None = None) -> tuple[list[dict], "ValidationReport"]:
+    """The pairs of a pairs file (``<folder>/pairs.jsonl``) and a report as ``load_hh``'s: every line checked
+    (``check_pair_row``: a bad line is an error naming file, line and field), pairs over ``max_length`` tokens
+    (with a tokenizer) skipped and counted."""
+    path = Path(path)
+    report = ValidationReport(source=str(path), files=[str(path)])
+    examples, tokens = [], []
+    for line_no, raw in _read_local(path):
+        report.read += 1
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise HHFormatError(str(path), line_no, "<json>", f"not valid JSON ({e})", _PAIR_FIX + ".") from None
+        row = check_pair_row(row, str(path), line_no)
+        if tokenizer is not None:
+            n_prompt, n_chosen, n_rejected = _token_lengths(tokenizer, row)
+            if max_length is not None and n_prompt + max(n_chosen, n_rejected) > max_length:
+                report.count("over_length", f"{path}:{line_no}")
+                continue
+            tokens.append((n_prompt, n_chosen, n_rejected))
+        examples.append(row)
+    report.kept = len(examples)
+    report.lengths = _length_stats(examples, tokens if tokenizer is not None else None)
+    if not examples:
+        raise HHFormatError(str(path), 0, "<file>", f"no pairs: {report.read} line(s) read, {report.read - report.kept} "
+                            "over max_length", "Point the source at a pairs file (and raise max_length if needed).")
+    return examples, report
+
+
+def load_pairs(cfg: "DataConfig", tokenizer=None, max_length: int | None = None):
+    """(pairs, report) of a data config's source: a pairs folder (``read_pairs``) or HH-RLHF (``load_hh``)."""
+    if is_pairs_folder(cfg.source):
+        return read_pairs(Path(cfg.source) / PAIRS_FILE, tokenizer=tokenizer, max_length=max_length)
+    return load_hh(cfg.subset, cfg.split, cfg.source, tokenizer=tokenizer, max_length=max_length)
+
+
 # --- Views for the trainers, and a held-out split -------------------------------------------------
 
 
@@ -493,7 +578,9 @@ class DataConfig:
 
     subset: str = "harmless-base"  # HH-RLHF subset, or "all"
     split: str = "train"  # file to read; "test" is the only one in the shared local copy
-    source: str | None = None  # local hh-rlhf directory or "hub"; None: $WORKBENCH_HH_SOURCE, a local copy, the hub
+    # local hh-rlhf directory, "hub", or a pairs folder (a gold-labelled dataset's run folder: ``read_pairs``);
+    # None: $WORKBENCH_HH_SOURCE, a local copy, the hub
+    source: str | None = None
     heldout_fraction: float = 0.1  # prompts held out of training (seeded hash of the prompt), scored afterwards
     split_seed: int = 0  # seeds the held-out split; fixed (not the run's seed) so that every seed and every arm is
     # evaluated on the same held-out prompts, none of which any of them trained on
@@ -506,13 +593,13 @@ class DataConfig:
 def load_for_run(cfg: DataConfig, seed: int, tokenizer=None, pairs: list[dict] | None = None):
     """The training and held-out pairs of a run: (train_rows, heldout, report or None, split record).
 
-    ``pairs`` replaces HH-RLHF with your own pairs (no report). The held-out split is seeded by ``cfg.split_seed``
+    ``pairs`` replaces the config's source (HH-RLHF or a pairs folder, ``load_pairs``) with your own pairs (no report). The held-out split is seeded by ``cfg.split_seed``
     (the run's ``seed`` only names the run and is recorded); then ``cfg.half`` and ``cfg.n_train`` narrow the
     training pairs. The split record (ids on each side, how they
     were chosen) goes into the run folder as split.json."""
     report = None
     if pairs is None:
-        pairs, report = load_hh(cfg.subset, cfg.split, cfg.source, tokenizer=tokenizer, max_length=cfg.max_length)
+        pairs, report = load_pairs(cfg, tokenizer=tokenizer, max_length=cfg.max_length)
     train_rows, heldout, info = split_heldout(pairs, cfg.heldout_fraction, seed=cfg.split_seed)
     train_rows = half(train_rows, cfg.half) if cfg.half else train_rows
     train_rows = train_rows[: cfg.n_train] if cfg.n_train else train_rows

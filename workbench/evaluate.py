@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 
 from . import data, models, scoring, stats
-from .runs import atomic_folder, run_info, run_paths, to_jsonable, write_json, write_jsonl
-from .sampling import sample_completions
+from .runs import atomic_folder, run_info, run_paths, snapshots, to_jsonable, write_json, write_jsonl
+from .sampling import inference_copy, sample_completions
 
 REFERENCE_FREE = ("orpo", "simpo")  # their implicit reward is the length-normalised log-likelihood, no π_ref
 
@@ -59,6 +59,9 @@ class EvalConfig:
     n_prompts: int = 32  # distinct held-out prompts, the first in the data's order
     n_samples: int = 2  # completions sampled per prompt
     n_pairs: int = 64  # held-out preference pairs scored for preference accuracy
+    # of those, the first this many score a policy's implicit reward (None: all n_pairs): a reward model's accuracy is
+    # the number that needs many pairs, a policy's is a side measurement and costs a forward pass of each pair
+    policy_pairs: int | None = None
     temperature: float = 0.7  # as the RL arms sample in training
     top_p: float = 1.0
     max_new_tokens: int = 64
@@ -81,6 +84,13 @@ class EvalConfig:
     length_tokenizer: str | None = None  # tokenizer (model name, local path or embedded:...) that counts the tokens of
     # every length baseline; None: the base model of the policy runs evaluated (evaluate_run alone: the run's own
     # base, or models.EMBEDDED_POLICY for a reward model)
+    # the prompts and pairs evaluated on: a pairs folder (a gold-labelled dataset: its held-out part) or an HH-RLHF
+    # directory; None: the first run's own data source
+    data_source: str | None = None
+    snapshots: bool = True  # also each policy run's snapshot adapters (checkpoints/step-<n>): samples, KL, rewards
+    # reward models trained on a gold-labelled dataset: best-of-n against them over the dataset's held-out samples
+    # (best_of_n.py), the over-optimisation curve of Gao et al. 2022
+    best_of_n: bool = True
     workers: int = 1  # evaluate_runs: runs evaluated at once, each worker a process with its share of this process's
     # threads (1: all in this process). On 2 CPU cores 2 workers of 1 thread take ~20 % less time than one of 2
     # threads: sampling is bound by per-token overhead and gains little from a second thread (evaluate_runs)
@@ -104,7 +114,7 @@ def eval_set(data_cfg: data.DataConfig, n_prompts: int, n_pairs: int, pairs: lis
     to it (of its first pair), and the first ``n_pairs`` held-out pairs. No length filter: the set must not depend
     on any model's tokenizer."""
     if pairs is None:
-        pairs, _ = data.load_hh(data_cfg.subset, data_cfg.split, data_cfg.source)
+        pairs, _ = data.load_pairs(data_cfg)
     _, heldout, _ = data.split_heldout(pairs, data_cfg.heldout_fraction, seed=data_cfg.split_seed)
     prompts = [{**p, "chosen": p["baseline"]} for p in data.prompt_view(heldout)[:n_prompts]]
     if not prompts:
@@ -127,13 +137,15 @@ def check_not_trained_on(run_path: Path, prompts: list[dict], all_pairs: list[di
                          "with EvalConfig(data=<its DataConfig>) apart from the others, or leave it out.")
 
 
-def load_run_policy(run_path: Path):
-    """(model, tokenizer) of a policy run: its base (as recorded) with its adapter as "default"; when it started
-    from an SFT run, that adapter frozen as "ref" — the run's own reference, as in training."""
+def load_run_policy(run_path: Path, adapter: Path | None = None):
+    """(model, tokenizer) of a policy run: its base (as recorded) with its adapter (or ``adapter``, e.g. one of its
+    snapshots) as "default"; when it started from an SFT run, that adapter frozen as "ref" — the run's own
+    reference, as in training."""
     info = run_info(run_path)
-    if not (run_path / "adapter").is_dir():
-        raise FileNotFoundError(f"{run_path} has no adapter/ folder: only runs that trained a policy can be sampled.")
-    model, tokenizer = models.load_policy(models.ModelConfig.from_saved(info["config"]["model"]), adapter=str(run_path / "adapter"),
+    adapter = Path(adapter) if adapter is not None else run_path / "adapter"
+    if not adapter.is_dir():
+        raise FileNotFoundError(f"{adapter} does not exist: only runs that trained a policy can be sampled.")
+    model, tokenizer = models.load_policy(models.ModelConfig.from_saved(info["config"]["model"]), adapter=str(adapter),
                                           trainable=False)
     if info["config"].get("sft_run"):
         model.load_adapter(str(Path(info["config"]["sft_run"]) / "adapter"), adapter_name="ref", is_trainable=False)
@@ -157,8 +169,14 @@ def _weights_keys(run_path: Path) -> dict:
 # Evaluating one run, and many
 
 
+def pair_clusters(records: list[dict]) -> list[str]:
+    """The bootstrap clusters of pair records: their prompt. A gold-labelled dataset's pair id is "<prompt id>#i-j"
+    (its held-out prompts give several pairs each, which share the prompt); an HH pair is its own prompt's id."""
+    return [r["id"].split("#")[0] for r in records]
+
+
 def _accuracy_interval(correct: list, ids: list, cfg: "EvalConfig") -> dict:
-    """``pairs/accuracy`` with a bootstrap interval over pairs."""
+    """``pairs/accuracy`` with a bootstrap interval over the pairs' prompts (``pair_clusters``)."""
     est, lo, hi = stats.bootstrap_mean([float(c) for c in correct], ids, cfg.n_bootstrap, cfg.seed)
     return {"pairs/accuracy": est, "pairs/accuracy_lo": lo, "pairs/accuracy_hi": hi}
 
@@ -179,7 +197,7 @@ def fit_length_baseline(tokenizer_name: str, data_cfg: data.DataConfig, pairs: l
     narrowed by a run's ``half`` or ``n_train``, so that every run evaluated on this split gets the same rule; the
     first ``scoring.LENGTH_FIT_PAIRS`` of them), lengths in tokens of ``tokenizer_name``."""
     if pairs is None:
-        pairs, _ = data.load_hh(data_cfg.subset, data_cfg.split, data_cfg.source)
+        pairs, _ = data.load_pairs(data_cfg)
     train_side, _, _ = data.split_heldout(pairs, data_cfg.heldout_fraction, seed=data_cfg.split_seed)
     tokenizer = models.load_tokenizer(tokenizer_name)
     return LengthBaseline(tokenizer_name, data_cfg, tokenizer, scoring.fit_length_rule(tokenizer, train_side))
@@ -189,7 +207,7 @@ def _length_summary(records: list[dict], rule: stats.LengthRule, cfg: "EvalConfi
     """``pairs/length_rule`` (the fitted rule's held-out accuracy) and ``pairs/longer_wins`` with bootstrap
     intervals over pairs, and the fit (``scoring.length_summary``)."""
     out = scoring.length_summary(records, rule, prefix="pairs/")
-    ids = [r["id"] for r in records]
+    ids = pair_clusters(records)
     for key in ("length_rule", "longer_wins"):
         est, lo, hi = stats.bootstrap_mean([r[key] for r in records], ids, cfg.n_bootstrap, cfg.seed)
         out.update({f"pairs/{key}": est, f"pairs/{key}_lo": lo, f"pairs/{key}_hi": hi})
@@ -207,7 +225,7 @@ def _pair_accuracies(records: list[dict], reference_free: bool, cfg: "EvalConfig
     implicit = sum(r["correct"] for r in records) / n
     avg_acc = sum(avg) / n
     key = "avg_logp_correct" if reference_free else "correct"
-    return {**_accuracy_interval([r[key] for r in records], [r["id"] for r in records], cfg),
+    return {**_accuracy_interval([r[key] for r in records], pair_clusters(records), cfg),
             "pairs/implicit_accuracy": implicit, "pairs/avg_logp_accuracy": avg_acc, "pairs/margin": sum(r["margin"] for r in records) / n}
 
 
@@ -247,6 +265,8 @@ def _generation_summary(gens: list[dict], cfg: EvalConfig) -> dict:
             est, lo, hi = stats.bootstrap_mean([float(g[key]) for g in gens], ids, cfg.n_bootstrap, cfg.seed)
             out.update({f"eval/{name}": est, f"eval/{name}_lo": lo, f"eval/{name}_hi": hi})
     out["eval/ended"] = sum(g["ended"] for g in gens) / max(len(gens), 1)
+    # signs of reward hacking beside the rewards: length (above), how often a reply ends, how varied the replies are
+    out["eval/distinct2"] = stats.distinct_n([g["completion_token_ids"] for g in gens], 2) if gens else float("nan")
     if gens and gens[0].get("gold_score") is not None and gens[0].get("chosen_gold_score") is not None:
         wins = stats.wins([g["gold_score"] for g in gens], [g["chosen_gold_score"] for g in gens])
         dlen = [g["response_tokens"] - g["chosen_tokens"] for g in gens]  # tokens, the unit of every length metric
@@ -324,6 +344,17 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
         gens, pair_records, summary = _evaluate(run_path, info, cfg, beta, prompts, eval_pairs, proxy, gold, length,
                                                 logps_cache, readings["chosen"])
         summary.update(readings["summary"])
+        if cfg.snapshots and not info["is_reward_model"]:
+            steps = _evaluate_snapshots(run_path, cfg, beta, prompts, proxy, gold, readings["chosen"], partial)
+            summary["eval/snapshots"] = len(steps)
+        if cfg.best_of_n and info["is_reward_model"] and gold is not None:
+            from . import best_of_n, gold_pairs
+
+            source = gold_pairs.dataset_of(run_path)
+            if source is not None:  # a proxy trained on a gold-labelled dataset: best-of-n against it, measured by gold
+                rows, bon = best_of_n.evaluate(run_path, source, gold_spec, cfg.n_bootstrap, cfg.seed)
+                write_jsonl(partial / "best_of_n.jsonl", rows)
+                summary.update(bon)
         if cfg.judge_model:  # the AI judge on the same pairs, beside the reward models and the length rule
             judged = judged or judge_agreement(cfg, eval_pairs)
             summary.update({k.replace("judge/", "pairs/judge_"): v for k, v in judged[0].items()})
@@ -346,26 +377,13 @@ def _evaluate(run_path: Path, info: dict, cfg: EvalConfig, beta: float, prompts:
         rm = load_reward(str(run_path))
         pair_records = scoring.score_pairs_with_reward(rm.model, rm.tokenizer, eval_pairs, max_length=cfg.max_length)
         n = len(pair_records)
-        summary.update({**_accuracy_interval([r["correct"] for r in pair_records], [r["id"] for r in pair_records], cfg),
+        summary.update({**_accuracy_interval([r["correct"] for r in pair_records], pair_clusters(pair_records), cfg),
                         "pairs/margin": sum(r["margin"] for r in pair_records) / n})
         gens = []
     else:
         model, tokenizer = load_run_policy(run_path)
-        gens = sample_completions(model, tokenizer, prompts, n_samples=cfg.n_samples,
-                                  rewards={"score": proxy, "gold_score": gold}, max_prompt_length=cfg.max_prompt_length,
-                                  max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                  seed=cfg.seed, batch_size=cfg.batch_size, length_sorted=cfg.length_sorted)
-        # the dataset's chosen response to each prompt, judged by the same reward models (``reward_readings``)
-        chosen = {p["id"]: p for p in prompts}
-        for key, values in chosen_scores.items():
-            for p, v in zip(prompts, values):
-                p[key] = v
-        for p in prompts:  # its length in tokens, as the samples' response_tokens count them (end of turn included)
-            p["chosen_tokens"] = len(models.encode(tokenizer, p["prompt"], [{"role": "assistant", "content": p["chosen"]}])[1])
-        for g in gens:
-            p = chosen[g["id"]]
-            g.update({"chosen": p["chosen"], "chosen_chars": len(p["chosen"]), "chosen_tokens": p["chosen_tokens"],
-                      "chosen_score": p.get("chosen_score"), "chosen_gold_score": p.get("chosen_gold_score")})
+        gens = _sample_and_score(model, tokenizer, prompts, cfg, proxy, gold, chosen_scores, beta)
+        eval_pairs = eval_pairs[: cfg.policy_pairs]  # a policy's implicit reward: the first policy_pairs pairs
         pair_records = scoring.score_pairs(model, tokenizer, eval_pairs, beta=beta, max_length=cfg.max_length,
                                            batch_size=None, cache=logps_cache, **_weights_keys(run_path))
         for r, ex in zip(pair_records, eval_pairs):  # the inspector shows the prompt and the texts beside the tokens
@@ -373,10 +391,58 @@ def _evaluate(run_path: Path, info: dict, cfg: EvalConfig, beta: float, prompts:
         summary.update(_pair_accuracies(pair_records, info["method"] in REFERENCE_FREE, cfg))
         summary.update(_generation_summary(gens, cfg))
         del model
-    # the length-only baseline on the same pairs, in the evaluation's one unit
+    # the length-only baseline on the same pairs, in the evaluation's one unit, and the accuracy's paired margin over it
     scoring.add_lengths(pair_records, eval_pairs, length.tokenizer, length.rule)
     summary.update(_length_summary(pair_records, length.rule, cfg))
+    key = "avg_logp_correct" if info["method"] in REFERENCE_FREE else "correct"
+    est, lo, hi = stats.paired_difference([float(r[key]) for r in pair_records], [r["length_rule"] for r in pair_records],
+                                          pair_clusters(pair_records), cfg.n_bootstrap, cfg.seed)
+    summary.update({"pairs/accuracy_vs_length_rule": est, "pairs/accuracy_vs_length_rule_lo": lo,
+                    "pairs/accuracy_vs_length_rule_hi": hi})
     return gens, pair_records, summary
+
+
+def _sample_and_score(model, tokenizer, prompts: list[dict], cfg: EvalConfig, proxy, gold, chosen_scores: dict,
+                      beta: float) -> list[dict]:
+    """A policy's samples of the evaluation prompts (``sampling.sample_completions``: per-token log π, log π_ref, the
+    sampled KL), their proxy and gold rewards and implicit reward β·Σ_t log π/π_ref, beside the dataset's chosen
+    response to the same prompt as the reward models judge it (``reward_readings``; for win rates)."""
+    gens = sample_completions(model, tokenizer, prompts, n_samples=cfg.n_samples,
+                              rewards={"score": proxy, "gold_score": gold}, max_prompt_length=cfg.max_prompt_length,
+                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                              seed=cfg.seed, batch_size=cfg.batch_size, length_sorted=cfg.length_sorted,
+                              sampler=inference_copy(model))  # the same function, sampled faster; log-probs: model's
+    chosen = {p["id"]: p for p in prompts}
+    for key, values in chosen_scores.items():
+        for p, v in zip(prompts, values):
+            p[key] = v
+    for p in prompts:  # its length in tokens, as the samples' response_tokens count them (end of turn included)
+        p["chosen_tokens"] = len(models.encode(tokenizer, p["prompt"], [{"role": "assistant", "content": p["chosen"]}])[1])
+    for g in gens:
+        p = chosen[g["id"]]
+        g.update({"implicit_reward": beta * g["kl"], "chosen": p["chosen"], "chosen_chars": len(p["chosen"]),
+                  "chosen_tokens": p["chosen_tokens"], "chosen_score": p.get("chosen_score"),
+                  "chosen_gold_score": p.get("chosen_gold_score")})
+    return gens
+
+
+def _evaluate_snapshots(run_path: Path, cfg: EvalConfig, beta: float, prompts: list[dict], proxy, gold,
+                        chosen_scores: dict, out: Path) -> list[int]:
+    """Each snapshot adapter of a policy run (``runs.snapshots``) sampled and scored as its final adapter is (same
+    prompts, seeds and rewards), into ``<out>/steps/step-<n>/`` (generations.jsonl, summary.json); no pairs pass.
+    Returns the steps evaluated."""
+    steps = []
+    for step, adapter in snapshots(run_path):
+        model, tokenizer = load_run_policy(run_path, adapter)
+        gens = _sample_and_score(model, tokenizer, prompts, cfg, proxy, gold, chosen_scores, beta)
+        del model
+        folder = out / "steps" / f"step-{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_jsonl(folder / "generations.jsonl", gens)
+        write_json(folder / "summary.json", {"step": step, **_generation_summary(gens, cfg)})
+        steps.append(step)
+        print(f"[evaluate] {run_path.name}: snapshot at step {step} evaluated", flush=True)
+    return steps
 
 
 def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | None = None) -> list[Path]:
@@ -390,9 +456,9 @@ def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | No
     from .rewards import JUDGE
 
     cfg = cfg or EvalConfig()
-    paths = run_paths(runs)
+    paths = [p for p in run_paths(runs) if not run_info(p)["is_dataset"]]  # a dataset's run folder has no model
     if not paths:
-        raise ValueError(f"No complete run folders in {runs}.")
+        raise ValueError(f"No complete run folders of models in {runs}.")
     specs, configs = {}, [run_info(p)["config"] for p in paths]
     for key, field_ in (("proxy_reward_model", "reward_model"), ("gold_reward_model", "gold_reward_model")):
         found = {c.get(field_) for c in configs} - {None}
@@ -408,9 +474,11 @@ def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | No
                              "EvalConfig.reward_judge_model (and reward_judge_principle).")
         chosen = json.loads(found.pop()) if found else _reward_judge(cfg, {})
         specs["reward_judge_model"], specs["reward_judge_principle"] = chosen["judge_model"], chosen["judge_principle"]
-    if cfg.data is None:  # one held-out split for all: the first run's (check_not_trained_on guards the others)
-        first = run_info(paths[0])["config"]["data"]
+    if cfg.data is None:  # one held-out split for all: the first run's (check_not_trained_on guards the others), from
+        first = run_info(paths[0])["config"]["data"]  # cfg.data_source where it names one
         specs["data"] = data.DataConfig(**{k: v for k, v in first.items() if k not in ("half", "n_train")})
+        if cfg.data_source:
+            specs["data"] = dataclasses.replace(specs["data"], source=cfg.data_source)
     if cfg.length_tokenizer is None:  # one unit for every run: the tokens of the first policy run's base model
         policies = [p for p in paths if not run_info(p)["is_reward_model"]]
         specs["length_tokenizer"] = (run_info(policies[0])["config"]["model"]["model_name_or_path"] if policies
@@ -418,7 +486,7 @@ def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | No
     cfg = dataclasses.replace(cfg, **specs)
     print(f"[evaluate] length baseline in tokens of {cfg.length_tokenizer}", flush=True)
     if pairs is None:
-        pairs, _ = data.load_hh(cfg.data.subset, cfg.data.split, cfg.data.source)
+        pairs, _ = data.load_pairs(cfg.data)
     length = fit_length_baseline(cfg.length_tokenizer, cfg.data, pairs)
     print(f"[evaluate] length baseline: {length.rule.describe()} (fitted on {length.rule.n_train} training pairs, "
           f"training accuracy {length.rule.train_accuracy:.3f})", flush=True)
@@ -450,7 +518,7 @@ def _evaluate_in_workers(todo: list[Path], cfg: EvalConfig, proxy, gold, shared:
     for p in _runs_with_shared_weights(todo):
         print(f"[evaluate] log-probs on the pairs of {p.name}, which other runs share", flush=True)
         model, tokenizer = load_run_policy(p)
-        scoring.score_pairs(model, tokenizer, eval_pairs, max_length=cfg.max_length, cache=shared["logps_cache"],
+        scoring.score_pairs(model, tokenizer, eval_pairs[: cfg.policy_pairs], max_length=cfg.max_length, cache=shared["logps_cache"],
                             **_weights_keys(p))
         del model
     threads = max(1, torch.get_num_threads() // cfg.workers)

@@ -8,6 +8,7 @@ Static export uses kaleido, which drives a system Chromium: on Debian/Ubuntu ``a
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -15,8 +16,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from . import stats
 from .results import aggregate
-from .runs import parse_run_name, read_jsonl
+from .runs import read_jsonl
 
 FORMATS = ("pdf", "svg", "png")
 _LAYOUT = dict(template="plotly_white", font=dict(size=13), width=720, height=440, legend=dict(orientation="v"))
@@ -47,62 +49,133 @@ def _policies(table: pd.DataFrame) -> pd.DataFrame:
     return table[~table["method"].isin(["reward"])] if len(table) else table
 
 
-def _recipe(reference) -> str | None:
-    """A reference by its recipe: a run folder's method and name (``runs.parse_run_name``), the seed left out; any
-    other reference (a model name) as it is."""
-    if not isinstance(reference, str):
+def _setting(row) -> str:
+    """A run's setting, seeds apart: "dpo β=0.1", "ppo gt β=0.05" (``_label``)."""
+    return _label(row)
+
+
+def _bon_rows(table: pd.DataFrame) -> list[tuple[pd.Series, pd.DataFrame]]:
+    """(reward-model row, its best-of-n rows) for every reward model whose evaluation drew best-of-n against it."""
+    out = []
+    for _, r in table[table["method"] == "reward"].iterrows() if len(table) else []:
+        path = Path(r["path"]) / "eval" / table.attrs.get("eval_name", "default") / "best_of_n.jsonl"
+        if path.exists():
+            out.append((r, pd.DataFrame(read_jsonl(path))))
+    return out
+
+
+def _main_proxy(table: pd.DataFrame, bon: list) -> tuple | None:
+    """The best-of-n of the proxy the RL arms optimised (the evaluation's proxy), else the first one."""
+    if not bon:
         return None
-    try:
-        parsed = parse_run_name(Path(reference).name)
-    except ValueError:
-        return reference
-    return f"{parsed['method']}__{parsed['name']}"
+    ev = Path(bon[0][0]["path"]) / "eval" / table.attrs.get("eval_name", "default") / "config.json"
+    spec = json.loads(ev.read_text()).get("proxy_reward_model") if ev.exists() else None
+    for r, rows in bon:
+        if spec and Path(spec).exists() and Path(r["path"]).resolve() == Path(spec).resolve():
+            return r, rows
+    return bon[0]
 
 
 def fig_frontier(table: pd.DataFrame) -> go.Figure:
-    """Gold reward against KL(π‖π_ref), one curve per method over its β (the shape of Fig. 2 of the DPO paper,
-    arXiv:2305.18290): the higher and further left, the better the trade-off."""
-    pol = _policies(table)
-    # KL is to each run's own reference. The references are told apart by their recipe (an SFT run's method and
-    # name, whatever its seed: each seed's arms start from that seed's SFT run); runs with another recipe than the
-    # most common one are left out (noted in the subtitle), and the SFT runs that are the kept runs' references sit
-    # at KL 0 (the frontier's start)
-    recipes = pol["reference"].map(_recipe)
-    arms = pol["method"] != "sft"
-    recipe = recipes[arms].mode().iloc[0] if recipes[arms].notna().any() else None
-    kept = pol[arms & (recipes == recipe)] if recipe is not None else pol
-    refs = {Path(r).resolve() for r in kept["reference"].dropna()} if recipe is not None else set()
-    anchor = pol[pol["path"].map(lambda p: Path(p).resolve() in refs)].assign(**{"eval/kl": 0.0})
-    dropped = len(pol) - len(kept) - len(anchor)
-    agg = aggregate(pd.concat([anchor, kept]), ["eval/gold", "eval/kl"])
-    note = _seeds_note(agg) + (f"; {dropped} run(s) with another reference left out" if dropped else "")
+    """Gold reward against KL(π‖π_ref) for every method, one point per evaluated adapter (each run's snapshots and its
+    final adapter, from the SFT policy at KL 0), one curve per setting (method, name, β): the shape of Fig. 2 (left)
+    of the DPO paper (arXiv:2305.18290). Best-of-n against the proxy at KL log n − (n−1)/n (an upper bound) from the
+    same SFT samples' gold gains; the higher and further left, the better the trade-off. With several seeds: the
+    mean per step with t-intervals, each seed's points faint."""
+    from .results import snapshot_table
+
+    snaps = snapshot_table(list(table["path"]), table.attrs.get("eval_name", "default")) if len(table) else table
     fig = go.Figure()
-    for method, g in agg.groupby("method"):
-        g = g.sort_values("beta", na_position="first")
-        fig.add_trace(go.Scatter(x=g["eval/kl"], y=g["eval/gold"], mode="lines+markers+text", name=method,
-                                 text=[f"β={b:g}" if b is not None and not math.isnan(b) else "" for b in g["beta"]],
-                                 textposition="top center", error_x=_err(g, "eval/kl"), error_y=_err(g, "eval/gold")))
+    if snaps is None or snaps.empty or "eval/gold" not in snaps:
+        return fig.update_layout(title="Reward–KL frontier<br><sup>no evaluated policies</sup>", **_LAYOUT)
+    sft = snaps[snaps["method"] == "sft"]
+    sft_gold, sft_kl = (float(sft["eval/gold"].mean()), 0.0) if len(sft) else (None, None)
+    arms = snaps[snaps["method"] != "sft"].copy()
+    arms["setting"] = [_setting(r) for _, r in arms.iterrows()]
+    palette = ["#4C78A8", "#F58518", "#E45756", "#72B7B2", "#54A24B", "#EECA3B", "#B279A2", "#FF9DA6", "#9D755D",
+               "#BAB0AC"]
+    for i, (setting, g) in enumerate(arms.groupby("setting", sort=True)):
+        colour = palette[i % len(palette)]
+        per_step = g.groupby("step").agg(kl=("eval/kl", "mean"), gold=("eval/gold", "mean"), n=("seed", "nunique"))
+        lo_hi = {s: (stats.t_interval(x["eval/gold"].tolist()), stats.t_interval(x["eval/kl"].tolist()))
+                 for s, x in g.groupby("step")}
+        xs = ([sft_kl] if sft_gold is not None else []) + per_step["kl"].tolist()
+        ys = ([sft_gold] if sft_gold is not None else []) + per_step["gold"].tolist()
+        if g["seed"].nunique() > 1:
+            for seed, gs in g.groupby("seed"):
+                fig.add_trace(go.Scatter(x=gs["eval/kl"], y=gs["eval/gold"], mode="markers", showlegend=False,
+                                         marker=dict(color=colour, size=5, opacity=0.35), hoverinfo="skip"))
+            ey = [0.0] * (len(xs) - len(per_step)) + [lo_hi[s][0][2] - m if lo_hi[s][0][2] == lo_hi[s][0][2] else 0.0
+                                                      for s, m in zip(per_step.index, per_step["gold"])]
+            err = dict(type="data", array=ey, symmetric=True)
+        else:  # one seed: the runs' own bootstrap intervals over prompts
+            lo = [0.0] * (len(xs) - len(g)) + (g.sort_values("step")["eval/gold"] - g.sort_values("step")["eval/gold_lo"]).fillna(0).tolist()
+            hi = [0.0] * (len(xs) - len(g)) + (g.sort_values("step")["eval/gold_hi"] - g.sort_values("step")["eval/gold"]).fillna(0).tolist()
+            err = dict(type="data", array=hi, arrayminus=lo, symmetric=False)
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=setting, line=dict(color=colour),
+                                 error_y=err, text=["SFT"] * (len(xs) - len(per_step)) + [f"step {s}" for s in per_step.index],
+                                 hovertemplate="%{text}: KL %{x:.2f}, gold %{y:.3f}<extra>" + setting + "</extra>"))
+    main = _main_proxy(table, _bon_rows(table))
+    if main is not None and sft_gold is not None:
+        r, rows = main
+        fig.add_trace(go.Scatter(x=rows["kl_bound"], y=sft_gold + rows["gold_gain"], mode="lines+markers",
+                                 name=f"best-of-n vs {r['name']} (KL bound)", line=dict(color="black", dash="dot"),
+                                 text=[f"n={n}" for n in rows["n"]],
+                                 error_y=dict(type="data", symmetric=False, array=(rows["gold_gain_hi"] - rows["gold_gain"]).tolist(),
+                                              arrayminus=(rows["gold_gain"] - rows["gold_gain_lo"]).tolist())))
+    seeds = ",".join(str(x) for x in sorted(snaps["seed"].dropna().unique()))
+    note = (f"seeds {seeds}; one point per snapshot; bars: 95% intervals (bootstrap over prompts with one seed, t across "
+            "seeds with more); best-of-n: SFT's gold plus its gold gain on the dataset's held-out replies")
     fig.update_layout(title=f"Reward–KL frontier<br><sup>{note}</sup>", xaxis_title="KL(π ‖ π_ref), nats per response",
-                      yaxis_title="gold reward (mean over samples)", **_LAYOUT)
+                      yaxis_title="gold reward (mean over samples)", **{**_LAYOUT, "width": 860, "height": 520})
     return fig
 
 
 def fig_overoptimization(table: pd.DataFrame) -> go.Figure:
-    """Proxy and gold reward against √KL during PPO training (Gao et al. 2022, arXiv:2210.10760, Fig. 1): the proxy
-    keeps rising while the gold reward peaks and falls, once the policy exploits the proxy."""
-    fig = go.Figure()
-    for _, row in table[table["method"] == "ppo"].iterrows():
+    """Over-optimisation (Gao et al. 2022, arXiv:2210.10760, Fig. 1). Left, best-of-n against each proxy reward model
+    (trained on different numbers of gold-labelled pairs, some with label noise): the gold gain over the SFT policy
+    (solid, with 95% intervals over prompts) and the proxy's own gain (dashed, right axis) against √KL, KL = log n −
+    (n−1)/n, with the fitted R(d) = d(α − βd) of Gao et al. (thin). Right, PPO against the proxy: proxy and gold
+    reward of its training rollouts against √KL, one point per iteration."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("best-of-n (SFT samples, held-out prompts)",
+                                                        "PPO training rollouts"),
+                        specs=[[{"secondary_y": True}, {"secondary_y": True}]])
+    palette = ["#4C78A8", "#E45756", "#54A24B", "#F58518", "#B279A2", "#72B7B2"]
+    for i, (r, rows) in enumerate(_bon_rows(table)):
+        colour = palette[i % len(palette)]
+        summary = json.loads((Path(r["path"]) / "eval" / table.attrs.get("eval_name", "default") / "summary.json").read_text())
+        pairs = json.loads((Path(r["path"]) / "summary.json").read_text()).get("train/pairs")
+        tag = f"{r['name']} ({pairs} pairs)"
+        d = rows["kl_bound"] ** 0.5
+        fig.add_trace(go.Scatter(x=d, y=rows["gold_gain"], mode="lines+markers", name=f"gold, proxy {tag}",
+                                 line=dict(color=colour), legendgroup=tag,
+                                 error_y=dict(type="data", symmetric=False, array=(rows["gold_gain_hi"] - rows["gold_gain"]).tolist(),
+                                              arrayminus=(rows["gold_gain"] - rows["gold_gain_lo"]).tolist())), row=1, col=1)
+        fig.add_trace(go.Scatter(x=d, y=rows["proxy_gain"], mode="lines+markers", name=f"proxy {tag}",
+                                 line=dict(color=colour, dash="dash"), legendgroup=tag), row=1, col=1, secondary_y=True)
+        if "bon/fit_gold_alpha" in summary:
+            grid = [x / 50 * float(d.max()) for x in range(51)]
+            a, b = summary["bon/fit_gold_alpha"], summary["bon/fit_gold_beta"]
+            fig.add_trace(go.Scatter(x=grid, y=[x * (a - b * x) for x in grid], mode="lines", showlegend=False,
+                                     line=dict(color=colour, width=1), legendgroup=tag, hoverinfo="skip"), row=1, col=1)
+    for _, row in table[table["method"] == "ppo"].iterrows() if len(table) else []:
         m = pd.DataFrame(read_jsonl(Path(row["path"]) / "metrics.jsonl"))
         if "objective/kl" not in m:
             continue
         x = m["objective/kl"].clip(lower=0) ** 0.5
-        tag = f"{row['name']} s{row['seed']}"
-        fig.add_trace(go.Scatter(x=x, y=m["objective/scores"], mode="lines+markers", name=f"proxy ({tag})"))
+        tag = f"PPO {row['name']} s{row['seed']}"
+        fig.add_trace(go.Scatter(x=x, y=m["objective/scores"], mode="lines+markers", name=f"proxy ({tag})",
+                                 line=dict(dash="dash")), row=1, col=2, secondary_y=True)
         if "objective/gold_scores" in m:
-            fig.add_trace(go.Scatter(x=x, y=m["objective/gold_scores"], mode="lines+markers", name=f"gold ({tag})",
-                                     line=dict(dash="dash")))
-    fig.update_layout(title="Over-optimisation during PPO<br><sup>training rollouts, one point per iteration</sup>",
-                      xaxis_title="√KL(π ‖ π_ref)", yaxis_title="reward", **_LAYOUT)
+            fig.add_trace(go.Scatter(x=x, y=m["objective/gold_scores"], mode="lines+markers", name=f"gold ({tag})"),
+                          row=1, col=2)
+    fig.update_xaxes(title_text="√KL(π ‖ π_ref)")
+    fig.update_yaxes(title_text="gold gain over SFT", row=1, col=1, secondary_y=False)
+    fig.update_yaxes(title_text="proxy gain (its own units)", row=1, col=1, secondary_y=True)
+    fig.update_yaxes(title_text="gold reward", row=1, col=2, secondary_y=False)
+    fig.update_yaxes(title_text="proxy reward", row=1, col=2, secondary_y=True)
+    fig.update_layout(title="Over-optimisation<br><sup>solid: gold; dashed: proxy (right axes); thin: d(α − βd) fitted"
+                      "</sup>", **{**_LAYOUT, "width": 1100, "height": 500})
     return fig
 
 
@@ -133,8 +206,10 @@ def fig_accuracy(table: pd.DataFrame) -> go.Figure:
                                         "pairs/proxy_rm_accuracy", "pairs/gold_rm_accuracy") if c in table])
     fig = go.Figure(go.Bar(x=[_label(r) for _, r in agg.iterrows()], y=agg["pairs/accuracy"],
                            error_y=_err(agg, "pairs/accuracy"), name="implicit reward / RM", marker_color="#4C78A8"))
-    rule = table[["pairs/length_rule", "pairs/length_rule_lo", "pairs/length_rule_hi"]].dropna() \
-        if {"pairs/length_rule", "pairs/length_rule_lo", "pairs/length_rule_hi"} <= set(table) else table.iloc[:0]
+    cols = ["pairs/length_rule", "pairs/length_rule_lo", "pairs/length_rule_hi"]
+    # the rule on the pairs the reward models ranked (every held-out pair), else on a policy's (EvalConfig.policy_pairs)
+    ranked = table.sort_values("method", key=lambda m: m != "reward", kind="stable") if len(table) else table
+    rule = ranked[cols].dropna() if set(cols) <= set(table) else table.iloc[:0]
     if len(rule):  # the same for every run of one evaluation: its value and its interval over pairs
         fig.add_hrect(y0=float(rule["pairs/length_rule_lo"].iloc[0]), y1=float(rule["pairs/length_rule_hi"].iloc[0]),
                       fillcolor="gray", opacity=0.12, line_width=0, layer="below")
@@ -144,7 +219,8 @@ def fig_accuracy(table: pd.DataFrame) -> go.Figure:
                                   ("pairs/proxy_rm_accuracy", "proxy RM", "dash", "#E45756"),
                                   ("pairs/gold_rm_accuracy", "gold RM", "dashdot", "#54A24B")):
         if m in agg and agg[m].notna().any():  # reference lines in the legend: they lie too close to label in place
-            y = float(agg[m].dropna().iloc[0])
+            rms = agg[agg["method"] == "reward"][m].dropna()  # on every held-out pair, where reward models were ranked
+            y = float(rms.iloc[0] if len(rms) else agg[m].dropna().iloc[0])
             fig.add_trace(go.Scatter(x=[labels[0], labels[-1]], y=[y, y], mode="lines", name=f"{name}: {y:.3f}",
                                      line=dict(dash=dash, color=colour, width=2)))
     fig.update_layout(title=f"Held-out preference accuracy<br><sup>{_seeds_note(agg)}</sup>",
@@ -196,6 +272,22 @@ def fig_data(examples: list[dict]) -> go.Figure:
         fig.add_trace(go.Histogram(x=[len(ex[side][0]["content"]) for ex in examples], name=side, opacity=0.6,
                                    nbinsx=60), row=1, col=2)
     fig.update_layout(barmode="overlay", title=f"{len(examples)} pairs", **_LAYOUT)
+    return fig
+
+
+def fig_gold_pairs(run_path) -> go.Figure:
+    """A gold-labelled dataset at a glance: the gold score of every sample per part (left), and each pair's gold gap,
+    chosen − rejected (right; below 0: a label the Bradley–Terry draw or the noise flipped)."""
+    from .gold_pairs import parts_of
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("gold score of each sample", "gold gap of each pair"))
+    for part, samples in parts_of(run_path).items():
+        if samples:
+            fig.add_trace(go.Histogram(x=[s["gold"] for s in samples], name=part, opacity=0.6, nbinsx=40), row=1, col=1)
+    pairs = read_jsonl(Path(run_path) / "pairs.jsonl")
+    fig.add_trace(go.Histogram(x=[p["chosen_gold"] - p["rejected_gold"] for p in pairs], name="chosen − rejected",
+                               nbinsx=40, marker_color="gray"), row=1, col=2)
+    fig.update_layout(barmode="overlay", title=f"{Path(run_path).name}: {len(pairs)} pairs", **_LAYOUT)
     return fig
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from . import data, losses
-from .config import RLFields, RunFields, check_beta, check_judge_fields
+from .config import RLFields, RunFields, check_beta, check_judge_fields, snapshot_steps
 from .logprobs import reference_adapter, response_logprobs
 from .runs import Run
 from .sampling import baselines, call_reward, encode_prompts, generate
@@ -136,7 +136,8 @@ class OnlineDPOTrainer:
             raise ValueError(f"labeller={cfg.labeller!r} needs a {'reward function' if cfg.labeller == 'reward' else 'judge'}.")
         self.cfg, self.model, self.tokenizer, self.prompts, self.run = cfg, model, tokenizer, prompts, run
         self.reward_fn, self.gold_fn, self.judge = reward_fn, gold_fn, judge
-        self.summary = {"train/rounds": cfg.rounds, "train/prompts": len(prompts)}
+        self.summary = {"train/rounds": cfg.rounds, "train/prompts": len(prompts),  # samples the labeller scored:
+                        "train/reward_queries": cfg.rounds * cfg.prompts_per_round * cfg.samples_per_prompt}
 
     def _refresh_reference(self) -> None:
         """The reference becomes the current policy: the adapter "ref" (created if the run started from the base)
@@ -167,6 +168,7 @@ class OnlineDPOTrainer:
         order = torch.randperm(len(self.prompts), generator=generator).tolist()
         samples, pair_records, judgements, step_losses, steps = [], [], [], [], 0
         t_loop = time.time()
+        snapshot_at = set(snapshot_steps(cfg.rounds, cfg.snapshots))
         for rnd in range(cfg.rounds):
             refreshed = bool(cfg.refresh_reference_every and rnd > 0 and rnd % cfg.refresh_reference_every == 0)
             if refreshed:
@@ -258,6 +260,8 @@ class OnlineDPOTrainer:
                                      "chosen_kl": kl[a].item(), "rejected_kl": kl[b].item(),
                                      "chosen_token_ids": response[a][mask[a]].tolist(),
                                      "rejected_token_ids": response[b][mask[b]].tolist()})
+            if rnd + 1 in snapshot_at:  # the policy part-way, for the reward–KL frontier
+                run.save_snapshot(model, rnd + 1)
             print(f"[online_dpo] round {rnd + 1}/{cfg.rounds}: label {metrics['objective/scores']:.3f} "
                   f"kl {metrics['objective/kl']:.3f}, {len(pairs)} pairs ({ties} ties) ({t_gen:.1f}s gen, "
                   f"{t_label:.1f}s label, {t_train:.1f}s train)", flush=True)

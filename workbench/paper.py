@@ -1,10 +1,14 @@
-"""The paper draft: ``papers/template.md`` (the prose, edited by people) with its ``{{placeholders}}`` filled from
-the results table and the run folders (the numbers, never typed by hand). ``python -m workbench paper`` runs it.
+"""The paper draft: a template (the prose, edited by people) with its ``{{placeholders}}`` filled from the results
+table and the run folders (the numbers, never typed by hand). ``python -m workbench paper`` runs it.
 
-Placeholders: {{setup}} (model, data, seeds, decoding, reward models, hardware, versions), {{results}} (per method
-and β: mean with 95% interval), {{compute}} (FLOPs, tokens, time; cost to reach the SFT policy's gold reward),
-{{figures}} (every figure of ``figures.FIGURES``), {{caveats}} (what these numbers can and cannot show, computed
-from them), {{generated}} (when and from what).
+Two templates, chosen by what the runs are (``build``): ``papers/template.md``, the known-gold study (the evaluation
+read a gold-labelled dataset; its tables and findings are ``findings.py``'s), and ``papers/template-hh.md``, the
+human-label study (grids/hh.yaml).
+
+Placeholders of both: {{setup}}, {{results}}, {{compute}} (FLOPs, tokens, time; cost to reach the SFT policy's gold
+reward), {{figures}} (every figure of ``figures.FIGURES``), {{caveats}} (what these numbers can and cannot show,
+computed from them), {{generated}} (when and from what). The known-gold template adds {{reward_models}},
+{{best_of_n}} and {{findings}}.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import findings
 from .figures import FIGURES
 from .results import aggregate, cost_to_reach
 
@@ -94,7 +99,13 @@ def _compute(table: pd.DataFrame, agg: pd.DataFrame) -> str:
     out = markdown_table(rows, ["method", "β", "FLOPs (run)", "FLOPs (pipeline)", "trained tokens", "generated tokens",
                                 "train time (s)"])
     sft = table.loc[table["method"] == "sft", "eval/gold"] if "eval/gold" in table else pd.Series(dtype=float)
-    if len(sft):
+    if "eval/gold_vs_sft_lo" in table:  # paired: a run counts when its gold beats SFT's with an interval above 0
+        cost = cost_to_reach(table[~table["method"].isin(["sft", "reward"])], 0.0, metric="eval/gold_vs_sft_lo",
+                             strict=True)
+        out += ("\n\nCost to beat the SFT policy's gold reward (the paired difference's 95% lower bound above 0): " +
+                "; ".join(f"{r['method']}: {_fmt(r['compute/pipeline_flops'])} FLOPs ({r['runs_reaching']}/{r['runs']} runs)"
+                          for _, r in cost.iterrows()) + ".")
+    elif len(sft):
         level = float(sft.mean())
         cost = cost_to_reach(table[table["method"] != "sft"], level)
         out += (f"\n\nCost to reach the SFT policy's gold reward ({_fmt(level)}): " +
@@ -167,16 +178,24 @@ def _figure(name: str, fn, figures_dir: Path, here: Path) -> str:
 
 
 def build(table: pd.DataFrame, out: str | Path = REPO / "papers" / "draft.md", figures_dir: str | Path = REPO / "figures",
-          template: str | Path = REPO / "papers" / "template.md") -> Path:
-    """Fill the template from the results table; the figures are expected in ``figures_dir`` (``figures.export_all``)."""
+          template: str | Path | None = None) -> Path:
+    """Fill the template from the results table; the figures are expected in ``figures_dir`` (``figures.export_all``).
+    ``template``: None picks papers/template.md for a known-gold study, papers/template-hh.md otherwise."""
     out, figures_dir = Path(out), Path(figures_dir)
     agg = aggregate(table)
+    dataset = findings.gold_dataset(table)
+    template = Path(template or REPO / "papers" / ("template.md" if dataset else "template-hh.md"))
     figs = "\n\n".join(_figure(name, fn, figures_dir, out.parent) for name, fn in FIGURES.items())
-    text = Path(template).read_text()
-    fill = {"setup": _setup(table), "results": _results(agg), "compute": _compute(table, agg), "figures": figs,
-            "caveats": _caveats(table, agg),
+    text = template.read_text()
+    fill = {"compute": _compute(table, agg), "figures": figs,
             "generated": f"Generated {_dt.datetime.now():%Y-%m-%d %H:%M} by `python -m workbench paper` from {len(table)} "
-                         f"run folders; edit `papers/template.md`, not this file."}
+                         f"run folders; edit `papers/{template.name}`, not this file."}
+    if dataset is not None:
+        fill.update({"setup": findings.setup(table, dataset), "results": findings.policies(agg),
+                     "reward_models": findings.reward_models(agg), "best_of_n": findings.best_of_n_table(table),
+                     "findings": findings.findings(table), "caveats": findings.caveats(table)})
+    else:
+        fill.update({"setup": _setup(table), "results": _results(agg), "caveats": _caveats(table, agg)})
     for key, value in fill.items():
         text = text.replace("{{" + key + "}}", value)
     if "{{" in text:

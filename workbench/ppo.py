@@ -39,7 +39,7 @@ from torch import Tensor
 
 from . import data, distributed, models
 from .distributed import all_sum, average_gradients, world
-from .config import RLFields, RunFields, check_beta, check_checkpoint_every, check_judge_fields
+from .config import RLFields, RunFields, check_beta, check_checkpoint_every, check_judge_fields, snapshot_steps
 from .logprobs import reference_adapter, response_hidden, response_logprobs
 from .runs import Run, read_jsonl, write_jsonl
 from .sampling import baselines, call_reward, encode_prompts, generate
@@ -376,7 +376,8 @@ class PPOTrainer:
                              f"then into num_minibatches {cfg.num_minibatches}.")
         self.cfg, self.model, self.value_head, self.tokenizer = cfg, model, value_head, tokenizer
         self.prompts, self.run, self.reward_fn, self.gold_fn = prompts, run, reward_fn, gold_fn
-        self.summary = {"train/iterations": cfg.iterations, "train/prompts": len(prompts)}
+        self.summary = {"train/iterations": cfg.iterations, "train/prompts": len(prompts),
+                        "train/reward_queries": cfg.iterations * cfg.rollout_batch_size}  # samples the reward scored
         self.callbacks = []
 
     def add_callback(self, callback) -> None:
@@ -438,6 +439,7 @@ class PPOTrainer:
         if resume_from_checkpoint:
             start, losses, samples = self._load_checkpoint(resume_from_checkpoint, optimizer, kl_ctl, generator)
         t_loop = time.time()
+        snapshot_at = set(snapshot_steps(cfg.iterations, cfg.snapshots))
         for it in range(start, cfg.iterations):
             if cfg.anneal_lr:
                 for group in optimizer.param_groups:
@@ -535,6 +537,8 @@ class PPOTrainer:
                 print(f"[ppo] iter {it + 1}/{cfg.iterations} score {metrics['objective/scores']:.3f} "
                       f"kl {metrics['objective/kl']:.3f} ({t_gen:.1f}s gen, {t_score:.1f}s score, {t_train:.1f}s train)",
                       flush=True)
+            if it + 1 in snapshot_at:  # the policy part-way, for the reward–KL frontier
+                run.save_snapshot(model, it + 1)
             if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:
                 self._save_checkpoint(it + 1, optimizer, kl_ctl, generator, losses, samples)
         run.write_records("rollouts", samples)

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .runs import read_eval, run_info, run_paths
+from .runs import read_eval, read_jsonl, run_info, run_paths
 
 
 def _compute(run_path: Path) -> dict:
@@ -53,18 +53,34 @@ def _baseline_sft(row: dict, sft_rows: list[dict]) -> dict | None:
     return None
 
 
-def _win_vs(ev: dict, base: dict, n_boot: int, seed: int) -> dict:
-    """Win rate of one evaluation's samples against another's on the same (prompt, sample index), by gold reward."""
-    same = ("prompt_ids", "n_samples", "temperature", "top_p", "max_new_tokens", "seed", "gold_reward_model")
-    if any(ev["config"].get(k) != base["config"].get(k) for k in same):
-        return {}
-    theirs = {(g["id"], g["sample"]): g for g in base["generations"]}
-    pairs = [(g, theirs[(g["id"], g["sample"])]) for g in ev["generations"] if (g["id"], g["sample"]) in theirs]
+_SAME_SAMPLING = ("prompt_ids", "n_samples", "temperature", "top_p", "max_new_tokens", "seed", "gold_reward_model")
+
+
+def vs_sft(gens: list[dict], base_gens: list[dict], n_boot: int, seed: int) -> dict:
+    """A policy's samples against its SFT policy's on the same (prompt, sample index), judged by the gold: the win
+    rate (raw and length-controlled, ``win/sft*``) and the paired differences of gold and proxy reward,
+    ``eval/gold_vs_sft`` and ``eval/proxy_vs_sft``, each a cluster bootstrap over prompts (``stats.paired_difference``)."""
+    theirs = {(g["id"], g["sample"]): g for g in base_gens}
+    pairs = [(g, theirs[(g["id"], g["sample"])]) for g in gens if (g["id"], g["sample"]) in theirs]
     if not pairs or pairs[0][0].get("gold_score") is None:
         return {}
+    clusters = [a["id"] for a, _ in pairs]
     w = stats.wins([a["gold_score"] for a, _ in pairs], [b["gold_score"] for _, b in pairs])
     d = [a["response_tokens"] - b["response_tokens"] for a, b in pairs]  # tokens, as every length metric
-    return stats.win_rate_summary(w, d, [a["id"] for a, _ in pairs], "win/sft", n_boot, seed)
+    out = stats.win_rate_summary(w, d, clusters, "win/sft", n_boot, seed)
+    for key, name in (("gold_score", "gold"), ("score", "proxy")):
+        if pairs[0][0].get(key) is not None and pairs[0][1].get(key) is not None:
+            est, lo, hi = stats.paired_difference([a[key] for a, _ in pairs], [b[key] for _, b in pairs], clusters,
+                                                  n_boot, seed)
+            out.update({f"eval/{name}_vs_sft": est, f"eval/{name}_vs_sft_lo": lo, f"eval/{name}_vs_sft_hi": hi})
+    return out
+
+
+def _win_vs(ev: dict, base: dict, n_boot: int, seed: int) -> dict:
+    """``vs_sft`` of two evaluations, when they sampled the same prompts the same way."""
+    if any(ev["config"].get(k) != base["config"].get(k) for k in _SAME_SAMPLING):
+        return {}
+    return vs_sft(ev["generations"], base["generations"], n_boot, seed)
 
 
 def results_table(runs, eval_name: str = "default") -> pd.DataFrame:
@@ -72,6 +88,8 @@ def results_table(runs, eval_name: str = "default") -> pd.DataFrame:
     evaluation ``eval_name`` (others are listed and skipped)."""
     rows, evals, skipped = [], {}, []
     for p in run_paths(runs):
+        if run_info(p)["is_dataset"]:  # a gold-labelled dataset: no model, no evaluation
+            continue
         try:
             ev = read_eval(p, eval_name)
         except FileNotFoundError:
@@ -82,7 +100,7 @@ def results_table(runs, eval_name: str = "default") -> pd.DataFrame:
         rows.append({"run": p.name, "path": str(p), "method": info["method"], "name": p.name.split("__")[1],
                      "seed": info["seed"], "beta": info["beta"], "reference": info["reference"],
                      "config": info["config"], **ev["summary"], **_compute(p),
-                     "compute/pipeline_flops": _pipeline_flops(p)})
+                     "compute/pipeline_flops": _pipeline_flops(p), **budget(p, ev["config"].get("gold_reward_model"))})
     if skipped:
         print(f"[results] {len(skipped)} run(s) without evaluation '{eval_name}' left out: {', '.join(skipped)}")
     sft_rows = [r for r in rows if r["method"] == "sft"]
@@ -100,13 +118,93 @@ def results_table(runs, eval_name: str = "default") -> pd.DataFrame:
     return table
 
 
+def _gold_dataset(path) -> Path | None:
+    source = (json.loads((Path(path) / "config.json").read_text()).get("data") or {}).get("source")
+    return Path(source) if source and (Path(source) / "pairs.jsonl").is_file() and (Path(source) / "summary.json").is_file() \
+        else None
+
+
+def budget(run_path, gold_spec: str | None = None) -> dict:
+    """What a run consumed of the known-gold study's budget, so that arms can be compared at equal budgets:
+
+    ``budget/gold_pairs``: gold-labelled pairs it learnt from, directly (an arm trained on a gold-labelled dataset's
+    pairs) or through its reward model (the pairs that reward model was trained on); ``budget/gold_queries``: gold
+    scores it asked for while training (an RL arm or online DPO whose reward is the gold itself: one per sample);
+    ``budget/tokens_generated``: tokens it sampled itself plus those sampled to build the dataset part its pairs or
+    its reward model's pairs came from."""
+    run_path = Path(run_path)
+    cfg = json.loads((run_path / "config.json").read_text())
+    summary = json.loads((run_path / "summary.json").read_text()) if (run_path / "summary.json").exists() else {}
+    out = {"budget/gold_pairs": 0, "budget/gold_queries": 0,
+           "budget/tokens_generated": _compute(run_path).get("compute/tokens_generated", 0) or 0}
+
+    def dataset_part(run, half):  # (pairs used, tokens generated for that part) of a run trained on a gold dataset
+        source = _gold_dataset(run)
+        if source is None:
+            return 0, 0
+        part = {"a": "proxy", "b": "policy"}.get(half)
+        counts = json.loads((source / "summary.json").read_text())["counts"]
+        tokens = counts[part]["tokens_generated"] if part else sum(c["tokens_generated"] for c in counts.values())
+        used = json.loads((run / "summary.json").read_text()).get("train/pairs", 0) if (run / "summary.json").exists() else 0
+        return used, tokens
+
+    half = (cfg.get("data") or {}).get("half")
+    reward = cfg.get("reward_model")
+    if reward and (Path(reward) / "config.json").exists():  # learnt through a reward model trained on gold pairs
+        rm_half = (json.loads((Path(reward) / "config.json").read_text()).get("data") or {}).get("half")
+        used, tokens = dataset_part(Path(reward), rm_half)
+        out["budget/gold_pairs"] += used
+        out["budget/tokens_generated"] += tokens
+    elif reward and gold_spec and reward == gold_spec:  # the gold itself is the reward: one query per sample scored
+        out["budget/gold_queries"] += summary.get("train/reward_queries", 0)
+    if run_info(run_path)["method"] not in ("ppo", "rloo", "grpo", "online-dpo", "trl-online-dpo"):
+        used, tokens = dataset_part(run_path, half)  # the pairs themselves
+        out["budget/gold_pairs"] += used
+        out["budget/tokens_generated"] += tokens
+    return out
+
+
+def snapshot_table(runs, eval_name: str = "default") -> pd.DataFrame:
+    """One row per evaluated policy adapter: every snapshot a run saved part-way (``checkpoints/step-<n>``, evaluated
+    into ``eval/<name>/steps/``) and its final adapter (``final`` True), with the step, the gold and proxy reward and
+    the KL with their intervals, the signs of hacking, and the paired gold difference to the run's SFT policy
+    (``eval/gold_vs_sft``). The SFT runs that are other runs' references appear once, at step 0 with KL 0: the
+    frontier's start. What the reward–KL frontier plots."""
+    table = results_table(runs, eval_name)
+    if table.empty:
+        return table
+    keep = [c for c in table.columns if c.split("/")[0] == "eval" or c in ("run", "path", "method", "name", "seed",
+                                                                          "beta", "reference", "baseline_run")]
+    sft_evals = {r["run"]: read_eval(r["path"], eval_name) for _, r in table[table["method"] == "sft"].iterrows()}
+    rows = []
+    for _, r in table[~table["method"].isin(["reward"])].iterrows():
+        final = {k: r[k] for k in keep if k in r}
+        done = json.loads((Path(r["path"]) / "summary.json").read_text())  # in the unit its snapshots count: PPO's
+        steps = done.get("train/iterations") or done.get("train/rounds") or done.get("train/steps")  # iterations, ...
+        rows.append({**final, "step": 0 if r["method"] == "sft" else steps, "final": True})
+        if r["method"] == "sft":
+            rows[-1]["eval/kl"] = 0.0  # the frontier's start: KL to itself
+        base = sft_evals.get(r.get("baseline_run"))
+        folder = Path(r["path"]) / "eval" / eval_name / "steps"
+        for sub in sorted(folder.glob("step-*"), key=lambda p: int(p.name.split("-")[1])) if folder.is_dir() else []:
+            snap = json.loads((sub / "summary.json").read_text())
+            row = {**{k: final[k] for k in ("run", "path", "method", "name", "seed", "beta", "reference", "baseline_run")
+                      if k in final}, **{k: v for k, v in snap.items() if k != "step"}, "step": snap["step"], "final": False}
+            if base is not None:
+                cfg = base["config"]
+                row.update(vs_sft(read_jsonl(sub / "generations.jsonl"), base["generations"], cfg["n_bootstrap"], cfg["seed"]))
+            rows.append(row)
+    out = pd.DataFrame(rows)
+    return out.sort_values(["method", "name", "seed", "step"], kind="stable").reset_index(drop=True)
+
+
 def aggregate(table: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFrame:
     """Per method, run name and β (runs that differ only in their seed): the mean of each metric across seeds with
     a t-interval (``<metric>_lo``/``_hi``); with one seed, that run's own bootstrap interval over prompts where it
     has one (NaN otherwise). Also the number of seeds, which seeds, and which kind of interval (``interval``)."""
     if table.empty:
         return table
-    metrics = metrics or [c for c in table.columns if c.split("/")[0] in ("eval", "win", "pairs", "compute")
+    metrics = metrics or [c for c in table.columns if c.split("/")[0] in ("eval", "win", "pairs", "compute", "budget", "bon")
                           and not c.endswith(("_lo", "_hi", "_n")) and pd.api.types.is_numeric_dtype(table[c])]
     out = []
     for (method, name, beta), g in table.groupby(["method", "name", table["beta"].fillna(-1)], sort=True):
@@ -123,14 +221,15 @@ def aggregate(table: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataF
 
 
 def cost_to_reach(table: pd.DataFrame, level: float, metric: str = "eval/gold",
-                  cost: str = "compute/pipeline_flops") -> pd.DataFrame:
-    """Per method: the least ``cost`` among its runs whose ``metric`` reached ``level`` (NaN when none did), and
-    how many runs reached it."""
+                  cost: str = "compute/pipeline_flops", strict: bool = False) -> pd.DataFrame:
+    """Per method: the least ``cost`` among its runs whose ``metric`` reached ``level`` (above it, with ``strict``;
+    NaN when none did), and how many runs reached it. With ``metric="eval/gold_vs_sft_lo"``, level 0 and ``strict``,
+    a run counts when it beats its SFT policy with a paired interval above 0."""
     out = []
     for method, g in table[table["method"] != "reward"].groupby("method"):
         if metric not in g or cost not in g:
             continue
-        ok = g[g[metric] >= level]
+        ok = g[g[metric] > level] if strict else g[g[metric] >= level]
         out.append({"method": method, "level": level, "runs": len(g), "runs_reaching": len(ok),
                     cost: ok[cost].min() if len(ok) else np.nan})
     return pd.DataFrame(out)

@@ -8,7 +8,12 @@ ignores it; the judge compares each completion with it.
 
 The proxy reward is what an RL arm optimises; a *gold* reward is one it never sees (another backbone, a disjoint
 half of the training prompts, or a hub reward model), so over-optimisation of the proxy can be measured
-(Gao et al. 2022, arXiv:2210.10760).
+(Gao et al. 2022, arXiv:2210.10760). A reward is named by a *spec* everywhere (``load_reward``, ``SPECS``): a reward
+run folder, a sequence classifier by hub name or local path, "judge", or a built-in gold, "vader" (``VaderReward``:
+the sentiment of the reply, a gold that is known exactly and costs nothing, the embedded default of the known-gold
+study; see docs/gold.md for what it measures and how it is hacked).
+
+Every score a reward returns is checked (``check_scores``): a NaN or an infinity names the sample that gave it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from .judge import Judge
 from .scoring import reward_scores
 
 JUDGE = "judge"  # reward_model="judge": the AI judge (the config's judge_model) is the reward
+VADER = {"vader": "compound", "vader:compound": "compound", "vader:posneg": "posneg"}  # built-in golds: spec -> variant
+SPECS = (*VADER, JUDGE, "a reward run folder", "a sequence classifier: a hub name (org/model) or a local directory")
 
 
 def _texts(completions: list) -> list[str]:
@@ -83,11 +90,69 @@ class JudgeReward:
         return self.score(prompts, completions, baseline).tolist()
 
 
+class VaderReward:
+    """VADER sentiment of the reply as a reward (Hutto & Gilbert 2014, ICWSM; the ``vaderSentiment`` package, MIT):
+    a lexicon of ~7,500 rated words and five rules (negation, intensifiers, "but", capitals, punctuation), so it
+    is deterministic, needs no model and scores a reply in ~0.1 ms. The embedded default gold of the known-gold
+    study, in the role the sentiment classifier plays in the DPO paper's controlled-sentiment experiment
+    (Rafailov et al. 2023, arXiv:2305.18290 §6.1).
+
+    ``variant="compound"`` (spec "vader"): VADER's normalised compound score in [−1, 1]. ``variant="posneg"``
+    ("vader:posneg"): the share of positive minus the share of negative words, pos − neg, in [−1, 1]; it saturates
+    less than the compound on long, mildly positive replies. The prompt is not read: this gold measures the
+    *sentiment of the reply*, not whether it is harmless or helpful (docs/gold.md). Scores are cached per text."""
+
+    def __init__(self, variant: str = "compound", name: str = "gold"):
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        if variant not in ("compound", "posneg"):
+            raise ValueError(f"VADER variant must be 'compound' or 'posneg' (got {variant!r}).")
+        self.variant, self.__name__, self.model = variant, name, None  # no model: nothing to count in compute.json
+        self._analyzer, self._cache = SentimentIntensityAnalyzer(), {}
+
+    def score_texts(self, texts: list[str]) -> torch.Tensor:
+        out = []
+        for t in texts:
+            if t not in self._cache:
+                s = self._analyzer.polarity_scores(t)
+                self._cache[t] = s["compound"] if self.variant == "compound" else s["pos"] - s["neg"]
+            out.append(self._cache[t])
+        return torch.tensor(out, dtype=torch.float32)
+
+    def score(self, prompts: list, completions: list, baselines: list[str] | None = None) -> torch.Tensor:
+        return self.score_texts(_texts(completions))
+
+    def __call__(self, prompts: list | None = None, completions: list | None = None, **_) -> list[float]:
+        return self.score(prompts, completions).tolist()
+
+
+def check_scores(scores: torch.Tensor, texts: list, name: str) -> torch.Tensor:
+    """``scores`` if every one is finite; else a ValueError naming the reward and the first sample that gave a NaN or
+    an infinity, so a broken reward never trains or measures anything silently."""
+    bad = (~torch.isfinite(scores)).nonzero().flatten()
+    if len(bad):
+        i = int(bad[0])
+        text = texts[i] if i < len(texts) else None
+        text = text[-1]["content"] if isinstance(text, list) else text
+        raise ValueError(f"reward '{name}' returned {scores[i].item()} for sample {i} of {len(scores)} "
+                         f"({len(bad)} non-finite in all): {str(text)[:200]!r}. Check the reward function on this text.")
+    return scores
+
+
+def is_builtin(spec: str | None) -> bool:
+    """Is ``spec`` a reward that needs no model files: a built-in gold ("vader", ...)?"""
+    return isinstance(spec, str) and spec in VADER
+
+
 def load_reward(spec: str, name: str | None = None, max_length: int = 512, batch_size: int | None = None,
                 judge_model: str | None = None, judge_principle: str | None = None):
-    """A reward function from ``spec``: a reward-model run folder (``train("reward", ...)``; its ``model/`` or
-    ``adapter/`` on the recorded backbone), a sequence-classification model by hub name or local path, or "judge":
-    ``JudgeReward`` asking ``judge_model`` (None: the embedded policy) with ``judge_principle``."""
+    """A reward function from ``spec``: a built-in gold ("vader", "vader:posneg": ``VaderReward``), a reward-model run
+    folder (``train("reward", ...)``; its ``model/`` or ``adapter/`` on the recorded backbone), a sequence-classification
+    model by hub name or local path, or "judge": ``JudgeReward`` asking ``judge_model`` (None: the embedded policy) with
+    ``judge_principle``. A spec that is none of these (no such folder, no "org/" of a hub name) is an error listing
+    the choices (``SPECS``)."""
+    if spec in VADER:
+        return VaderReward(VADER[spec], name or "gold")
     if spec == JUDGE:
         judge = Judge.load(judge_model, principle=judge_principle, batch_size=batch_size)
         return JudgeReward(judge, name or JUDGE)
@@ -104,6 +169,12 @@ def load_reward(spec: str, name: str | None = None, max_length: int = 512, batch
     if path.exists() and not (path / "config.json").exists():
         raise FileNotFoundError(f"'{spec}' is neither a reward-model run folder (config.json + model/ or adapter/) "
                                 "nor a model directory.")
+    if not path.exists() and "/" not in spec and not spec.startswith("embedded:"):
+        import difflib
+
+        near = difflib.get_close_matches(spec, [*VADER, JUDGE], n=1)
+        raise ValueError(f"Unknown reward '{spec}'" + (f" (did you mean '{near[0]}'?)" if near else "") +
+                         f". A reward is one of: {', '.join(SPECS)}.")
     cfg = models.ModelConfig(model_name_or_path=spec, load_in_4bit=False, use_peft=False)
     model, tok = models.load_reward_model(cfg)
     return RewardFunction(model, tok, name or "reward", max_length, batch_size)
@@ -117,8 +188,10 @@ def score_replies(fn, prompts: list, replies: list, baselines: list[str]) -> tor
 
     params = inspect.signature(fn.score).parameters
     if "baselines" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return fn.score(prompts, replies, baselines=baselines)
-    return fn.score(prompts, replies)
+        scores = fn.score(prompts, replies, baselines=baselines)
+    else:
+        scores = fn.score(prompts, replies)
+    return check_scores(torch.as_tensor(scores, dtype=torch.float32), replies, getattr(fn, "__name__", "reward"))
 
 
 class TokenSetReward:

@@ -6,6 +6,7 @@
         metrics.jsonl    one JSON object per logged step: {"step": ..., "<metric>": ...}
         records/*.jsonl  per-sample records (one JSON object per sample; per-token arrays as lists)
         adapter/         the LoRA adapter, when the run trained one
+        checkpoints/step-<n>/adapter   the adapter part-way through training (``snapshots``), for the frontier
         notebook.ipynb   the executed notebook, when run from one
         summary.json     final metrics; written last
 
@@ -231,6 +232,12 @@ class Run:
         write_jsonl(out, records)
         return out
 
+    def save_snapshot(self, model, step: int) -> Path:
+        """A policy's adapter "default" part-way through training, as ``checkpoints/step-<step>/adapter``."""
+        out = self.partial_path / "checkpoints" / f"step-{int(step)}" / "adapter"
+        model.save_pretrained(out, selected_adapters=["default"])
+        return out
+
     def write_json(self, name: str, obj) -> Path:
         out = self.partial_path / name
         write_json(out, obj)
@@ -373,9 +380,18 @@ def run_info(run_path) -> dict:
     method = parse_run_name(run_path.name)["method"]
     # the arm's own β (KL coefficient, IPO's τ, ORPO's λ, ...); SFT and reward models have none (TRL's SFTConfig
     # carries an unused beta)
-    beta = None if method in ("sft", "reward") else saved.get("kl_coef", saved.get("beta"))
+    beta = None if method in ("sft", "reward", "gold-pairs") else saved.get("kl_coef", saved.get("beta"))
     return {"method": method, "seed": saved.get("seed"), "beta": beta, "config": saved,
-            "reference": saved.get("sft_run") or "base", "is_reward_model": method == "reward"}
+            "reference": saved.get("sft_run") or "base", "is_reward_model": method == "reward",
+            # a run folder that holds a dataset (gold-pairs writes pairs.jsonl), not a model: nothing to evaluate
+            "is_dataset": (run_path / "pairs.jsonl").is_file()}
+
+
+def snapshots(run_path) -> list[tuple[int, Path]]:
+    """[(step, adapter folder)] of a run's snapshots (``Run.save_snapshot``), by step."""
+    found = [(int(p.name.split("-")[1]), p / "adapter") for p in (Path(run_path) / "checkpoints").glob("step-*")
+             if (p / "adapter").is_dir()]
+    return sorted(found)
 
 
 def read_eval(run_path, name: str = "default") -> dict:

@@ -22,14 +22,14 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from . import data, distributed, losses, models, online_dpo, ppo, sampling, scoring
 from .arms import ARMS, method_label
 from .arms import (DATA_PARAMS, MODEL_PARAMS, Arm, DataConfig, DPOArgs, GRPOArgs, KTOArgs, ORPOArgs,  # noqa: F401
                    RewardArgs, RLOOArgs, SFTArgs, SimPOArgs, arm_of, config_fields, make_config)  # re-exported
 from .compute import TokenCounter
-from .config import check_judge_fields, score_beta
+from .config import check_judge_fields, score_beta, snapshot_steps
 from .judge import Judge, apply_labels, judge_labels
 from .rewards import JudgeReward, load_reward
 from .runs import Run
@@ -52,6 +52,20 @@ class _RunLogger(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs:
             self.run.log(logs, step=state.global_step)
+
+
+class _Snapshots(TrainerCallback):
+    """Saves the policy's adapter at ``config.snapshot_steps`` of the run's steps (``RunFields.snapshots``)."""
+
+    def __init__(self, run: Run, count: int):
+        self.run, self.count, self.steps = run, count, set()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.steps = set(snapshot_steps(state.max_steps, self.count))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step in self.steps and model is not None:
+            self.run.save_snapshot(model, state.global_step)
 
 
 class _CheckpointCounts(TrainerCallback):
@@ -124,6 +138,21 @@ def validate(method: str, cfg) -> None:
             # an adapter only means something on the base it was trained on; the reference would be wrong
             raise ValueError(f"sft_run '{sft}' was trained on base '{sft_base}', but this run's model is "
                              f"'{cfg.model.model_name_or_path}'. Use the same base, or another SFT run.")
+
+
+def _check_gold_dataset(method: str, cfg) -> None:
+    """A run that reads a gold-labelled dataset (``cfg.data.source``) reads one that fits it (``gold_pairs.check_recipe``):
+    an arm trained against a reference on its pairs needs pairs sampled from that reference (its SFT run on its base,
+    as in the DPO paper); an RL arm measured by a gold needs the dataset's gold to be that gold."""
+    from . import gold_pairs
+
+    if not gold_pairs.is_gold_pairs(cfg.data.source):
+        return
+    arm = ARMS[method]
+    gold = getattr(cfg, "gold_reward_model", None)
+    gold_pairs.check_recipe(cfg.data.source, sft_run=cfg.sft_run, model=cfg.model.model_name_or_path, gold=gold,
+                            check_policy=arm.has_reference and arm.view in ("pairs", "unpaired"),
+                            who=f"this {method} run")
 
 
 def _dataset(view: str, rows: list[dict]):
@@ -254,8 +283,11 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
     arm = ARMS.get(method)
     cfg = cfg if cfg is not None else (arm.config() if arm else None)
     validate(method, cfg)
+    if arm.view == "dataset":  # a stage that writes a dataset (gold-pairs), not a policy
+        return arm.trainer(cfg)
     if pairs is not None:
         check_pairs(pairs)
+    _check_gold_dataset(method, cfg)
     judged = getattr(cfg, "labeller", None) == "judge"  # online DPO labelled by the AI judge needs no reward model
     if arm.rl and reward_fn is None and cfg.reward_model is None and not judged:
         raise ValueError(f"{method} needs a reward: set reward_model (a reward run folder or a model name) or pass reward_fn.")
@@ -298,6 +330,8 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
         for scorer in (reward_fn, getattr(trainer, "judge", None)):  # what scores the samples: reward model or judge
             if getattr(scorer, "model", None) is not None:
                 counter.attach(scorer.model, role="judge" if isinstance(scorer, (Judge, JudgeReward)) else "reward")
+        if cfg.snapshots and isinstance(trainer, Trainer) and hasattr(policy, "peft_config"):  # TRL's arms; PPO and
+            trainer.add_callback(_Snapshots(run, cfg.snapshots))  # online DPO save their own (their loops' steps)
         checkpoint = None
         if resumable:  # a killed attempt's last checkpoint: its steps, metrics and token counts carry on from there
             trainer.add_callback(_CheckpointCounts(counter))

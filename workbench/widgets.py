@@ -35,6 +35,9 @@ FILTERS = {
     "highest KL (top 10%)": (("generations",), lambda d: d["kl"] >= d["kl"].quantile(0.9)),
     "longest responses (top 10%)": (("pairs", "generations", "online"), lambda d: d["length"] >= d["length"].quantile(0.9)),
     "loses to the chosen response": (("generations",), lambda d: d["gold_score"] < d["chosen_gold_score"]),
+    # where reward hacks live: samples the proxy rates far above what the gold says (top 10% of proxy − gold)
+    "proxy far above gold (top 10%)": (("generations",),
+                                       lambda d: d["proxy_minus_gold"] >= d["proxy_minus_gold"].quantile(0.9)),
     "ties kept out: smallest label gaps (bottom 10%)": (("online",), lambda d: d["label_gap"] <= d["label_gap"].quantile(0.1)),
     "selected": (("pairs", "generations", "online"), None),
 }
@@ -43,7 +46,10 @@ COLUMNS = {
     # fitted on training pairs (1 right, 0 wrong, 0.5 equal lengths)
     "pairs": ["run", "id", "chosen_reward", "rejected_reward", "margin", "correct", "rm_margin", "gold_margin",
               "chosen_length", "rejected_length", "length_rule"],
-    "generations": ["run", "id", "sample", "gold_score", "score", "chosen_gold_score", "kl", "response_tokens", "ended"],
+    # gold, proxy (score) and implicit reward β·Σ log π/π_ref side by side; proxy_minus_gold: the two rewards in units
+    # of their spread over every sample loaded, z(proxy) − z(gold): sort by it to find the proxy's blind spots
+    "generations": ["run", "id", "sample", "gold_score", "score", "implicit_reward", "proxy_minus_gold",
+                    "chosen_gold_score", "kl", "response_tokens", "ended"],
     # the pairs online DPO sampled and labelled during training (records/online_pairs.jsonl), with their round
     "online": ["run", "round", "id", "chosen_label", "rejected_label", "label_gap", "chosen_kl", "rejected_kl"],
 }
@@ -54,6 +60,20 @@ def _label(path: Path) -> str:
     info = run_info(path)
     beta = "" if info["beta"] is None else f" β={info['beta']:g}"
     return f"{info['method']}{beta} s{info['seed']} ({path.name.split('__')[1]})"
+
+
+def proxy_minus_gold(gens: pd.DataFrame) -> pd.Series:
+    """z(proxy) − z(gold) of each sample, each reward standardised over all the samples given (the two are in other
+    units): high where the proxy likes a sample far more than the gold does, the place to look for reward hacks.
+    NaN where either reward is missing."""
+    if not {"score", "gold_score"} <= set(gens) or gens["score"].isna().all() or gens["gold_score"].isna().all():
+        return pd.Series(np.nan, index=gens.index)
+
+    def z(x):
+        x = x.astype(float)
+        return (x - x.mean()) / (x.std() if x.std() > 0 else 1.0)
+
+    return z(gens["score"]) - z(gens["gold_score"])
 
 
 class InspectorModel:
@@ -102,6 +122,7 @@ class InspectorModel:
         self.pairs["length"] = self.pairs[["chosen_length", "rejected_length"]].max(axis=1)
         if len(self.generations):
             self.generations["length"] = self.generations["response_tokens"]
+            self.generations["proxy_minus_gold"] = proxy_minus_gold(self.generations)
         self.selected: set = set()  # keys (run, id[, sample]) chosen in the scatter or the table
         self._tokenizers, self._drift = {}, {}
 
