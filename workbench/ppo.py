@@ -252,16 +252,18 @@ def ppo_update(actor_critic, batch: Batch, optimizer, cfg: PPOArgs, params: list
         perm = torch.randperm(n, generator=generator)
         for start in range(0, n, mb_size):
             idx = perm[start : start + mb_size]
-            mb_mask = batch.mask[idx]
             optimizer.zero_grad(set_to_none=True)
             # Policy loss (the policy adapter active), value loss (the critic's), one backward for both
             logprobs, entropy = actor_critic.logprobs(idx)
-            pg_loss, stats = policy_loss(logprobs, batch.logprobs[idx], batch.advantages[idx], mb_mask, cfg.cliprange)
+            mb = {k: getattr(batch, k)[idx].to(logprobs.device)  # the rollout is kept on the CPU, the model may not be
+                  for k in ("mask", "logprobs", "values", "advantages", "returns")}
+            mb_mask = mb["mask"]
+            pg_loss, stats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb_mask, cfg.cliprange)
             with actor_critic.critic():
                 vpred = actor_critic.values(idx)
             for p in params:  # leaving the critic, peft's set_adapter froze its adapter: its gradient must still land
                 p.requires_grad_(True)
-            vf_loss, vstats = value_loss(vpred, batch.values[idx], batch.returns[idx], mb_mask, cfg.cliprange_value)
+            vf_loss, vstats = value_loss(vpred, mb["values"], mb["returns"], mb_mask, cfg.cliprange_value)
             (pg_loss + cfg.vf_coef * vf_loss).backward()
             average_gradients(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
