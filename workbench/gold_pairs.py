@@ -11,7 +11,8 @@ labelled by a gold RM; Coste et al. 2023, arXiv:2310.02743: the same with label 
      ``n_<part>_prompts`` of each part are used. The three never share a prompt.
   2. samples: the policy (the SFT run's adapter on its base, or the base) samples ``samples_per_prompt`` replies to
      each proxy and policy prompt and ``eval_samples_per_prompt`` to each eval prompt (temperature, top-p,
-     ≤ ``max_new_tokens``), from its inference copy (``sampling.inference_copy``); the gold scores every reply.
+     ≤ ``max_new_tokens``), from its fast inference copy (``sampling.inference_copy`` in the compute dtype: the
+     policy up to rounding); the gold scores every reply.
   3. pairs: within each prompt, every two samples i < j (``pairing="all"``; the eval part always pairs its samples
      disjointly, (0, 1), (2, 3), ..., so that its pairs share no reply) are labelled by the Bradley–Terry model of the
      gold, P(i ≻ j) = σ((g_i − g_j)/``label_temperature``), sampled (its deterministic limit at temperature 0: the
@@ -185,7 +186,8 @@ def sample_replies(cfg: GoldPairsArgs, prompts: dict[str, list[dict]], gold) -> 
 
     adapter = str(Path(cfg.sft_run) / "adapter") if cfg.sft_run else None
     model, tokenizer = models.load_policy(cfg.model, adapter=adapter, trainable=False)
-    sampler = inference_copy(model, "default" if adapter else None)
+    # the texts alone are kept, no log-probs: the fast copy, every weight in the compute dtype (the policy up to rounding)
+    sampler = inference_copy(model, "default" if adapter else None, dtype=models.compute_dtype(cfg.model.dtype))
     del model
     t0, records = time.time(), []
     for offset, part in enumerate(PARTS):

@@ -161,7 +161,7 @@ class InferenceLinear(torch.nn.Module):
 
 
 @torch.no_grad()
-def inference_copy(model, adapter: str | None = "default"):
+def inference_copy(model, adapter: str | None = "default", dtype: torch.dtype | None = None):
     """A copy of a (4-bit, LoRA) policy to sample from, without bitsandbytes or peft: every 4-bit weight dequantized
     once (the values its 4-bit matmuls compute with, kept in their compute dtype), ``adapter``'s LoRA matrices as a
     separate low-rank path (None: the base alone), every other weight (embeddings, norms, the output layer) as the
@@ -169,7 +169,12 @@ def inference_copy(model, adapter: str | None = "default"):
     function up to the order of floating-point sums, and faster to sample from on a CPU (the 4-bit weights are not
     dequantized again at every decoding step; docs/gold.md). Training keeps the 4-bit + LoRA model, and the sampled
     tokens are scored by it, so log-probs and KLs stay the policy's own. Costs one dequantized copy of the weights
-    (~270 MB in bf16 for the 135M model)."""
+    (~270 MB in bf16 for the 135M model).
+
+    ``dtype`` (e.g. bfloat16): a faster, inexact copy instead: the adapter merged into the weights and every weight
+    and activation in ``dtype`` (the policy keeps its norms, embeddings and residual stream in float32). It samples
+    ~1.5x faster again, from a policy that differs by rounding: on the embedded model in bf16, KL ≈ 0.003 nats per
+    token to the policy (docs/gold.md). For samples whose log-probs are not needed (a gold-labelled dataset)."""
     from peft.tuners.lora import LoraLayer
     from peft.utils.integrations import dequantize_module_weight
     from transformers import AutoModelForCausalLM
@@ -179,6 +184,8 @@ def inference_copy(model, adapter: str | None = "default"):
     for key in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, key):
             delattr(config, key)
+    if dtype is not None:
+        return _merged_copy(src, config, adapter, dtype)
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict({n: p.detach() for n, p in src.named_parameters() if "lora_" not in n and ".base_layer." not in n
                            and p.is_floating_point() and p.dtype != torch.uint8}, strict=False)
@@ -198,6 +205,36 @@ def inference_copy(model, adapter: str | None = "default"):
         parent, _, leaf = name.rpartition(".")
         bias = None if base.bias is None else base.bias.detach().clone()
         setattr(plain.get_submodule(parent), leaf, InferenceLinear(weight, bias, lora_a, lora_b, scaling))
+    plain.tie_weights()
+    return plain.to(next(src.parameters()).device).eval()
+
+
+def _merged_copy(src, config, adapter: str | None, dtype: torch.dtype):
+    """``inference_copy``'s inexact, faster form: every weight in ``dtype``, the LoRA update merged in."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.integrations import dequantize_module_weight
+    from transformers import AutoModelForCausalLM
+
+    modules = dict(src.named_modules())
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {}
+    for name, _ in plain.named_parameters():
+        owner, _, leaf = name.rpartition(".")
+        module = modules.get(owner)
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            if leaf == "bias":
+                state[name] = base.bias.detach().to(dtype)
+                continue
+            w = dequantize_module_weight(base).float()
+            if adapter is not None and adapter in module.lora_A:
+                w = w + module.get_delta_weight(adapter).float()
+            state[name] = w.to(dtype)
+        elif module is not None and leaf == "weight" and type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+            state[name] = dequantize_module_weight(module).to(dtype)
+        else:
+            state[name] = src.get_parameter(name).detach().to(dtype)
+    plain.load_state_dict(state, strict=False)
     plain.tie_weights()
     return plain.to(next(src.parameters()).device).eval()
 
