@@ -438,6 +438,24 @@ def test_sft_and_unpaired_views(real):
     assert len(ds) == 6 and set(ds.column_names) == {"id", "prompt", "completion", "label"}
 
 
+def test_the_unpaired_view_labels_a_reply_of_several_pairs_once_by_its_net_wins():
+    """Every two of a prompt's replies paired (a gold-labelled dataset): a ranking a > b > c > d gives a and b one
+    desirable row each and c and d one undesirable row each; with three replies the middle one (one win, one loss)
+    is left out and counted; another prompt's identical reply is another row."""
+    p, q = [{"role": "user", "content": "hi"}], [{"role": "user", "content": "bye"}]
+    r = {x: [{"role": "assistant", "content": x}] for x in "abcd"}
+    four = [{"id": f"p#{i}{j}", "prompt": p, "chosen": r[i], "rejected": r[j]}
+            for i, j in ("ab", "ac", "ad", "bc", "bd", "cd")]
+    three = [{"id": f"q#{i}{j}", "prompt": q, "chosen": r[i], "rejected": r[j]} for i, j in ("ab", "ac", "bc")]
+    counts = {}
+    rows = unpaired_view(four + three, counts)
+    got = {(row["prompt"][0]["content"], row["completion"][0]["content"]): row["label"] for row in rows}
+    assert got == {("hi", "a"): True, ("hi", "b"): True, ("hi", "c"): False, ("hi", "d"): False,
+                   ("bye", "a"): True, ("bye", "c"): False}
+    assert counts == {"merged": 6, "even": 1}
+    assert rows[0]["id"] == "p#ab/chosen"
+
+
 def test_prompt_halves_are_disjoint_cover_everything_and_keep_shared_prompts_together(real):
     from workbench.data import half, prompt_view
 

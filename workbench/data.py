@@ -508,15 +508,27 @@ def load_pairs(cfg: "DataConfig", tokenizer=None, max_length: int | None = None)
 # --- Views for the trainers, and a held-out split -------------------------------------------------
 
 
-def unpaired_view(examples: list[dict]) -> list[dict]:
+def unpaired_view(examples: list[dict], counts: dict | None = None) -> list[dict]:
     """Pairs -> TRL unpaired preference rows (for KTO): one desirable and one undesirable row per pair,
-    {"id": "<id>/chosen" | "<id>/rejected", "prompt", "completion", "label": True | False}."""
-    rows = []
+    {"id": "<id>/chosen" | "<id>/rejected", "prompt", "completion", "label": True | False}.
+
+    A reply that is in several pairs of its prompt (a gold-labelled dataset pairs every two of a prompt's k replies)
+    is one row, labelled by its net wins: desirable if it won more of its pairs than it lost, undesirable if it lost
+    more; one with as many wins as losses (the middle of an odd ranking) is left out, and ``counts`` (when given)
+    receives ``merged`` (rows that stood for several pairs) and ``even`` (left out). Otherwise the middle replies of
+    every prompt would be both desirable and undesirable. HH-RLHF's pairs share no reply: one row per reply as before."""
+    net: dict[tuple, list] = {}  # (prompt, reply) -> [id, prompt, reply, wins - losses, pairs]
     for ex in examples:
-        rows.append({"id": f"{ex['id']}/chosen", "prompt": ex["prompt"], "completion": ex["chosen"], "label": True})
-        rows.append(
-            {"id": f"{ex['id']}/rejected", "prompt": ex["prompt"], "completion": ex["rejected"], "label": False}
-        )
+        key = prompt_key(ex)
+        for side, sign in (("chosen", 1), ("rejected", -1)):
+            k = (key, json.dumps(ex[side], ensure_ascii=False, sort_keys=True))
+            entry = net.setdefault(k, [f"{ex['id']}/{side}", ex["prompt"], ex[side], 0, 0])
+            entry[3] += sign
+            entry[4] += 1
+    rows = [{"id": i, "prompt": p, "completion": c, "label": n > 0} for i, p, c, n, _ in net.values() if n != 0]
+    if counts is not None:
+        counts["merged"] = sum(1 for *_, n, m in net.values() if m > 1 and n != 0)
+        counts["even"] = sum(1 for *_, n, _ in net.values() if n == 0)
     return rows
 
 

@@ -163,7 +163,13 @@ def _dataset(view: str, rows: list[dict]):
     elif view == "sft":  # prompt-completion: TRL trains on the completion tokens only
         rows = [{"prompt": ex["prompt"], "completion": ex["chosen"]} for ex in rows]
     elif view == "unpaired":
-        rows = [{k: r[k] for k in ("prompt", "completion", "label")} for r in data.unpaired_view(rows)]
+        counts: dict = {}
+        unpaired = data.unpaired_view(rows, counts)
+        if counts["merged"] or counts["even"]:
+            print(f"[data] the unpaired view: {len(unpaired)} replies from {len(rows)} pairs; {counts['merged']} in "
+                  f"several pairs, labelled by their net wins; {counts['even']} with as many wins as losses left out",
+                  flush=True)
+        rows = [{k: r[k] for k in ("prompt", "completion", "label")} for r in unpaired]
     else:
         rows = [{k: ex[k] for k in ("prompt", "chosen", "rejected")} for ex in rows]
     if not rows:
