@@ -397,22 +397,25 @@ def test_cli_evaluates_a_runs_root_and_writes_table_and_figures(study, tmp_path,
     assert "results.csv" in capsys.readouterr().out
 
 
-def test_the_frontier_averages_seeds_that_each_start_from_their_own_sft_run():
-    """With three seeds every arm's reference is its seed's SFT run: the frontier keeps all three seeds (one point
-    per method, t-intervals across seeds, the SFT runs at KL 0) and leaves out only a run from another SFT recipe."""
+def test_the_frontier_averages_seeds_per_step_from_the_sft_start():
+    """Three seeds of one arm, each with a snapshot at step 2 and its final adapter at step 4: the frontier starts at
+    SFT (KL 0, the mean gold of the SFT runs), draws one curve through the means per step with t-intervals across
+    seeds, and each seed's points faint beside it."""
     rows = []
     for seed in (0, 1, 2):
         sft = f"/runs/sft__default__s{seed}__a{seed}"
         rows.append({"path": sft, "method": "sft", "name": "default", "seed": seed, "beta": None, "reference": None,
-                     "eval/gold": 0.05 + 0.01 * seed, "eval/kl": 1.5})
-        rows.append({"path": f"/runs/dpo__default__s{seed}__b{seed}", "method": "dpo", "name": "default", "seed": seed,
-                     "beta": 0.1, "reference": sft, "eval/gold": 0.06 + 0.01 * seed, "eval/kl": 0.1 * (seed + 1)})
-    rows.append({"path": "/runs/dpo__other__s0__c", "method": "dpo", "name": "other", "seed": 0, "beta": 0.1,
-                 "reference": "/runs/sft__longer__s0__d", "eval/gold": 0.09, "eval/kl": 0.9})
+                     "step": 0, "final": True, "eval/gold": 0.05 + 0.01 * seed, "eval/kl": 0.0})
+        for step, kl in ((2, 0.5), (4, 1.0)):
+            rows.append({"path": f"/runs/dpo__default__s{seed}__b{seed}", "method": "dpo", "name": "default",
+                         "seed": seed, "beta": 0.1, "reference": sft, "step": step, "final": step == 4,
+                         "eval/gold": 0.06 + 0.01 * seed + 0.02 * step, "eval/kl": kl * (1 + 0.1 * seed)})
     fig = figures.fig_frontier(pd.DataFrame(rows))
-    assert "seeds 0,1,2" in fig.layout.title.text and "1 run(s) with another reference left out" in fig.layout.title.text
-    traces = {t.name: t for t in fig.data}
-    assert set(traces) == {"dpo", "sft"}
-    assert list(traces["sft"].x) == [0.0] and traces["sft"].y[0] == pytest.approx(0.06)
-    assert traces["dpo"].x[0] == pytest.approx(0.2) and traces["dpo"].y[0] == pytest.approx(0.07)
-    assert traces["dpo"].error_x.array[0] > 0, "a t-interval across the three seeds"
+    assert "seeds 0,1,2" in fig.layout.title.text
+    curves = [t for t in fig.data if t.showlegend is not False]
+    assert len(curves) == 1 and curves[0].name.startswith("dpo")
+    dpo = curves[0]
+    assert list(dpo.x)[0] == 0.0 and dpo.y[0] == pytest.approx(0.06), "the curve starts at SFT: KL 0, its mean gold"
+    assert list(dpo.x)[1:] == pytest.approx([0.55, 1.1]) and list(dpo.y)[1:] == pytest.approx([0.11, 0.15])
+    assert dpo.error_y.array[0] == 0 and all(e > 0 for e in dpo.error_y.array[1:]), "t-intervals across the seeds"
+    assert sum(t.showlegend is False for t in fig.data) == 3, "each seed's points, faint"

@@ -222,6 +222,10 @@ def test_the_evaluation_measures_every_policy_and_snapshot_by_the_gold(study, ev
     dpo = snaps[snaps["method"] == "dpo"]
     assert dpo["step"].tolist() == [1, 2, 3] and dpo["final"].tolist() == [False, False, True]
     assert dpo["eval/kl"].notna().all() and dpo["eval/gold"].notna().all()
+    step1 = read_jsonl(study["dpo"] / "eval/default/steps/step-1/generations.jsonl")  # the grid's snapshot share
+    final_ids = {g["id"] for g in read_jsonl(study["dpo"] / "eval/default/generations.jsonl")}
+    assert len(step1) == 2 and {g["sample"] for g in step1} == {0} and len({g["id"] for g in step1}) == 2
+    assert {g["id"] for g in step1} < final_ids, "a snapshot is evaluated on a share of the final's prompts"
     assert snaps[snaps["method"] == "sft"]["eval/kl"].tolist() == [0.0]
     gens = read_jsonl(study["dpo"] / "eval/default/generations.jsonl")  # the inspector's columns
     beta = load_run(study["dpo"]).config["beta"]
@@ -257,6 +261,9 @@ def test_best_of_n_is_drawn_against_the_proxy_from_the_held_out_samples(study, e
         by.setdefault(s["id"], []).append((p, s["gold"]))
     est = np.mean([stats.best_of_n_expectation([p for p, _ in v], [g for _, g in v], [8])[0] for v in by.values()])
     assert rows[-1]["gold"] == pytest.approx(est, abs=1e-6)
+    summary = json.loads((study["proxy"] / "eval/default/summary.json").read_text())  # the figure's unit
+    assert summary["bon/proxy_sd"] == pytest.approx(np.std(scores, ddof=1), rel=1e-5)
+    assert summary["bon/gold_sd"] == pytest.approx(np.std([s["gold"] for s in samples], ddof=1), rel=1e-9)
 
 
 def test_the_inference_copy_computes_as_the_policy_does(tiny_model_dir):
@@ -275,6 +282,11 @@ def test_the_inference_copy_computes_as_the_policy_does(tiny_model_dir):
             torch.testing.assert_close(base(input_ids=x).logits.float(), model(input_ids=x).logits.float(), atol=1e-4,
                                        rtol=0)
     assert not [m for m in copy.modules() if type(m).__module__.startswith(("peft", "bitsandbytes"))]
+    merged = sampling.inference_copy(model, dtype=torch.float32)  # the fast form: the update merged into the weights
+    with torch.no_grad():  # in float32 it is the same function up to the order of sums
+        torch.testing.assert_close(merged(input_ids=x).logits.float(), model(input_ids=x).logits.float(), atol=1e-4,
+                                   rtol=0)
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
 
 
 def test_the_inspector_sorts_samples_by_proxy_minus_gold(study, evaluated):
@@ -300,3 +312,7 @@ def test_the_sweep_ends_with_the_frontier_the_overoptimisation_figure_and_a_draf
     names = {t.name for t in frontier.data if t.name}
     assert any(n.startswith("ppo gt") for n in names) and any(n.startswith("best-of-n") for n in names)
     assert any(n.startswith("dpo") for n in names)
+    over = __import__("workbench.figures", fromlist=["x"]).fig_overoptimization(table)
+    names = {t.name for t in over.data if t.name}
+    assert {"gold, PPO default s0", "gold, PPO against the gold s0", "proxy, PPO default s0"} <= names
+    assert any(n.startswith("gold, best-of-n vs proxy") for n in names)

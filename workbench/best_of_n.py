@@ -97,4 +97,7 @@ def evaluate(rm_run, dataset, gold_spec: str | None = None, n_boot: int = 1000, 
     texts = [[samples[i]["completion"] for i in by_prompt[k][:N]] for k in ids]
     summary["bon/prompts_with_repeats"] = float(np.mean([len(set(t)) < N for t in texts]))
     summary["bon/prompts_with_proxy_ties"] = float(np.mean([len(np.unique(p)) < N for p, _ in groups]))
+    # the spread of SFT's replies under each reward: the unit in which proxy and gold gains are compared (figures)
+    summary["bon/proxy_sd"] = float(np.concatenate([p for p, _ in groups]).std(ddof=1))
+    summary["bon/gold_sd"] = float(np.concatenate([g for _, g in groups]).std(ddof=1))
     return rows, summary

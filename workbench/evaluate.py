@@ -88,6 +88,10 @@ class EvalConfig:
     # directory; None: the first run's own data source
     data_source: str | None = None
     snapshots: bool = True  # also each policy run's snapshot adapters (checkpoints/step-<n>): samples, KL, rewards
+    # a snapshot's share of the evaluation (points of the frontier between SFT and the final adapter, whose own
+    # numbers carry the claims): the first snapshot_prompts prompts x snapshot_samples samples; None: as the final
+    snapshot_prompts: int | None = None
+    snapshot_samples: int | None = None
     # reward models trained on a gold-labelled dataset: best-of-n against them over the dataset's held-out samples
     # (best_of_n.py), the over-optimisation curve of Gao et al. 2022
     best_of_n: bool = True
@@ -96,9 +100,13 @@ class EvalConfig:
     # threads: sampling is bound by per-token overhead and gains little from a second thread (evaluate_runs)
 
     def __post_init__(self):
-        for f in ("n_prompts", "n_samples", "n_pairs", "max_new_tokens", "batch_size", "n_bootstrap", "workers"):
-            if getattr(self, f) < 1:
+        for f in ("n_prompts", "n_samples", "n_pairs", "max_new_tokens", "batch_size", "n_bootstrap", "workers",
+                  "snapshot_prompts", "snapshot_samples"):
+            if getattr(self, f) is not None and getattr(self, f) < 1:
                 raise ValueError(f"EvalConfig.{f} must be >= 1 (got {getattr(self, f)}).")
+        if (self.snapshot_prompts or 0) > self.n_prompts:
+            raise ValueError(f"EvalConfig.snapshot_prompts ({self.snapshot_prompts}) must be <= n_prompts "
+                             f"({self.n_prompts}): a snapshot is evaluated on the first of the evaluation's prompts.")
         if not self.temperature > 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"EvalConfig needs temperature > 0 and 0 < top_p <= 1 (got {self.temperature}, {self.top_p}).")
         if isinstance(self.data, dict):
@@ -428,18 +436,22 @@ def _sample_and_score(model, tokenizer, prompts: list[dict], cfg: EvalConfig, pr
 
 def _evaluate_snapshots(run_path: Path, cfg: EvalConfig, beta: float, prompts: list[dict], proxy, gold,
                         chosen_scores: dict, out: Path) -> list[int]:
-    """Each snapshot adapter of a policy run (``runs.snapshots``) sampled and scored as its final adapter is (same
-    prompts, seeds and rewards), into ``<out>/steps/step-<n>/`` (generations.jsonl, summary.json); no pairs pass.
-    Returns the steps evaluated."""
+    """Each snapshot adapter of a policy run (``runs.snapshots``) sampled and scored as its final adapter is (the same
+    seeds and rewards; the first ``cfg.snapshot_prompts`` prompts, ``cfg.snapshot_samples`` samples each), into
+    ``<out>/steps/step-<n>/`` (generations.jsonl, summary.json); no pairs pass. Returns the steps evaluated."""
+    n_prompts = cfg.snapshot_prompts or len(prompts)
+    snap_cfg = dataclasses.replace(cfg, n_samples=cfg.snapshot_samples or cfg.n_samples)
+    prompts, chosen_scores = prompts[:n_prompts], {k: v[:n_prompts] for k, v in chosen_scores.items()}
     steps = []
     for step, adapter in snapshots(run_path):
         model, tokenizer = load_run_policy(run_path, adapter)
-        gens = _sample_and_score(model, tokenizer, prompts, cfg, proxy, gold, chosen_scores, beta)
+        gens = _sample_and_score(model, tokenizer, prompts, snap_cfg, proxy, gold, chosen_scores, beta)
         del model
         folder = out / "steps" / f"step-{step}"
         folder.mkdir(parents=True, exist_ok=True)
         write_jsonl(folder / "generations.jsonl", gens)
-        write_json(folder / "summary.json", {"step": step, **_generation_summary(gens, cfg)})
+        write_json(folder / "summary.json", {"step": step, "n_prompts": len(prompts), "n_samples": snap_cfg.n_samples,
+                                             **_generation_summary(gens, snap_cfg)})
         steps.append(step)
         print(f"[evaluate] {run_path.name}: snapshot at step {step} evaluated", flush=True)
     return steps

@@ -81,10 +81,14 @@ def fig_frontier(table: pd.DataFrame) -> go.Figure:
     final adapter, from the SFT policy at KL 0), one curve per setting (method, name, β): the shape of Fig. 2 (left)
     of the DPO paper (arXiv:2305.18290). Best-of-n against the proxy at KL log n − (n−1)/n (an upper bound) from the
     same SFT samples' gold gains; the higher and further left, the better the trade-off. With several seeds: the
-    mean per step with t-intervals, each seed's points faint."""
+    mean per step with t-intervals, each seed's points faint. ``table`` is the results table (its runs' snapshots are
+    read from their folders) or already a ``results.snapshot_table`` (it has a ``step`` column)."""
     from .results import snapshot_table
 
-    snaps = snapshot_table(list(table["path"]), table.attrs.get("eval_name", "default")) if len(table) else table
+    if "step" in table.columns or not len(table):
+        snaps = table
+    else:
+        snaps = snapshot_table(list(table["path"]), table.attrs.get("eval_name", "default"))
     fig = go.Figure()
     if snaps is None or snaps.empty or "eval/gold" not in snaps:
         return fig.update_layout(title="Reward–KL frontier<br><sup>no evaluated policies</sup>", **_LAYOUT)
@@ -132,51 +136,71 @@ def fig_frontier(table: pd.DataFrame) -> go.Figure:
 
 
 def fig_overoptimization(table: pd.DataFrame) -> go.Figure:
-    """Over-optimisation (Gao et al. 2022, arXiv:2210.10760, Fig. 1). Left, best-of-n against each proxy reward model
-    (trained on different numbers of gold-labelled pairs, some with label noise): the gold gain over the SFT policy
-    (solid, with 95% intervals over prompts) and the proxy's own gain (dashed, right axis) against √KL, KL = log n −
-    (n−1)/n, with the fitted R(d) = d(α − βd) of Gao et al. (thin). Right, PPO against the proxy: proxy and gold
-    reward of its training rollouts against √KL, one point per iteration."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("best-of-n (SFT samples, held-out prompts)",
-                                                        "PPO training rollouts"),
-                        specs=[[{"secondary_y": True}, {"secondary_y": True}]])
+    """Over-optimisation (Gao et al. 2022, arXiv:2210.10760, Fig. 1), proxy and gold on one scale: each reward's gain
+    over the SFT policy in standard deviations of its scores of SFT's replies (``bon/<reward>_sd``), against √KL.
+    Left, best-of-n against each proxy reward model (trained on different numbers of gold-labelled pairs, some with
+    label noise), KL = log n − (n−1)/n: the gold gain (solid, 95% intervals over prompts), the proxy's own gain
+    (dashed) and the fitted R(d) = d(α − βd) of Gao et al. (thin). Right, the PPO runs as the evaluation measured
+    them (each snapshot and the final adapter, the gold and proxy differences to SFT paired by prompt)."""
+    from .results import snapshot_table
+
+    fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.06,
+                        subplot_titles=("best-of-n against each proxy (SFT's held-out replies)",
+                                        "PPO, evaluated snapshots"))
     palette = ["#4C78A8", "#E45756", "#54A24B", "#F58518", "#B279A2", "#72B7B2"]
-    for i, (r, rows) in enumerate(_bon_rows(table)):
+    bon = _bon_rows(table)
+    units = {}
+    for i, (r, rows) in enumerate(bon):
         colour = palette[i % len(palette)]
         summary = json.loads((Path(r["path"]) / "eval" / table.attrs.get("eval_name", "default") / "summary.json").read_text())
+        sd = {k: summary.get(f"bon/{k}_sd") or 1.0 for k in ("gold", "proxy")}
+        units.setdefault("gold", sd["gold"])
         pairs = json.loads((Path(r["path"]) / "summary.json").read_text()).get("train/pairs")
         tag = f"{r['name']} ({pairs} pairs)"
         d = rows["kl_bound"] ** 0.5
-        fig.add_trace(go.Scatter(x=d, y=rows["gold_gain"], mode="lines+markers", name=f"gold, proxy {tag}",
+        g = rows["gold_gain"] / sd["gold"]
+        fig.add_trace(go.Scatter(x=d, y=g, mode="lines+markers", name=f"gold, best-of-n vs {tag}",
                                  line=dict(color=colour), legendgroup=tag,
-                                 error_y=dict(type="data", symmetric=False, array=(rows["gold_gain_hi"] - rows["gold_gain"]).tolist(),
-                                              arrayminus=(rows["gold_gain"] - rows["gold_gain_lo"]).tolist())), row=1, col=1)
-        fig.add_trace(go.Scatter(x=d, y=rows["proxy_gain"], mode="lines+markers", name=f"proxy {tag}",
-                                 line=dict(color=colour, dash="dash"), legendgroup=tag), row=1, col=1, secondary_y=True)
+                                 error_y=dict(type="data", symmetric=False, array=((rows["gold_gain_hi"] - rows["gold_gain"]) / sd["gold"]).tolist(),
+                                              arrayminus=((rows["gold_gain"] - rows["gold_gain_lo"]) / sd["gold"]).tolist())), row=1, col=1)
+        fig.add_trace(go.Scatter(x=d, y=rows["proxy_gain"] / sd["proxy"], mode="lines", name=f"proxy, best-of-n vs {tag}",
+                                 line=dict(color=colour, dash="dash"), legendgroup=tag), row=1, col=1)
         if "bon/fit_gold_alpha" in summary:
             grid = [x / 50 * float(d.max()) for x in range(51)]
             a, b = summary["bon/fit_gold_alpha"], summary["bon/fit_gold_beta"]
-            fig.add_trace(go.Scatter(x=grid, y=[x * (a - b * x) for x in grid], mode="lines", showlegend=False,
+            fig.add_trace(go.Scatter(x=grid, y=[x * (a - b * x) / sd["gold"] for x in grid], mode="lines", showlegend=False,
                                      line=dict(color=colour, width=1), legendgroup=tag, hoverinfo="skip"), row=1, col=1)
-    for _, row in table[table["method"] == "ppo"].iterrows() if len(table) else []:
-        m = pd.DataFrame(read_jsonl(Path(row["path"]) / "metrics.jsonl"))
-        if "objective/kl" not in m:
-            continue
-        x = m["objective/kl"].clip(lower=0) ** 0.5
-        tag = f"PPO {row['name']} s{row['seed']}"
-        fig.add_trace(go.Scatter(x=x, y=m["objective/scores"], mode="lines+markers", name=f"proxy ({tag})",
-                                 line=dict(dash="dash")), row=1, col=2, secondary_y=True)
-        if "objective/gold_scores" in m:
-            fig.add_trace(go.Scatter(x=x, y=m["objective/gold_scores"], mode="lines+markers", name=f"gold ({tag})"),
-                          row=1, col=2)
-    fig.update_xaxes(title_text="√KL(π ‖ π_ref)")
-    fig.update_yaxes(title_text="gold gain over SFT", row=1, col=1, secondary_y=False)
-    fig.update_yaxes(title_text="proxy gain (its own units)", row=1, col=1, secondary_y=True)
-    fig.update_yaxes(title_text="gold reward", row=1, col=2, secondary_y=False)
-    fig.update_yaxes(title_text="proxy reward", row=1, col=2, secondary_y=True)
-    fig.update_layout(title="Over-optimisation<br><sup>solid: gold; dashed: proxy (right axes); thin: d(α − βd) fitted"
-                      "</sup>", **{**_LAYOUT, "width": 1100, "height": 500})
+    has_ppo = len(table) and (table["method"] == "ppo").any()
+    snaps = snapshot_table(list(table["path"]), table.attrs.get("eval_name", "default")) if has_ppo else table.iloc[:0]
+    proxy_sd = next((json.loads((Path(r["path"]) / "eval" / table.attrs.get("eval_name", "default") / "summary.json")
+                                .read_text()).get("bon/proxy_sd") for r, _ in bon if _is_main(table, r)), None)
+    for i, (key, g) in enumerate(snaps[snaps["method"] == "ppo"].groupby(["name", "seed"]) if len(snaps) else []):
+        g = g.sort_values("step")
+        colour = ["#F58518", "#B279A2", "#72B7B2", "#9D755D"][i % 4]
+        tag = f"PPO {'against the gold' if key[0] == 'gt' else key[0]} s{key[1]}"
+        x = [0.0] + (g["eval/kl"].clip(lower=0) ** 0.5).tolist()
+        if "eval/gold_vs_sft" in g:
+            y = [0.0] + (g["eval/gold_vs_sft"] / units.get("gold", 1.0)).tolist()
+            err = dict(type="data", symmetric=False,
+                       array=[0.0] + ((g["eval/gold_vs_sft_hi"] - g["eval/gold_vs_sft"]) / units.get("gold", 1.0)).tolist(),
+                       arrayminus=[0.0] + ((g["eval/gold_vs_sft"] - g["eval/gold_vs_sft_lo"]) / units.get("gold", 1.0)).tolist())
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=f"gold, {tag}", line=dict(color=colour),
+                                     error_y=err, text=["SFT"] + [f"step {s}" for s in g["step"]]), row=1, col=2)
+        if "eval/proxy_vs_sft" in g and proxy_sd:
+            fig.add_trace(go.Scatter(x=x, y=[0.0] + (g["eval/proxy_vs_sft"] / proxy_sd).tolist(), mode="lines",
+                                     name=f"proxy, {tag}", line=dict(color=colour, dash="dash")), row=1, col=2)
+    fig.add_hline(y=0, line_color="gray", line_width=1)
+    fig.update_xaxes(title_text="√KL(π ‖ π_ref), √nats")
+    fig.update_yaxes(title_text="gain over SFT, in SDs of SFT's scores", row=1, col=1)
+    fig.update_layout(title="Over-optimisation<br><sup>solid: gold; dashed: the proxy; thin: Gao et al.'s d(α − βd) "
+                      "fitted to the gold; 95% intervals over prompts</sup>",
+                      **{**_LAYOUT, "width": 1100, "height": 520})
     return fig
+
+
+def _is_main(table: pd.DataFrame, r: pd.Series) -> bool:
+    main = _main_proxy(table, _bon_rows(table))
+    return main is not None and main[0]["path"] == r["path"]
 
 
 def fig_win_rates(table: pd.DataFrame) -> go.Figure:
