@@ -339,3 +339,28 @@ def test_pairing_cancels_what_the_units_share():
     assert a_lo < b_hi and b_lo < a_hi  # unpaired, the two intervals overlap
     est, lo, hi = stats.paired_difference(a, b, clusters)
     assert lo > 0 and est == pytest.approx(0.3, abs=0.1)  # paired, the difference is clear
+
+
+def test_best_of_n_calls_a_fall_after_the_peak_over_optimisation_only_when_its_paired_interval_is_above_zero():
+    """Gao et al.'s over-optimisation is a fall of the gold after its peak; a dip within noise is not one. The
+    summary's ``bon/gold_drop`` is the fall from the peak to n = N paired by prompt, and the draft's wording follows
+    its interval."""
+    import pandas as pd
+
+    from workbench import best_of_n, findings
+
+    rng = np.random.default_rng(0)
+    ns, ids = [1, 2, 4, 8], [f"p{i}" for i in range(60)]
+    proxy = np.tile(np.array([0.0, 1.0, 2.0, 3.0]), (60, 1))
+    real = np.array([0.0, 0.3, 0.5, 0.1]) + rng.normal(0, 0.05, (60, 4))  # peaks at 4, falls by 0.4
+    noisy = np.array([0.0, 0.3, 0.4, 0.3]) + rng.normal(0, 0.3, (60, 4))  # its sample peaks at 4, a dip in noise
+    verdicts = []
+    for gold in (real, noisy):
+        per = {"proxy": proxy, "gold": gold, "kl_plugin": np.zeros((60, 4))}
+        rows, summary = best_of_n.summarize(per, ns, ids, n_boot=400, seed=0)
+        peak = ns.index(summary["bon/gold_peak_n"])
+        assert summary["bon/gold_drop"] == pytest.approx((gold[:, peak] - gold[:, -1]).mean())
+        assert summary["bon/gold_drop_lo"] <= summary["bon/gold_drop"] <= summary["bon/gold_drop_hi"]
+        assert summary["bon/gold_peak_n"] == 4
+        verdicts.append(findings._overoptimised(pd.Series(summary)))
+    assert verdicts == [True, False]

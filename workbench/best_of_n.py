@@ -71,6 +71,10 @@ def summarize(per_prompt: dict[str, np.ndarray], ns: list[int], prompt_ids: list
     best = max(rows, key=lambda r: r["gold"])
     summary.update({"bon/gold_peak_n": best["n"], "bon/kl_bound_at_N": rows[-1]["kl_bound"],
                     "bon/kl_plugin_at_N": rows[-1]["kl_plugin"]})
+    # the gold's fall from its peak to n = N, paired per prompt: over-optimisation only where its interval is above 0
+    j = ns.index(best["n"])
+    drop = stats.bootstrap_mean(per_prompt["gold"][:, j] - per_prompt["gold"][:, -1], prompt_ids, n_boot, seed)
+    summary.update({"bon/gold_drop": drop[0], "bon/gold_drop_lo": drop[1], "bon/gold_drop_hi": drop[2]})
     return rows, summary
 
 

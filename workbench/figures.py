@@ -81,8 +81,10 @@ def fig_frontier(table: pd.DataFrame) -> go.Figure:
     final adapter, from the SFT policy at KL 0), one curve per setting (method, name, β): the shape of Fig. 2 (left)
     of the DPO paper (arXiv:2305.18290). Best-of-n against the proxy at KL log n − (n−1)/n (an upper bound) from the
     same SFT samples' gold gains; the higher and further left, the better the trade-off. With several seeds: the
-    mean per step with t-intervals, each seed's points faint. ``table`` is the results table (its runs' snapshots are
-    read from their folders) or already a ``results.snapshot_table`` (it has a ``step`` column)."""
+    mean per step with t-intervals, each seed's points faint.
+
+    ``table``: the results table (its runs' snapshots are read from their folders), or a ``results.snapshot_table``
+    already (it has a ``step`` column)."""
     from .results import snapshot_table
 
     if "step" in table.columns or not len(table):
@@ -128,8 +130,8 @@ def fig_frontier(table: pd.DataFrame) -> go.Figure:
                                  error_y=dict(type="data", symmetric=False, array=(rows["gold_gain_hi"] - rows["gold_gain"]).tolist(),
                                               arrayminus=(rows["gold_gain"] - rows["gold_gain_lo"]).tolist())))
     seeds = ",".join(str(x) for x in sorted(snaps["seed"].dropna().unique()))
-    note = (f"seeds {seeds}; one point per snapshot; bars: 95% intervals (bootstrap over prompts with one seed, t across "
-            "seeds with more); best-of-n: SFT's gold plus its gold gain on the dataset's held-out replies")
+    note = (f"seeds {seeds}; one point per snapshot; bars: 95% intervals (bootstrap over prompts with one seed, t "
+            "across seeds<br>with more); best-of-n: SFT's gold plus its gold gain on the dataset's held-out replies")
     fig.update_layout(title=f"Reward–KL frontier<br><sup>{note}</sup>", xaxis_title="KL(π ‖ π_ref), nats per response",
                       yaxis_title="gold reward (mean over samples)", **{**_LAYOUT, "width": 860, "height": 520})
     return fig
@@ -328,7 +330,9 @@ def export(figs: dict[str, go.Figure], out_dir: str | Path = "figures", formats=
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(fig, out_dir / f"{name}.{fmt}") for name, fig in figs.items() for fmt in formats]
     try:
-        pio.write_images([f for f, _ in jobs], [p for _, p in jobs])
+        # each at its layout's size (kaleido otherwise draws every figure at 700 x 500 and squeezes the wide ones)
+        pio.write_images([f for f, _ in jobs], [p for _, p in jobs], width=[f.layout.width for f, _ in jobs],
+                         height=[f.layout.height for f, _ in jobs])
     except Exception as e:  # kaleido's own message does not say how to get a browser without the internet
         if "chrome" in str(e).lower() or "browser" in str(e).lower():
             raise RuntimeError(f"Exporting figures to {out_dir} needs Chrome/Chromium for kaleido: `apt-get install "

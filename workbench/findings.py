@@ -88,7 +88,7 @@ def setup(table: pd.DataFrame, dataset: Path) -> str:
                      ((next(g.iterrows()), len(g)) for _, g in table.groupby(["method", "name", table["beta"].fillna(-1)])))
     return "\n".join([
         f"- **Policy**: {', '.join(policies)} in NF4 4-bit with a LoRA adapter; every arm starts from the SFT adapter "
-        f"(12 steps on HH-RLHF's chosen replies), which is also its reference π_ref. **Proxy reward models**: "
+        f"({_sft_steps(table)} steps on HH-RLHF's chosen replies), which is also its reference π_ref. **Proxy reward models**: "
         f"{', '.join(rms)}, fully fine-tuned as Bradley–Terry models on gold-labelled pairs.",
         f"- **Gold**: `{recipe['gold']}` (docs/gold.md: the sentiment of the reply, not harmlessness). **Dataset** "
         f"`{dataset.name}`: the SFT policy's replies to HH-RLHF harmless-base prompts of ≤ {recipe['max_prompt_length']} "
@@ -237,22 +237,30 @@ def findings(table: pd.DataFrame) -> str:
         if pd.isna(r.get("bon/N")):
             continue
         n_max, peak = int(r["bon/N"]), int(r["bon/gold_peak_n"])
-        shape = (f"its gold peaks at n = {peak} and falls by n = {n_max}: over-optimisation, as Gao et al. found"
-                 if peak < n_max else f"its gold is highest at the largest n = {n_max}: no over-optimisation within KL "
-                 f"≤ {_f(r['bon/kl_bound_at_N'], 2)} nats (Gao et al. saw the gold fall only at larger KL)")
+        fall = _ci({"d": r.get("bon/gold_drop"), "d_lo": r.get("bon/gold_drop_lo"), "d_hi": r.get("bon/gold_drop_hi")}, "d")
+        if peak == n_max:
+            shape = (f"its gold is highest at the largest n = {n_max}: no over-optimisation within KL "
+                     f"≤ {_f(r['bon/kl_bound_at_N'], 2)} nats (Gao et al. saw the gold fall only at larger KL)")
+        elif _overoptimised(r):
+            shape = (f"its gold peaks at n = {peak} and falls by {fall} (paired by prompt) by n = {n_max}: "
+                     "over-optimisation, as Gao et al. found")
+        else:
+            shape = (f"its gold is highest at n = {peak}, but its fall by n = {n_max}, {fall} (paired by prompt), is "
+                     "within noise: no over-optimisation shown")
         out.append(f"Best-of-n against **{setting(r)}** ({int(r.get('budget/gold_pairs') or 0)} gold pairs): at n = "
                    f"{n_max} the proxy gains {_f(r['bon/proxy_gain_at_N'], 2)} and the gold "
                    f"{_ci({'g': r['bon/gold_gain_at_N'], 'g_lo': r['bon/gold_gain_at_N_lo'], 'g_hi': r['bon/gold_gain_at_N_hi']}, 'g')} "
                    f"over n = 1; {shape}. KL at n = {n_max}: bound {_f(r['bon/kl_bound_at_N'], 2)}, plug-in "
                    f"{_f(r['bon/kl_plugin_at_N'], 2)} ({_f(r['bon/prompts_with_repeats'], 2)} of prompts repeat a reply).")
-    peaks = {setting(r): int(r["bon/gold_peak_n"]) for _, r in table[table["method"] == "reward"].iterrows()
-             if pd.notna(r.get("bon/gold_peak_n"))}
+    # a peak counts where the fall after it is real (its paired interval above 0); else the curve peaks at N
+    rms = [r for _, r in table[table["method"] == "reward"].iterrows() if pd.notna(r.get("bon/gold_peak_n"))]
+    peaks = {setting(r): int(r["bon/gold_peak_n"]) if _overoptimised(r) else int(r["bon/N"]) for r in rms}
     if len(peaks) > 1:
         main = min(peaks, key=lambda k: len(k))
         earlier = [k for k, v in peaks.items() if k != main and v < peaks[main]]
         out.append("Weaker proxies' gold peaking earlier (Gao et al., Fig. 1/2; Coste et al. with noise): " + (
-            f"seen for {', '.join(earlier)}." if earlier else "not seen at this scale: every weaker proxy's best-of-n "
-            f"gold peaks no earlier than {main}'s (n = {peaks[main]})."))
+            f"seen for {', '.join(earlier)}." if earlier else "not shown at this scale: no weaker proxy's best-of-n "
+            f"gold falls significantly after a peak earlier than {main}'s (n = {peaks[main]})."))
 
     # --- signs of hacking (Table 1)
     sft = agg[agg["method"] == "sft"]
@@ -269,6 +277,23 @@ def findings(table: pd.DataFrame) -> str:
     return "\n".join(f"- {x}" for x in out)
 
 
+def _n_eval_prompts(table: pd.DataFrame) -> int | str:
+    ev = Path(table["path"].iloc[0]) / "eval" / table.attrs.get("eval_name", "default") / "config.json"
+    return json.loads(ev.read_text())["n_prompts"] if len(table) and ev.exists() else "some"
+
+
+def _sft_steps(table: pd.DataFrame) -> str:
+    sft = table[table["method"] == "sft"]
+    steps = sorted({json.loads((Path(p) / "config.json").read_text()).get("max_steps") for p in sft["path"]}
+                   if len(sft) else set(), key=str)
+    return "/".join(str(s) for s in steps) or "some"
+
+
+def _overoptimised(r) -> bool:
+    """Best-of-n's gold fell after its peak, by a paired interval over prompts above 0 (``bon/gold_drop_lo``)."""
+    return int(r["bon/gold_peak_n"]) < int(r["bon/N"]) and pd.notna(r.get("bon/gold_drop_lo")) and r["bon/gold_drop_lo"] > 0
+
+
 def caveats(table: pd.DataFrame) -> str:
     seeds = table["seed"].nunique()
     notes = [
@@ -279,7 +304,7 @@ def caveats(table: pd.DataFrame) -> str:
         "from the same samples as the gold; best-of-n's KL is the bound log n − (n−1)/n beside its plug-in estimate.",
         "Best-of-n is computed from the gold-labelled dataset's held-out replies (sampled from the SFT adapter merged "
         "into a dequantized copy of the base, the same policy up to bf16 rounding); the policies' gold from their own "
-        "evaluation samples on 32 of those prompts.",
+        f"evaluation samples on {_n_eval_prompts(table)} of those prompts.",
     ]
     if seeds < 3:
         notes.append(f"{seeds} seed(s): the intervals cover the evaluation prompts, not training noise. Claims about "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import numbers
 import os
 from pathlib import Path
 
@@ -31,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _fmt(x, digits=3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
-    if isinstance(x, float) and (abs(x) >= 1e5 or (x != 0 and abs(x) < 1e-3)):
+    if isinstance(x, numbers.Real) and not isinstance(x, bool) and (abs(x) >= 1e5 or (x != 0 and abs(x) < 1e-3)):
         return f"{x:.2e}"
     return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
 
