@@ -314,5 +314,6 @@ def test_the_sweep_ends_with_the_frontier_the_overoptimisation_figure_and_a_draf
     assert any(n.startswith("dpo") for n in names)
     over = __import__("workbench.figures", fromlist=["x"]).fig_overoptimization(table)
     names = {t.name for t in over.data if t.name}
-    assert {"gold, PPO default s0", "gold, PPO against the gold s0", "proxy, PPO default s0"} <= names
+    assert {"gold, PPO against the proxy, seed 0", "gold, PPO against the gold, seed 0",
+            "proxy, PPO against the proxy, seed 0"} <= names
     assert any(n.startswith("gold, best-of-n vs proxy") for n in names)

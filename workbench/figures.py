@@ -179,7 +179,9 @@ def fig_overoptimization(table: pd.DataFrame) -> go.Figure:
     for i, (key, g) in enumerate(snaps[snaps["method"] == "ppo"].groupby(["name", "seed"]) if len(snaps) else []):
         g = g.sort_values("step")
         colour = ["#F58518", "#B279A2", "#72B7B2", "#9D755D"][i % 4]
-        tag = f"PPO {'against the gold' if key[0] == 'gt' else key[0]} s{key[1]}"
+        cfg = json.loads((Path(g["path"].iloc[0]) / "config.json").read_text())
+        target = "the gold" if cfg.get("reward_model") == cfg.get("gold_reward_model") else "the proxy"
+        tag = f"PPO against {target}{'' if key[0] in ('default', 'gt') else f' ({key[0]})'}, seed {key[1]}"
         x = [0.0] + (g["eval/kl"].clip(lower=0) ** 0.5).tolist()
         if "eval/gold_vs_sft" in g:
             y = [0.0] + (g["eval/gold_vs_sft"] / units.get("gold", 1.0)).tolist()
