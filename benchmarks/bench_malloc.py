@@ -47,7 +47,7 @@ def child(args) -> dict:
     policy.eval()
     t = time.perf_counter()
     sampling.sample_completions(policy, tok, prompts, n_samples=2, max_new_tokens=args.new_tokens,
-                                max_prompt_length=args.max_length, length_sorted=True)
+                                max_prompt_length=args.max_length)
     sample_s = time.perf_counter() - t
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {"policy": malloc.policy()["policy"], "step_s": statistics.mean(steps[1:]), "sample_s": sample_s,

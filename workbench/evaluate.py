@@ -67,12 +67,11 @@ class EvalConfig:
     max_new_tokens: int = 64
     max_prompt_length: int = 256  # longer prompts keep their last tokens
     max_length: int = 512  # pairs: prompt + response tokens kept when scoring (the prompt is cut from the left)
-    seed: int = 0  # sampling seed (batch b uses seed + b); the same for every run
+    seed: int = 0  # sampling seed (prompt i's sample j uses seed + i·n_samples + j); the same for every run
     proxy_reward_model: str | None = None  # reward run folder or model name; None: the run's own reward_model, if any
     gold_reward_model: str | None = None  # the held-out judge of win rates; None: the run's own gold_reward_model
     beta: float | None = None  # β of the implicit reward β·log π/π_ref; None: the run's own β (0.1 if it has none)
-    batch_size: int = 16  # samples per generation batch
-    length_sorted: bool = True  # batch the samples in order of prompt length (less padding; see sample_completions)
+    batch_size: int = 64  # samples per decoding batch (all samples of a prompt in one; see sample_completions)
     n_bootstrap: int = 1000  # bootstrap resamples (of prompts) for every interval
     judge_model: str | None = None  # an AI judge (judge.Judge: any causal LM) whose agreement with the human labels on
     # the same pairs is reported beside the reward models' accuracy (pairs/judge_accuracy); None: no judge
@@ -418,8 +417,8 @@ def _sample_and_score(model, tokenizer, prompts: list[dict], cfg: EvalConfig, pr
     gens = sample_completions(model, tokenizer, prompts, n_samples=cfg.n_samples,
                               rewards={"score": proxy, "gold_score": gold}, max_prompt_length=cfg.max_prompt_length,
                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                              seed=cfg.seed, batch_size=cfg.batch_size, length_sorted=cfg.length_sorted,
-                              sampler=inference_copy(model))  # the same function, sampled faster; log-probs: model's
+                              seed=cfg.seed, batch_size=cfg.batch_size,
+                              sampler=inference_copy(model))  # the policy's function, sampled faster
     chosen = {p["id"]: p for p in prompts}
     for key, values in chosen_scores.items():
         for p, v in zip(prompts, values):

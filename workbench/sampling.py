@@ -1,8 +1,9 @@
 """Sampling: prompts in, completions out, each with its reward and per-token log π and log π_ref.
 
 Used by PPO's rollouts, by every RL arm's held-out look at the end of training (``heldout_look``) and by the
-evaluation (``evaluate.py``). Batched with the KV cache; a response is cut after its first EOS (kept, so a
-policy learns to stop) and the tokens after it are masked.
+evaluation (``evaluate.py``), the gold-labelled dataset (``gold_pairs.py``); every one of them draws through
+``decoding.decode``. A response is cut after its first EOS (kept, so a policy learns to stop) and the tokens after it
+are masked.
 
 Log-probs of samples are taken at the sampling temperature for policy and reference alike, so the KL is the one
 between the distributions that were sampled (at T = 1 the models' own); with top_p < 1 the log-probs are those of
@@ -17,7 +18,8 @@ import torch
 from torch import Tensor
 
 from . import data, scoring, stats
-from .logprobs import pad_left, reference_adapter, shared_prompt_logps
+from .decoding import decode, row_seeds
+from .logprobs import reference_adapter, shared_prompt_logps
 from .rewards import check_scores
 
 
@@ -33,22 +35,18 @@ def encode_prompts(tokenizer, prompts: list[list[dict]], max_length: int) -> lis
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
              generator_seed: int | None = None, top_p: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
-    """Sample one response per prompt at ``temperature`` (no top-k; nucleus ``top_p``), batched with the KV cache.
-    Returns response_ids (B, T), mask (B, T) and ended (B,): each response is cut after its first EOS (kept, so a
-    policy learns to stop); the tokens after it are masked. The first token is never EOS (``min_new_tokens=1``):
-    an empty response has nothing to score."""
-    dev = next(model.parameters()).device
-    if generator_seed is not None:
-        torch.manual_seed(generator_seed)
-    ids, attn = pad_left(prompt_ids, tokenizer.pad_token_id)  # generation continues from the last column
-    P = ids.shape[1]
-    was_training = model.training
-    model.eval()
-    out = model.generate(input_ids=ids.to(dev), attention_mask=attn.to(dev), do_sample=True, temperature=temperature,
-                         top_k=0, top_p=top_p, max_new_tokens=max_new_tokens, min_new_tokens=1,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    model.train(was_training)
-    return cut_after_eos(out[:, P:].cpu(), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    """Sample one response per prompt at ``temperature`` (no top-k; nucleus ``top_p``) with the workbench's sampler
+    (``decoding.decode``: static KV cache, one random stream per sample). Returns response_ids (B, T), mask (B, T)
+    and ended (B,): each response is cut after its first EOS (kept, so a policy learns to stop); the tokens after it
+    are masked. The first token is never EOS: an empty response has nothing to score. Row r is drawn with seed
+    ``generator_seed + r``; without ``generator_seed``, one is drawn from torch's global generator (so a run seeded
+    once samples the same)."""
+    if generator_seed is None:
+        generator_seed = int(torch.randint(0, 2**62, (1,)).item())
+    got = decode(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                 seeds=row_seeds(generator_seed, len(prompt_ids)), eos_id=tokenizer.eos_token_id,
+                 pad_id=tokenizer.pad_token_id)
+    return got.response, got.mask, got.ended
 
 
 def cut_after_eos(response: Tensor, eos_id: int, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -79,61 +77,61 @@ def call_reward(reward_fn, prompts, texts, response_ids, mask, baseline: list[st
 
 def sample_completions(model, tokenizer, prompts: list[dict], *, n_samples: int = 1, rewards: dict | None = None,
                        max_prompt_length: int = 256, max_new_tokens: int = 64, temperature: float = 0.7,
-                       top_p: float = 1.0, seed: int = 0, batch_size: int = 8, length_sorted: bool = False,
-                       logprobs: bool = True, sampler=None, desc: str | None = None) -> list[dict]:
+                       top_p: float = 1.0, seed: int = 0, batch_size: int = 64, logprobs: bool = True, sampler=None,
+                       desc: str | None = None) -> list[dict]:
     """``n_samples`` completions per prompt (rows with "id" and "prompt"), one record each: the completion, its
     length, whether it ended, the sampled KL to the reference (Σ_t log π − log π_ref) and per token log π,
     log π_ref and their ratio; ``rewards`` maps a record key ("score", "gold_score") to a reward function.
 
-    Batch b (of ``batch_size`` samples) is drawn with seed ``seed + b·batch_size``. With ``length_sorted`` the
-    samples are batched in order of prompt length (stable), so that a batch pads little (on 2 CPU cores 64
-    samples take ~16 s instead of ~30 s); records come back in prompt order either way.
+    Drawn by ``decoding.decode``: prompts in order of length, ``batch_size`` samples (all samples of a prompt
+    together) per decoding batch, one prefill per prompt; sample j of the i-th prompt is drawn with seed
+    ``seed + i·n_samples + j``, so it is the same whatever the batch size. Records come back in prompt order.
 
-    ``logprobs=False`` leaves out the two log-prob passes and the KL (a gold-labelled dataset needs only the texts
-    and their scores). ``sampler``: the model that draws the tokens instead of ``model`` (``inference_copy(model)``:
-    the same weights dequantized and merged, ~1.7x faster to sample from on a CPU); the log-probs and the KL are
-    always ``model``'s own, so they stay those of the trained 4-bit + LoRA policy."""
+    ``sampler``: the model that draws the tokens instead of ``model``: ``inference_copy(model)``, the same function
+    without 4-bit dequantization at every step (faster on a CPU). log π is read off the sampler's own decoding
+    steps, so it must compute the policy's function (``inference_copy`` without ``dtype`` does, to the order of
+    floating-point sums; tests/test_decoding.py); log π_ref is the reference's (``model`` under
+    ``logprobs.reference_adapter``), one pass over each prompt and its samples. ``logprobs=False`` leaves out
+    log π_ref and the KL (a gold-labelled dataset needs only the texts and their scores, and may sample from the
+    inexact ``inference_copy(model, dtype=...)``)."""
     from tqdm.auto import tqdm
 
-    jobs = [(row, j) for row in prompts for j in range(n_samples)]
-    encoded = encode_prompts(tokenizer, [row["prompt"] for row, _ in jobs], max_prompt_length)
-    order = sorted(range(len(jobs)), key=lambda i: len(encoded[i])) if length_sorted else list(range(len(jobs)))
-    records, pad = [None] * len(jobs), tokenizer.pad_token_id
-    for start in tqdm(range(0, len(jobs), batch_size), desc=desc or f"sampling {len(jobs)} completions", unit="batch",
-                      leave=False):
-        idx = order[start : start + batch_size]
-        rows = [jobs[i] for i in idx]
-        messages = [row["prompt"] for row, _ in rows]
+    encoded = encode_prompts(tokenizer, [row["prompt"] for row in prompts], max_prompt_length)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    per_batch = max(1, batch_size // n_samples)
+    records: list = [None] * (len(prompts) * n_samples)
+    pad = tokenizer.pad_token_id
+    for start in tqdm(range(0, len(order), per_batch), desc=desc or f"sampling {len(records)} completions",
+                      unit="batch", leave=False):
+        idx = order[start : start + per_batch]
         prompt_ids = [encoded[i] for i in idx]
-        response, mask, ended = generate(sampler if sampler is not None else model, tokenizer, prompt_ids, max_new_tokens,
-                                         temperature, seed + start, top_p)
+        got = decode(sampler if sampler is not None else model, prompt_ids, n_samples=n_samples,
+                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                     seeds=[seed + i * n_samples + j for i in idx for j in range(n_samples)],
+                     eos_id=tokenizer.eos_token_id, pad_id=pad)
+        response, mask = got.response, got.mask
+        rows = [(prompts[i], j) for i in idx for j in range(n_samples)]
         texts = tokenizer.batch_decode(response, skip_special_tokens=True)
+        messages = [row["prompt"] for row, _ in rows]
         base = baselines([row for row, _ in rows])
         scores = {key: call_reward(fn, messages, texts, response, mask, base) for key, fn in (rewards or {}).items() if fn}
-        if not logprobs:
-            for i, (row, j) in enumerate(rows):
-                records[idx[i]] = {
-                    "id": row["id"], "sample": j, "prompt": row["prompt"], "completion": texts[i],
-                    "completion_token_ids": response[i][mask[i]].tolist(), "response_tokens": int(mask[i].sum()),
-                    "response_chars": len(texts[i]), "ended": bool(ended[i]), **{k: v[i].item() for k, v in scores.items()}}
-            continue
-        same_prompt: dict[int, list[int]] = {}  # the batch's samples of each prompt: job i is prompt i // n_samples
-        for k, i in enumerate(idx):
-            same_prompt.setdefault(i // n_samples, []).append(k)
-        groups = list(same_prompt.values())
-        logps = _sample_logps(model, prompt_ids, response, mask, groups, pad, temperature)
-        with reference_adapter(model):
-            ref_logps = _sample_logps(model, prompt_ids, response, mask, groups, pad, temperature)
-        for i, (row, j) in enumerate(rows):
-            m = mask[i]
-            logratio = logps[i] - ref_logps[i]
-            records[idx[i]] = {
-                "id": row["id"], "sample": j, "prompt": row["prompt"], "completion": texts[i],
-                "completion_token_ids": response[i][m].tolist(), "response_tokens": int(m.sum()),
-                "response_chars": len(texts[i]), "ended": bool(ended[i]), "kl": logratio.sum().item(),
-                **{key: s[i].item() for key, s in scores.items()},
-                "token_logps": logps[i].tolist(), "reference_token_logps": ref_logps[i].tolist(),
-                "token_logratio": logratio.tolist()}
+        if logprobs:
+            groups = [list(range(g * n_samples, (g + 1) * n_samples)) for g in range(len(idx))]
+            with reference_adapter(model):
+                ref_logps = _sample_logps(model, [prompt_ids[g] for g in range(len(idx)) for _ in range(n_samples)],
+                                          response, mask, groups, pad, temperature)
+        for r, (row, j) in enumerate(rows):
+            m = mask[r]
+            record = {"id": row["id"], "sample": j, "prompt": row["prompt"], "completion": texts[r],
+                      "completion_token_ids": response[r][m].tolist(), "response_tokens": int(m.sum()),
+                      "response_chars": len(texts[r]), "ended": bool(got.ended[r]),
+                      **{key: s[r].item() for key, s in scores.items()}}
+            if logprobs:
+                logp = got.logps[r][m].to(ref_logps[r].dtype)
+                logratio = logp - ref_logps[r]
+                record.update({"kl": logratio.sum().item(), "token_logps": logp.tolist(),
+                               "reference_token_logps": ref_logps[r].tolist(), "token_logratio": logratio.tolist()})
+            records[idx[r // n_samples] * n_samples + j] = record
     return records
 
 
@@ -167,8 +165,8 @@ def inference_copy(model, adapter: str | None = "default", dtype: torch.dtype | 
     separate low-rank path (None: the base alone), every other weight (embeddings, norms, the output layer) as the
     policy holds it; each linear layer computes as the policy's does (``InferenceLinear``). So the copy is the policy's
     function up to the order of floating-point sums, and faster to sample from on a CPU (the 4-bit weights are not
-    dequantized again at every decoding step; docs/gold.md). Training keeps the 4-bit + LoRA model, and the sampled
-    tokens are scored by it, so log-probs and KLs stay the policy's own. Costs one dequantized copy of the weights
+    dequantized again at every decoding step; docs/gold.md), and the log π that ``sample_completions`` reads off its
+    decoding steps is the policy's (to 1e-4 in fp32; tests/test_decoding.py). Training keeps the 4-bit + LoRA model. Costs one dequantized copy of the weights
     (~270 MB in bf16 for the 135M model).
 
     ``dtype`` (e.g. bfloat16): a faster, inexact copy instead: the adapter merged into the weights and every weight
