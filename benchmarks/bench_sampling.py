@@ -1,44 +1,44 @@
-"""The evaluation's sampling throughput side by side: the code path as issue 12 found it against today's, on the same
-workload, each in fresh processes, alternating rounds.
+"""Sampling throughput side by side: the path issue 24 found (``baseline``) against the workbench's sampler
+(``sampler``: ``decoding.decode`` from an inference copy), on three workloads, each side in a fresh process,
+alternating rounds, with this machine's own limits measured in the same run.
 
     python benchmarks/bench_sampling.py [--rounds 2] [--prompts 32] [--samples 2] [--new-tokens 32]
-                                        [--max-prompt-length 192]
+                                        [--max-prompt-length 192] [--gold-prompts 16] [--gold-samples 6]
 
-The workload is the main grid's evaluation of one policy: ``--prompts`` held-out prompts x ``--samples`` samples of
-<= ``--new-tokens`` tokens (prompts cut to their last ``--max-prompt-length`` tokens), each sample with its per-token
-log pi and log pi_ref (the policy's adapter, and a second adapter as the reference, as an arm trained from SFT has).
-The embedded SmolLM2-135M in NF4 4-bit. Three settings:
+Workloads (the embedded SmolLM2-135M in NF4 4-bit, bf16 compute where the CPU has it, a policy and a reference
+adapter, both non-zero):
 
-- ``before``: as the evaluation sampled when issue 12 was filed: fp32 compute, batches of 8 samples in prompt order,
-  log pi and log pi_ref by a full forward of every prompt + response, glibc's default allocator, all threads;
-- ``now``: today's defaults: bf16 compute where the CPU has it (``dtype="auto"``), batches of 16 in order of prompt
-  length, each prompt scored once for its samples (``shared_prompt_logps``), freed memory kept, all threads;
-- ``now, 2 workers``: the same, the prompts split between two processes of one thread each running at once, as
-  ``EvalConfig(workers=2)`` evaluates two runs at once (wall clock from the first start to the last end).
+- ``eval``: the main grid's evaluation of one policy: ``--prompts`` held-out prompts x ``--samples`` samples of
+  <= ``--new-tokens`` tokens (prompts cut to their last ``--max-prompt-length`` tokens), each sample with its per-token
+  log pi and log pi_ref. baseline: ``model.generate`` on the 4-bit model in batches of 16 samples by prompt length,
+  then log pi and log pi_ref each by a pass of every prompt with its samples. sampler: ``sample_completions`` as the
+  evaluation calls it (an exact inference copy samples and gives log pi; one reference pass).
+- ``gold``: the gold-labelled dataset's sampling: ``--gold-prompts`` prompts x ``--gold-samples`` replies, no
+  log-probs, from the bf16 merged copy. baseline: ``model.generate`` on that copy, 64 samples a batch by prompt length.
+- ``batch-1``: one prompt, one sample of ``--new-tokens`` tokens (an interactive look): baseline ``model.generate``
+  on the 4-bit model; sampler: ``decode`` from the exact copy.
 
-Throughput is sampled response tokens per second of wall clock, log-prob passes included.
+Throughput is sampled response tokens per second of wall clock (making the copy and the log-prob passes included).
+The roofline of a workload is the larger of its FLOPs at this machine's bf16 matmul peak (2·N per token forwarded:
+every prompt token once per model that must read it, every sampled token once per model) and the weight bytes read
+at the measured memory bandwidth (one read of the bf16 weights per decoding step and model); the share reached is
+roofline time / measured time.
 """
 
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import time
 
 
-def child(args) -> dict:
+def _policy(models, dtype="auto"):
     import torch
 
-    from workbench import data, evaluate, models, sampling
-    from workbench.logprobs import response_logprobs
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    before = args.setting == "before"
-    mcfg = models.ModelConfig(model_name_or_path=models.EMBEDDED_POLICY, load_in_4bit=True,
-                              dtype="float32" if before else "auto")
+    mcfg = models.ModelConfig(model_name_or_path=models.EMBEDDED_POLICY, load_in_4bit=True, dtype=dtype)
     torch.manual_seed(0)  # the adapters' initial A matrices: the same model in every process
     model, tok = models.load_policy(mcfg, trainable=False)
     model.add_adapter("ref", model.peft_config["default"])  # the reference is an adapter, as an SFT run's is
@@ -48,42 +48,126 @@ def child(args) -> dict:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.01)
-    model.eval()
-    prompts, _, _ = evaluate.eval_set(data.DataConfig(split="test"), args.prompts, 0)
-    prompts = prompts[args.part :: args.parts]
-    if before:  # a full forward of every prompt + response, under the policy and then the reference
-        def full_forward(model, prompt_ids, response, mask, groups, pad_id, temperature):
-            with torch.no_grad():
-                lp = response_logprobs(model, prompt_ids, response, mask, pad_id, temperature)[0].cpu()
-            return [lp[k][mask[k]] for k in range(len(response))]
+    return model.eval(), tok
 
-        sampling._sample_logps = full_forward
+
+def _baseline_samples(model, tok, prompt_ids, n_samples, new_tokens, batch_size, logprobs):
+    """The sampling loop as issue 24 found it: ``model.generate`` per batch of samples in order of prompt length,
+    the batch seeded as a whole, then log pi and log pi_ref by one pass each."""
+    import torch
+
+    from workbench import sampling
+    from workbench.logprobs import pad_left, reference_adapter
+
+    jobs = [i for i in range(len(prompt_ids)) for _ in range(n_samples)]
+    order = sorted(range(len(jobs)), key=lambda j: len(prompt_ids[jobs[j]]))
+    tokens = 0
+    for start in range(0, len(order), batch_size):
+        rows = [jobs[j] for j in order[start : start + batch_size]]
+        ids, attn = pad_left([prompt_ids[i] for i in rows], tok.pad_token_id)
+        torch.manual_seed(start)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=0.7, top_k=0,
+                                 top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=1,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        response, mask, _ = sampling.cut_after_eos(out[:, ids.shape[1]:], tok.eos_token_id, tok.pad_token_id)
+        tokens += int(mask.sum())
+        if logprobs:
+            groups: dict[int, list[int]] = {}
+            for k, i in enumerate(rows):
+                groups.setdefault(i, []).append(k)
+            P = [prompt_ids[i] for i in rows]
+            sampling._sample_logps(model, P, response, mask, list(groups.values()), tok.pad_token_id, 0.7)
+            with reference_adapter(model):
+                sampling._sample_logps(model, P, response, mask, list(groups.values()), tok.pad_token_id, 0.7)
+    return tokens
+
+
+def child(args) -> dict:
+    import torch
+
+    from workbench import data, decoding, evaluate, models, sampling
+
+    model, tok = _policy(models)
+    prompts, _, _ = evaluate.eval_set(data.DataConfig(split="test"), max(args.prompts, args.gold_prompts), 0)
+    base = args.setting == "baseline"
     start = time.time()
-    records = sampling.sample_completions(model, tok, prompts, n_samples=args.samples, max_new_tokens=args.new_tokens,
-                                          max_prompt_length=args.max_prompt_length, temperature=0.7,
-                                          batch_size=8 if before else 16, length_sorted=not before)
+    if args.workload == "eval":
+        prompts = prompts[: args.prompts]
+        if base:
+            ids = sampling.encode_prompts(tok, [p["prompt"] for p in prompts], args.max_prompt_length)
+            tokens = _baseline_samples(model, tok, ids, args.samples, args.new_tokens, 16, True)
+        else:
+            recs = sampling.sample_completions(model, tok, prompts, n_samples=args.samples,
+                                               max_new_tokens=args.new_tokens, max_prompt_length=args.max_prompt_length,
+                                               temperature=0.7, sampler=sampling.inference_copy(model))
+            tokens = sum(r["response_tokens"] for r in recs)
+        k, n = args.samples, len(prompts)
+    elif args.workload == "gold":
+        prompts = prompts[: args.gold_prompts]
+        copy = sampling.inference_copy(model, dtype=models.compute_dtype("auto"))
+        if base:
+            ids = sampling.encode_prompts(tok, [p["prompt"] for p in prompts], args.max_prompt_length)
+            tokens = _baseline_samples(copy, tok, ids, args.gold_samples, args.new_tokens, 64, False)
+        else:
+            recs = sampling.sample_completions(copy, tok, prompts, n_samples=args.gold_samples,
+                                               max_new_tokens=args.new_tokens, max_prompt_length=args.max_prompt_length,
+                                               temperature=0.7, logprobs=False)
+            tokens = sum(r["response_tokens"] for r in recs)
+        k, n = args.gold_samples, len(prompts)
+    else:  # batch-1
+        prompts = prompts[:1]
+        ids = sampling.encode_prompts(tok, [p["prompt"] for p in prompts], args.max_prompt_length)
+        if base:
+            tokens = _baseline_samples(model, tok, ids, 1, args.new_tokens, 1, False)
+        else:
+            got = decoding.decode(sampling.inference_copy(model), ids, max_new_tokens=args.new_tokens, temperature=0.7,
+                                  seeds=[0], eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+            tokens = int(got.mask.sum())
+        k, n = 1, 1
     end = time.time()
-    return {"start": start, "end": end, "tokens": sum(r["response_tokens"] for r in records),
-            "threads": torch.get_num_threads(), "dtype": str(models.compute_dtype(mcfg.dtype))}
+    prompt_tokens = sum(len(x) for x in sampling.encode_prompts(tok, [p["prompt"] for p in prompts], args.max_prompt_length))
+    from workbench import compute
+
+    return {"start": start, "end": end, "tokens": tokens, "prompt_tokens": prompt_tokens, "k": k, "n": n,
+            "params": compute.matmul_params(model), "threads": torch.get_num_threads(),
+            "dtype": str(models.compute_dtype("auto")), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def run(setting: str, parts: int, threads: int, argv: list[str]) -> dict:
+def run(workload: str, setting: str, argv: list[str]) -> dict:
     env = dict(os.environ, TQDM_DISABLE="1")
-    if setting == "before":
-        env["WORKBENCH_MALLOC"] = "system"
-    procs = [subprocess.Popen([sys.executable, __file__, "--child", "--setting", setting, "--part", str(k), "--parts",
-                               str(parts), "--threads", str(threads), *argv], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True) for k in range(parts)]
-    got = []
-    for p in procs:
-        out, _ = p.communicate()
-        if p.returncode:
-            raise SystemExit(f"{setting}: a child process failed (exit {p.returncode})")
-        got.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
-    wall = max(r["end"] for r in got) - min(r["start"] for r in got)
-    tokens = sum(r["tokens"] for r in got)
-    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "dtype": got[0]["dtype"],
-            "threads": got[0]["threads"]}
+    p = subprocess.run([sys.executable, __file__, "--child", "--workload", workload, "--setting", setting, *argv],
+                       env=env, capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"{workload}/{setting}: the child process failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    got = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    got["wall_s"] = got["end"] - got["start"]
+    got["tokens_per_s"] = got["tokens"] / got["wall_s"]
+    return got
+
+
+def limits() -> tuple[float, float]:
+    """This machine's bf16 matmul peak (FLOP/s) and memory bandwidth (bytes/s: read + write of a 512 MB copy)."""
+    import torch
+
+    from workbench import compute
+
+    peak = compute.peak_matmul_flops(torch.bfloat16)
+    x = torch.empty(2**27)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    t = time.perf_counter()
+    for _ in range(5):
+        y.copy_(x)
+    return peak, 2 * x.numel() * 4 * 5 / (time.perf_counter() - t)
+
+
+def roofline_s(r: dict, workload: str, peak: float, bandwidth: float, new_tokens: int) -> float:
+    """The workload's least time: the necessary FLOPs at the matmul peak or the weight reads at the bandwidth."""
+    models_ = 2 if workload == "eval" else 1  # policy and reference read every prompt and every sampled token
+    flops = 2 * r["params"] * models_ * (r["prompt_tokens"] + r["tokens"])
+    reads = 2 * r["params"] * new_tokens * models_  # bf16 weights, once per decoding step
+    return max(flops / peak, reads / bandwidth)
 
 
 def main():
@@ -93,11 +177,12 @@ def main():
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--max-prompt-length", type=int, default=192)
+    ap.add_argument("--gold-prompts", type=int, default=16)
+    ap.add_argument("--gold-samples", type=int, default=6)
+    ap.add_argument("--workloads", default="eval,gold,batch-1")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--setting", default="now", help=argparse.SUPPRESS)
-    ap.add_argument("--part", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--parts", type=int, default=1, help=argparse.SUPPRESS)
-    ap.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--workload", default="eval", help=argparse.SUPPRESS)
+    ap.add_argument("--setting", default="sampler", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)
@@ -106,20 +191,25 @@ def main():
     from workbench import models
 
     argv = [a for a in sys.argv[1:]]
-    print(f"{models.native_bf16()[1]}, {os.cpu_count()} cores; {args.prompts} prompts x {args.samples} samples x <= "
-          f"{args.new_tokens} tokens, prompts' last {args.max_prompt_length} tokens")
-    settings = {"before": ("before", 1, 0), "now": ("now", 1, 0), "now, 2 workers": ("now", 2, 1)}
-    results = {k: [] for k in settings}
+    peak, bandwidth = limits()
+    print(f"{models.native_bf16()[1]}, {os.cpu_count()} cores; bf16 matmul peak {peak / 1e9:.0f} GFLOP/s, memory "
+          f"bandwidth {bandwidth / 1e9:.1f} GB/s (copy, read + write), measured now")
+    results = {}
     for r in range(args.rounds):
-        for name, (setting, parts, threads) in settings.items():
-            res = run(setting, parts, threads, argv)
-            results[name].append(res)
-            print(f"round {r} {name:>15}: {res['tokens']} tokens in {res['wall_s']:.1f} s = {res['tokens_per_s']:.1f} "
-                  f"tokens/s ({res['dtype']}, {parts} process(es) of {res['threads']} thread(s))", flush=True)
-    tps = {k: statistics.mean(r["tokens_per_s"] for r in v) for k, v in results.items()}
-    print(f"mean over {args.rounds} rounds: before {tps['before']:.1f} tokens/s; now {tps['now']:.1f} "
-          f"({tps['now'] / tps['before']:.2f}x); now with 2 workers {tps['now, 2 workers']:.1f} "
-          f"({tps['now, 2 workers'] / tps['before']:.2f}x)")
+        for workload in args.workloads.split(","):
+            for setting in ("baseline", "sampler"):
+                res = run(workload, setting, argv)
+                results.setdefault((workload, setting), []).append(res)
+                print(f"round {r} {workload:>8} {setting:>8}: {res['tokens']} tokens in {res['wall_s']:.1f} s = "
+                      f"{res['tokens_per_s']:.1f} tokens/s ({res['dtype']}, {res['threads']} threads, peak RSS "
+                      f"{res['peak_rss_gb']:.1f} GiB)", flush=True)
+    for workload in args.workloads.split(","):
+        b, s = (results[(workload, x)] for x in ("baseline", "sampler"))
+        tb, ts = (statistics.mean(x["tokens_per_s"] for x in v) for v in (b, s))
+        roof = statistics.mean(roofline_s(x, workload, peak, bandwidth, args.new_tokens) for x in s)
+        print(f"{workload}: baseline {tb:.1f} tokens/s, sampler {ts:.1f} tokens/s ({ts / tb:.2f}x), mean of "
+              f"{args.rounds} rounds; the sampler reaches {100 * roof / statistics.mean(x['wall_s'] for x in s):.0f} % "
+              f"of the roofline ({roof:.1f} s); peak RSS {max(x['peak_rss_gb'] for x in s):.1f} GiB")
 
 
 if __name__ == "__main__":
