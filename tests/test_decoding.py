@@ -70,7 +70,7 @@ def test_logp_of_the_samples_is_the_training_models_in_fp32(which, request, hh_p
 def test_logp_of_the_samples_in_bf16_within_the_stated_tolerance(hh_pairs):
     """bf16 compute rounds differently in a decoding step (one row) and in a forward over the whole sequence: the
     per-token log π differ by rounding, 0.016 nats on average on the embedded model, and their mean, which would
-    bias a KL, by 1e-4 per token (docs/evaluation.md). Bounds here: 0.05 and 0.01."""
+    bias a KL, by 2e-4 per token (docs/evaluation.md). Bounds here: 0.05 and 0.005."""
     model, tok = _policy(models.EMBEDDED_POLICY, dtype="bfloat16", scale=0.01)
     prompts = [{"id": str(i), "prompt": ex["prompt"]} for i, ex in enumerate(hh_pairs[:4])]
     recs = sampling.sample_completions(model, tok, prompts, n_samples=2, max_new_tokens=16, max_prompt_length=96,
@@ -83,7 +83,7 @@ def test_logp_of_the_samples_in_bf16_within_the_stated_tolerance(hh_pairs):
             logp = torch.log_softmax(model(input_ids=ids).logits[0, len(p) - 1 : -1].float() / 0.7, -1)
             diffs.append(torch.tensor(r["token_logps"]) - logp.gather(1, torch.tensor(r["completion_token_ids"])[:, None])[:, 0])
     d = torch.cat(diffs)
-    assert d.abs().mean() < 0.05 and abs(d.mean()) < 0.01, (d.abs().mean(), d.mean())
+    assert d.abs().mean() < 0.05 and abs(d.mean()) < 0.005, (d.abs().mean(), d.mean())
 
 
 def test_a_sample_depends_on_its_seed_not_on_its_batch(tiny, hh_pairs):

@@ -241,10 +241,12 @@ def _sample_logps(model, prompt_ids: list[list[int]], response: Tensor, mask: Te
                   pad_id: int, temperature: float) -> list[Tensor]:
     """Per-token log-probs (at ``temperature``) of each sampled response's kept tokens, under the model's active
     adapter; ``groups`` lists the rows that share one prompt, which then runs through the model once for all of
-    them (``shared_prompt_logps``: with 2 samples per prompt, ~40 % fewer tokens on HH's long prompts)."""
+    them (``shared_prompt_logps``: with 2 samples per prompt, ~40 % fewer tokens on HH's long prompts), four prompts a
+    forward on a CPU (bench: 8–9 s for the evaluation's 32 prompts against 10.5 s for all at once), all on a GPU."""
     got = shared_prompt_logps(model, [prompt_ids[g[0]] for g in groups],
                               [[response[k][mask[k]].tolist() for k in g] for g in groups],
-                              pad_id=pad_id, batch_size=len(groups), temperature=temperature)
+                              pad_id=pad_id, batch_size=len(groups) if torch.cuda.is_available() else 4,
+                              temperature=temperature)  # 4 prompts a forward on a CPU: ~15 % faster than 32 or 2
     out: list = [None] * len(response)
     for g, per_sample in zip(groups, got):
         for k, t in zip(g, per_sample):
