@@ -185,12 +185,62 @@ def test_results_table_win_rates_and_aggregates_on_known_numbers(tmp_path):
     assert cost.loc["dpo", "runs_reaching"] == 3 and math.isnan(cost.loc["sft", "compute/pipeline_flops"])
 
 
+def test_across_seeds_per_sample_quantities_get_the_two_level_bootstrap(tmp_path):
+    sft = _fake_run(tmp_path, "sft", 0, None, [0, 1, 0, 2], [1, 1, 1, 1], [100] * 4, 1e9)
+    golds = {0: [1, -1, 1, 1], 1: [2, 0, 1, 3], 2: [0, 0, 2, 1]}
+    dpo = [_fake_run(tmp_path, "dpo", s, 0.1, golds[s], [1, 1, 1, 1], [100] * 4, 1e9, sft_run=str(sft)) for s in golds]
+    table = results.results_table([sft, *dpo])
+    agg = results.aggregate(table, ["eval/gold", "eval/gold_vs_sft", "eval/kl"]).set_index("method")
+    d = agg.loc["dpo"]
+    per_prompt = lambda v: {"p0": v[:2], "p1": v[2:]}  # noqa: E731 -- samples 2i, 2i+1 are prompt p{i}'s
+    want = stats.two_level_bootstrap([per_prompt(golds[s]) for s in golds])
+    assert (d["eval/gold"], d["eval/gold_lo"], d["eval/gold_hi"]) == pytest.approx(want)
+    sft_gold = [0, 1, 0, 2]
+    want = stats.two_level_bootstrap([per_prompt([a - b for a, b in zip(golds[s], sft_gold)]) for s in golds])
+    assert (d["eval/gold_vs_sft"], d["eval/gold_vs_sft_lo"], d["eval/gold_vs_sft_hi"]) == pytest.approx(want)
+    assert d["eval/kl_hi"] - d["eval/kl"] == pytest.approx(4.303 / math.sqrt(3))  # no per-sample KL: t across seeds
+    assert "eval/gold, eval/gold_vs_sft: two-level bootstrap" in d["interval"]
+    # the SFT run filtered out of the table: its samples are still found beside the policy's
+    agg = results.aggregate(table[table["method"] == "dpo"], ["eval/gold_vs_sft"]).set_index("method")
+    assert agg.loc["dpo", "eval/gold_vs_sft_lo"] == pytest.approx(want[1])
+
+
 def test_a_run_trained_on_an_evaluation_prompt_is_refused(tmp_path, hh_dir):
     prompts, _, all_pairs = evaluate.eval_set(train.DataConfig(split="test", source=str(hh_dir)), 4, 4)
     leaked = next(ex for ex in all_pairs if ex["prompt"] == prompts[2]["prompt"])
     (tmp_path / "split.json").write_text(json.dumps({"train_ids": [leaked["id"]]}))
     with pytest.raises(ValueError, match="trained on 1 of the 4 evaluation prompts"):
         evaluate.check_not_trained_on(tmp_path, prompts, all_pairs)
+
+
+def test_a_leak_through_an_upstream_run_or_a_pair_is_refused(tmp_path, hh_dir):
+    prompts, eval_pairs, all_pairs = evaluate.eval_set(train.DataConfig(split="test", source=str(hh_dir)), 2, 8)
+
+    def run(name, train_ids, **config):
+        path = tmp_path / f"{name}__default__s0__x"
+        path.mkdir()
+        (path / "summary.json").write_text("{}")
+        (path / "config.json").write_text(json.dumps({"seed": 0, **config}))
+        if train_ids is not None:
+            (path / "split.json").write_text(json.dumps({"train_ids": train_ids}))
+        return path
+
+    clean = [ex["id"] for ex in all_pairs if ex["prompt"] not in [p["prompt"] for p in prompts]
+             and ex["prompt"] not in [p["prompt"] for p in eval_pairs]][:3]
+    leaked = next(ex for ex in all_pairs if ex["prompt"] == prompts[1]["prompt"])["id"]
+    sft = run("sft", clean + [leaked])
+    dpo = run("dpo", clean, sft_run=str(sft))
+    with pytest.raises(ValueError, match=r"through sft__default__s0__x, which dpo__default__s0__x was built from"):
+        evaluate.check_not_trained_on(dpo, prompts, all_pairs, eval_pairs)
+    only_pair = next(p for p in eval_pairs if p["prompt"] not in [q["prompt"] for q in prompts])
+    pair_leak = next(ex for ex in all_pairs if ex["prompt"] == only_pair["prompt"])["id"]
+    rm = run("reward", clean + [pair_leak])
+    ppo = run("ppo", clean, reward_model=str(rm))
+    with pytest.raises(ValueError, match="evaluation pairs"):
+        evaluate.check_not_trained_on(ppo, prompts, all_pairs, eval_pairs)
+    evaluate.check_not_trained_on(run("ppo2", clean, reward_model="some/hub-model"), prompts, all_pairs, eval_pairs)
+    with pytest.raises(FileNotFoundError, match="split.json is missing"):
+        evaluate.check_not_trained_on(run("kto", None), prompts, all_pairs, eval_pairs)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -364,3 +364,34 @@ def test_best_of_n_calls_a_fall_after_the_peak_over_optimisation_only_when_its_p
         assert summary["bon/gold_peak_n"] == 4
         verdicts.append(findings._overoptimised(pd.Series(summary)))
     assert verdicts == [True, False]
+
+
+def test_the_two_level_bootstrap_covers_the_mean_over_prompts_and_seeds():
+    """Seeds x prompts, as the main job scores every seed on one prompt set: y = μ + prompt effect + seed effect +
+    noise. Across seeds, a t-interval sees the seed effects only and misses the prompts that happened to be drawn;
+    the two-level bootstrap resamples both and covers μ at about its 95 %."""
+    rng = np.random.default_rng(1)
+    hits = {"two-level": 0, "t across seeds": 0}
+    n, S, P = 200, 10, 40
+    for r in range(n):
+        a, b = rng.normal(0, 2, P), rng.normal(0, 0.2, S)
+        per_seed = [{p: list(1.0 + a[p] + b[s] + rng.normal(0, 1, 2)) for p in range(P)} for s in range(S)]
+        _, lo, hi = stats.two_level_bootstrap(per_seed, 400, r)
+        hits["two-level"] += lo <= 1.0 <= hi
+        _, lo, hi = stats.t_interval([np.mean([np.mean(v) for v in d.values()]) for d in per_seed])
+        hits["t across seeds"] += lo <= 1.0 <= hi
+    assert 0.90 <= hits["two-level"] / n <= 0.99, hits
+    assert hits["t across seeds"] / n < 0.6, hits
+
+
+def test_the_two_level_bootstrap_needs_shared_prompts():
+    assert stats.two_level_bootstrap([{"a": [1.0, 3.0]}, {"a": [2.0], "b": [9.0]}], 50)[0] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="share no prompt"):
+        stats.two_level_bootstrap([{"a": [1.0]}, {"b": [2.0]}], 50)
+
+
+def test_ties_count_half_in_every_accuracy():
+    from workbench import scoring
+
+    assert [scoring.ranked(1.0, 0.0), scoring.ranked(0.0, 1.0), scoring.ranked(0.25, 0.25)] == [1.0, 0.0, 0.5]
+    assert list(stats.wins([1.0, 0.0, 0.25], [0.0, 1.0, 0.25])) == [1.0, 0.0, 0.5]  # as the win rates count them

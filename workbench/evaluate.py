@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from . import data, models, scoring, stats
-from .runs import atomic_folder, run_info, run_paths, snapshots, to_jsonable, write_json, write_jsonl
+from .runs import atomic_folder, is_complete, run_info, run_paths, snapshots, to_jsonable, write_json, write_jsonl
 from .sampling import inference_copy, sample_completions
 
 REFERENCE_FREE = ("orpo", "simpo")  # their implicit reward is the length-normalised log-likelihood, no π_ref
@@ -130,18 +130,37 @@ def eval_set(data_cfg: data.DataConfig, n_prompts: int, n_pairs: int, pairs: lis
     return prompts, heldout[:n_pairs], pairs
 
 
-def check_not_trained_on(run_path: Path, prompts: list[dict], all_pairs: list[dict]) -> None:
-    """Raise if the run trained on any evaluation prompt (by the ids in its split.json)."""
-    split = run_path / "split.json"
-    if not split.exists():
-        return
-    trained = set(json.loads(split.read_text()).get("train_ids", []))
-    seen = {data.prompt_key(ex) for ex in all_pairs if ex["id"] in trained}
-    leaked = [p["id"] for p in prompts if data.prompt_key(p) in seen]
-    if leaked:
-        raise ValueError(f"{run_path.name} trained on {len(leaked)} of the {len(prompts)} evaluation prompts (e.g. "
-                         f"{leaked[0]}): its held-out split differs (data.split_seed / heldout_fraction). Evaluate it "
-                         "with EvalConfig(data=<its DataConfig>) apart from the others, or leave it out.")
+def check_not_trained_on(run_path: Path, prompts: list[dict], all_pairs: list[dict],
+                         pairs: list[dict] = ()) -> None:
+    """Raise if the run, or a run it was built from (its SFT run, its proxy or gold reward model when that is a run
+    folder, recursively), trained on any evaluation prompt or on the prompt of any evaluation pair (by the ids in
+    each run's split.json). A run folder without split.json is refused: nothing would show it held those out."""
+    seen_runs: set = set()
+    todo = [Path(run_path)]
+    while todo:
+        path = todo.pop()
+        if path.resolve() in seen_runs:
+            continue
+        seen_runs.add(path.resolve())
+        split = path / "split.json"
+        if not split.exists():
+            raise FileNotFoundError(f"{split} is missing, so nothing shows that {path.name} held out the evaluation's "
+                                    "prompts. Runs trained by this workbench write it; evaluate another run, or "
+                                    "write its split.json (train_ids: the pair ids it trained on).")
+        trained = set(json.loads(split.read_text()).get("train_ids", []))
+        seen = {data.prompt_key(ex) for ex in all_pairs if ex["id"] in trained}
+        for what, items in (("evaluation prompts", prompts), ("evaluation pairs", pairs)):
+            leaked = [p["id"] for p in items if data.prompt_key(p) in seen]
+            if leaked:
+                whose = "" if path == Path(run_path) else f" (through {path.name}, which {Path(run_path).name} was built from)"
+                raise ValueError(f"{path.name} trained on {len(leaked)} of the {len(items)} {what} (e.g. {leaked[0]})"
+                                 f"{whose}: its held-out split differs (data.split_seed / heldout_fraction). Evaluate it "
+                                 "with EvalConfig(data=<its DataConfig>) apart from the others, or leave it out.")
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
+        for key in ("sft_run", "reward_model", "gold_reward_model"):
+            up = config.get(key)
+            if isinstance(up, str) and is_complete(up) and not run_info(up)["is_dataset"]:  # a run, not a hub name
+                todo.append(Path(up))
 
 
 def load_run_policy(run_path: Path, adapter: Path | None = None):
@@ -225,7 +244,8 @@ def _pair_accuracies(records: list[dict], reference_free: bool, cfg: "EvalConfig
     """Preference accuracy of a policy's implicit reward on held-out pairs: β·log π/π_ref (DPO, Eq. 5 of
     arXiv:2305.18290), or for the reference-free arms the length-normalised log-likelihood (SimPO's reward,
     arXiv:2405.14734 Eq. 4; ORPO's log-odds is increasing in it, so it ranks the same); with an interval."""
-    avg = [r["policy_chosen_logp"] / r["chosen_tokens"] > r["policy_rejected_logp"] / r["rejected_tokens"] for r in records]
+    avg = [scoring.ranked(r["policy_chosen_logp"] / r["chosen_tokens"], r["policy_rejected_logp"] / r["rejected_tokens"])
+           for r in records]
     for r, a in zip(records, avg):
         r["avg_logp_correct"] = a
     n = len(records)
@@ -333,7 +353,7 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
                                   "or pass overwrite=True.")
     t0 = time.time()
     prompts, eval_pairs, all_pairs = eval_set(data_cfg, cfg.n_prompts, cfg.n_pairs, pairs)
-    check_not_trained_on(run_path, prompts, all_pairs)
+    check_not_trained_on(run_path, prompts, all_pairs, eval_pairs)
     if length is None or (length.tokenizer_name, length.data) != (length_name, data_cfg):
         length = fit_length_baseline(length_name, data_cfg, all_pairs)
     if proxy is None and proxy_spec:

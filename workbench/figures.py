@@ -36,13 +36,19 @@ def _err(agg: pd.DataFrame, m: str) -> dict:
     if f"{m}_lo" not in agg:
         return {}
     plus, minus = (agg[f"{m}_hi"] - agg[m]), (agg[m] - agg[f"{m}_lo"])
-    return dict(type="data", symmetric=False, array=plus.fillna(0).tolist(), arrayminus=minus.fillna(0).tolist())
+    return dict(type="data", symmetric=False, array=_or_none(plus), arrayminus=_or_none(minus))
+
+
+def _or_none(x) -> list:
+    """Half-widths with None where an interval is missing: plotly then draws no bar there (not a zero-width one)."""
+    return [None if pd.isna(v) else float(v) for v in x]
 
 
 def _seeds_note(agg: pd.DataFrame) -> str:
     seeds = sorted({s for x in agg.get("seeds", []) for s in str(x).split(",") if s})
-    return (f"seeds {','.join(seeds)}; bars: 95% intervals, t across seeds, or with one seed the run's bootstrap "
-            "over prompts" if seeds else "")
+    return (f"seeds {','.join(seeds)}; bars: 95% intervals: across seeds a two-level bootstrap over prompts and seeds "
+            "for gold, proxy, KL and length, a t-interval for the rest; with one seed the run's bootstrap over prompts"
+            if seeds else "")
 
 
 def _policies(table: pd.DataFrame) -> pd.DataFrame:
@@ -111,12 +117,13 @@ def fig_frontier(table: pd.DataFrame) -> go.Figure:
             for seed, gs in g.groupby("seed"):
                 fig.add_trace(go.Scatter(x=gs["eval/kl"], y=gs["eval/gold"], mode="markers", showlegend=False,
                                          marker=dict(color=colour, size=5, opacity=0.35), hoverinfo="skip"))
-            ey = [0.0] * (len(xs) - len(per_step)) + [lo_hi[s][0][2] - m if lo_hi[s][0][2] == lo_hi[s][0][2] else 0.0
-                                                      for s, m in zip(per_step.index, per_step["gold"])]
+            ey = [None] * (len(xs) - len(per_step)) + _or_none([lo_hi[s][0][2] - m
+                                                                for s, m in zip(per_step.index, per_step["gold"])])
             err = dict(type="data", array=ey, symmetric=True)
         else:  # one seed: the runs' own bootstrap intervals over prompts
-            lo = [0.0] * (len(xs) - len(g)) + (g.sort_values("step")["eval/gold"] - g.sort_values("step")["eval/gold_lo"]).fillna(0).tolist()
-            hi = [0.0] * (len(xs) - len(g)) + (g.sort_values("step")["eval/gold_hi"] - g.sort_values("step")["eval/gold"]).fillna(0).tolist()
+            steps = g.sort_values("step")  # the SFT anchor (KL 0 by definition) gets no bar
+            lo = [None] * (len(xs) - len(g)) + _or_none(steps["eval/gold"] - steps["eval/gold_lo"])
+            hi = [None] * (len(xs) - len(g)) + _or_none(steps["eval/gold_hi"] - steps["eval/gold"])
             err = dict(type="data", array=hi, arrayminus=lo, symmetric=False)
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=setting, line=dict(color=colour),
                                  error_y=err, text=["SFT"] * (len(xs) - len(per_step)) + [f"step {s}" for s in per_step.index],

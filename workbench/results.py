@@ -198,26 +198,84 @@ def snapshot_table(runs, eval_name: str = "default") -> pd.DataFrame:
     return out.sort_values(["method", "name", "seed", "step"], kind="stable").reset_index(drop=True)
 
 
+# per-sample quantities whose interval across seeds is a two-level bootstrap (prompts, then seeds): metric -> the
+# generations' key, and whether it is the paired difference to the SFT policy's sample on the same prompt and index
+TWO_LEVEL = {"eval/gold": ("gold_score", False), "eval/proxy": ("score", False), "eval/kl": ("kl", False),
+             "eval/response_tokens": ("response_tokens", False), "eval/gold_vs_sft": ("gold_score", True),
+             "eval/proxy_vs_sft": ("score", True)}
+
+
 def aggregate(table: pd.DataFrame, metrics: list[str] | None = None) -> pd.DataFrame:
     """Per method, run name and β (runs that differ only in their seed): the mean of each metric across seeds with
-    a t-interval (``<metric>_lo``/``_hi``); with one seed, that run's own bootstrap interval over prompts where it
-    has one (NaN otherwise). Also the number of seeds, which seeds, and which kind of interval (``interval``)."""
+    an interval (``<metric>_lo``/``_hi``), the number of seeds, which seeds, and which kind of interval
+    (``interval``). Every seed is scored on the same prompts, so for the per-sample quantities (``TWO_LEVEL``: gold,
+    proxy, KL, length, and the paired differences to SFT) the interval is a two-level bootstrap over prompts and
+    seeds (``stats.two_level_bootstrap``); for the rest (accuracies, win rates, compute) a t-interval across seeds,
+    which covers training noise on this one prompt set only. With one seed, that run's own cluster-bootstrap
+    interval over prompts where it has one (NaN otherwise)."""
     if table.empty:
         return table
     metrics = metrics or [c for c in table.columns if c.split("/")[0] in ("eval", "win", "pairs", "compute", "budget", "bon")
                           and not c.endswith(("_lo", "_hi", "_n")) and pd.api.types.is_numeric_dtype(table[c])]
+    generations = _generations_reader(table)
     out = []
     for (method, name, beta), g in table.groupby(["method", "name", table["beta"].fillna(-1)], sort=True):
         row = {"method": method, "name": name, "beta": None if beta == -1 else beta, "n_seeds": g["seed"].nunique(),
                "seeds": ",".join(str(s) for s in sorted(g["seed"].unique()))}
-        row["interval"] = "t across seeds" if len(g) > 1 else "bootstrap over prompts"
+        two_level = []
         for m in metrics:
             mean, lo, hi = stats.t_interval(g[m].tolist())
             if len(g) == 1 and f"{m}_lo" in g:  # one run: its own cluster-bootstrap interval over prompts
                 lo, hi = g[f"{m}_lo"].iloc[0], g[f"{m}_hi"].iloc[0]
+            elif len(g) > 1 and m in TWO_LEVEL:
+                per_seed = [_per_prompt(generations, r, *TWO_LEVEL[m]) for _, r in g.iterrows()]
+                if all(per_seed):
+                    mean, lo, hi = stats.two_level_bootstrap(per_seed)
+                    two_level.append(m)
             row.update({m: mean, f"{m}_lo": lo, f"{m}_hi": hi})
+        row["interval"] = ("bootstrap over prompts" if len(g) == 1 else
+                           "t across seeds" + (f"; {', '.join(two_level)}: two-level bootstrap over prompts and seeds"
+                                               if two_level else ""))
         out.append(row)
     return pd.DataFrame(out)
+
+
+def _generations_reader(table: pd.DataFrame):
+    """run name -> its evaluation's generations (read once, on first use)."""
+    paths = dict(zip(table["run"], table["path"])) if {"run", "path"} <= set(table.columns) else {}
+    cache: dict = {}
+
+    def read(run: str, beside: str | None = None) -> list[dict] | None:
+        if run not in cache:  # a run not in the table (its SFT run, filtered out) is looked for beside the row's
+            path = paths.get(run) or (str(Path(beside).parent / run) if beside else None)
+            try:
+                cache[run] = read_eval(path, table.attrs.get("eval_name", "default"))["generations"]
+            except (TypeError, FileNotFoundError):
+                cache[run] = None
+        return cache[run]
+
+    return read
+
+
+def _per_prompt(generations, row, key: str, vs_sft: bool) -> dict:
+    """prompt id -> one run's values of ``key`` there (or, ``vs_sft``, its paired differences to its SFT run's sample
+    of the same prompt and index); {} when they cannot be read."""
+    gens = generations(row["run"])
+    if not gens or gens[0].get(key) is None:
+        return {}
+    base = {}
+    if vs_sft:
+        base_run = row.get("baseline_run")
+        base_gens = generations(base_run, row["path"]) if isinstance(base_run, str) else None
+        if not base_gens:
+            return {}
+        base = {(b["id"], b["sample"]): b[key] for b in base_gens}
+    out: dict = {}
+    for g in gens:
+        if vs_sft and (g["id"], g["sample"]) not in base:
+            continue
+        out.setdefault(g["id"], []).append(float(g[key]) - (base[(g["id"], g["sample"])] if vs_sft else 0.0))
+    return out
 
 
 def cost_to_reach(table: pd.DataFrame, level: float, metric: str = "eval/gold",

@@ -70,7 +70,7 @@ def score_pairs(model, tokenizer, examples: list[dict], *, beta: float = 0.1, ba
             "chosen_reward": chosen_reward,
             "rejected_reward": rejected_reward,
             "margin": chosen_reward - rejected_reward,
-            "correct": chosen_reward > rejected_reward,
+            "correct": ranked(chosen_reward, rejected_reward),
             # does the reference itself already prefer the chosen response? (per token, so length does not decide)
             "reference_prefers_chosen": rc / len(ids_c) > rr / len(ids_r),
             "chosen_token_ids": ids_c,
@@ -130,6 +130,12 @@ def length_summary(records: list[dict], rule: stats.LengthRule, prefix: str = "b
             f"{prefix}length_rule_n_train": rule.n_train}
 
 
+def ranked(chosen: float, rejected: float) -> float:
+    """1 where the chosen response is ranked above the rejected one, ½ on a tie, 0 below: ties count half in every
+    accuracy, as in the length rule and the win rates."""
+    return float(chosen > rejected) + 0.5 * float(chosen == rejected)
+
+
 def summarize(records: list[dict], length_rule: stats.LengthRule | None = None) -> dict:
     """Batch-level view of ``score_pairs`` records, with TRL's metric names where TRL has one; with
     ``length_rule`` (records passed through ``add_lengths``), the length-only baseline on the same pairs."""
@@ -185,7 +191,7 @@ def score_pairs_with_reward(model, tokenizer, examples: list[dict], *, max_lengt
     records = []
     for i, ex in enumerate(examples):
         c, r = scores[2 * i].item(), scores[2 * i + 1].item()
-        records.append({"id": ex["id"], "chosen_score": c, "rejected_score": r, "margin": c - r, "correct": c > r})
+        records.append({"id": ex["id"], "chosen_score": c, "rejected_score": r, "margin": c - r, "correct": ranked(c, r)})
     return records
 
 

@@ -62,9 +62,11 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, ridge: float = 1e-4, iters: int 
 
 
 def length_controlled_win_rate(win, length_diff, scale: float | None = None) -> float:
-    """The win rate with the length difference regressed out, as AlpacaEval's length-controlled win rate
-    (Dubois et al. 2024, arXiv:2404.04475, §3): fit logit P(win) = θ + φ·tanh(Δℓ / σ_Δℓ) and report σ(θ), the
-    predicted win rate had both responses the same length. Δℓ = response length − baseline length (characters);
+    """The win rate with the length difference regressed out, after AlpacaEval's length-controlled win rate
+    (Dubois et al. 2024, arXiv:2404.04475, §3; theirs is one joint fit over all models with an instruction term,
+    this one a fit on one run's samples): fit logit P(win) = θ + φ·tanh(Δℓ / σ_Δℓ) and report σ(θ), the
+    predicted win rate had both responses the same length. Δℓ = response length − baseline length (tokens, as the
+    callers pass it);
     σ_Δℓ their standard deviation (``scale``, fixed across bootstrap resamples)."""
     win, d = np.asarray(win, float), np.asarray(length_diff, float)
     scale = scale if scale is not None else d.std()
@@ -352,6 +354,26 @@ def fit_gao_form(d, r) -> tuple[float, float, float]:
     ss_tot = float(((r - r.mean()) ** 2).sum())
     ss_res = float(((r - x @ np.array([alpha, beta])) ** 2).sum())
     return float(alpha), float(beta), 1 - ss_res / ss_tot
+
+
+def two_level_bootstrap(per_seed: list[dict], n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, lo, hi) across seeds of runs scored on one set of prompts, with an interval that covers both which
+    prompts were drawn and which seeds: ``per_seed[s]`` maps a prompt id to seed s's values there (its samples, or
+    paired differences). Each of ``n_boot`` resamples draws the prompts with replacement once, shared by every seed
+    (they were scored on the same prompts), then the seeds with replacement; the statistic is the mean over the drawn
+    seeds of each seed's mean over the drawn prompts. With a handful of seeds the seed level is itself a small
+    sample and the interval is narrower than its 95 % (tests/test_stats_gold.py measures the coverage)."""
+    if not per_seed:
+        raise ValueError("two_level_bootstrap: no seeds.")
+    prompts = sorted(set.intersection(*(set(d) for d in per_seed)))
+    if not prompts:
+        raise ValueError("two_level_bootstrap: the seeds share no prompt; they must be scored on the same prompts.")
+    m = np.array([[np.mean(d[p]) for p in prompts] for d in per_seed], float)  # (seeds, prompts)
+    rng = np.random.default_rng(seed)
+    S, P = m.shape
+    draws = [m[rng.integers(0, S, S)][:, rng.integers(0, P, P)].mean() for _ in range(n_boot)]
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return float(m.mean()), float(lo), float(hi)
 
 
 def paired_difference(a, b, clusters, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:

@@ -28,10 +28,10 @@ PAGE_SIZE = 25
 # name -> (views it applies to, mask of the rows to keep); "selected" is handled by the model
 FILTERS = {
     "all": (("pairs", "generations", "online"), lambda d: np.ones(len(d), bool)),
-    "implicit reward wrong, RM right": (("pairs",), lambda d: (~d["correct"]) & (d["rm_margin"] > 0)),
-    "implicit reward right, RM wrong": (("pairs",), lambda d: d["correct"] & (d["rm_margin"] <= 0)),
-    "implicit reward wrong": (("pairs",), lambda d: ~d["correct"]),
-    "implicit reward wrong, length rule right": (("pairs",), lambda d: (~d["correct"]) & (d["length_rule"] == 1)),
+    "implicit reward wrong, RM right": (("pairs",), lambda d: (d["correct"] == 0) & (d["rm_margin"] > 0)),
+    "implicit reward right, RM wrong": (("pairs",), lambda d: (d["correct"] == 1) & (d["rm_margin"] <= 0)),
+    "implicit reward wrong": (("pairs",), lambda d: d["correct"] == 0),
+    "implicit reward wrong, length rule right": (("pairs",), lambda d: (d["correct"] == 0) & (d["length_rule"] == 1)),
     "highest KL (top 10%)": (("generations",), lambda d: d["kl"] >= d["kl"].quantile(0.9)),
     "longest responses (top 10%)": (("pairs", "generations", "online"), lambda d: d["length"] >= d["length"].quantile(0.9)),
     "loses to the chosen response": (("generations",), lambda d: d["gold_score"] < d["chosen_gold_score"]),
