@@ -469,3 +469,21 @@ def test_the_frontier_averages_seeds_per_step_from_the_sft_start():
     assert list(dpo.x)[1:] == pytest.approx([0.55, 1.1]) and list(dpo.y)[1:] == pytest.approx([0.11, 0.15])
     assert dpo.error_y.array[0] == 0 and all(e > 0 for e in dpo.error_y.array[1:]), "t-intervals across the seeds"
     assert sum(t.showlegend is False for t in fig.data) == 3, "each seed's points, faint"
+
+
+def test_the_closing_caveat_follows_the_numbers_and_flips_with_them():
+    from workbench import paper
+
+    def agg(lo, hi):
+        return pd.DataFrame({"method": ["sft", "dpo", "ppo"], "beta": [None, 0.1, None], "n_seeds": [1, 1, 1],
+                             "eval/kl": [1.6, 0.3, 0.5], "eval/gold_vs_sft": [None, (lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2],
+                             "eval/gold_vs_sft_lo": [None, *lo], "eval/gold_vs_sft_hi": [None, *hi]})
+
+    found = paper._caveats(pd.DataFrame(), agg([0.1, -0.05], [0.3, 0.05]))
+    assert "1 of 2 arms beat their SFT policy on gold" in found and "dpo (β 0.1) 0.2" in found
+    assert "not distinguishable from noise" not in found
+    assert "between 0.3 and 0.5 nats" in found  # the arms' KL, not the SFT row's (to the base)
+    nothing = paper._caveats(pd.DataFrame(), agg([-0.1, -0.05], [0.1, 0.05]))
+    assert "not distinguishable from noise" in nothing and "beat their SFT" not in nothing
+    worse = paper._caveats(pd.DataFrame(), agg([-0.3, -0.05], [-0.1, 0.05]))
+    assert "1 fell below it (dpo" in worse

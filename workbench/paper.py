@@ -126,16 +126,43 @@ def _caveats(table: pd.DataFrame, agg: pd.DataFrame) -> str:
         straddle = ((table["win/chosen_lo"] <= 0.5) & (table["win/chosen_hi"] >= 0.5)).sum()
         notes.append(f"{straddle} of {table['win/chosen'].notna().sum()} runs have a win-rate interval against the chosen "
                      "responses that contains 0.5: they are not distinguishable from the dataset's answers by this judge.")
-    if "eval/kl" in pol and len(pol):
-        notes.append(f"The policies moved little from their references: mean KL between {_fmt(pol['eval/kl'].min())} and "
-                     f"{_fmt(pol['eval/kl'].max())} nats per response. Differences between methods at this budget reflect "
-                     "noise and the few steps taken, not the methods' merits.")
+    arms = pol[pol["method"] != "sft"]
+    if "eval/kl" in arms and len(arms):
+        notes.append(f"The trained policies' mean KL to their references lies between {_fmt(arms['eval/kl'].min())} and "
+                     f"{_fmt(arms['eval/kl'].max())} nats per response (the SFT row's KL is to the base model, not "
+                     "comparable with the arms').")
     length = _length_baseline(table)
     if length:
         notes.append(length)
-    notes.append("What the numbers can show: that every arm trains, is evaluated by one protocol on prompts none of "
-                 "them saw, and how compute is spent per arm. What they cannot show at this budget: which method is better.")
+    notes.append(_what_moved(arms))
     return "\n".join(f"- {n}" for n in notes)
+
+
+def _what_moved(arms: pd.DataFrame) -> str:
+    """The closing caveat, from the numbers: which arms' gold reward differs from their SFT policy's by a paired 95 %
+    interval that excludes 0; when none does, that no method was shown better than another."""
+    m = "eval/gold_vs_sft"
+    if f"{m}_lo" not in arms or arms[f"{m}_lo"].isna().all():
+        return ("No arm has a paired gold difference to its SFT policy, so these numbers show that every arm trains and "
+                "is evaluated by one protocol, not which method is better.")
+    up = arms[arms[f"{m}_lo"] > 0]
+    down = arms[arms[f"{m}_hi"] < 0]
+    if not len(up) and not len(down):
+        return (f"No arm's gold reward differs from its SFT policy's with a paired 95 % interval that excludes 0 (of "
+                f"{len(arms)}): at this budget the methods are not distinguishable from noise, and none was shown better "
+                "than another.")
+    names = lambda rows: ", ".join(f"{_label(r)} {_fmt(r[m])} [{_fmt(r[f'{m}_lo'])}, {_fmt(r[f'{m}_hi'])}]"  # noqa: E731
+                                   for _, r in rows.iterrows())
+    parts = [f"{len(up)} of {len(arms)} arms beat their SFT policy on gold with a paired 95 % interval above 0 ({names(up)})"
+             if len(up) else f"none of {len(arms)} arms beat its SFT policy on gold with a paired 95 % interval above 0"]
+    if len(down):
+        parts.append(f"{len(down)} fell below it ({names(down)})")
+    return "; ".join(parts) + ". Which of them is better than another needs their paired difference, not these."
+
+
+def _label(row) -> str:
+    beta = row.get("beta")
+    return str(row["method"]) if beta is None or pd.isna(beta) else f"{row['method']} (β {_fmt(beta)})"
 
 
 def _length_baseline(table: pd.DataFrame) -> str:
