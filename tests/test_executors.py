@@ -213,7 +213,22 @@ def test_progress_names_running_jobs_and_estimates_from_finished_ones():
              jobs[2].id: {"status": "running", "started": now - 30}, jobs[3].id: {"status": "queued"}}
     line = sweep._progress(jobs, state, {jobs[0].id, jobs[1].id}, {"h2": jobs[2], "h3": jobs[3]}, now - 300)
     assert "2/4 ended (2 done, 0 failed), 1 running, 1 queued, 0 waiting" in line
-    assert "running: sft seed=2 (30 s)" in line and "ETA ~5.0 min" in line  # 2 jobs x 150 s, one at a time
+    # the jobs left: 150 s each (the finished ones' mean), less the 30 s the running one has run; one at a time
+    assert "running: sft seed=2 (30 s)" in line and "ETA ~4.5 min" in line
+    state[jobs[2].id]["started"] = now - 120  # later into the same job, the estimate moves toward zero
+    line = sweep._progress(jobs, state, {jobs[0].id, jobs[1].id}, {"h2": jobs[2], "h3": jobs[3]}, now - 390)
+    assert "ETA ~3.0 min" in line
+
+
+def test_a_status_line_is_printed_when_it_changes_or_once_a_minute(capsys):
+    say = sweep._Progress()
+    line = "[sweep] 0/9 ended (0 done, 0 failed), 1 running, 0 queued, 8 waiting; {} so far; running: proxy ({})"
+    assert say(line.format("1.9 min", "1.9 min"), now=0.0)
+    assert not say(line.format("1.9 min", "1.9 min"), now=1.0)  # the scheduler woke, nothing changed
+    assert not say(line.format("2.3 min", "2.3 min"), now=30.0)  # only the times moved
+    assert say(line.replace("0/9 ended (0", "1/9 ended (1").format("2.4 min", "12 s"), now=31.0)  # a job ended
+    assert say(line.replace("0/9 ended (0", "1/9 ended (1").format("3.4 min", "72 s"), now=91.0)  # a minute on
+    assert len(capsys.readouterr().out.splitlines()) == 3
 
 
 # ----------------------------------------------------------------------------------------------------------

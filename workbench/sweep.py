@@ -314,10 +314,29 @@ def _progress(jobs: list[Job], state: dict, ended: set, running: dict, t_sweep: 
     if started:
         now = time.time()
         line += "; running: " + ", ".join(f"{j.label} ({_minutes(now - state[j.id]['started'])})" for j in started)
-    if left and every:
-        est = sum(sum(took.get(j.stage, every)) / len(took.get(j.stage, every)) for j in left)
+    if left and every:  # each job left: its stage's mean time, less what a running one has already run
+        now = time.time()
+        mean = lambda j: sum(took.get(j.stage, every)) / len(took.get(j.stage, every))  # noqa: E731
+        est = sum(max(0.0, mean(j) - (now - state[j.id]["started"])) if j in started else mean(j) for j in left)
         line += f"; ETA ~{_minutes(est / max(1, len(started)))}"
     return line
+
+
+class _Progress:
+    """Prints the sweep's status line when what it says changed (jobs ended, started, queued) or once a minute,
+    not at every wake of the scheduler (which printed the same line up to 8 times in a row)."""
+
+    def __init__(self, every: float = 60.0):
+        self.every, self.said, self.at = every, None, 0.0
+
+    def __call__(self, line: str, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        what = re.sub(r"[\d.]+ (s|min)\b", "", line)  # the line without its times
+        if what == self.said and now - self.at < self.every:
+            return False
+        print(line, flush=True)
+        self.said, self.at = what, now
+        return True
 
 
 def run_sweep(grid_path, overrides: dict | None = None, runs_dir: str | None = None, retry_failed: bool = True,
@@ -345,7 +364,7 @@ def run_sweep(grid_path, overrides: dict | None = None, runs_dir: str | None = N
 
 def _schedule(jobs, state, root, state_dir, ex, retry_failed, kernel_name) -> SweepResult:
     result = SweepResult(state_dir)
-    t_sweep = time.time()
+    t_sweep, progress = time.time(), _Progress()
     number = {j.id: i for i, j in enumerate(jobs, start=1)}
     deps = {j.id: _deps(j, jobs) for j in jobs}
     folders = {j.id: job_folder(j, root) for j in jobs}  # each builds the job's config: once, not on every pass
@@ -428,7 +447,7 @@ def _schedule(jobs, state, root, state_dir, ex, retry_failed, kernel_name) -> Sw
         for job in running.values():  # what the workers have written since: started, on which devices
             if (state_dir / "jobs" / f"{job.id}.json").exists():
                 state[job.id] = json.loads((state_dir / "jobs" / f"{job.id}.json").read_text())
-        print(_progress(jobs, state, ended, running, t_sweep), flush=True)
+        progress(_progress(jobs, state, ended, running, t_sweep))
     result.table = _results(jobs, state)
     print(result.report() + f"\n[sweep] {time.time() - t_sweep:.0f} s in all", flush=True)
     return result
