@@ -170,3 +170,16 @@ def test_command_line_values_parse_as_the_grids_do():
     assert cli.parse_value("sigmoid,sft") == ["sigmoid", "sft"] and cli.parse_value("none") is None
     assert cli.parse_value("embedded:smollm2-135m-instruct") == "embedded:smollm2-135m-instruct"
     assert cli.parse_fields(["--max-steps=4", "--loss-type", "ipo"]) == {"max_steps": 4, "loss_type": "ipo"}
+
+
+def test_a_mistake_found_after_parsing_is_one_error_line_and_exit_2(capsys, tmp_path):
+    """A missing model path is found when the arm loads it, past argparse: one `error:` line naming it and what to
+    do, exit code 2, no traceback; ``--debug`` keeps the traceback (the exception itself)."""
+    argv = ["train", "ppo", "--reward-model", str(tmp_path / "no-such-rm"), "--max-steps", "1",
+            "--runs-dir", str(tmp_path / "runs")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"workbench: error: Model path '{tmp_path / 'no-such-rm'}' does not exist" in err and "Traceback" not in err
+    assert [line for line in err.splitlines() if "error:" in line] == [err.splitlines()[-2]]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        cli.main([*argv, "--debug"])

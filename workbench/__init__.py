@@ -3,3 +3,23 @@
 from . import malloc
 
 malloc.keep_freed_memory()  # before any tensor exists: freed activations are reused, not faulted back in (malloc.py)
+
+import logging  # noqa: E402
+import warnings  # noqa: E402
+
+# Known, harmless warnings, silenced where they arise; everything else still shows.
+# peft 0.21 and TRL 1.16 read the model's old `is_gradient_checkpointing` name, which transformers 5 deprecates
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+class _NoHubKernel(logging.Filter):
+    """bitsandbytes tries the optional `kernels` package's CPU 4-bit kernel, which would come from the hub this
+    workbench never reaches, and falls back to its own kernel; the one line it logs about that is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "gemm_4bit_forward from kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoHubKernel())
+
+

@@ -4,7 +4,8 @@
 ``train`` takes every field of the arm's config as ``--name value`` (``--max-steps 4``, ``--beta 0.2``,
 ``--loss-type sigmoid,sft``, ``--load-in-4bit false``), built by ``train.make_config`` as the notebooks and the grids
 build theirs; ``--print-config`` prints the config and stops. A bad name or value exits with code 2 and says what
-to change, before anything loads."""
+to change, before anything loads. A user's mistake found later (a missing model path, bad data) ends the command
+with one ``error:`` line and exit code 2, no traceback (``--debug`` keeps it); a bug keeps its traceback."""
 
 from __future__ import annotations
 
@@ -125,12 +126,31 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     return parser, {"main": p_study, "train": p_train, "evaluate": p_eval, "sweep": p_sweep, "paper": p_paper}
 
 
+# a user's mistakes: a missing path, a bad value, bad data; each carries a message that says what to do. They end
+# the command with "error: <message>" and exit code 2; any other exception is a bug and keeps its traceback
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line; ``--debug`` anywhere keeps the traceback of a user's mistake too."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _main(argv)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"workbench: error: {e}\n(add --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
     from . import pipeline
 
     parser, sub = build_parser()
     p_train, p_eval = sub["train"], sub["evaluate"]
-    argv, field_tokens = _split_fields(list(sys.argv[1:] if argv is None else argv), sub)
+    argv, field_tokens = _split_fields(argv, sub)
     args = parser.parse_args(argv)
     try:
         fields = parse_fields(field_tokens)

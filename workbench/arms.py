@@ -21,9 +21,13 @@ from .config import RLFields, RunFields, check_beta, check_checkpoint_every, che
 
 def _experimental():
     """ORPO, CPO/SimPO and online DPO live in ``trl.experimental`` in TRL 1.16; this is the only import of it."""
-    from trl.experimental.cpo import CPOConfig, CPOTrainer
-    from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
-    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+    import warnings
+
+    with warnings.catch_warnings():  # TRL warns that these APIs may change at every import; the pin (trl==1.16) fixes them
+        warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+        from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     return ORPOConfig, ORPOTrainer, CPOConfig, CPOTrainer, OnlineDPOConfig, OnlineDPOTrainer
 
