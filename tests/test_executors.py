@@ -271,3 +271,20 @@ def test_ci_grid_on_ray_runs_two_jobs_at_once_and_survives_kills(tiny_model_dir,
     ran = [e for e in state.values() if "started" in e and "ended" in e]
     assert any(a["started"] < b["ended"] and b["started"] < a["ended"] for a in ran for b in ran if a is not b), \
         "no two jobs ran at the same time"
+
+
+def test_a_job_kernel_talks_over_private_sockets_without_the_tcp_warning(tmp_path, capfd):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}, "language_info": {"name": "python"}})
+    cell = nbformat.v4.new_code_cell("x = 1")
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell, nbformat.v4.new_code_cell("import os\nprint('x is', x)")]
+    nbformat.write(nb, tmp_path / "in.ipynb")
+    task = {"notebook": str(tmp_path / "in.ipynb"), "out_nb": str(tmp_path / "out.ipynb"), "params": {"x": 2},
+            "kernel_name": "python3", "cwd": str(tmp_path), "label": "t", "state_file": str(tmp_path / "state.json"),
+            "folder": None}
+    assert executors.run_job(task)["status"] == "done"
+    assert "x is 2" in (tmp_path / "out.ipynb").read_text()
+    assert "without encryption" not in "".join(capfd.readouterr())

@@ -36,6 +36,7 @@ import os
 import shutil
 import signal
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,6 +67,21 @@ def check_resources(declared, where: str) -> list[str]:
     return problems
 
 
+def _ipc_kernel_manager(folder: str):
+    """The kernel manager a job's notebook runs under: its kernel talks to this process over Unix-domain sockets in
+    ``folder`` (``transport="ipc"``) instead of unencrypted TCP on localhost, which ipykernel warns about at every
+    start (one warning per job on the console)."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.transport = "ipc"
+            self.ip = os.path.join(folder, "k")
+
+    return IPCKernelManager
+
+
 def run_job(task: dict) -> dict:
     """Execute one job's notebook with papermill and return its state entry (also written to ``task["state_file"]``:
     ``running`` when it starts, ``done`` or ``failed`` when it ends). Every exception of the job is its failure."""
@@ -76,8 +92,10 @@ def run_job(task: dict) -> dict:
     write_json(Path(task["state_file"]), entry)
     t0 = time.time()
     try:
-        pm.execute_notebook(task["notebook"], task["out_nb"], parameters=task["params"],
-                            kernel_name=task["kernel_name"], progress_bar=False, cwd=task["cwd"])
+        with tempfile.TemporaryDirectory(prefix="wb-kernel-") as sockets:
+            pm.execute_notebook(task["notebook"], task["out_nb"], parameters=task["params"],
+                                kernel_name=task["kernel_name"], progress_bar=False, cwd=task["cwd"],
+                                kernel_manager_class=_ipc_kernel_manager(sockets))
     except Exception as e:  # noqa: BLE001 -- a failing notebook, a dead kernel: the job failed, the sweep goes on
         err = (f"{e.ename}: {e.evalue}" if isinstance(e, pm.PapermillExecutionError) else f"{type(e).__name__}: {e}")
         entry.update(status="failed", error=err.strip()[:500])
