@@ -106,8 +106,9 @@ def setup(table: pd.DataFrame, dataset: Path) -> str:
         f"snapshot it saved; gold `{ev['gold_reward_model']}`, proxy `{Path(str(ev['proxy_reward_model'])).name}`; "
         f"{ev['n_pairs']} held-out gold-labelled pairs for accuracies; KL(π‖π_ref) = Σ_t log π − log π_ref over each "
         f"sample (the same estimator for every arm); intervals: 95% cluster bootstrap over prompts "
-        f"({ev['n_bootstrap']} resamples) for one seed, t-intervals across seeds otherwise; differences to SFT are "
-        f"paired by prompt and sample.",
+        f"({ev['n_bootstrap']} resamples) for one seed; across seeds a two-level bootstrap over prompts and seeds for "
+        f"gold, proxy, KL, length and the differences to SFT, a t-interval across seeds for the rest; differences to "
+        f"SFT are paired by prompt and sample.",
         f"- **Hardware and software**: {', '.join(device)}; " + ", ".join(
             f"{k} {v}" for k, v in versions.items() if k in ("torch", "transformers", "trl", "peft", "bitsandbytes")) + ".",
     ])
@@ -178,8 +179,9 @@ def findings(table: pd.DataFrame) -> str:
     agg = aggregate(table)
     seeds = sorted(table["seed"].unique())
     interval = ("a 95% cluster bootstrap over the evaluation prompts" if len(seeds) == 1 else
-                f"a t-interval across seeds {', '.join(map(str, seeds))} (it covers training noise on one set of "
-                "evaluation prompts, not the choice of prompts)")
+                f"across seeds {', '.join(map(str, seeds))}: for gold, proxy, KL, length and the differences to SFT a "
+                "two-level bootstrap over the evaluation prompts and the seeds; for accuracies and win rates a "
+                "t-interval across seeds (it covers training noise on one set of evaluation prompts)")
     out = [f"Seeds: {', '.join(map(str, seeds))}; every interval below is {interval}."]
 
     # --- the proxy against the length rule (Table 2)

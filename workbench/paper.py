@@ -72,7 +72,9 @@ def _setup(table: pd.DataFrame) -> str:
         f"- **Evaluation**: {ev['n_prompts']} held-out prompts × {ev['n_samples']} samples, temperature {ev['temperature']}, "
         f"top-p {ev['top_p']}, ≤ {ev['max_new_tokens']} new tokens, sampling seed {ev['seed']}; {ev['n_pairs']} held-out "
         f"pairs for preference accuracy; proxy RM `{_name(ev.get('proxy_reward_model'))}`, gold RM `{_name(ev.get('gold_reward_model'))}`; "
-        f"intervals: 95% cluster bootstrap over prompts ({ev['n_bootstrap']} resamples) within a run, t-intervals across seeds.",
+        f"intervals: 95% cluster bootstrap over prompts ({ev['n_bootstrap']} resamples) within a run; across seeds a "
+        f"two-level bootstrap over prompts and seeds for gold, proxy, KL, length and the differences to SFT, a "
+        f"t-interval across seeds for the rest.",
         f"- **Hardware and software**: {', '.join(device)}; " + ", ".join(f"{k} {v}" for k, v in versions.items()
                                                                           if k in ("torch", "transformers", "trl", "peft", "bitsandbytes")) + ".",
     ])
