@@ -92,29 +92,22 @@ def child(args) -> dict:
     prompts, _, _ = evaluate.eval_set(data.DataConfig(split="test"), max(args.prompts, args.gold_prompts), 0)
     base = args.setting == "baseline"
     start = time.time()
-    if args.workload == "eval":
-        prompts = prompts[: args.prompts]
+    if args.workload in ("eval", "gold"):
+        gold = args.workload == "gold"
+        n_prompts, k = (args.gold_prompts, args.gold_samples) if gold else (args.prompts, args.samples)
+        prompts = prompts[:n_prompts]
+        # the gold dataset samples texts from the merged bf16 copy; the evaluation from the 4-bit model (baseline) or
+        # its exact copy (sampler), with log pi and log pi_ref
+        source = sampling.inference_copy(model, dtype=models.compute_dtype("auto")) if gold else model
         if base:
             ids = sampling.encode_prompts(tok, [p["prompt"] for p in prompts], args.max_prompt_length)
-            tokens = _baseline_samples(model, tok, ids, args.samples, args.new_tokens, 16, True)
+            tokens = _baseline_samples(source, tok, ids, k, args.new_tokens, 64 if gold else 16, not gold)
         else:
-            recs = sampling.sample_completions(model, tok, prompts, n_samples=args.samples,
-                                               max_new_tokens=args.new_tokens, max_prompt_length=args.max_prompt_length,
-                                               temperature=0.7, sampler=sampling.inference_copy(model))
+            recs = sampling.sample_completions(source, tok, prompts, n_samples=k, max_new_tokens=args.new_tokens,
+                                               max_prompt_length=args.max_prompt_length, temperature=0.7,
+                                               logprobs=not gold, sampler=None if gold else sampling.inference_copy(model))
             tokens = sum(r["response_tokens"] for r in recs)
-        k, n = args.samples, len(prompts)
-    elif args.workload == "gold":
-        prompts = prompts[: args.gold_prompts]
-        copy = sampling.inference_copy(model, dtype=models.compute_dtype("auto"))
-        if base:
-            ids = sampling.encode_prompts(tok, [p["prompt"] for p in prompts], args.max_prompt_length)
-            tokens = _baseline_samples(copy, tok, ids, args.gold_samples, args.new_tokens, 64, False)
-        else:
-            recs = sampling.sample_completions(copy, tok, prompts, n_samples=args.gold_samples,
-                                               max_new_tokens=args.new_tokens, max_prompt_length=args.max_prompt_length,
-                                               temperature=0.7, logprobs=False)
-            tokens = sum(r["response_tokens"] for r in recs)
-        k, n = args.gold_samples, len(prompts)
+        n = len(prompts)
     else:  # batch-1
         prompts = prompts[:1]
         ids = sampling.encode_prompts(tok, [p["prompt"] for p in prompts], args.max_prompt_length)
