@@ -172,14 +172,26 @@ def test_command_line_values_parse_as_the_grids_do():
     assert cli.parse_fields(["--max-steps=4", "--loss-type", "ipo"]) == {"max_steps": 4, "loss_type": "ipo"}
 
 
-def test_a_mistake_found_after_parsing_is_one_error_line_and_exit_2(capsys, tmp_path):
-    """A missing model path is found when the arm loads it, past argparse: one `error:` line naming it and what to
-    do, exit code 2, no traceback; ``--debug`` keeps the traceback (the exception itself)."""
-    argv = ["train", "ppo", "--reward-model", str(tmp_path / "no-such-rm"), "--max-steps", "1",
-            "--runs-dir", str(tmp_path / "runs")]
-    assert cli.main(argv) == 2
+@pytest.mark.parametrize("mistake", ["missing model path", "bad grid key", "bad data file"])
+def test_a_mistake_found_after_parsing_is_one_error_line_and_exit_2(capsys, tmp_path, mistake):
+    """Mistakes found past argparse (when the arm loads a model or its data, when the sweep reads its grid): one
+    `error:` line naming the thing and what to do, exit code 2, no traceback; ``--debug`` keeps the traceback (the
+    exception itself)."""
+    runs_dir = ["--runs-dir", str(tmp_path / "runs")]
+    bad_file = tmp_path / "pairs.jsonl"
+    bad_file.write_text('{"prompt": "Hi", "chosen": "Hello"\n')
+    argv, message, error = {
+        "missing model path": (["train", "ppo", "--reward-model", str(tmp_path / "no-such-rm"), "--max-steps", "1"],
+                               f"Model path '{tmp_path / 'no-such-rm'}' does not exist", FileNotFoundError),
+        "bad grid key": (["sweep", str(Path(__file__).resolve().parents[1] / "grids" / "ci.yaml"), "--set", "n_trian=3"], "did you mean n_train", ValueError),
+        "bad data file": (["train", "dpo", "--data-source", str(bad_file), "--max-steps", "1"],
+                          f"{bad_file} is a file; a data source is a folder", FileNotFoundError),
+    }[mistake]
+    assert cli.main([*argv, *runs_dir]) == 2
     err = capsys.readouterr().err
-    assert f"workbench: error: Model path '{tmp_path / 'no-such-rm'}' does not exist" in err and "Traceback" not in err
-    assert [line for line in err.splitlines() if "error:" in line] == [err.splitlines()[-2]]
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        cli.main([*argv, "--debug"])
+    assert "workbench: error: " in err and message in err and "Traceback" not in err, err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1, err
+    runs_made = list((tmp_path / "runs").iterdir()) if (tmp_path / "runs").exists() else []
+    assert all(p.name.endswith(".failed") for p in runs_made), runs_made  # no run finished; a failed one says so
+    with pytest.raises(error, match=message.split("'")[0][:20]):
+        cli.main([*argv, *runs_dir, "--debug"])

@@ -150,6 +150,16 @@ def test_a_bad_grid_lists_every_problem_before_running(tmp_path):
         sweep.load_grid(path)
 
 
+def test_a_setting_no_stage_takes_is_refused_with_close_matches():
+    """``--set`` of a key that no stage's notebook has would be dropped without a word: refused, naming the key and
+    the close matches; a key that some stage takes is accepted."""
+    with pytest.raises(ValueError, match=r"--set learning_rat: no stage of this grid takes 'learning_rat'; "
+                                         r"did you mean learning_rate"):
+        sweep.load_grid(REPO / "grids" / "ci.yaml", {"learning_rat": 1e-4})
+    _, jobs = sweep.load_grid(REPO / "grids" / "ci.yaml", {"learning_rate": 1e-4})
+    assert jobs
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The CI sweep, end to end
 

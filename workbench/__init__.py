@@ -10,6 +10,9 @@ import warnings  # noqa: E402
 # Known, harmless warnings, silenced where they arise; everything else still shows.
 # peft 0.21 and TRL 1.16 read the model's old `is_gradient_checkpointing` name, which transformers 5 deprecates
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+# TRL 1.16's configs declare `gradient_checkpointing` (TRL's default True), which transformers 5 renamed
+# `activation_checkpointing` and maps over itself; the warning fires for every TRL config, whatever the user set
+warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 class _NoHubKernel(logging.Filter):

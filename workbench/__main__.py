@@ -166,13 +166,11 @@ def _main(argv: list[str]) -> int:
             if not sep:
                 parser.error(f"--set takes KEY=VALUE, got '{item}'")
             overrides[key] = parse_value(value)
-        try:
-            if args.address and args.executor != "ray":
-                raise ValueError("--address joins a Ray cluster: it needs --executor ray")
-            result = run_sweep(args.grid, overrides, runs_dir=args.runs_dir, retry_failed=not args.no_retry,
-                               executor=args.executor, address=args.address)
-        except (ValueError, FileNotFoundError) as e:  # the grid's problems, all listed, before anything ran
-            parser.exit(2, f"workbench sweep: error: {e}\n")
+        if args.address and args.executor != "ray":
+            parser.error("--address joins a Ray cluster: it needs --executor ray")
+        # the grid's problems (all listed, before anything ran) are a user's mistake: main() prints them, exit 2
+        result = run_sweep(args.grid, overrides, runs_dir=args.runs_dir, retry_failed=not args.no_retry,
+                           executor=args.executor, address=args.address)
         if result.table is not None:
             from .results import aggregate
 

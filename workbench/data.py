@@ -242,7 +242,9 @@ def _local_file(root: Path, subset: str, split: str) -> Path | None:
 def _missing_file_error(root: Path, subset: str, split: str) -> FileNotFoundError:
     present = sorted(str(p.relative_to(root)) for p in root.glob("*/*.jsonl*")) if root.is_dir() else []
     where = f"found there: {', '.join(present)}" if present else "no <subset>/<split>.jsonl.gz files found there"
-    where = where if root.is_dir() else f"{root} does not exist"
+    where = where if root.is_dir() else (
+        f"{root} is a file; a data source is a folder: an HH-RLHF copy or a gold-labelled pairs run" if root.is_file()
+        else f"{root} does not exist")
     return FileNotFoundError(
         f"No HH-RLHF data for {subset}/{split}: expected {root / subset / (split + '.jsonl.gz')} ({where}). "
         f"Point {ENV_VAR} (or source=) at a directory laid out like github anthropics/hh-rlhf, "

@@ -46,6 +46,7 @@ into its run folder as ``notebook.ipynb``.
 from __future__ import annotations
 
 import ast
+import difflib
 import hashlib
 import itertools
 import json
@@ -196,7 +197,7 @@ def load_grid(path, overrides: dict | None = None, seeds: list[int] | None = Non
         problems.append(f"'executor' must be one of {', '.join(executors.EXECUTORS)} (got {grid['executor']!r})")
     if not isinstance(grid.get("slurm", {}), dict):
         problems.append("'slurm' must be a mapping of submitit's slurm_* parameters without the prefix, e.g. {partition: gpu}")
-    jobs, seen = [], []
+    jobs, seen, accepted = [], [], set()
     for i, stage in enumerate(grid.get("stages") or []):
         bad = [k for k in stage if k not in STAGE_KEYS]
         if bad or "stage" not in stage or "notebook" not in stage:
@@ -211,10 +212,16 @@ def load_grid(path, overrides: dict | None = None, seeds: list[int] | None = Non
             continue
         problems += executors.check_resources(stage.get("resources"), f"stages[{i}] ('{stage['stage']}')")
         nb_params = notebook_parameters(nb)
+        accepted |= set(nb_params)
         for job in _expand(stage, grid.get("defaults") or {}, overrides or {}, nb_params):
             problems += _check_job(job, nb_params, seen)
             jobs.append(job)
         seen.append(stage["stage"])
+    for key in overrides or {}:  # a setting no stage takes would be dropped without a word
+        if accepted and key not in accepted:
+            close = difflib.get_close_matches(key, sorted(accepted), n=3)
+            problems.append(f"--set {key}: no stage of this grid takes '{key}'"
+                            + (f"; did you mean {', '.join(close)}?" if close else f" (they take: {', '.join(sorted(accepted))})"))
     if not jobs and not problems:
         problems.append("no stages")
     if problems:
