@@ -210,6 +210,46 @@ def test_an_update_moves_logprobs_with_the_sign_of_the_advantage(actor_critic, h
     assert value_head.bias.item() > 0
 
 
+def test_the_rollout_forward_as_the_first_epoch_gives_the_update_of_a_second_forward(actor_critic, hh_pairs):
+    """With one minibatch, ``PPOTrainer.train`` keeps the graph of its θ_old scoring pass and ``ppo_update`` takes the
+    first epoch's loss over it (``first_pass``) instead of forwarding the same rows again: the parameters after two
+    epochs and the metrics equal those of the update that forwards again."""
+    model, value_head, tok = actor_critic
+    prompt_ids = _prompts(hh_pairs, tok)
+    resp, mask, _ = sampling.generate(model, tok, prompt_ids, 5, 0.7, generator_seed=1)
+    ac = ppo._LMActorCritic(model, value_head, prompt_ids, resp, mask, tok.pad_token_id, 0.7)
+    cfg = ppo.PPOArgs(ppo_epochs=2, num_minibatches=1, rollout_batch_size=4)
+    params = ppo._trainable(model, value_head)
+    start = [p.detach().clone() for p in params]
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])[:, None] * mask
+    after, metrics, forwards = [], [], []
+    forward = ac.logprobs
+    ac.logprobs = lambda idx: (forwards.append(len(idx)), forward(idx))[1]  # counts the policy's forwards
+    for fused in (False, True):
+        with torch.no_grad():
+            for p, p0 in zip(params, start):
+                p.copy_(p0)
+        with torch.set_grad_enabled(fused):
+            lp, ent = ac.logprobs(torch.arange(4))
+            with ac.critic():
+                v = ac.values(torch.arange(4))
+        for p in params:
+            p.requires_grad_(True)
+        batch = ppo.Batch(mask, lp.detach(), v.detach(), adv, (v.detach() + 1.0) * mask)
+        opt = torch.optim.Adam(params, lr=1e-3)
+        metrics.append(ppo.ppo_update(ac, batch, opt, cfg, params, torch.Generator().manual_seed(0),
+                                      (lp, ent, v) if fused else None))
+        after.append([p.detach().clone() for p in params])
+    assert forwards == [4, 4, 4, 4, 4]  # a forward before each update; then two epochs, then one (the first is reused)
+    assert any(not torch.equal(a, b) for a, b in zip(after[0], start))  # the update moved the parameters
+    for a, b in zip(*after):
+        assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
+    assert metrics[0] == pytest.approx(metrics[1], abs=1e-6)
+    with pytest.raises(ValueError, match="one minibatch"):
+        ppo.ppo_update(ac, batch, opt, ppo.PPOArgs(num_minibatches=2, rollout_batch_size=4), params,
+                       torch.Generator().manual_seed(0), (lp, ent, v))
+
+
 @pytest.fixture(scope="module")
 def token_half(peaked_tiny_dir):
     """Half the vocabulary: the tokens whose embedding points along a fixed random direction u."""

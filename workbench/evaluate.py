@@ -368,12 +368,14 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
         readings = {} if reward_cache is None else reward_cache
         if not readings:
             readings.update(reward_readings(proxy, gold, prompts, eval_pairs))
+        policy = None if info["is_reward_model"] else load_run_policy(run_path)  # loaded once for its snapshots too
         gens, pair_records, summary = _evaluate(run_path, info, cfg, beta, prompts, eval_pairs, proxy, gold, length,
-                                                logps_cache, readings["chosen"])
+                                                logps_cache, readings["chosen"], policy)
         summary.update(readings["summary"])
-        if cfg.snapshots and not info["is_reward_model"]:
-            steps = _evaluate_snapshots(run_path, cfg, beta, prompts, proxy, gold, readings["chosen"], partial)
+        if cfg.snapshots and policy is not None:
+            steps = _evaluate_snapshots(run_path, policy, cfg, beta, prompts, proxy, gold, readings["chosen"], partial)
             summary["eval/snapshots"] = len(steps)
+        del policy
         if cfg.best_of_n and info["is_reward_model"] and gold is not None:
             from . import best_of_n, gold_pairs
 
@@ -394,9 +396,11 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
 
 
 def _evaluate(run_path: Path, info: dict, cfg: EvalConfig, beta: float, prompts: list[dict], eval_pairs: list[dict],
-              proxy, gold, length: LengthBaseline, logps_cache: dict | None, chosen_scores: dict) -> tuple[list, list, dict]:
-    """(generations, pair records, summary) of one run: a policy's samples and its implicit reward on the pairs,
-    or a reward model's ranking of the pairs; for both the length baseline and the reward models' accuracy."""
+              proxy, gold, length: LengthBaseline, logps_cache: dict | None, chosen_scores: dict,
+              policy: tuple | None) -> tuple[list, list, dict]:
+    """(generations, pair records, summary) of one run: a policy's samples (``policy``: its (model, tokenizer) as
+    ``load_run_policy`` gives them) and its implicit reward on the pairs, or a reward model's ranking of the pairs;
+    for both the length baseline and the reward models' accuracy."""
     from .rewards import load_reward
 
     summary = {}
@@ -408,7 +412,7 @@ def _evaluate(run_path: Path, info: dict, cfg: EvalConfig, beta: float, prompts:
                         "pairs/margin": sum(r["margin"] for r in pair_records) / n})
         gens = []
     else:
-        model, tokenizer = load_run_policy(run_path)
+        model, tokenizer = policy
         gens = _sample_and_score(model, tokenizer, prompts, cfg, proxy, gold, chosen_scores, beta)
         eval_pairs = eval_pairs[: cfg.policy_pairs]  # a policy's implicit reward: the first policy_pairs pairs
         pair_records = scoring.score_pairs(model, tokenizer, eval_pairs, beta=beta, max_length=cfg.max_length,
@@ -417,7 +421,6 @@ def _evaluate(run_path: Path, info: dict, cfg: EvalConfig, beta: float, prompts:
             r.update({"prompt": ex["prompt"], "chosen": ex["chosen"][0]["content"], "rejected": ex["rejected"][0]["content"]})
         summary.update(_pair_accuracies(pair_records, info["method"] in REFERENCE_FREE, cfg))
         summary.update(_generation_summary(gens, cfg))
-        del model
     # the length-only baseline on the same pairs, in the evaluation's one unit, and the accuracy's paired margin over it
     scoring.add_lengths(pair_records, eval_pairs, length.tokenizer, length.rule)
     summary.update(_length_summary(pair_records, length.rule, cfg))
@@ -453,19 +456,25 @@ def _sample_and_score(model, tokenizer, prompts: list[dict], cfg: EvalConfig, pr
     return gens
 
 
-def _evaluate_snapshots(run_path: Path, cfg: EvalConfig, beta: float, prompts: list[dict], proxy, gold,
+def _evaluate_snapshots(run_path: Path, policy: tuple, cfg: EvalConfig, beta: float, prompts: list[dict], proxy, gold,
                         chosen_scores: dict, out: Path) -> list[int]:
     """Each snapshot adapter of a policy run (``runs.snapshots``) sampled and scored as its final adapter is (the same
     seeds and rewards; the first ``cfg.snapshot_prompts`` prompts, ``cfg.snapshot_samples`` samples each), into
-    ``<out>/steps/step-<n>/`` (generations.jsonl, summary.json); no pairs pass. Returns the steps evaluated."""
+    ``<out>/steps/step-<n>/`` (generations.jsonl, summary.json); no pairs pass. Returns the steps evaluated.
+    ``policy``: the run's (model, tokenizer) from ``load_run_policy``; each snapshot's weights replace its adapter's
+    in turn (its LoRA shape is the run's), so the base is loaded once for the run, not once per snapshot."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
     n_prompts = cfg.snapshot_prompts or len(prompts)
     snap_cfg = dataclasses.replace(cfg, n_samples=cfg.snapshot_samples or cfg.n_samples)
     prompts, chosen_scores = prompts[:n_prompts], {k: v[:n_prompts] for k, v in chosen_scores.items()}
+    model, tokenizer = policy
     steps = []
     for step, adapter in snapshots(run_path):
-        model, tokenizer = load_run_policy(run_path, adapter)
+        result = set_peft_model_state_dict(model, load_peft_weights(str(adapter)), adapter_name="default")
+        if result.unexpected_keys:
+            raise ValueError(f"{adapter}: weights the run's adapter does not have: {result.unexpected_keys[:3]}")
         gens = _sample_and_score(model, tokenizer, prompts, snap_cfg, proxy, gold, chosen_scores, beta)
-        del model
         folder = out / "steps" / f"step-{step}"
         folder.mkdir(parents=True, exist_ok=True)
         write_jsonl(folder / "generations.jsonl", gens)

@@ -15,6 +15,8 @@ Follows InstructGPT (Ouyang et al. 2022, arXiv:2203.02155) and the details colle
   - clipped policy loss and clipped value loss (``policy_loss``, ``value_loss``), several PPO epochs over
     shuffled minibatches (``ppo_update``), Adam with ε = 1e-5, learning rate annealed linearly to 0,
     gradient-norm clipping; dropout off (the model stays in eval mode), so the first minibatch's ratio is 1;
+    with one minibatch per epoch the rollout's forward at θ_old is that minibatch's, kept with its graph, so the
+    rows go through policy and critic once less per iteration (``ppo_update``'s ``first_pass``);
   - a fixed KL coefficient or Ziegler et al.'s adaptive controller (arXiv:1909.08593 §2.2).
 
 Memory: one base model. The policy is the LoRA adapter "default"; the reference is the base with adapters
@@ -234,7 +236,7 @@ class Batch:
 
 
 def ppo_update(actor_critic, batch: Batch, optimizer, cfg: PPOArgs, params: list[Tensor],
-               generator: torch.Generator) -> dict:
+               generator: torch.Generator, first_pass: tuple[Tensor, Tensor, Tensor] | None = None) -> dict:
     """``cfg.ppo_epochs`` passes over shuffled minibatches of ``batch``; returns the metrics averaged over them.
 
     ``actor_critic`` has ``logprobs(idx) -> (logprobs, entropy)``, ``values(idx) -> values`` (each (mb, T) for the
@@ -243,26 +245,37 @@ def ppo_update(actor_critic, batch: Batch, optimizer, cfg: PPOArgs, params: list
     its share of the rollouts and the gradients are averaged over processes (one all-reduce) before clipping, as
     DDP would average them, so every process takes the same step. The tabular bandit of ``bandit.py`` and the
     language model share this loop.
+
+    ``first_pass``: (logprobs, entropy, values) of every row, computed with their graphs at θ_old (the rollout's
+    scoring pass, ``PPOTrainer.train``). With one minibatch (``cfg.num_minibatches == 1``) the first epoch's forward
+    is at θ_old too, so it is that pass: its loss is taken over them instead of a second forward of the same rows.
     """
     n = batch.mask.shape[0]
     mb_size = n // cfg.num_minibatches
+    if first_pass is not None and cfg.num_minibatches != 1:
+        raise ValueError("first_pass stands for the first epoch's forward only when that epoch is one minibatch.")
     totals: dict[str, float] = {}
     steps = 0
-    for _ in range(cfg.ppo_epochs):
+    for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(n, generator=generator)
         for start in range(0, n, mb_size):
             idx = perm[start : start + mb_size]
             optimizer.zero_grad(set_to_none=True)
             # Policy loss (the policy adapter active), value loss (the critic's), one backward for both
-            logprobs, entropy = actor_critic.logprobs(idx)
+            if epoch == 0 and first_pass is not None:  # every row at θ_old: the rollout's forward, not another one
+                idx = torch.arange(n)
+                logprobs, entropy, vpred = first_pass
+            else:
+                (logprobs, entropy), vpred = actor_critic.logprobs(idx), None
             mb = {k: getattr(batch, k)[idx].to(logprobs.device)  # the rollout is kept on the CPU, the model may not be
                   for k in ("mask", "logprobs", "values", "advantages", "returns")}
             mb_mask = mb["mask"]
             pg_loss, stats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb_mask, cfg.cliprange)
-            with actor_critic.critic():
-                vpred = actor_critic.values(idx)
-            for p in params:  # leaving the critic, peft's set_adapter froze its adapter: its gradient must still land
-                p.requires_grad_(True)
+            if vpred is None:
+                with actor_critic.critic():
+                    vpred = actor_critic.values(idx)
+                for p in params:  # leaving the critic, peft's set_adapter froze its adapter: its gradient must still land
+                    p.requires_grad_(True)
             vf_loss, vstats = value_loss(vpred, mb["values"], mb["returns"], mb_mask, cfg.cliprange_value)
             (pg_loss + cfg.vf_coef * vf_loss).backward()
             average_gradients(params)
@@ -458,13 +471,24 @@ class PPOTrainer:
             texts = tokenizer.batch_decode(response, skip_special_tokens=True)
             ac = _LMActorCritic(model, value_head, prompt_ids, response, mask, pad, cfg.temperature)
             t0 = time.time()
-            with torch.no_grad():
-                all_idx = torch.arange(len(rows))
-                logprobs, entropy = (t.cpu() for t in ac.logprobs(all_idx))
-                with reference_adapter(model):
-                    ref_logprobs = ac.logprobs(all_idx)[0].cpu()
+            all_idx = torch.arange(len(rows))
+            with torch.no_grad(), reference_adapter(model):
+                ref_logprobs = ac.logprobs(all_idx)[0].cpu()
+            # log π_old and V_old. With one minibatch the first PPO epoch's forward is this one (at θ_old): it keeps
+            # its graph and ppo_update takes its loss over it, so the rows go through policy and critic once less
+            fused = cfg.num_minibatches == 1
+            for p in params:  # switching adapters froze some (peft's set_adapter); every one must learn
+                p.requires_grad_(True)
+            with torch.set_grad_enabled(fused):
+                policy_out = ac.logprobs(all_idx)
                 with ac.critic():
-                    values = ac.values(all_idx).float().cpu()
+                    value_out = ac.values(all_idx)
+            for p in params:
+                p.requires_grad_(True)
+            logprobs, entropy = (t.detach().cpu() for t in policy_out)
+            values = value_out.detach().float().cpu()
+            first_pass = (*policy_out, value_out) if fused else None
+            with torch.no_grad():
                 messages, base = [r["prompt"] for r in rows], baselines(rows)
                 scores = call_reward(reward_fn, messages, texts, response, mask, base)
                 gold = call_reward(gold_fn, messages, texts, response, mask, base) if gold_fn else None
@@ -484,7 +508,8 @@ class PPOTrainer:
 
             # --- 3. PPO epochs over minibatches
             t0 = time.time()
-            stats = ppo_update(ac, batch, optimizer, cfg, params, generator)
+            stats = ppo_update(ac, batch, optimizer, cfg, params, generator, first_pass)
+            del first_pass, policy_out, value_out  # their graphs
             t_train = time.time() - t0
             losses.append(stats["loss/policy"] + cfg.vf_coef * stats["loss/value"])
 
