@@ -77,9 +77,9 @@ def _baseline_samples(model, tok, prompt_ids, n_samples, new_tokens, batch_size,
             for k, i in enumerate(rows):
                 groups.setdefault(i, []).append(k)
             P = [prompt_ids[i] for i in rows]
-            sampling._sample_logps(model, P, response, mask, list(groups.values()), tok.pad_token_id, 0.7)
+            sampling.sample_logps(model, P, response, mask, list(groups.values()), tok.pad_token_id, 0.7)
             with reference_adapter(model):
-                sampling._sample_logps(model, P, response, mask, list(groups.values()), tok.pad_token_id, 0.7)
+                sampling.sample_logps(model, P, response, mask, list(groups.values()), tok.pad_token_id, 0.7)
     return tokens
 
 

@@ -125,3 +125,16 @@ def test_decode_refuses_a_wrong_number_of_seeds(tiny):
     with pytest.raises(ValueError, match="one seed per sample"):
         decoding.decode(model, [[1, 2, 3]], n_samples=2, max_new_tokens=2, temperature=1.0, seeds=[0],
                         eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+
+
+def test_generate_shares_a_prompt_among_its_samples_and_draws_what_repeated_prompts_draw(tiny, hh_pairs):
+    """``generate(n_samples=k)`` (one prefill per prompt: online DPO's k samples) gives the rows, in the same
+    order and from the same seeds, that the prompts repeated k times give."""
+    model, tok = tiny
+    prompt_ids = sampling.encode_prompts(tok, [ex["prompt"] for ex in hh_pairs[:3]], 96)
+    shared = sampling.generate(model, tok, prompt_ids, 6, 1.0, generator_seed=11, n_samples=4)
+    repeated = sampling.generate(model, tok, [p for p in prompt_ids for _ in range(4)], 6, 1.0, generator_seed=11)
+    assert shared[0].shape == (12, shared[0].shape[1])
+    for a, b in zip(shared, repeated):
+        assert torch.equal(a, b)
+    assert len({tuple(r.tolist()) for r in shared[0]}) > 3  # the samples of a prompt differ

@@ -36,7 +36,7 @@ from . import data, losses
 from .config import RLFields, RunFields, check_beta, check_judge_fields, snapshot_steps
 from .logprobs import reference_adapter, response_logprobs
 from .runs import Run
-from .sampling import baselines, call_reward, encode_prompts, generate
+from .sampling import baselines, call_reward, encode_prompts, generate, sample_logps
 
 
 @dataclass
@@ -157,6 +157,14 @@ class OnlineDPOTrainer:
         lp, _ = response_logprobs(self.model, prompt_ids, response, mask, self.tokenizer.pad_token_id, 1.0)
         return lp.sum(1)
 
+    def _round_logps(self, prompt_ids, response, mask, k: int) -> Tensor:
+        """(n·k,) sequence log-probs of a round's samples (k consecutive rows per prompt), without gradients, each
+        prompt run once for its k samples (``sampling.sample_logps``)."""
+        groups = [list(range(i * k, (i + 1) * k)) for i in range(len(prompt_ids))]
+        rows = [p for p in prompt_ids for _ in range(k)]
+        per_token = sample_logps(self.model, rows, response, mask, groups, self.tokenizer.pad_token_id, 1.0)
+        return torch.stack([t.float().sum() for t in per_token])
+
     def train(self) -> RoundsResult:
         cfg, model, tokenizer, run, k = self.cfg, self.model, self.tokenizer, self.run, self.cfg.samples_per_prompt
         params = [p for n, p in model.named_parameters() if ".default." in n]
@@ -175,11 +183,13 @@ class OnlineDPOTrainer:
                 self._refresh_reference()
             rows = [self.prompts[order[(rnd * cfg.prompts_per_round + j) % len(order)]] for j in range(cfg.prompts_per_round)]
             prompts = [r["prompt"] for r in rows for _ in range(k)]  # k samples per prompt, consecutive
-            prompt_ids = encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
+            unique_ids = encode_prompts(tokenizer, [r["prompt"] for r in rows], cfg.max_prompt_length)
+            prompt_ids = [p for p in unique_ids for _ in range(k)]  # each sample's prompt
 
-            # --- 1. sample k responses per prompt from the current policy
+            # --- 1. sample k responses per prompt from the current policy (one prefill per prompt)
             t0 = time.time()
-            response, mask, ended = generate(model, tokenizer, prompt_ids, cfg.max_new_tokens, cfg.temperature)
+            response, mask, ended = generate(model, tokenizer, unique_ids, cfg.max_new_tokens, cfg.temperature,
+                                             n_samples=k)
             t_gen = time.time() - t0
             texts = tokenizer.batch_decode(response, skip_special_tokens=True)
 
@@ -193,9 +203,9 @@ class OnlineDPOTrainer:
                     scores, read = judge_scores(self.judge, prompts, texts, k)
                     judgements += [{"round": rnd + 1, "id": rows[j.pop("prompt_index")]["id"], **j} for j in read]
                 gold = call_reward(self.gold_fn, prompts, texts, response, mask, base) if self.gold_fn else None
-                logps = self._sequence_logps(prompt_ids, response, mask).cpu()
+                logps = self._round_logps(unique_ids, response, mask, k)
                 with reference_adapter(model):
-                    ref_logps = self._sequence_logps(prompt_ids, response, mask).cpu()
+                    ref_logps = self._round_logps(unique_ids, response, mask, k)
             t_label = time.time() - t0
 
             # --- 3. best vs worst of each prompt's k; ties dropped and counted

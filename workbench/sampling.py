@@ -34,18 +34,19 @@ def encode_prompts(tokenizer, prompts: list[list[dict]], max_length: int) -> lis
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
-             generator_seed: int | None = None, top_p: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
-    """Sample one response per prompt at ``temperature`` (no top-k; nucleus ``top_p``) with the workbench's sampler
-    (``decoding.decode``: static KV cache, one random stream per sample). Returns response_ids (B, T), mask (B, T)
-    and ended (B,): each response is cut after its first EOS (kept, so a policy learns to stop); the tokens after it
+             generator_seed: int | None = None, top_p: float = 1.0, n_samples: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """Sample ``n_samples`` responses per prompt at ``temperature`` (no top-k; nucleus ``top_p``) with the
+    workbench's sampler (``decoding.decode``: static KV cache, one prefill per prompt shared by its samples, one random
+    stream per sample). Returns response_ids (B·n, T), mask (B·n, T) and ended (B·n,), the samples of a prompt in
+    consecutive rows: each response is cut after its first EOS (kept, so a policy learns to stop); the tokens after it
     are masked. The first token is never EOS: an empty response has nothing to score. Row r is drawn with seed
     ``generator_seed + r``; without ``generator_seed``, one is drawn from torch's global generator (so a run seeded
     once samples the same)."""
     if generator_seed is None:
         generator_seed = int(torch.randint(0, 2**62, (1,)).item())
-    got = decode(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                 seeds=row_seeds(generator_seed, len(prompt_ids)), eos_id=tokenizer.eos_token_id,
-                 pad_id=tokenizer.pad_token_id)
+    got = decode(model, prompt_ids, n_samples=n_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                 top_p=top_p, seeds=row_seeds(generator_seed, len(prompt_ids) * n_samples),
+                 eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
     return got.response, got.mask, got.ended
 
 
@@ -118,7 +119,7 @@ def sample_completions(model, tokenizer, prompts: list[dict], *, n_samples: int 
         if logprobs:
             groups = [list(range(g * n_samples, (g + 1) * n_samples)) for g in range(len(idx))]
             with reference_adapter(model):
-                ref_logps = _sample_logps(model, [prompt_ids[g] for g in range(len(idx)) for _ in range(n_samples)],
+                ref_logps = sample_logps(model, [prompt_ids[g] for g in range(len(idx)) for _ in range(n_samples)],
                                           response, mask, groups, pad, temperature)
         for r, (row, j) in enumerate(rows):
             m = mask[r]
@@ -237,7 +238,7 @@ def _merged_copy(src, config, adapter: str | None, dtype: torch.dtype):
     return plain.to(next(src.parameters()).device).eval()
 
 
-def _sample_logps(model, prompt_ids: list[list[int]], response: Tensor, mask: Tensor, groups: list[list[int]],
+def sample_logps(model, prompt_ids: list[list[int]], response: Tensor, mask: Tensor, groups: list[list[int]],
                   pad_id: int, temperature: float) -> list[Tensor]:
     """Per-token log-probs (at ``temperature``) of each sampled response's kept tokens, under the model's active
     adapter; ``groups`` lists the rows that share one prompt, which then runs through the model once for all of
