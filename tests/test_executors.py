@@ -218,6 +218,9 @@ def test_progress_names_running_jobs_and_estimates_from_finished_ones():
     state[jobs[2].id]["started"] = now - 120  # later into the same job, the estimate moves toward zero
     line = sweep._progress(jobs, state, {jobs[0].id, jobs[1].id}, {"h2": jobs[2], "h3": jobs[3]}, now - 390)
     assert "ETA ~3.0 min" in line
+    # two at a time (the most the sweep has run at once), whether or not two are running this moment
+    assert "ETA ~90 s" in sweep._progress(jobs, state, {jobs[0].id, jobs[1].id}, {"h2": jobs[2], "h3": jobs[3]},
+                                          now - 390, parallel=2)
 
 
 def test_a_status_line_is_printed_when_it_changes_or_once_a_minute(capsys):

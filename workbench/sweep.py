@@ -304,9 +304,10 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def _progress(jobs: list[Job], state: dict, ended: set, running: dict, t_sweep: float) -> str:
+def _progress(jobs: list[Job], state: dict, ended: set, running: dict, t_sweep: float, parallel: int = 1) -> str:
     """One line: how many jobs ended how, which are running (for how long), and an ETA from finished jobs' times
-    (the mean of the job's stage, else of all; divided among the jobs running at once)."""
+    (the mean of the job's stage, else of all; divided by ``parallel``, the most jobs the sweep has run at once, not
+    by those running this moment, which made the estimate jump whenever one job ended before the next started)."""
     status = [state.get(j.id, {}).get("status") if j.id in ended else None for j in jobs]
     took = {}
     for j in jobs:
@@ -325,7 +326,7 @@ def _progress(jobs: list[Job], state: dict, ended: set, running: dict, t_sweep: 
         now = time.time()
         mean = lambda j: sum(took.get(j.stage, every)) / len(took.get(j.stage, every))  # noqa: E731
         est = sum(max(0.0, mean(j) - (now - state[j.id]["started"])) if j in started else mean(j) for j in left)
-        line += f"; ETA ~{_minutes(est / max(1, len(started)))}"
+        line += f"; ETA ~{_minutes(est / max(1, parallel))}"
     return line
 
 
@@ -371,7 +372,7 @@ def run_sweep(grid_path, overrides: dict | None = None, runs_dir: str | None = N
 
 def _schedule(jobs, state, root, state_dir, ex, retry_failed, kernel_name) -> SweepResult:
     result = SweepResult(state_dir)
-    t_sweep, progress = time.time(), _Progress()
+    t_sweep, progress, parallel = time.time(), _Progress(), 1
     number = {j.id: i for i, j in enumerate(jobs, start=1)}
     deps = {j.id: _deps(j, jobs) for j in jobs}
     folders = {j.id: job_folder(j, root) for j in jobs}  # each builds the job's config: once, not on every pass
@@ -454,7 +455,8 @@ def _schedule(jobs, state, root, state_dir, ex, retry_failed, kernel_name) -> Sw
         for job in running.values():  # what the workers have written since: started, on which devices
             if (state_dir / "jobs" / f"{job.id}.json").exists():
                 state[job.id] = json.loads((state_dir / "jobs" / f"{job.id}.json").read_text())
-        progress(_progress(jobs, state, ended, running, t_sweep))
+        parallel = max(parallel, len(running))
+        progress(_progress(jobs, state, ended, running, t_sweep, parallel))
     result.table = _results(jobs, state)
     print(result.report() + f"\n[sweep] {time.time() - t_sweep:.0f} s in all", flush=True)
     return result
