@@ -221,6 +221,11 @@ def test_progress_names_running_jobs_and_estimates_from_finished_ones():
     # two at a time (the most the sweep has run at once), whether or not two are running this moment
     assert "ETA ~90 s" in sweep._progress(jobs, state, {jobs[0].id, jobs[1].id}, {"h2": jobs[2], "h3": jobs[3]},
                                           now - 390, parallel=2)
+    # a last job running longer than the jobs before it took: no made-up "~0 s"
+    state[jobs[3].id] = {"status": "running", "started": now - 400}
+    state[jobs[2].id] = {"status": "done", "seconds": 150.0}
+    line = sweep._progress(jobs, state, {j.id for j in jobs[:3]}, {"h3": jobs[3]}, now - 800)
+    assert "ETA unknown (sft seed=3 past the estimate from the jobs before)" in line and "~0 s" not in line
 
 
 def test_a_status_line_is_printed_when_it_changes_or_once_a_minute(capsys):

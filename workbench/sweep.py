@@ -326,7 +326,12 @@ def _progress(jobs: list[Job], state: dict, ended: set, running: dict, t_sweep: 
         now = time.time()
         mean = lambda j: sum(took.get(j.stage, every)) / len(took.get(j.stage, every))  # noqa: E731
         est = sum(max(0.0, mean(j) - (now - state[j.id]["started"])) if j in started else mean(j) for j in left)
-        line += f"; ETA ~{_minutes(est / max(1, parallel))}"
+        over = [j.label for j in started if now - state[j.id]["started"] > mean(j)]  # past what the estimate allows
+        if over and est < 1:
+            line += f"; ETA unknown ({', '.join(over)} past the estimate from the jobs before)"
+        else:
+            line += f"; ETA ~{_minutes(est / max(1, parallel))}" + (f" or more ({', '.join(over)} past its estimate)"
+                                                                  if over else "")
     return line
 
 
