@@ -221,6 +221,10 @@ def test_progress_names_running_jobs_and_estimates_from_finished_ones():
     # two at a time (the most the sweep has run at once), whether or not two are running this moment
     assert "ETA ~90 s" in sweep._progress(jobs, state, {jobs[0].id, jobs[1].id}, {"h2": jobs[2], "h3": jobs[3]},
                                           now - 390, parallel=2)
+    # a job that has written its end but whose process is not reaped yet is still running, not queued
+    ending = {**state, jobs[2].id: {"status": "done", "started": now - 30, "seconds": 30.0}}
+    assert "1 running, 1 queued" in sweep._progress(jobs, ending, {jobs[0].id, jobs[1].id},
+                                                   {"h2": jobs[2], "h3": jobs[3]}, now - 390)
     # a last job running longer than the jobs before it took: no made-up "~0 s"
     state[jobs[3].id] = {"status": "running", "started": now - 400}
     state[jobs[2].id] = {"status": "done", "seconds": 150.0}

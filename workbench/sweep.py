@@ -315,7 +315,8 @@ def _progress(jobs: list[Job], state: dict, ended: set, running: dict, t_sweep: 
             took.setdefault(j.stage, []).append(state[j.id]["seconds"])
     every = [t for ts in took.values() for t in ts]
     left = [j for j in jobs if j.id not in ended]
-    started = [j for j in running.values() if state.get(j.id, {}).get("status") == "running"]
+    # a job whose state already says it ended is still running until its process is reaped: not "queued"
+    started = [j for j in running.values() if state.get(j.id, {}).get("status") in ("running", "done", "failed")]
     line = (f"[sweep] {len(ended)}/{len(jobs)} ended ({status.count('done')} done, {status.count('failed')} failed)"
             f", {len(started)} running, {len(running) - len(started)} queued, {len(left) - len(running)} waiting"
             f"; {_minutes(time.time() - t_sweep)} so far")
