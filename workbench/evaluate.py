@@ -36,7 +36,7 @@ import json
 import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -568,10 +568,15 @@ def _evaluate_in_workers(todo: list[Path], cfg: EvalConfig, proxy, gold, shared:
     tqdm_before = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"  # read by tqdm in the workers as they start; this process's tqdm read it already
     try:
-        with ProcessPoolExecutor(min(cfg.workers, len(todo)), mp_context=ctx, initializer=_worker_start,
+        t0, workers = time.time(), min(cfg.workers, len(todo))
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_start,
                                  initargs=(cfg, shared, threads)) as pool:
-            for p in pool.map(_worker_evaluate, [str(p) for p in todo]):
-                print(f"[evaluate] done: {Path(p).parent.parent.name}", flush=True)
+            futures = [pool.submit(_worker_evaluate, str(p)) for p in todo]
+            for i, future in enumerate(as_completed(futures), 1):
+                took = time.time() - t0  # the runs left, at the mean pace so far (policies go first: an upper bound)
+                left = f", ~{(len(todo) - i) * took / i / 60:.1f} min left" if i < len(todo) else ""
+                print(f"[evaluate] {i}/{len(todo)} done in {took / 60:.1f} min{left}: "
+                      f"{Path(future.result()).parent.parent.name}", flush=True)
     finally:
         if tqdm_before is None:
             del os.environ["TQDM_DISABLE"]
