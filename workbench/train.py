@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 import time
 from pathlib import Path
@@ -155,8 +156,11 @@ def _check_gold_dataset(method: str, cfg) -> None:
                             who=f"this {method} run")
 
 
-def _dataset(view: str, rows: list[dict]):
-    """The TRL dataset for an arm, with the columns its trainer needs (checked here, not deep inside TRL)."""
+def _dataset(view: str, rows: list[dict], seed: int = 0):
+    """The TRL dataset for an arm, with the columns its trainer needs (checked here, not deep inside TRL). The
+    unpaired view's rows are shuffled by ``seed``: TRL's KTO reads them in order (its KL term pairs each row with its
+    neighbours in a fixed-order batch, ``train_sampling_strategy="sequential"``), so the run's seed would otherwise
+    not reach the order, and every seed of a KTO run trained the same steps."""
     if view == "prompts":  # the RL arms sample their own responses to the distinct prompts; TRL hands the reward
         # functions the other columns: "baseline", the chosen reply a pairwise judge compares with
         rows = [{"prompt": r["prompt"], "baseline": r["baseline"]} for r in data.prompt_view(rows)]
@@ -170,6 +174,7 @@ def _dataset(view: str, rows: list[dict]):
                   f"several pairs, labelled by their net wins; {counts['even']} with as many wins as losses left out",
                   flush=True)
         rows = [{k: r[k] for k in ("prompt", "completion", "label")} for r in unpaired]
+        random.Random(seed).shuffle(rows)
     else:
         rows = [{k: ex[k] for k in ("prompt", "chosen", "rejected")} for ex in rows]
     if not rows:
@@ -223,7 +228,7 @@ def _load_and_build(method: str, cfg, train_rows: list[dict], run: Run, reward_f
     sft_adapter = str(Path(cfg.sft_run) / "adapter") if cfg.sft_run else None
     load = models.load_reward_model if method == "reward" else models.load_policy
     policy, tokenizer = load(cfg.model, adapter=sft_adapter)
-    trainer = build_trainer(method, cfg, policy, tokenizer, _dataset(ARMS[method].view, train_rows), run, reward_fn)
+    trainer = build_trainer(method, cfg, policy, tokenizer, _dataset(ARMS[method].view, train_rows, cfg.seed), run, reward_fn)
     return policy, tokenizer, trainer
 
 
