@@ -288,3 +288,16 @@ def test_sweep_ends_with_the_table_the_figures_and_a_paper(ci_sweep, tmp_path):
     draft = paper.build(table, tmp_path / "draft.md", root.parent.parent / "runs" / "ci" / "figures")
     text = draft.read_text()
     assert "{{" not in text and "| dpo |" in text and "frontier.png" in text and "seed(s)" in text
+
+
+def test_the_sweeps_grid_shares_the_main_jobs_stages_word_for_word():
+    """grids/gold-sweeps.yaml adopts the main job's runs and evaluations: its sft, gold-pairs, proxy and evaluate
+    stages must be the main grid's (another evaluation setting would meet the main job's evaluations as 'under other
+    settings' and stop), and its online DPO by the gold trains as the main job's online DPO, its labeller aside."""
+    main, sweeps = ({s["stage"]: s for s in yaml.safe_load((REPO / "grids" / name).read_text())["stages"]}
+                    for name in ("main.yaml", "gold-sweeps.yaml"))
+    for stage in ("sft", "gold-pairs", "proxy", "evaluate"):
+        assert sweeps[stage] == main[stage], stage
+    online, by_gold = main["online"]["params"], sweeps["online-gt"]["params"]
+    assert {k: v for k, v in by_gold.items() if k not in ("reward_model", "run_name")} == {
+        k: v for k, v in online.items() if k != "reward_model"}
