@@ -107,7 +107,7 @@ def test_dpo_trains_on_the_pairs_as_the_judge_labels_them(tiny_model_dir, hh_pai
     same = {**hh_pairs[4], "id": "same", "rejected": hh_pairs[4]["chosen"]}
     seen = []
     real_dataset = train._dataset
-    monkeypatch.setattr(train, "_dataset", lambda view, rows: seen.extend(rows) or real_dataset(view, rows))
+    monkeypatch.setattr(train, "_dataset", lambda view, rows, seed=0: seen.extend(rows) or real_dataset(view, rows, seed))
     cfg = train.DPOArgs(model=models.ModelConfig(model_name_or_path=str(tiny_model_dir)),
                         data=train.DataConfig(heldout_fraction=0.3, n_score=2, max_length=200), runs_dir=str(tmp_path),
                         max_steps=1, per_device_train_batch_size=2, max_length=200, pair_labels="judge",
