@@ -421,6 +421,30 @@ def test_split_heldout_is_deterministic_grouped_and_order_free(real):
     assert other != ids_heldout
 
 
+def test_related_conversations_stay_on_one_side_of_the_split_and_the_halves(real):
+    """A conversation that extends another (or repeats its opening with other case and spacing) lands where the
+    other does, in the held-out split and in the prompt halves: grouped by the first user turn."""
+    examples, _ = real
+    related = []
+    for e in examples[:400]:
+        opening = e["prompt"][0]
+        longer = e["prompt"] + [{"role": "assistant", "content": "Why?"}, {"role": "user", "content": "Just curious."}]
+        respaced = [{**opening, "content": "  " + opening["content"].upper().replace(" ", "   ") + " "}]
+        related += [{**e, "id": e["id"] + "/longer", "prompt": longer}, {**e, "id": e["id"] + "/respaced", "prompt": respaced}]
+    pool = examples + related
+    _, heldout, _ = split_heldout(pool, fraction=0.1, seed=0)
+    out = {e["id"] for e in heldout}
+    assert any(e["id"] in out for e in examples[:400]), "some of them held out, so the check below means something"
+    for e in examples[:400]:
+        assert (e["id"] in out) == (e["id"] + "/longer" in out) == (e["id"] + "/respaced" in out)
+    a = {e["id"] for e in data.half(pool, "a")}
+    for e in examples[:400]:
+        assert (e["id"] in a) == (e["id"] + "/longer" in a) == (e["id"] + "/respaced" in a)
+    # on HH-RLHF itself: no held-out prompt opens with a training conversation's first user turn
+    train, heldout, _ = split_heldout(examples, fraction=0.1, seed=0)
+    assert not {data.group_key(e) for e in train} & {data.group_key(e) for e in heldout}
+
+
 def test_sft_and_unpaired_views(real):
     examples, _ = real
     ex = examples[0]

@@ -213,6 +213,20 @@ def test_a_run_trained_on_an_evaluation_prompt_is_refused(tmp_path, hh_dir):
         evaluate.check_not_trained_on(tmp_path, prompts, all_pairs)
 
 
+def test_a_run_trained_on_a_related_conversation_is_refused(tmp_path, hh_dir):
+    """A planted leak no exact-prompt check sees: a training conversation that continues an evaluation prompt."""
+    prompts, _, all_pairs = evaluate.eval_set(train.DataConfig(split="test", source=str(hh_dir)), 4, 4)
+    source = next(ex for ex in all_pairs if ex["prompt"] == prompts[3]["prompt"])
+    longer = {**source, "id": "planted/1", "prompt": source["prompt"] + [{"role": "assistant", "content": "Go on?"},
+                                                                        {"role": "user", "content": "Tell me more."}]}
+    clean = next(ex for ex in all_pairs if data.group_key(ex) not in {data.group_key(p) for p in prompts})
+    (tmp_path / "split.json").write_text(json.dumps({"train_ids": [clean["id"]]}))
+    evaluate.check_not_trained_on(tmp_path, prompts, all_pairs + [longer])  # clean: passes
+    (tmp_path / "split.json").write_text(json.dumps({"train_ids": [clean["id"], "planted/1"]}))
+    with pytest.raises(ValueError, match="opens with the same user turn"):
+        evaluate.check_not_trained_on(tmp_path, prompts, all_pairs + [longer])
+
+
 def test_a_leak_through_an_upstream_run_or_a_pair_is_refused(tmp_path, hh_dir):
     prompts, eval_pairs, all_pairs = evaluate.eval_set(train.DataConfig(split="test", source=str(hh_dir)), 2, 8)
 

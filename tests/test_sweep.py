@@ -130,6 +130,21 @@ def test_seeds_run_the_hh_study_once_per_seed_and_pair_references_by_seed():
         sw.load_grid(REPO / "grids" / "hh.yaml", seeds=[])
 
 
+@pytest.mark.parametrize("grid", ["hh.yaml", "gpu.yaml"])
+def test_no_policy_trains_on_the_gold_judges_half(grid):
+    """The human-label grids judge by a "gold" reward model trained on prompt half b: every job that trains a policy
+    (SFT, the preference arms, PPO's and online DPO's prompts) reads half a, the proxy's, and nothing reads all."""
+    from workbench import sweep as sw
+
+    _, jobs = sw.load_grid(REPO / "grids" / grid)
+    gold = [j for j in jobs if j.stage == "gold"]
+    assert gold and {j.params["half"] for j in gold} == {"b"}
+    policies = [j for j in jobs if not j.always and j.stage not in ("gold", "proxy")]
+    assert policies and {j.params.get("half") for j in policies} == {"a"}, \
+        [(j.stage, j.params.get("half")) for j in policies if j.params.get("half") != "a"]
+    assert {j.params["half"] for j in jobs if j.stage == "proxy"} == {"a"}
+
+
 def test_a_bad_grid_lists_every_problem_before_running(tmp_path):
     bad = {"name": "bad", "colour": "red", "stages": [
         {"stage": "sft", "notebook": "01_sft.ipynb", "params": {"max_stepz": 2, "seed": "zero"}},

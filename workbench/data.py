@@ -549,39 +549,48 @@ def prompt_key(ex: dict) -> str:
     return json.dumps(ex["prompt"], ensure_ascii=False, sort_keys=True)
 
 
+def group_key(ex: dict) -> str:
+    """What keeps related conversations on one side of every split: the first user turn, case and spacing folded.
+    HH-RLHF holds conversations that are prefixes or extensions of one another (test/370 is a prefix of test/481);
+    grouped by the whole prompt, 23 of its 238 held-out prompts shared their opening with a training conversation.
+    A row without a user turn is grouped by its whole prompt (``prompt_key``)."""
+    first = next((m["content"] for m in ex["prompt"] if m.get("role") == "user"), None)
+    return " ".join(first.casefold().split()) if first is not None else prompt_key(ex)
+
+
 def _unit_hash(key: str) -> float:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64  # uniform in [0, 1)
 
 
 def half(examples: list[dict], which: str) -> list[dict]:
-    """The pairs whose prompt falls in half "a" or "b" (a fixed hash of the prompt, independent of the seed and of
-    the held-out split): two reward models trained on the two halves saw disjoint prompts, so one can serve as
-    the other's gold evaluator."""
+    """The pairs whose prompt falls in half "a" or "b" (a fixed hash of the conversation's first user turn,
+    ``group_key``, independent of the seed and of the held-out split): two reward models trained on the two halves
+    saw disjoint conversations, so one can serve as the other's gold evaluator."""
     if which not in ("a", "b"):
         raise ValueError(f"half must be 'a' or 'b' (got {which!r}).")
-    return [ex for ex in examples if (_unit_hash("half\x00" + prompt_key(ex)) < 0.5) == (which == "a")]
+    return [ex for ex in examples if (_unit_hash("half\x00" + group_key(ex)) < 0.5) == (which == "a")]
 
 
 def split_heldout(examples: list[dict], fraction: float = 0.1, seed: int = 0) -> tuple[list, list, dict]:
-    """Deterministic train / held-out split, grouped by prompt.
+    """Deterministic train / held-out split, grouped by conversation (``group_key``: the first user turn).
 
-    Each pair goes to held-out when sha256(seed, prompt) falls below ``fraction`` of the hash range, so
-    pairs that share a prompt land on the same side (no prompt leaks into training) and a pair's side
-    does not depend on the input order or on the other pairs. Both lists keep the input order. The
+    Each pair goes to held-out when sha256(seed, first user turn) falls below ``fraction`` of the hash range, so
+    pairs that share a prompt, and conversations that extend one another, land on the same side (no prompt leaks
+    into training) and a pair's side does not depend on the input order or on the other pairs. Both lists keep the input order. The
     held-out share is ``fraction`` only on average (it is a per-prompt coin flip).
     """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
     train, heldout = [], []
     for ex in examples:
-        u = _unit_hash(f"{seed}\x00{prompt_key(ex)}")
+        u = _unit_hash(f"{seed}\x00{group_key(ex)}")
         (heldout if u < fraction else train).append(ex)
     info = {
         "seed": seed,
         "fraction": fraction,
         "n_train": len(train),
         "n_heldout": len(heldout),
-        "method": "sha256(seed, prompt messages as JSON) / 2**64 < fraction -> heldout",
+        "method": "sha256(seed, first user turn, case and spacing folded) / 2**64 < fraction -> heldout",
     }
     return train, heldout, info
 
@@ -595,7 +604,7 @@ class DataConfig:
     # local hh-rlhf directory, "hub", or a pairs folder (a gold-labelled dataset's run folder: ``read_pairs``);
     # None: $WORKBENCH_HH_SOURCE, a local copy, the hub
     source: str | None = None
-    heldout_fraction: float = 0.1  # prompts held out of training (seeded hash of the prompt), scored afterwards
+    heldout_fraction: float = 0.1  # prompts held out of training (seeded hash of the first user turn), scored after
     split_seed: int = 0  # seeds the held-out split; fixed (not the run's seed) so that every seed and every arm is
     # evaluated on the same held-out prompts, none of which any of them trained on
     half: str | None = None  # train only on prompt half "a" or "b" (see ``half``): e.g. a proxy RM and its gold RM

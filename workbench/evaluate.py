@@ -133,8 +133,8 @@ def eval_set(data_cfg: data.DataConfig, n_prompts: int, n_pairs: int, pairs: lis
 def check_not_trained_on(run_path: Path, prompts: list[dict], all_pairs: list[dict],
                          pairs: list[dict] = ()) -> None:
     """Raise if the run, or a run it was built from (its SFT run, its proxy or gold reward model when that is a run
-    folder, recursively), trained on any evaluation prompt or on the prompt of any evaluation pair (by the ids in
-    each run's split.json). A run folder without split.json is refused: nothing would show it held those out."""
+    folder, recursively), trained on any evaluation prompt or on the prompt of any evaluation pair, or on a
+    conversation that opens with the same user turn (``data.group_key``; by the ids in each run's split.json). A run folder without split.json is refused: nothing would show it held those out."""
     seen_runs: set = set()
     todo = [Path(run_path)]
     while todo:
@@ -148,14 +148,16 @@ def check_not_trained_on(run_path: Path, prompts: list[dict], all_pairs: list[di
                                     "prompts. Runs trained by this workbench write it; evaluate another run, or "
                                     "write its split.json (train_ids: the pair ids it trained on).")
         trained = set(json.loads(split.read_text()).get("train_ids", []))
-        seen = {data.prompt_key(ex) for ex in all_pairs if ex["id"] in trained}
+        seen = {data.group_key(ex) for ex in all_pairs if ex["id"] in trained}
         for what, items in (("evaluation prompts", prompts), ("evaluation pairs", pairs)):
-            leaked = [p["id"] for p in items if data.prompt_key(p) in seen]
+            leaked = [p["id"] for p in items if data.group_key(p) in seen]
             if leaked:
                 whose = "" if path == Path(run_path) else f" (through {path.name}, which {Path(run_path).name} was built from)"
-                raise ValueError(f"{path.name} trained on {len(leaked)} of the {len(items)} {what} (e.g. {leaked[0]})"
-                                 f"{whose}: its held-out split differs (data.split_seed / heldout_fraction). Evaluate it "
-                                 "with EvalConfig(data=<its DataConfig>) apart from the others, or leave it out.")
+                raise ValueError(f"{path.name} trained on {len(leaked)} of the {len(items)} {what} (e.g. {leaked[0]}), "
+                                 f"or on a conversation that opens with the same user turn{whose}: its held-out split "
+                                 "differs (data.split_seed / heldout_fraction, or a run split before splits were grouped "
+                                 "by first user turn). Train it again, or evaluate it with EvalConfig(data=<its "
+                                 "DataConfig>) apart from the others.")
         config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
         for key in ("sft_run", "reward_model", "gold_reward_model"):
             up = config.get(key)
