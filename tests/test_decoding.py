@@ -32,7 +32,7 @@ def _greedy_equals_generate(model, tok, prompt_ids, n_new):
     got = decoding.decode(model, prompt_ids, max_new_tokens=n_new, temperature=0, seeds=list(range(len(prompt_ids))),
                           eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
     for i, p in enumerate(prompt_ids):  # each prompt alone through generate: no padding, nothing shared
-        out = model.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=n_new, min_new_tokens=1,
+        out = model.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=n_new,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[0, len(p):]
         ours = got.response[i][got.mask[i]].tolist()
         assert ours == out[: len(ours)].tolist(), f"prompt {i}"

@@ -138,6 +138,22 @@ def test_sampled_kl_is_unbiased_for_the_exact_kl(perturbed_policy):
         assert sum(r["token_logratio"]) == pytest.approx(r["kl"], abs=1e-5)
         assert r["token_logratio"][0] == pytest.approx(logp[r["completion_token_ids"][0]].item()
                                                        - logq[r["completion_token_ids"][0]].item(), abs=1e-4)
+    # beside it, the same samples' log-ratio at T = 1 (the models' own distributions): DPO's KL, not PPO's
+    with torch.no_grad():
+        logp1 = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+        with model.disable_adapter():
+            logq1 = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+    for r in recs[:20]:
+        t = r["completion_token_ids"][0]
+        assert r["kl_t1"] == pytest.approx(logp1[t].item() - logq1[t].item(), abs=1e-4)
+    assert any(abs(r["kl_t1"] - r["kl"]) > 1e-3 for r in recs[:20]), "T = 1 and T = 0.7 differ"
+    # sampled at T = 1, the two are one number, and its mean estimates the KL at T = 1
+    at1 = sampling.sample_completions(model, tok, [{"id": "p", "prompt": prompt}], n_samples=600, max_new_tokens=1,
+                                      temperature=1.0, seed=0, batch_size=200)
+    exact1 = (logp1.exp() * (logp1 - logq1)).sum().item()
+    kl1 = np.array([r["kl_t1"] for r in at1])
+    assert all(r["kl"] == pytest.approx(r["kl_t1"], abs=1e-6) for r in at1)
+    assert abs(kl1.mean() - exact1) < 4 * kl1.std() / math.sqrt(len(kl1))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -31,12 +31,14 @@ from .logprobs import pad_left
 class Decoded:
     """Rows in prompt-major order (prompt i's sample j is row i·k + j). ``response`` (N, T) is cut after each row's
     first EOS (kept; later tokens are ``pad_id``), ``mask`` marks the kept tokens, ``ended`` whether a row has an EOS,
-    ``logps`` (N, T) each kept token's log π at the sampling temperature (0 where masked)."""
+    ``logps`` (N, T) each kept token's log π at the sampling temperature (0 where masked), ``logps_t1`` at
+    temperature 1, the model's own distribution (the same tensor when sampling at T = 1 or greedily)."""
 
     response: Tensor
     mask: Tensor
     ended: Tensor
     logps: Tensor
+    logps_t1: Tensor
 
 
 def row_seeds(seed: int, n: int) -> list[int]:
@@ -46,12 +48,14 @@ def row_seeds(seed: int, n: int) -> list[int]:
 
 @torch.no_grad()
 def decode(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float, seeds: list[int],
-           eos_id: int, pad_id: int, n_samples: int = 1, top_p: float = 1.0, min_new_tokens: int = 1,
+           eos_id: int, pad_id: int, n_samples: int = 1, top_p: float = 1.0, min_new_tokens: int = 0,
            prefill_batch: int = 8) -> Decoded:
     """``n_samples`` responses of at most ``max_new_tokens`` to each prompt (token ids), one per seed in ``seeds``
     (``len(prompt_ids) · n_samples`` of them, prompt-major). ``temperature`` 0 decodes greedily (log π then at T = 1).
-    The first ``min_new_tokens`` tokens are never EOS (an empty response has nothing to score); the log-probs are
-    the model's all the same. ``prefill_batch``: prompts per prefill forward (sorted by length, so they pad little)."""
+    The first ``min_new_tokens`` tokens are never EOS; the log-probs are the model's all the same, so with
+    ``min_new_tokens`` > 0 they are not those of the distribution sampled. The default 0 samples the model as it is:
+    a reply may be the EOS alone (one token, kept, so it is scored like any other).
+    ``prefill_batch``: prompts per prefill forward (sorted by length, so they pad little)."""
     from transformers import StaticCache
 
     k, n_prompts = n_samples, len(prompt_ids)
@@ -85,6 +89,7 @@ def decode(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperatu
     gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
     tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long)
     logps = torch.zeros((N, max_new_tokens))
+    logps_t1 = logps if temperature in (0, 1) else torch.zeros((N, max_new_tokens))
     done = torch.zeros(N, dtype=torch.bool, device=dev)
     for t in range(max_new_tokens):
         logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, -1)
@@ -96,6 +101,9 @@ def decode(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperatu
         picked = logp.gather(1, token[:, None])[:, 0]
         token = torch.where(done, pad_id, token)
         tokens[:, t], logps[:, t] = token.cpu(), torch.where(done, 0.0, picked).cpu()
+        if logps_t1 is not logps:  # the untempered model's log-prob of the same token: KL at T = 1 beside T's
+            picked_t1 = torch.log_softmax(logits, -1).gather(1, token.clamp(min=0)[:, None])[:, 0]
+            logps_t1[:, t] = torch.where(done, 0.0, picked_t1).cpu()
         done = done | (token == eos_id)
         if t == max_new_tokens - 1 or bool(done.all()):
             break
@@ -108,7 +116,8 @@ def decode(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperatu
     ended = is_eos.any(1)
     first = torch.where(ended, is_eos.float().argmax(1), torch.full((N,), max_new_tokens))
     mask = torch.arange(max_new_tokens)[None] <= first[:, None]
-    return Decoded(torch.where(mask, tokens, pad_id), mask, ended, torch.where(mask, logps, 0.0))
+    return Decoded(torch.where(mask, tokens, pad_id), mask, ended, torch.where(mask, logps, 0.0),
+                   torch.where(mask, logps_t1, 0.0))
 
 
 def draw(logp: Tensor, generators: list[torch.Generator]) -> Tensor:

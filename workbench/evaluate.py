@@ -282,14 +282,15 @@ def _rm_accuracy(fn, pairs: list[dict]) -> float:
     baselines = [ex["chosen"][0]["content"] for ex in pairs]
     c = score_replies(fn, [ex["prompt"] for ex in pairs], [ex["chosen"] for ex in pairs], baselines)
     r = score_replies(fn, [ex["prompt"] for ex in pairs], [ex["rejected"] for ex in pairs], baselines)
-    return (c > r).float().mean().item()
+    return float(stats.wins(c.tolist(), r.tolist()).mean())  # a tie counts ½, as in every accuracy here
 
 
 def _generation_summary(gens: list[dict], cfg: EvalConfig) -> dict:
     """Means with bootstrap intervals over prompts, and the win rate against the chosen responses."""
     ids = [g["id"] for g in gens]
     out = {"n_prompts": len(set(ids)), "n_samples": len(gens)}
-    for key, name in (("gold_score", "gold"), ("score", "proxy"), ("kl", "kl"), ("response_tokens", "response_tokens")):
+    for key, name in (("gold_score", "gold"), ("score", "proxy"), ("kl", "kl"), ("kl_t1", "kl_t1"),
+                      ("response_tokens", "response_tokens")):
         if gens and gens[0].get(key) is not None:
             est, lo, hi = stats.bootstrap_mean([float(g[key]) for g in gens], ids, cfg.n_bootstrap, cfg.seed)
             out.update({f"eval/{name}": est, f"eval/{name}_lo": lo, f"eval/{name}_hi": hi})

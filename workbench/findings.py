@@ -105,7 +105,9 @@ def setup(table: pd.DataFrame, dataset: Path) -> str:
         f"{ev['temperature']}, ≤ {ev['max_new_tokens']} new tokens, sampling seed {ev['seed']}, for every policy and every "
         f"snapshot it saved; gold `{ev['gold_reward_model']}`, proxy `{Path(str(ev['proxy_reward_model'])).name}`; "
         f"{ev['n_pairs']} held-out gold-labelled pairs for accuracies; KL(π‖π_ref) = Σ_t log π − log π_ref over each "
-        f"sample (the same estimator for every arm); intervals: 95% cluster bootstrap over prompts "
+        f"sample (the same estimator for every arm), at the sampling temperature T = {ev['temperature']} (\"KL at T\": "
+        f"the distributions sampled) and at T = 1 (the models' own, the KL DPO's β constrains), both over replies cut "
+        f"at {ev['max_new_tokens']} tokens (\"ended\": the share that ended before); intervals: 95% cluster bootstrap over prompts "
         f"({ev['n_bootstrap']} resamples) for one seed; across seeds a two-level bootstrap over prompts and seeds for "
         f"gold, proxy, KL, length and the differences to SFT, a t-interval across seeds for the rest; differences to "
         f"SFT are paired by prompt and sample.",
@@ -123,10 +125,10 @@ def policies(agg: pd.DataFrame) -> str:
     """Table 1: one row per policy setting (final adapters)."""
     pol = agg[agg["method"] != "reward"]
     rows = [[setting(r), r["seeds"], _ci(r, "eval/gold"), _ci(r, "eval/gold_vs_sft"), _ci(r, "eval/kl", 2),
-             _ci(r, "eval/proxy_vs_sft", 2), _f(r.get("eval/response_tokens"), 1), _f(r.get("eval/ended"), 2),
+             _ci(r, "eval/kl_t1", 2), _ci(r, "eval/proxy_vs_sft", 2), _f(r.get("eval/response_tokens"), 1), _f(r.get("eval/ended"), 2),
              _f(r.get("eval/distinct2"), 2), _f(r.get("budget/gold_pairs"), 0), _f(r.get("budget/gold_queries"), 0),
              _f(r.get("budget/tokens_generated"), 0)] for _, r in pol.iterrows()]
-    return _markdown(rows, ["setting", "seeds", "gold", "gold − SFT (paired)", "KL(π‖π_ref)", "proxy − SFT (paired)",
+    return _markdown(rows, ["setting", "seeds", "gold", "gold − SFT (paired)", "KL at T", "KL at T = 1", "proxy − SFT (paired)",
                             "tokens", "ended", "distinct-2", "gold pairs", "gold queries", "tokens generated"])
 
 
@@ -302,8 +304,10 @@ def caveats(table: pd.DataFrame) -> str:
         "The gold is a lexicon of word sentiment. It rewards positive words whatever the prompt asks; a policy that "
         "learns to sound cheerful scores high without being more helpful or more harmless. The study measures how well "
         "each method optimises a known reward from its own labels, not human preference.",
-        "The evaluation's KL is the sampled estimate Σ_t log π − log π_ref at the sampling temperature, per response, "
-        "from the same samples as the gold; best-of-n's KL is the bound log n − (n−1)/n beside its plug-in estimate.",
+        "The evaluation's KL is the sampled estimate Σ_t log π − log π_ref per response, from the same samples as the "
+        "gold, at the sampling temperature and at T = 1; both are of replies cut at the evaluation's length, so for the "
+        "replies that did not end (Table 1, \"ended\") a lower bound on the whole reply's. Best-of-n's KL is the bound "
+        "log n − (n−1)/n beside its plug-in estimate.",
         "Best-of-n is computed from the gold-labelled dataset's held-out replies (sampled from the SFT adapter merged "
         "into a dequantized copy of the base, the same policy up to bf16 rounding); the policies' gold from their own "
         f"evaluation samples on {_n_eval_prompts(table)} of those prompts.",

@@ -195,7 +195,7 @@ def sample_replies(cfg: GoldPairsArgs, prompts: dict[str, list[dict]], gold) -> 
         got = sample_completions(sampler, tokenizer, prompts[part], n_samples=k, rewards={"gold": gold},
                                  max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_new_tokens,
                                  temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed + 1_000_000 * offset,
-                                 batch_size=cfg.batch_size, logprobs=False,
+                                 batch_size=cfg.batch_size, logprobs=False, min_new_tokens=1,  # a pair's texts: never empty
                                  desc=f"gold-pairs: sampling {len(prompts[part]) * k} replies ({part})")
         records += [{"part": part, **r} for r in got]
     return records, time.time() - t0

@@ -122,11 +122,12 @@ def last_token_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 
 def _shared_prompt_logps(model, prompts: list[list[int]], completions: list[list[list[int]]], pad_id: int,
-                         temperature: float = 1.0) -> list[list[torch.Tensor]]:
+                         temperature: float | tuple[float, ...] = 1.0) -> list[list[torch.Tensor]]:
     """Per-token log-probs of several completions per prompt, running each prompt through the model once.
 
     prompts: B token lists; completions: for each prompt, its own number of token lists (2 for a preference
-    pair's chosen and rejected, n for n samples of one prompt). ``temperature``: the logits are divided by it.
+    pair's chosen and rejected, n for n samples of one prompt). ``temperature``: the logits are divided by it (a
+    tuple of temperatures: the log-probs at each from one pass, as (tokens, temperatures) tensors).
     1. The prompts, right-padded, go through the backbone once and leave their KV cache.
     2. Every completion continues from its prompt's rows of that cache, at the positions following its own
        prompt (explicit position_ids; the padding gap is masked out).
@@ -152,8 +153,10 @@ def _shared_prompt_logps(model, prompts: list[list[int]], completions: list[list
                       position_ids=p_len[owner][:, None] + torch.arange(Lc, device=dev)[None],
                       past_key_values=cache, use_cache=False).last_hidden_state  # (K, Lc, H)
     predictors = torch.cat([last[owner][:, None], hidden[:, :-1]], dim=1)  # (K, Lc, H)
-    logits = head(predictors[c_mask]).float() / temperature  # (N, V), N = all completion tokens
-    picked = logits.gather(1, c_ids[c_mask].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    logits = head(predictors[c_mask]).float()  # (N, V), N = all completion tokens
+    token = c_ids[c_mask].unsqueeze(-1)
+    at = lambda t: (logits / t).gather(1, token).squeeze(-1) - torch.logsumexp(logits / t, dim=-1)  # noqa: E731
+    picked = torch.stack([at(t) for t in temperature], -1) if isinstance(temperature, tuple) else at(temperature)
     per_row = iter(picked.cpu().split(c_len.tolist()))
     return [[next(per_row) for _ in cs] for cs in completions]
 
@@ -183,11 +186,12 @@ def in_length_buckets(model, lengths: list[int], batch_size: int | None, score, 
 @torch.no_grad()
 def shared_prompt_logps(model, prompts: list[list[int]], completions: list[list[list[int]]], *, pad_id: int,
                         batch_size: int | None = None, reference: bool = False,
-                        temperature: float = 1.0) -> list[list[torch.Tensor]]:
+                        temperature: float | tuple[float, ...] = 1.0) -> list[list[torch.Tensor]]:
     """``completion_logps`` for several completions of each prompt (a preference pair: chosen and rejected; n
     samples of one prompt), with each prompt computed once instead of once per completion. Batched over prompts,
     length-bucketed, returned in input order: result[i][c] has the per-token log-probs of completions[i][c], at
-    ``temperature`` (the logits divided by it, as where the completions were sampled).
+    ``temperature`` (the logits divided by it, as where the completions were sampled; a tuple: at each of them, on
+    the last axis).
 
     Needs a decoder with a KV cache (every causal LM in transformers); the numbers equal ``completion_logps``'.
     """

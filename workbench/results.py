@@ -201,6 +201,7 @@ def snapshot_table(runs, eval_name: str = "default") -> pd.DataFrame:
 # per-sample quantities whose interval across seeds is a two-level bootstrap (prompts, then seeds): metric -> the
 # generations' key, and whether it is the paired difference to the SFT policy's sample on the same prompt and index
 TWO_LEVEL = {"eval/gold": ("gold_score", False), "eval/proxy": ("score", False), "eval/kl": ("kl", False),
+             "eval/kl_t1": ("kl_t1", False),
              "eval/response_tokens": ("response_tokens", False), "eval/gold_vs_sft": ("gold_score", True),
              "eval/proxy_vs_sft": ("score", True)}
 

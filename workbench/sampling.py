@@ -5,9 +5,11 @@ evaluation (``evaluate.py``), the gold-labelled dataset (``gold_pairs.py``); eve
 ``decoding.decode``. A response is cut after its first EOS (kept, so a policy learns to stop) and the tokens after it
 are masked.
 
-Log-probs of samples are taken at the sampling temperature for policy and reference alike, so the KL is the one
-between the distributions that were sampled (at T = 1 the models' own); with top_p < 1 the log-probs are those of
-the untruncated tempered models.
+Log-probs of samples are taken at the sampling temperature for policy and reference alike, so the KL (``kl``) is the
+one between the distributions that were sampled. Beside it ``kl_t1``: the same samples' Σ_t log π − log π_ref at
+T = 1, the models' own distributions, whose KL DPO's β constrains (an unbiased estimate of it only when sampling at
+T = 1; at T < 1 it is the untempered log-ratio averaged over tempered samples). With top_p < 1 the log-probs are
+those of the untruncated tempered models.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
         generator_seed = int(torch.randint(0, 2**62, (1,)).item())
     got = decode(model, prompt_ids, n_samples=n_samples, max_new_tokens=max_new_tokens, temperature=temperature,
                  top_p=top_p, seeds=row_seeds(generator_seed, len(prompt_ids) * n_samples),
-                 eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+                 eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, min_new_tokens=1)
     return got.response, got.mask, got.ended
 
 
@@ -79,7 +81,7 @@ def call_reward(reward_fn, prompts, texts, response_ids, mask, baseline: list[st
 def sample_completions(model, tokenizer, prompts: list[dict], *, n_samples: int = 1, rewards: dict | None = None,
                        max_prompt_length: int = 256, max_new_tokens: int = 64, temperature: float = 0.7,
                        top_p: float = 1.0, seed: int = 0, batch_size: int = 64, logprobs: bool = True, sampler=None,
-                       desc: str | None = None) -> list[dict]:
+                       desc: str | None = None, min_new_tokens: int = 0) -> list[dict]:
     """``n_samples`` completions per prompt (rows with "id" and "prompt"), one record each: the completion, its
     length, whether it ended, the sampled KL to the reference (Σ_t log π − log π_ref) and per token log π,
     log π_ref and their ratio; ``rewards`` maps a record key ("score", "gold_score") to a reward function.
@@ -94,7 +96,9 @@ def sample_completions(model, tokenizer, prompts: list[dict], *, n_samples: int 
     floating-point sums; tests/test_decoding.py); log π_ref is the reference's (``model`` under
     ``logprobs.reference_adapter``), one pass over each prompt and its samples. ``logprobs=False`` leaves out
     log π_ref and the KL (a gold-labelled dataset needs only the texts and their scores, and may sample from the
-    inexact ``inference_copy(model, dtype=...)``)."""
+    inexact ``inference_copy(model, dtype=...)``). ``min_new_tokens``: the first that many tokens are never EOS; the default
+    0 samples the model's own distribution, which the log-probs and the KL are of (a reply may then be the EOS
+    alone: an empty text, scored as any other)."""
     from tqdm.auto import tqdm
 
     encoded = encode_prompts(tokenizer, [row["prompt"] for row in prompts], max_prompt_length)
@@ -109,18 +113,19 @@ def sample_completions(model, tokenizer, prompts: list[dict], *, n_samples: int 
         got = decode(sampler if sampler is not None else model, prompt_ids, n_samples=n_samples,
                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                      seeds=[seed + i * n_samples + j for i in idx for j in range(n_samples)],
-                     eos_id=tokenizer.eos_token_id, pad_id=pad)
+                     eos_id=tokenizer.eos_token_id, pad_id=pad, min_new_tokens=min_new_tokens)
         response, mask = got.response, got.mask
         rows = [(prompts[i], j) for i in idx for j in range(n_samples)]
         texts = tokenizer.batch_decode(response, skip_special_tokens=True)
         messages = [row["prompt"] for row, _ in rows]
         base = baselines([row for row, _ in rows])
         scores = {key: call_reward(fn, messages, texts, response, mask, base) for key, fn in (rewards or {}).items() if fn}
-        if logprobs:
+        if logprobs:  # log π_ref at the sampling temperature and, beside it, at T = 1 (the untempered KL)
             groups = [list(range(g * n_samples, (g + 1) * n_samples)) for g in range(len(idx))]
             with reference_adapter(model):
-                ref_logps = sample_logps(model, [prompt_ids[g] for g in range(len(idx)) for _ in range(n_samples)],
-                                          response, mask, groups, pad, temperature)
+                both = sample_logps(model, [prompt_ids[g] for g in range(len(idx)) for _ in range(n_samples)],
+                                    response, mask, groups, pad, (temperature or 1.0, 1.0))
+            ref_logps, ref_logps_t1 = [t[:, 0] for t in both], [t[:, 1] for t in both]
         for r, (row, j) in enumerate(rows):
             m = mask[r]
             record = {"id": row["id"], "sample": j, "prompt": row["prompt"], "completion": texts[r],
@@ -130,8 +135,10 @@ def sample_completions(model, tokenizer, prompts: list[dict], *, n_samples: int 
             if logprobs:
                 logp = got.logps[r][m].to(ref_logps[r].dtype)
                 logratio = logp - ref_logps[r]
-                record.update({"kl": logratio.sum().item(), "token_logps": logp.tolist(),
-                               "reference_token_logps": ref_logps[r].tolist(), "token_logratio": logratio.tolist()})
+                logp_t1 = got.logps_t1[r][m].to(ref_logps_t1[r].dtype)
+                record.update({"kl": logratio.sum().item(), "kl_t1": (logp_t1 - ref_logps_t1[r]).sum().item(),
+                               "token_logps": logp.tolist(), "reference_token_logps": ref_logps[r].tolist(),
+                               "token_logratio": logratio.tolist()})
             records[idx[r // n_samples] * n_samples + j] = record
     return records
 
@@ -239,8 +246,9 @@ def _merged_copy(src, config, adapter: str | None, dtype: torch.dtype):
 
 
 def sample_logps(model, prompt_ids: list[list[int]], response: Tensor, mask: Tensor, groups: list[list[int]],
-                  pad_id: int, temperature: float) -> list[Tensor]:
-    """Per-token log-probs (at ``temperature``) of each sampled response's kept tokens, under the model's active
+                  pad_id: int, temperature: float | tuple[float, ...]) -> list[Tensor]:
+    """Per-token log-probs (at ``temperature``; a tuple: at each, on the last axis) of each sampled response's kept
+    tokens, under the model's active
     adapter; ``groups`` lists the rows that share one prompt, which then runs through the model once for all of
     them (``shared_prompt_logps``: with 2 samples per prompt, ~40 % fewer tokens on HH's long prompts), four prompts a
     forward on a CPU (bench: 8–9 s for the evaluation's 32 prompts against 10.5 s for all at once), all on a GPU."""
