@@ -517,3 +517,60 @@ def test_the_closing_caveat_follows_the_numbers_and_flips_with_them():
     assert "not distinguishable from noise" in nothing and "beat their SFT" not in nothing
     worse = paper._caveats(pd.DataFrame(), agg([-0.3, -0.05], [-0.1, 0.05]))
     assert "1 fell below it (dpo" in worse
+
+
+def test_arms_are_compared_paired_and_the_draft_follows_which_is_ahead(tmp_path):
+    """Arm against arm, paired by prompt and sample within each seed, two-level across seeds: a shift the prompts'
+    own spread would hide between two separate intervals is shown, the draft's sentence names the arm ahead, and it
+    flips when the numbers flip."""
+    from workbench import findings
+
+    rng = np.random.default_rng(5)
+    prompt_effect = np.repeat(rng.normal(0, 3, 16), 2)  # 16 prompts x 2 samples, a large effect both arms share
+
+    def study(root, shift):
+        sft = _fake_run(root, "sft", 0, None, list(prompt_effect), [0] * 32, [100] * 32, 1e9)
+        runs = [sft]
+        for s in range(3):
+            base = prompt_effect + rng.normal(0, 0.1, 32)
+            runs.append(_fake_run(root, "dpo", s, 0.1, list(base + shift), [0] * 32, [100] * 32, 1e9, sft_run=str(sft)))
+            runs.append(_fake_run(root, "kto", s, 0.1, list(base + rng.normal(0, 0.1, 32)), [0] * 32, [100] * 32, 1e9,
+                                  sft_run=str(sft)))
+        return results.results_table(runs)
+
+    table = study(tmp_path / "up", 0.3)
+    pairs = results.paired_arms(table)
+    assert list(pairs[["a", "b", "seeds"]].iloc[0]) == ["dpo β=0.1", "kto β=0.1", "0,1,2"]
+    est, lo, hi = pairs.iloc[0][["estimate", "lo", "hi"]]
+    assert 0.15 < lo < est < hi < 0.45 and pairs.iloc[0]["n_prompts"] == 16
+    agg = results.aggregate(table, ["eval/gold"]).set_index("method")  # unpaired, the arms' intervals overlap
+    assert agg.loc["dpo", "eval/gold_lo"] < agg.loc["kto", "eval/gold_hi"]
+    found = findings.arm_differences(table)
+    assert "1 of 1 differences have an interval that excludes 0: dpo β=0.1 above kto β=0.1 by 0.2" in found
+    flipped = findings.arm_differences(study(tmp_path / "down", -0.3))
+    assert "kto β=0.1 above dpo β=0.1 by 0.3" in flipped or "kto β=0.1 above dpo β=0.1 by 0.2" in flipped and "dpo β=0.1 above" not in flipped
+    same = findings.arm_differences(study(tmp_path / "same", 0.0))
+    assert "0 of 1 differences have an interval that excludes 0; the others are not distinguishable" in same
+    assert "| dpo β=0.1 | kto β=0.1 | 0,1,2 |" in findings.arms_table(table)
+
+
+def test_win_rates_are_flagged_when_their_judge_does_not_beat_the_length_rule(tmp_path):
+    from workbench import paper
+
+    def study(root, margin_lo):
+        gold = _fake_run(root, "reward", 0, None, [0] * 4, [0] * 4, [100] * 4, 1e9, name="gold")
+        summary = json.loads((gold / "eval" / "default" / "summary.json").read_text())
+        summary.update({"pairs/accuracy_vs_length_rule": margin_lo + 0.05, "pairs/accuracy_vs_length_rule_lo": margin_lo,
+                        "pairs/accuracy_vs_length_rule_hi": margin_lo + 0.1})
+        (gold / "eval" / "default" / "summary.json").write_text(json.dumps(summary))
+        dpo = _fake_run(root, "dpo", 0, 0.1, [1, 0, 1, 1], [0] * 4, [100] * 4, 1e9)
+        for run in (gold, dpo):
+            cfg = json.loads((run / "eval" / "default" / "config.json").read_text())
+            (run / "eval" / "default" / "config.json").write_text(json.dumps({**cfg, "gold_reward_model": str(gold)}))
+        table = results.results_table([gold, dpo])
+        return paper._results(results.aggregate(table), table)
+
+    flagged = study(tmp_path / "weak", -0.02)
+    assert "win vs chosen †" in flagged and "does not beat the length-only rule" in flagged and "gold__s0" in flagged
+    clear = study(tmp_path / "strong", 0.04)
+    assert "†" not in clear

@@ -341,6 +341,33 @@ def test_pairing_cancels_what_the_units_share():
     assert lo > 0 and est == pytest.approx(0.3, abs=0.1)  # paired, the difference is clear
 
 
+def test_a_paired_interval_is_narrower_on_correlated_data_and_the_unpaired_width_on_independent_data():
+    """The paired difference's interval against the unpaired one (a and b resampled over prompts independently):
+    on units that share a prompt effect, pairing removes it and the interval shrinks; on independent units there is
+    nothing to remove and the two widths agree."""
+    rng = np.random.default_rng(21)
+    clusters = np.repeat(np.arange(60), 2)
+
+    def unpaired_width(a, b, n_boot=2000):
+        ids = np.unique(clusters)
+        by = {c: np.flatnonzero(clusters == c) for c in ids}
+        draws = []
+        for _ in range(n_boot):
+            ia = np.concatenate([by[c] for c in rng.choice(ids, len(ids))])
+            ib = np.concatenate([by[c] for c in rng.choice(ids, len(ids))])
+            draws.append(a[ia].mean() - b[ib].mean())
+        lo, hi = np.percentile(draws, [2.5, 97.5])
+        return hi - lo
+
+    shared = np.repeat(rng.normal(0, 2, 60), 2)
+    a, b = shared + 0.2 + rng.normal(0, 0.5, 120), shared + rng.normal(0, 0.5, 120)
+    _, lo, hi = stats.paired_difference(a, b, clusters, 2000)
+    assert hi - lo < 0.5 * unpaired_width(a, b)
+    a, b = rng.normal(0.2, 1, 120), rng.normal(0, 1, 120)
+    _, lo, hi = stats.paired_difference(a, b, clusters, 2000)
+    assert 0.75 < (hi - lo) / unpaired_width(a, b) < 1.25
+
+
 def test_best_of_n_calls_a_fall_after_the_peak_over_optimisation_only_when_its_paired_interval_is_above_zero():
     """Gao et al.'s over-optimisation is a fall of the gold after its peak; a dip within noise is not one. The
     summary's ``bon/gold_drop`` is the fall from the peak to n = N paired by prompt, and the draft's wording follows

@@ -265,16 +265,19 @@ def fig_accuracy(table: pd.DataFrame) -> go.Figure:
 
 def fig_cost(table: pd.DataFrame, level: float | None = None) -> go.Figure:
     """Gold reward against the training compute of the whole pipeline behind each run (its FLOPs plus its SFT
-    run's and its reward model's; ``compute.py``), one point per run: how much compute buys how much reward."""
+    run's and its reward model's; ``compute.py``), one point per run with its 95% interval over prompts: how much
+    compute buys how much reward."""
     pol = _policies(table).dropna(subset=["compute/pipeline_flops", "eval/gold"]) if "eval/gold" in table else table.iloc[:0]
     fig = go.Figure()
     for method, g in pol.groupby("method"):
         fig.add_trace(go.Scatter(x=g["compute/pipeline_flops"], y=g["eval/gold"], mode="markers", name=method,
+                                 error_y=_err(g, "eval/gold"),
                                  text=[f"{_label(r)} s{r['seed']}" for _, r in g.iterrows()], marker=dict(size=10)))
     if level is not None:
         fig.add_hline(y=level, line_dash="dot", annotation_text=f"level {level:g}")
     fig.update_layout(title="Gold reward against training compute<br><sup>pipeline FLOPs: the run, its SFT run and "
-                      "its reward model (Kaplan et al. 2020 counting)</sup>", xaxis_type="log",
+                      "its reward model (Kaplan et al. 2020 counting); bars: each run's 95% interval over prompts</sup>",
+                      xaxis_type="log",
                       xaxis_title="training FLOPs (log)", yaxis_title="gold reward", **_LAYOUT)
     return fig
 

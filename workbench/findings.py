@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .results import aggregate, snapshot_table
+from .results import aggregate, paired_arms, setting, snapshot_table
 from .runs import read_jsonl
 
 RL = ("ppo", "rloo", "grpo", "online-dpo", "trl-online-dpo")  # the arms that sample their own responses
@@ -44,11 +44,6 @@ def _excludes_zero(row, m: str) -> bool | None:
     return lo > 0 or hi < 0
 
 
-def setting(row) -> str:
-    """"dpo β=0.1", "ppo (gt) β=0.05", "reward (proxy)": a run's setting, seeds apart."""
-    label = row["method"] + ("" if row.get("name", "default") == "default" else f" ({row['name']})")
-    beta = row.get("beta")
-    return label if beta is None or (isinstance(beta, float) and math.isnan(beta)) else f"{label} β={beta:g}"
 
 
 def gold_dataset(table: pd.DataFrame) -> Path | None:
@@ -122,14 +117,26 @@ def _markdown(rows: list[list[str]], header: list[str]) -> str:
 
 
 def policies(agg: pd.DataFrame) -> str:
-    """Table 1: one row per policy setting (final adapters)."""
+    """Table 1: one row per policy setting (final adapters). The arms' KL is to their SFT policy (their reference);
+    the SFT row's, to the base model, is marked so and not comparable with theirs."""
     pol = agg[agg["method"] != "reward"]
-    rows = [[setting(r), r["seeds"], _ci(r, "eval/gold"), _ci(r, "eval/gold_vs_sft"), _ci(r, "eval/kl", 2),
-             _ci(r, "eval/kl_t1", 2), _ci(r, "eval/proxy_vs_sft", 2), _f(r.get("eval/response_tokens"), 1), _f(r.get("eval/ended"), 2),
+    to_base = lambda r, m: ("to the base: " if r["method"] == "sft" else "") + _ci(r, m, 2)  # noqa: E731
+    rows = [[setting(r), r["seeds"], _ci(r, "eval/gold"), _ci(r, "eval/gold_vs_sft"), to_base(r, "eval/kl"),
+             to_base(r, "eval/kl_t1"), _ci(r, "eval/proxy_vs_sft", 2), _f(r.get("eval/response_tokens"), 1), _f(r.get("eval/ended"), 2),
              _f(r.get("eval/distinct2"), 2), _f(r.get("budget/gold_pairs"), 0), _f(r.get("budget/gold_queries"), 0),
              _f(r.get("budget/tokens_generated"), 0)] for _, r in pol.iterrows()]
     return _markdown(rows, ["setting", "seeds", "gold", "gold − SFT (paired)", "KL at T", "KL at T = 1", "proxy − SFT (paired)",
                             "tokens", "ended", "distinct-2", "gold pairs", "gold queries", "tokens generated"])
+
+
+def arms_table(table: pd.DataFrame) -> str:
+    """Table 1b: every two policy settings' gold difference, paired by prompt and sample (``results.paired_arms``)."""
+    pairs = paired_arms(table)
+    if pairs.empty:
+        return "(fewer than two policy settings with gold scores: no arm-against-arm comparison)"
+    rows = [[r["a"], r["b"], r["seeds"], _ci({"d": r["estimate"], "d_lo": r["lo"], "d_hi": r["hi"]}, "d"),
+             "yes" if r["lo"] > 0 or r["hi"] < 0 else "no"] for _, r in pairs.iterrows()]
+    return _markdown(rows, ["A", "B", "seeds", "gold A − B (paired)", "interval excludes 0"])
 
 
 def reward_models(agg: pd.DataFrame) -> str:
@@ -211,6 +218,10 @@ def findings(table: pd.DataFrame) -> str:
         out.append(f"Not shown to beat SFT on the gold (the interval contains 0, or the difference is negative): "
                    f"{'; '.join(not_shown)}.")
 
+    # --- arm against arm (Table 1b): which differences between methods the numbers show
+    if between := arm_differences(table):
+        out.append(between)
+
     # --- the frontier against the DPO paper's Fig. 2 (left)
     snaps = snapshot_table(list(table["path"]), table.attrs.get("eval_name", "default"))
     best = _best_points(snaps)
@@ -279,6 +290,21 @@ def findings(table: pd.DataFrame) -> str:
                        "their samples by proxy − gold." if moved else
                        "no arm changed its replies' ending or variety by more than 0.2 / 0.1."))
     return "\n".join(f"- {x}" for x in out)
+
+
+def arm_differences(table: pd.DataFrame) -> str:
+    """The finding of Table 1b: which settings' gold differs from another's by a paired interval that excludes 0,
+    the one ahead named first; "" with fewer than two settings."""
+    pairs = paired_arms(table)
+    if pairs.empty:
+        return ""
+    shown = pairs[(pairs["lo"] > 0) | (pairs["hi"] < 0)]
+    ahead = [(r["a"], r["b"], r["estimate"], r["lo"], r["hi"]) if r["estimate"] > 0 else
+             (r["b"], r["a"], -r["estimate"], -r["hi"], -r["lo"]) for _, r in shown.iterrows()]
+    text = "; ".join(f"{a} above {b} by {_f(d)} [{_f(lo)}, {_f(hi)}]" for a, b, d, lo, hi in ahead)
+    return (f"Arm against arm on the gold, paired by prompt and sample (Table 1b): {len(shown)} of {len(pairs)} "
+            "differences have an interval that excludes 0" + (f": {text}" if len(shown) else "") +
+            ("; the others are not distinguishable at this size" if len(shown) < len(pairs) else "") + ".")
 
 
 def _n_eval_prompts(table: pd.DataFrame) -> int | str:

@@ -7,8 +7,8 @@ human-label study (grids/hh.yaml).
 
 Placeholders of both: {{setup}}, {{results}}, {{compute}} (FLOPs, tokens, time; cost to reach the SFT policy's gold
 reward), {{figures}} (every figure of ``figures.FIGURES``), {{caveats}} (what these numbers can and cannot show,
-computed from them), {{generated}} (when and from what). The known-gold template adds {{reward_models}},
-{{best_of_n}} and {{findings}}.
+computed from them), {{generated}} (when and from what). The known-gold template adds {{arms}} (arm against arm,
+paired), {{reward_models}}, {{best_of_n}} and {{findings}}.
 """
 
 from __future__ import annotations
@@ -85,14 +85,37 @@ def _name(spec) -> str | None:
     return Path(spec).name if spec and Path(spec).is_dir() else spec
 
 
-def _results(agg: pd.DataFrame) -> str:
+def _results(agg: pd.DataFrame, table: pd.DataFrame | None = None) -> str:
+    flag = _judge_not_above_length(table) if table is not None else None
+    mark = " †" if flag else ""
     rows = []
     for _, r in agg.iterrows():
         rows.append([r["method"] + ("" if r["name"] == "default" else f" ({r['name']})"), _fmt(r["beta"]), r["seeds"],
-                     _ci(r, "eval/gold"), _ci(r, "eval/kl"), _ci(r, "win/chosen"), _ci(r, "win/chosen_lc"),
-                     _ci(r, "win/sft"), _ci(r, "pairs/accuracy")])
-    return markdown_table(rows, ["method", "β", "seeds", "gold reward", "KL(π‖π_ref)", "win vs chosen",
-                                 "LC win vs chosen", "win vs SFT", "pref. accuracy"])
+                     _ci(r, "eval/gold"), _ci(r, "eval/kl"), _ci(r, "eval/kl_t1"), _ci(r, "win/chosen"),
+                     _ci(r, "win/chosen_lc"), _ci(r, "win/sft"), _ci(r, "pairs/accuracy")])
+    out = markdown_table(rows, ["method", "β", "seeds", f"gold reward{mark}", "KL at T", "KL at T = 1",
+                                f"win vs chosen{mark}", f"LC win vs chosen{mark}", f"win vs SFT{mark}", "pref. accuracy"])
+    return out + (f"\n\n† {flag}" if flag else "")
+
+
+def _judge_not_above_length(table: pd.DataFrame) -> str | None:
+    """When the gold reward model that judges the win rates does not beat the length-only rule on the held-out pairs
+    (its paired difference's 95% lower bound at or below 0), the sentence that flags every number it judged."""
+    if table is None or not len(table) or "pairs/accuracy_vs_length_rule_lo" not in table:
+        return None
+    ev_path = Path(table["path"].iloc[0]) / "eval" / table.attrs.get("eval_name", "default") / "config.json"
+    spec = json.loads(ev_path.read_text()).get("gold_reward_model") if ev_path.exists() else None
+    if not spec or not Path(spec).is_dir():
+        return None
+    mine = table[table["path"].map(lambda p: Path(p).resolve() == Path(spec).resolve())]
+    if not len(mine) or pd.isna(mine["pairs/accuracy_vs_length_rule_lo"].iloc[0]):
+        return None
+    r = mine.iloc[0]
+    if r["pairs/accuracy_vs_length_rule_lo"] > 0:
+        return None
+    return (f"Judged by the gold reward model `{Path(spec).name}`, whose held-out accuracy does not beat the length-only "
+            f"rule on the same pairs (paired difference {_ci(r, 'pairs/accuracy_vs_length_rule')}): these gold rewards "
+            "and win rates may measure length as much as preference.")
 
 
 def _compute(table: pd.DataFrame, agg: pd.DataFrame) -> str:
@@ -101,19 +124,15 @@ def _compute(table: pd.DataFrame, agg: pd.DataFrame) -> str:
              _fmt(r.get("compute/tokens_generated")), _fmt(r.get("compute/train_s"))] for _, r in agg.iterrows()]
     out = markdown_table(rows, ["method", "β", "FLOPs (run)", "FLOPs (pipeline)", "trained tokens", "generated tokens",
                                 "train time (s)"])
-    sft = table.loc[table["method"] == "sft", "eval/gold"] if "eval/gold" in table else pd.Series(dtype=float)
     if "eval/gold_vs_sft_lo" in table:  # paired: a run counts when its gold beats SFT's with an interval above 0
         cost = cost_to_reach(table[~table["method"].isin(["sft", "reward"])], 0.0, metric="eval/gold_vs_sft_lo",
                              strict=True)
         out += ("\n\nCost to beat the SFT policy's gold reward (the paired difference's 95% lower bound above 0): " +
                 "; ".join(f"{r['method']}: {_fmt(r['compute/pipeline_flops'])} FLOPs ({r['runs_reaching']}/{r['runs']} runs)"
                           for _, r in cost.iterrows()) + ".")
-    elif len(sft):
-        level = float(sft.mean())
-        cost = cost_to_reach(table[table["method"] != "sft"], level)
-        out += (f"\n\nCost to reach the SFT policy's gold reward ({_fmt(level)}): " +
-                "; ".join(f"{r['method']}: {_fmt(r['compute/pipeline_flops'])} FLOPs ({r['runs_reaching']}/{r['runs']} runs)"
-                          for _, r in cost.iterrows()) + ".")
+    else:  # a point estimate against SFT's mean is no comparison: without a paired difference, no cost to reach
+        out += ("\n\nNo run has a gold difference to its SFT policy paired by prompt (the evaluation had no gold reward "
+                "or no SFT run), so no cost to beat SFT is given.")
     return out
 
 
@@ -136,6 +155,9 @@ def _caveats(table: pd.DataFrame, agg: pd.DataFrame) -> str:
     length = _length_baseline(table)
     if length:
         notes.append(length)
+    flag = _judge_not_above_length(table)
+    if flag:
+        notes.append("† (Table of results) " + flag)
     notes.append(_what_moved(arms))
     return "\n".join(f"- {n}" for n in notes)
 
@@ -222,10 +244,11 @@ def build(table: pd.DataFrame, out: str | Path = REPO / "papers" / "draft.md", f
                          f"run folders; edit `papers/{template.name}`, not this file."}
     if dataset is not None:
         fill.update({"setup": findings.setup(table, dataset), "results": findings.policies(agg),
+                     "arms": findings.arms_table(table),
                      "reward_models": findings.reward_models(agg), "best_of_n": findings.best_of_n_table(table),
                      "findings": findings.findings(table), "caveats": findings.caveats(table)})
     else:
-        fill.update({"setup": _setup(table), "results": _results(agg), "caveats": _caveats(table, agg)})
+        fill.update({"setup": _setup(table), "results": _results(agg, table), "caveats": _caveats(table, agg)})
     for key, value in fill.items():
         text = text.replace("{{" + key + "}}", value)
     if "{{" in text:

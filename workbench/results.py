@@ -279,6 +279,52 @@ def _per_prompt(generations, row, key: str, vs_sft: bool) -> dict:
     return out
 
 
+def setting(row) -> str:
+    """"dpo β=0.1", "ppo (gt) β=0.05", "reward (proxy)": a run's setting (method, run name, β), seeds apart."""
+    label = row["method"] + ("" if row.get("name", "default") == "default" else f" ({row['name']})")
+    beta = row.get("beta")
+    return label if beta is None or (isinstance(beta, float) and np.isnan(beta)) else f"{label} β={beta:g}"
+
+
+def paired_arms(table: pd.DataFrame, key: str = "gold_score", n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Every two policy settings A and B (SFT excluded: each arm's difference to it is ``eval/gold_vs_sft``),
+    compared paired: on each seed both ran, A's sample minus B's on the same evaluation prompt and sample index (the
+    evaluation draws them with the same seeds), averaged per prompt; then ``stats.two_level_bootstrap`` over prompts
+    (drawn once, shared by the seeds) and seeds, which with one seed is the cluster bootstrap over prompts. What the
+    two arms share on a prompt cancels before the interval is drawn, so the interval is that of the difference, not
+    two overlapping intervals. Columns: a, b, seeds (the seeds both ran), estimate, lo, hi, n_prompts; ``key`` is the
+    generations' value compared ("gold_score", "score" for the proxy, "kl", ...)."""
+    cols = ["a", "b", "seeds", "estimate", "lo", "hi", "n_prompts"]
+    pol = table[~table["method"].isin(["sft", "reward"])] if len(table) else table
+    if pol.empty:
+        return pd.DataFrame(columns=cols)
+    generations = _generations_reader(table)
+    by_setting: dict = {}
+    for _, r in pol.iterrows():
+        gens = generations(r["run"])
+        if gens and gens[0].get(key) is not None:
+            by_setting.setdefault(setting(r), {})[int(r["seed"])] = {(g["id"], g["sample"]): float(g[key]) for g in gens}
+    names = sorted(by_setting)
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            seeds = sorted(set(by_setting[a]) & set(by_setting[b]))
+            per_seed = []
+            for s in seeds:
+                x, y = by_setting[a][s], by_setting[b][s]
+                d: dict = {}
+                for unit in sorted(set(x) & set(y)):
+                    d.setdefault(unit[0], []).append(x[unit] - y[unit])
+                if d:
+                    per_seed.append(d)
+            if not per_seed:
+                continue
+            est, lo, hi = stats.two_level_bootstrap(per_seed, n_boot, seed)
+            out.append({"a": a, "b": b, "seeds": ",".join(map(str, seeds)), "estimate": est, "lo": lo, "hi": hi,
+                        "n_prompts": len(set.intersection(*(set(d) for d in per_seed)))})
+    return pd.DataFrame(out, columns=cols)
+
+
 def cost_to_reach(table: pd.DataFrame, level: float, metric: str = "eval/gold",
                   cost: str = "compute/pipeline_flops", strict: bool = False) -> pd.DataFrame:
     """Per method: the least ``cost`` among its runs whose ``metric`` reached ``level`` (above it, with ``strict``;
