@@ -139,7 +139,8 @@ def fig_frontier(table: pd.DataFrame) -> go.Figure:
     seeds = ",".join(str(x) for x in sorted(snaps["seed"].dropna().unique()))
     note = (f"seeds {seeds}; one point per snapshot; bars: 95% intervals (bootstrap over prompts with one seed, t "
             "across seeds<br>with more); best-of-n: SFT's gold plus its gold gain on the dataset's held-out replies")
-    fig.update_layout(title=f"Reward–KL frontier<br><sup>{note}</sup>", xaxis_title="KL(π ‖ π_ref), nats per response",
+    fig.update_layout(title=f"Reward–KL frontier<br><sup>{note}</sup>",
+                      xaxis_title="KL(π ‖ π_ref) at the sampling temperature, nats per response",
                       yaxis_title="gold reward (mean over samples)", **{**_LAYOUT, "width": 860, "height": 520})
     return fig
 
