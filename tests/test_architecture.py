@@ -185,7 +185,7 @@ def test_a_mistake_found_after_parsing_is_one_error_line_and_exit_2(capsys, tmp_
                                f"Model path '{tmp_path / 'no-such-rm'}' does not exist", FileNotFoundError),
         "bad grid key": (["sweep", str(Path(__file__).resolve().parents[1] / "grids" / "ci.yaml"), "--set", "n_trian=3"], "did you mean n_train", ValueError),
         "bad data file": (["train", "dpo", "--data-source", str(bad_file), "--max-steps", "1"],
-                          f"{bad_file} is a file; a data source is a folder", FileNotFoundError),
+                          f"{bad_file} line 1, field '<json>': not valid JSON", ValueError),
     }[mistake]
     assert cli.main([*argv, *runs_dir]) == 2
     err = capsys.readouterr().err

@@ -502,7 +502,8 @@ def test_prompt_halves_are_disjoint_cover_everything_and_keep_shared_prompts_tog
 def test_heldout_split_is_the_same_for_every_run_seed(hh_dir, smollm_tokenizer):
     """Every seed and arm is evaluated on the same held-out prompts: the split follows DataConfig.split_seed,
     not the run's seed (which is still recorded)."""
-    from workbench.data import DataConfig, load_for_run
+    from workbench.data import DataConfig
+    from workbench.sources import load_for_run
 
     cfg = DataConfig(split="test", source=str(hh_dir))
     splits = [load_for_run(cfg, seed, smollm_tokenizer) for seed in (0, 1, 2)]

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from workbench import data, judge, logprobs, models, online_dpo, rewards, sampling, train
+from workbench import data, judge, logprobs, models, online_dpo, rewards, sampling, sources, train
 from workbench.runs import is_complete, load_run
 
 
@@ -273,7 +273,7 @@ def test_online_dpo_raises_an_easy_reward_on_a_tiny_4bit_model(peaked_tiny_dir, 
                                  max_prompt_length=64, runs_dir=str(tmp_path))
     assert arm == "online-dpo" and (cfg.rounds, cfg.prompts_per_round) == (6, 16)
     model, tok = models.load_policy(cfg.model)
-    train_rows, _, _, _ = data.load_for_run(cfg.data, cfg.seed, tok)
+    train_rows, _, _, _ = sources.load_for_run(cfg.data, cfg.seed, tok)
     prompt_ids = sampling.encode_prompts(tok, [r["prompt"] for r in data.prompt_view(train_rows)], 64)
     before = _expected_reward(model, tok, prompt_ids, token_set, cfg.temperature)
     path = train.train(arm, cfg, reward_fn=rewards.TokenSetReward(token_set.tolist()))

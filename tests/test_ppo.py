@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from workbench import data, logprobs, models, ppo, rewards, sampling, train
+from workbench import data, logprobs, models, ppo, rewards, sampling, sources, train
 from workbench.runs import load_run
 
 
@@ -282,7 +282,7 @@ def test_ppo_raises_an_easy_reward_on_a_tiny_4bit_model(peaked_tiny_dir, hh_dir,
     reward = rewards.TokenSetReward(token_half.tolist())
     model, _, tok = ppo.load_actor_critic(cfg)
     assert model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.__class__.__name__ == "Params4bit"
-    train_rows, _, _, _ = data.load_for_run(cfg.data, cfg.seed, tok)
+    train_rows, _, _, _ = sources.load_for_run(cfg.data, cfg.seed, tok)
     prompt_ids = sampling.encode_prompts(tok, [r["prompt"] for r in data.prompt_view(train_rows)], 64)
     before = _expected_first_token_reward(model, tok, prompt_ids, token_half, cfg.temperature)
 

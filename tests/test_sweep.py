@@ -175,6 +175,30 @@ def test_a_setting_no_stage_takes_is_refused_with_close_matches():
     assert jobs
 
 
+def test_the_users_setting_wins_over_the_grid_file_but_not_over_its_wiring():
+    """``--set n_train=128`` reaches every stage that takes n_train, those that name their own included; the
+    stages' references ("@gold-pairs") stay unless a stage-scoped setting replaces them; ``proxy.max_steps`` sets one
+    stage; a setting a stage sweeps as a grid axis, or a stage that does not exist, is refused."""
+    grid = REPO / "grids" / "main.yaml"
+    _, plain = sweep.load_grid(grid)
+    _, jobs = sweep.load_grid(grid, {"n_train": 128, "data_source": "/my/data", "proxy.max_steps": 3})
+    takes = [j for j in jobs if "n_train" in sweep.notebook_parameters(j.notebook)]
+    assert takes and all(j.params["n_train"] == 128 for j in takes)
+    assert any(p.params.get("n_train", 128) != 128 for p in plain), "some stage named its own n_train"
+    by = {j.stage: j for j in jobs}
+    assert by["dpo-like" if "dpo-like" in by else "kto"].params["data_source"] == "@gold-pairs"  # the wiring stays
+    assert by["sft"].params["data_source"] == "/my/data"  # where the grid named no reference, the user's source
+    assert by["proxy"].params["max_steps"] == 3 and by["proxy-small"].params["max_steps"] != 3
+    _, scoped = sweep.load_grid(grid, {"kto.data_source": "/my/kto.jsonl"})
+    assert {j.stage: j for j in scoped}["kto"].params["data_source"] == "/my/kto.jsonl"
+    with pytest.raises(ValueError, match=r"--set method: stage 'preference' sweeps method over \['dpo', 'ipo'\]"):
+        sweep.load_grid(grid, {"method": "dpo"})
+    with pytest.raises(ValueError, match=r"--set prxy.max_steps: no stage 'prxy'"):
+        sweep.load_grid(grid, {"prxy.max_steps": 3})
+    with pytest.raises(ValueError, match=r"stage 'proxy' does not take 'beta'"):
+        sweep.load_grid(grid, {"proxy.beta": 0.1})
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The CI sweep, end to end
 

@@ -240,7 +240,7 @@ MODEL_PARAMS = {"model": "model_name_or_path", "load_in_4bit": "load_in_4bit", "
                 "lora_alpha": "lora_alpha", "dtype": "dtype"}
 DATA_PARAMS = {"subset": "subset", "split": "split", "data_source": "source", "heldout_fraction": "heldout_fraction",
                "split_seed": "split_seed", "half": "half", "n_train": "n_train", "n_score": "n_score",
-               "data_max_length": "max_length"}
+               "data_max_length": "max_length", "columns": "columns"}
 
 
 def arm_of(method: str) -> tuple[str, dict]:
@@ -255,10 +255,12 @@ def arm_of(method: str) -> tuple[str, dict]:
     raise ValueError(f"Unknown method '{method}'. Known: {', '.join(known)}.")
 
 
-def _check_type(key: str, value, default) -> str | None:
+def _check_type(key: str, value, default, declared: str = "") -> str | None:
     if value is None or default is None:
         return None
     ok = {bool: (bool,), int: (int,), float: (int, float), str: (str,), list: (list,)}.get(type(default))
+    if ok and "list" in str(declared):  # a field that takes a value or a list of them (report_to: str | list[str])
+        ok = (*ok, list)
     if ok and (not isinstance(value, ok) or (isinstance(value, bool) and type(default) is not bool)):
         return f"{key}={value!r} should be a {type(default).__name__}"
     return None
@@ -295,7 +297,7 @@ def make_config(method: str, **params):
             data_kw[DATA_PARAMS[key]] = value
         elif key in fields_ and key not in ("model", "data"):
             kw[key] = value
-            problems.append(_check_type(key, value, defaults[key]))
+            problems.append(_check_type(key, value, defaults[key], fields_[key].type))
         else:
             near = difflib.get_close_matches(key, config_fields(arm_name), n=1)
             problems.append(f"unknown parameter '{key}'" + (f" (did you mean '{near[0]}'?)" if near else ""))

@@ -48,6 +48,13 @@ class RunFields:
     # into <run>/checkpoints/step-<n>/adapter; the evaluation measures each (the reward–KL frontier plots every
     # evaluation of a run, as the DPO paper's Fig. 2 does)
     snapshots: int = 0
+    # experiment trackers, as transformers names them: "tensorboard", "wandb", "trackio", ... or a list; "none": none.
+    # Every arm reports through the run's log (``trackers.py``); TensorBoard's files stay in <run>/logs/tensorboard
+    report_to: str | list[str] = "none"
+    # upload the run's adapter folder (adapter, tokenizer, model card) to the hub as hub_model_id when training ends
+    # (``cards.push_to_hub``; a private repo). TRL's own push during training is off: the run folder is the artifact
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
 
 
 @dataclass

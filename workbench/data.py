@@ -24,7 +24,8 @@ Local layout: ``<root>/<subset>/<split>.jsonl.gz`` (an uncompressed ``.jsonl`` i
 A *pairs folder* is the other kind of source: a folder holding ``pairs.jsonl``, one pair per line already in the
 format above (``read_pairs``); the known-gold study's gold-labelled datasets are such folders (``gold_pairs.build``
 writes them, a run folder with its recipe beside the pairs), and every arm that reads pairs reads them through
-``load_pairs`` exactly as it reads HH-RLHF: the same held-out split, halves, ``n_train`` and report.
+``sources.load_pairs`` exactly as it reads HH-RLHF: the same held-out split, halves, ``n_train`` and report. Your own
+data in TRL's dataset formats (a file, a folder, a hub dataset) is ``sources.read_dataset``'s.
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ _MAX_EXAMPLES = 3  # locations kept per skip reason in the report
 class HHFormatError(ValueError):
     """A line (or file) that is not HH-RLHF data; the message says where, which field, and what to do."""
 
-    def __init__(self, location: str, line: int, field: str, problem: str, fix: str = ""):
+    def __init__(self, location: str, line: int, field: str, problem: str, fix: str = "", unit: str = "line"):
         self.location, self.line, self.field, self.problem = location, line, field, problem
-        super().__init__(f"{location} line {line}, field {field!r}: {problem}. {fix}".strip())
+        super().__init__(f"{location} {unit} {line}, field {field!r}: {problem}. {fix}".strip())
 
 
 class PairRejected(ValueError):
@@ -154,7 +155,7 @@ class ValidationReport:
     kept: int = 0
     skipped: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(SKIP_REASONS, 0))
     examples: dict[str, list[str]] = dataclasses.field(default_factory=lambda: {r: [] for r in SKIP_REASONS})
-    lengths: dict = dataclasses.field(default_factory=dict)  # stats over kept pairs, see _length_stats
+    lengths: dict = dataclasses.field(default_factory=dict)  # stats over kept pairs, see length_stats
     quirks: dict[str, int] = dataclasses.field(  # kept pairs that needed care; informational only
         default_factory=lambda: {"merged_same_role_turns": 0, "inline_role_marker": 0}
     )
@@ -195,7 +196,7 @@ def _stats(values: list[int]) -> dict:
     return {"mean": statistics.fmean(ordered), "median": statistics.median(ordered), "p95": p95, "max": ordered[-1]}
 
 
-def _length_stats(examples: list[dict], tokens: list[tuple[int, int, int]] | None) -> dict:
+def length_stats(examples: list[dict], tokens: list[tuple[int, int, int]] | None) -> dict:
     """Stats over kept pairs: turns, characters of prompt / chosen / rejected, and tokens when counted."""
     parts = ("prompt", "chosen", "rejected")
     out = {
@@ -307,21 +308,21 @@ def _decode(raw) -> tuple[str, str]:
     return raw["chosen"], raw["rejected"]
 
 
-def _prompt_text(tokenizer, prompt: list[dict]) -> str:
+def prompt_text(tokenizer, prompt: list[dict]) -> str:
     # Without a chat template (e.g. a base model) the model would see the prompt the way HH wrote it.
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     return render_hh(prompt, add_generation_prompt=True)
 
 
-def _token_lengths(tokenizer, pair: dict) -> tuple[int, int, int]:
+def token_lengths(tokenizer, pair: dict) -> tuple[int, int, int]:
     """(prompt, chosen, rejected) token counts. The prompt includes the template's generation prompt; the
     responses are content only (the end-of-turn tokens a template adds are not counted)."""
 
     def n(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    prompt = _prompt_text(tokenizer, pair["prompt"])
+    prompt = prompt_text(tokenizer, pair["prompt"])
     return n(prompt), n(pair["chosen"][0]["content"]), n(pair["rejected"][0]["content"])
 
 
@@ -399,7 +400,7 @@ def load_hh(
                 report.count(e.reason, f"{location}:{line_no}")
                 continue
             if tokenizer is not None:
-                n_prompt, n_chosen, n_rejected = _token_lengths(tokenizer, pair)
+                n_prompt, n_chosen, n_rejected = token_lengths(tokenizer, pair)
                 if max_length is not None and n_prompt + max(n_chosen, n_rejected) > max_length:
                     report.count("over_length", f"{location}:{line_no}")
                     continue
@@ -415,7 +416,7 @@ def load_hh(
             break
 
     report.kept = len(examples)
-    report.lengths = _length_stats(examples, tokens if tokenizer is not None else None)
+    report.lengths = length_stats(examples, tokens if tokenizer is not None else None)
     assert report.read == report.kept + sum(report.skipped.values()), "a line was lost without being counted"
     if not examples and limit != 0:  # nothing to train on: say so here, not later inside a trainer
         skipped = ", ".join(f"{n} {why} (e.g. {report.examples[why][0]})" for why, n in report.skipped.items() if n)
@@ -486,25 +487,18 @@ def read_pairs(path, *, tokenizer=None, max_length: int | None = None) -> tuple[
             raise HHFormatError(str(path), line_no, "<json>", f"not valid JSON ({e})", _PAIR_FIX + ".") from None
         row = check_pair_row(row, str(path), line_no)
         if tokenizer is not None:
-            n_prompt, n_chosen, n_rejected = _token_lengths(tokenizer, row)
+            n_prompt, n_chosen, n_rejected = token_lengths(tokenizer, row)
             if max_length is not None and n_prompt + max(n_chosen, n_rejected) > max_length:
                 report.count("over_length", f"{path}:{line_no}")
                 continue
             tokens.append((n_prompt, n_chosen, n_rejected))
         examples.append(row)
     report.kept = len(examples)
-    report.lengths = _length_stats(examples, tokens if tokenizer is not None else None)
+    report.lengths = length_stats(examples, tokens if tokenizer is not None else None)
     if not examples:
         raise HHFormatError(str(path), 0, "<file>", f"no pairs: {report.read} line(s) read, {report.read - report.kept} "
                             "over max_length", "Point the source at a pairs file (and raise max_length if needed).")
     return examples, report
-
-
-def load_pairs(cfg: "DataConfig", tokenizer=None, max_length: int | None = None):
-    """(pairs, report) of a data config's source: a pairs folder (``read_pairs``) or HH-RLHF (``load_hh``)."""
-    if is_pairs_folder(cfg.source):
-        return read_pairs(Path(cfg.source) / PAIRS_FILE, tokenizer=tokenizer, max_length=max_length)
-    return load_hh(cfg.subset, cfg.split, cfg.source, tokenizer=tokenizer, max_length=max_length)
 
 
 # --- Views for the trainers, and a held-out split -------------------------------------------------
@@ -539,8 +533,9 @@ def prompt_view(examples: list[dict]) -> list[dict]:
     prompt and its chosen reply's text, the human-preferred answer a pairwise reward compares samples with
     (``rewards.JudgeReward``) and the evaluation's win rates are against. What the RL arms roll out on."""
     seen = {}
-    for ex in examples:
-        seen.setdefault(prompt_key(ex), {"id": ex["id"], "prompt": ex["prompt"], "baseline": ex["chosen"][0]["content"]})
+    for ex in examples:  # rows without a chosen reply (your prompt-only or unpaired data): a desirable one, or None
+        good = ex.get("chosen") or (ex.get("completion") if ex.get("label", True) else None)
+        seen.setdefault(prompt_key(ex), {"id": ex["id"], "prompt": ex["prompt"], "baseline": good[0]["content"] if good else None})
     return list(seen.values())
 
 
@@ -601,9 +596,12 @@ class DataConfig:
 
     subset: str = "harmless-base"  # HH-RLHF subset, or "all"
     split: str = "train"  # file to read; "test" is the only one in the shared local copy
-    # local hh-rlhf directory, "hub", or a pairs folder (a gold-labelled dataset's run folder: ``read_pairs``);
-    # None: $WORKBENCH_HH_SOURCE, a local copy, the hub
+    # local hh-rlhf directory, "hub", a pairs folder (a gold-labelled dataset's run folder: ``read_pairs``), your own
+    # data in TRL's formats (a .jsonl/.json/.parquet/.csv file, a folder of them, a hub dataset name:
+    # ``sources.read_dataset``); None: $WORKBENCH_HH_SOURCE, a local copy of HH-RLHF, the hub
     source: str | None = None
+    # your data's column names for TRL's (e.g. {"chosen": "good", "rejected": "bad"}, or "chosen=good,rejected=bad")
+    columns: dict | str | list | None = None
     heldout_fraction: float = 0.1  # prompts held out of training (seeded hash of the first user turn), scored after
     split_seed: int = 0  # seeds the held-out split; fixed (not the run's seed) so that every seed and every arm is
     # evaluated on the same held-out prompts, none of which any of them trained on
@@ -611,24 +609,6 @@ class DataConfig:
     n_train: int | None = None  # use only the first n training pairs (None: all)
     n_score: int = 64  # held-out pairs (RL arms: also held-out prompts) scored per sample and per token afterwards
     max_length: int = 512  # pairs longer than this (tokens) are skipped and counted in the data report
-
-
-def load_for_run(cfg: DataConfig, seed: int, tokenizer=None, pairs: list[dict] | None = None):
-    """The training and held-out pairs of a run: (train_rows, heldout, report or None, split record).
-
-    ``pairs`` replaces the config's source (HH-RLHF or a pairs folder, ``load_pairs``) with your own pairs (no report). The held-out split is seeded by ``cfg.split_seed``
-    (the run's ``seed`` only names the run and is recorded); then ``cfg.half`` and ``cfg.n_train`` narrow the
-    training pairs. The split record (ids on each side, how they
-    were chosen) goes into the run folder as split.json."""
-    report = None
-    if pairs is None:
-        pairs, report = load_pairs(cfg, tokenizer=tokenizer, max_length=cfg.max_length)
-    train_rows, heldout, info = split_heldout(pairs, cfg.heldout_fraction, seed=cfg.split_seed)
-    train_rows = half(train_rows, cfg.half) if cfg.half else train_rows
-    train_rows = train_rows[: cfg.n_train] if cfg.n_train else train_rows
-    info = {**info, "run_seed": seed, "half": cfg.half, "n_train_used": len(train_rows),
-            "train_ids": [ex["id"] for ex in train_rows], "heldout_ids": [ex["id"] for ex in heldout]}
-    return train_rows, heldout, report, info
 
 
 def to_dataset(rows: list[dict]):

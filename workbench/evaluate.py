@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from . import data, models, scoring, stats
+from . import cards, data, models, scoring, sources, stats
 from .runs import atomic_folder, is_complete, run_info, run_paths, snapshots, to_jsonable, write_json, write_jsonl
 from .sampling import inference_copy, sample_completions
 
@@ -121,7 +121,11 @@ def eval_set(data_cfg: data.DataConfig, n_prompts: int, n_pairs: int, pairs: lis
     to it (of its first pair), and the first ``n_pairs`` held-out pairs. No length filter: the set must not depend
     on any model's tokenizer."""
     if pairs is None:
-        pairs, _ = data.load_pairs(data_cfg)
+        pairs, _ = sources.load_pairs(data_cfg)
+    if sources.row_format(pairs) != "preference":
+        raise ValueError(f"The evaluation scores held-out pairs and samples held-out prompts; {data_cfg.source} is in "
+                         f"the {sources.row_format(pairs)} format. Evaluate on preference data (EvalConfig.data, "
+                         f"--data-source): {sources.FIX}.")
     _, heldout, _ = data.split_heldout(pairs, data_cfg.heldout_fraction, seed=data_cfg.split_seed)
     prompts = [{**p, "chosen": p["baseline"]} for p in data.prompt_view(heldout)[:n_prompts]]
     if not prompts:
@@ -225,7 +229,7 @@ def fit_length_baseline(tokenizer_name: str, data_cfg: data.DataConfig, pairs: l
     narrowed by a run's ``half`` or ``n_train``, so that every run evaluated on this split gets the same rule; the
     first ``scoring.LENGTH_FIT_PAIRS`` of them), lengths in tokens of ``tokenizer_name``."""
     if pairs is None:
-        pairs, _ = data.load_pairs(data_cfg)
+        pairs, _ = sources.load_pairs(data_cfg)
     train_side, _, _ = data.split_heldout(pairs, data_cfg.heldout_fraction, seed=data_cfg.split_seed)
     tokenizer = models.load_tokenizer(tokenizer_name)
     return LengthBaseline(tokenizer_name, data_cfg, tokenizer, scoring.fit_length_rule(tokenizer, train_side))
@@ -394,6 +398,7 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
         write_jsonl(partial / "generations.jsonl", gens)
         write_jsonl(partial / "pairs.jsonl", pair_records)
         write_json(partial / "summary.json", {**summary, "time/eval_s": round(time.time() - t0, 1)})
+    cards.write_model_card(run_path)  # the adapter's card now shows this evaluation too
     print(f"[evaluate] {run_path.name}: {out}", flush=True)
     return out
 
@@ -529,7 +534,7 @@ def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | No
     cfg = dataclasses.replace(cfg, **specs)
     print(f"[evaluate] length baseline in tokens of {cfg.length_tokenizer}", flush=True)
     if pairs is None:
-        pairs, _ = data.load_pairs(cfg.data)
+        pairs, _ = sources.load_pairs(cfg.data)
     length = fit_length_baseline(cfg.length_tokenizer, cfg.data, pairs)
     print(f"[evaluate] length baseline: {length.rule.describe()} (fitted on {length.rule.n_train} training pairs, "
           f"training accuracy {length.rule.train_accuracy:.3f})", flush=True)

@@ -20,7 +20,7 @@ labelled by a gold RM; Coste et al. 2023, arXiv:2310.02743: the same with label 
      ``tie_margin`` is a tie, dropped and counted (``stats.bradley_terry_labels``).
   4. the run folder: ``pairs.jsonl`` (the dataset, in the data layer's format with each pair's part, golds, label
      probability and whether it was flipped: a pairs folder, which every arm reads through ``DataConfig.source``
-     exactly as it reads HH-RLHF, ``data.load_pairs``), ``records/samples.jsonl`` (every sample with its gold score),
+     exactly as it reads HH-RLHF, ``sources.load_pairs``), ``records/samples.jsonl`` (every sample with its gold score),
      ``config.json`` (the recipe) and ``summary.json`` (counts, ties, flips, tokens, seconds).
 
 Arms read the parts through the data layer's usual knobs, because the parts *are* its split and halves: the
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, models, stats
+from . import data, models, sources, stats
 from .config import RunFields
 from .runs import Run, read_jsonl, run_info, write_jsonl
 
@@ -153,7 +153,7 @@ def check_recipe(folder, *, sft_run=None, model: str | None = None, gold: str | 
 def select_prompts(cfg: GoldPairsArgs, tokenizer) -> tuple[dict[str, list[dict]], dict]:
     """{part: prompt rows} (``data.prompt_view`` rows: id, prompt, baseline) and counts: the first prompts of each part
     whose chat-templated length fits ``max_prompt_length``."""
-    pairs, _ = data.load_pairs(cfg.data)
+    pairs, _ = sources.load_pairs(cfg.data)
     train_side, heldout, _ = data.split_heldout(pairs, cfg.data.heldout_fraction, seed=cfg.data.split_seed)
     sources = {"proxy": data.half(train_side, "a"), "policy": data.half(train_side, "b"), "eval": heldout}
     wanted = {"proxy": cfg.n_proxy_prompts, "policy": cfg.n_policy_prompts, "eval": cfg.n_eval_prompts}

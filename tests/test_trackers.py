@@ -1,0 +1,58 @@
+"""Experiment trackers for every arm (workbench/trackers.py): ``report_to`` reaches TRL's arms, PPO and online DPO
+alike; TensorBoard's event files stay in the run folder and hold the arm's metrics under TRL's names."""
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from workbench import rewards, train
+
+
+def _scalars(run: Path) -> dict[str, list[float]]:
+    """Every scalar in the run's TensorBoard event files: tag -> values (read with tensorboardX's protobuf)."""
+    from tensorboardX.proto import event_pb2
+
+    files = sorted((run / "logs" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert files, f"no TensorBoard event file under {run / 'logs'}"
+    out: dict = {}
+    for f in files:
+        raw, i = f.read_bytes(), 0
+        while i < len(raw):  # TFRecord: length (8), its CRC (4), the record, its CRC (4)
+            (n,) = struct.unpack("<Q", raw[i:i + 8])
+            event = event_pb2.Event.FromString(raw[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    out.setdefault(v.tag, []).append(v.simple_value)
+    return out
+
+
+@pytest.mark.parametrize("method, expect", [
+    ("dpo", "train/rewards/margins"),
+    ("ppo", "train/objective/kl"),
+    ("online-dpo", "train/objective/kl"),
+])
+def test_every_arm_reports_to_tensorboard_in_its_run_folder(method, expect, tiny_model_dir, hh_dir, tmp_path):
+    own = {"dpo": dict(max_length=160, per_device_train_batch_size=2),
+           "ppo": dict(per_device_train_batch_size=4, max_new_tokens=4, max_prompt_length=64),
+           "online-dpo": dict(per_device_train_batch_size=4, max_new_tokens=4, max_prompt_length=64)}[method]
+    _, cfg = train.make_config(method, model=str(tiny_model_dir), data_source=str(hh_dir), split="test", n_train=8,
+                               n_score=2, max_steps=2, runs_dir=str(tmp_path), report_to=["tensorboard"], **own)
+    reward = rewards.TokenSetReward(list(range(0, 49152, 2))) if method != "dpo" else None
+    path = train.train(method, cfg, reward_fn=reward)
+    scalars = _scalars(path)
+    assert expect in scalars and len(scalars[expect]) == 2, sorted(scalars)
+    metrics = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    logged = [m[expect.removeprefix("train/")] for m in metrics if expect.removeprefix("train/") in m]
+    assert scalars[expect] == pytest.approx(logged, rel=1e-6)  # the same numbers as metrics.jsonl
+    assert json.loads((path / "config.json").read_text())["report_to"] == ["tensorboard"]  # as the user gave it
+    assert not (path / "trainer").exists()  # TRL's output folder goes; the logs stay
+
+
+def test_an_unknown_tracker_is_refused_before_training(tiny_model_dir, hh_dir, tmp_path):
+    _, cfg = train.make_config("dpo", model=str(tiny_model_dir), data_source=str(hh_dir), split="test", n_train=4,
+                               max_steps=1, runs_dir=str(tmp_path), report_to="tensorbored")
+    with pytest.raises(ValueError, match="'tensorbored' is not a tracker transformers knows"):
+        train.train("dpo", cfg)
