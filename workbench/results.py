@@ -281,9 +281,12 @@ def _per_prompt(generations, row, key: str, vs_sft: bool) -> dict:
 
 def setting(row) -> str:
     """"dpo β=0.1", "ppo (gt) β=0.05", "reward (proxy)": a run's setting (method, run name, β), seeds apart."""
-    label = row["method"] + ("" if row.get("name", "default") == "default" else f" ({row['name']})")
     beta = row.get("beta")
-    return label if beta is None or (isinstance(beta, float) and np.isnan(beta)) else f"{label} β={beta:g}"
+    no_beta = beta is None or (isinstance(beta, float) and np.isnan(beta))
+    name = row.get("name", "default")
+    shown = name not in ("default", None) and (no_beta or name != f"beta{beta:g}")  # a sweep's "beta0.05" says β again
+    label = row["method"] + (f" ({name})" if shown else "")
+    return label if no_beta else f"{label} β={beta:g}"
 
 
 def paired_arms(table: pd.DataFrame, key: str = "gold_score", n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:

@@ -115,6 +115,10 @@ def _user_settings(stage: dict, overrides: dict, nb_params: dict) -> dict:
     return {k: v for k, v in {**plain, **scoped}.items() if k in nb_params}
 
 
+def _slug(value) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", str(value)).strip("-")
+
+
 def _expand(stage: dict, defaults: dict, overrides: dict, nb_params: dict) -> list[Job]:
     grid = stage.get("grid") or {}
     keys = list(grid)
@@ -128,6 +132,9 @@ def _expand(stage: dict, defaults: dict, overrides: dict, nb_params: dict) -> li
         params.update({k: v for k, v in _user_settings(stage, overrides, nb_params).items()
                        if not (isinstance(own.get(k), str) and _REF.match(own[k])) or f"{stage['stage']}.{k}" in overrides})
         params.update(dict(zip(keys, values)))
+        named = [k for k in keys if k not in ("method", "seed")]  # method and seed are in a run folder's name anyway
+        if named and "run_name" in nb_params and "run_name" not in params:  # "beta0.05", not "default"
+            params["run_name"] = "-".join(f"{k}{_slug(params[k])}" for k in named)
         jobs.append(Job(stage["stage"], NOTEBOOKS / stage["notebook"], params, bool(stage.get("always")), tuple(keys),
                         executors.resources(stage.get("resources"))))
     return jobs
