@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from . import cards, data, models, scoring, sources, stats
-from .runs import atomic_folder, is_complete, run_info, run_paths, snapshots, to_jsonable, write_json, write_jsonl
+from .runs import atomic_folder, is_complete, run_info, run_paths, say, snapshots, to_jsonable, write_json, write_jsonl
 from .sampling import inference_copy, sample_completions
 
 REFERENCE_FREE = ("orpo", "simpo")  # their implicit reward is the length-normalised log-likelihood, no π_ref
@@ -583,8 +583,8 @@ def _evaluate_in_workers(todo: list[Path], cfg: EvalConfig, proxy, gold, shared:
             for i, future in enumerate(as_completed(futures), 1):
                 took = time.time() - t0  # the runs left, at the mean pace so far (policies go first: an upper bound)
                 left = f", ~{(len(todo) - i) * took / i / 60:.1f} min left" if i < len(todo) else ""
-                print(f"[evaluate] {i}/{len(todo)} done in {took / 60:.1f} min{left}: "
-                      f"{Path(future.result()).parent.parent.name}", flush=True)
+                say(f"[evaluate] {i}/{len(todo)} done in {took / 60:.1f} min{left}: "
+                    f"{Path(future.result()).parent.parent.name}")
     finally:
         if tqdm_before is None:
             del os.environ["TQDM_DISABLE"]

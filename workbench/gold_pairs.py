@@ -43,7 +43,7 @@ import numpy as np
 
 from . import data, models, sources, stats
 from .config import RunFields
-from .runs import Run, read_jsonl, run_info, write_jsonl
+from .runs import Run, read_jsonl, run_info, say, write_jsonl
 
 PARTS = ("proxy", "policy", "eval")  # proxy: half "a" of the training side; policy: half "b"; eval: the held-out split
 PAIRINGS = ("all", "disjoint")
@@ -198,6 +198,14 @@ def sample_replies(cfg: GoldPairsArgs, prompts: dict[str, list[dict]], gold) -> 
                                  batch_size=cfg.batch_size, logprobs=False, min_new_tokens=1,  # a pair's texts: never empty
                                  desc=f"gold-pairs: sampling {len(prompts[part]) * k} replies ({part})")
         records += [{"part": part, **r} for r in got]
+        done = sum(len(prompts[q]) * (cfg.eval_samples_per_prompt if q == "eval" else cfg.samples_per_prompt)
+                   for q in PARTS[: offset + 1])
+        total = sum(len(prompts[q]) * (cfg.eval_samples_per_prompt if q == "eval" else cfg.samples_per_prompt)
+                    for q in PARTS)
+        took = time.time() - t0
+        left = f", ~{(total - done) * took / done / 60:.1f} min left" if done < total else ""
+        line = f"[gold-pairs] {done}/{total} replies sampled ({part} part done) in {took / 60:.1f} min{left}"
+        say(line)
     return records, time.time() - t0
 
 
