@@ -16,7 +16,19 @@ REPO = Path(__file__).resolve().parents[1]
 HH_DIR = REPO.parent / "shared" / "data" / "hh-rlhf"
 
 
+# The test tiers (issue 26): `pytest -m "not slow"` is the loop a developer runs while working; the full suite is the
+# README's test command and CI's. Slow: whole sweeps, pipelines and executors, several processes, JupyterLab in a
+# browser, TRL's RL trainers on the oracle, and the fixtures that train and evaluate a study. Marked here, in one
+# place, by what a test is built on (its module or its fixtures), besides the tests marked @pytest.mark.slow.
+SLOW_MODULES = {"test_executors", "test_pipeline", "test_distributed", "test_resume", "test_widgets", "test_gold"}
+SLOW_FIXTURES = {"ci_sweep", "study", "trl_rloo", "trl_grpo", "bf16", "common", "dpo_run", "kto_run", "orpo_run",
+                 "cpo_run", "embedded", "runs"}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.split(".")[-1] in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     # GPU tests are skipped with a visible reason on machines without CUDA, never faked.
     if torch.cuda.is_available():
         return
