@@ -32,7 +32,8 @@ class Decoded:
     """Rows in prompt-major order (prompt i's sample j is row i·k + j). ``response`` (N, T) is cut after each row's
     first EOS (kept; later tokens are ``pad_id``), ``mask`` marks the kept tokens, ``ended`` whether a row has an EOS,
     ``logps`` (N, T) each kept token's log π at the sampling temperature (0 where masked), ``logps_t1`` at
-    temperature 1, the model's own distribution (the same tensor when sampling at T = 1 or greedily)."""
+    temperature 1, the model's own distribution (when asked for; else, and when sampling at T = 1 or greedily, the
+    same tensor as ``logps``)."""
 
     response: Tensor
     mask: Tensor
@@ -49,13 +50,14 @@ def row_seeds(seed: int, n: int) -> list[int]:
 @torch.no_grad()
 def decode(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float, seeds: list[int],
            eos_id: int, pad_id: int, n_samples: int = 1, top_p: float = 1.0, min_new_tokens: int = 0,
-           prefill_batch: int = 8) -> Decoded:
+           prefill_batch: int = 8, untempered: bool = False) -> Decoded:
     """``n_samples`` responses of at most ``max_new_tokens`` to each prompt (token ids), one per seed in ``seeds``
     (``len(prompt_ids) · n_samples`` of them, prompt-major). ``temperature`` 0 decodes greedily (log π then at T = 1).
     The first ``min_new_tokens`` tokens are never EOS; the log-probs are the model's all the same, so with
     ``min_new_tokens`` > 0 they are not those of the distribution sampled. The default 0 samples the model as it is:
     a reply may be the EOS alone (one token, kept, so it is scored like any other).
-    ``prefill_batch``: prompts per prefill forward (sorted by length, so they pad little)."""
+    ``prefill_batch``: prompts per prefill forward (sorted by length, so they pad little). ``untempered``: also
+    read each token's log π at T = 1 (``Decoded.logps_t1``; else it is ``logps``), one more softmax per step."""
     from transformers import StaticCache
 
     k, n_prompts = n_samples, len(prompt_ids)
@@ -89,7 +91,7 @@ def decode(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperatu
     gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
     tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long)
     logps = torch.zeros((N, max_new_tokens))
-    logps_t1 = logps if temperature in (0, 1) else torch.zeros((N, max_new_tokens))
+    logps_t1 = torch.zeros((N, max_new_tokens)) if untempered and temperature not in (0, 1) else logps
     done = torch.zeros(N, dtype=torch.bool, device=dev)
     for t in range(max_new_tokens):
         logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, -1)

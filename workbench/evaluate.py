@@ -620,11 +620,15 @@ _worker: dict = {}
 
 
 def _worker_start(cfg: EvalConfig, shared: dict, threads: int) -> None:
-    """A worker process of ``evaluate_runs``: its threads, no progress bars (they would interleave with the other
-    workers'; tqdm's are off through the environment it was started with), and the reward models loaded once."""
+    """A worker process of ``evaluate_runs``: its threads, no progress bars and no per-run lines (they would interleave
+    with the other workers'; the parent prints one line as each run ends; tqdm's are off through the environment it
+    was started with; errors still reach stderr and the parent), and the reward models loaded once."""
+    import sys
+
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- for the worker's whole life
     torch.set_num_threads(threads)
     proxy, gold = _load_rewards(cfg)
     _worker.update(cfg=cfg, kwargs={"proxy": proxy, "gold": gold, **shared})

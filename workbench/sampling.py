@@ -113,7 +113,7 @@ def sample_completions(model, tokenizer, prompts: list[dict], *, n_samples: int 
         got = decode(sampler if sampler is not None else model, prompt_ids, n_samples=n_samples,
                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                      seeds=[seed + i * n_samples + j for i in idx for j in range(n_samples)],
-                     eos_id=tokenizer.eos_token_id, pad_id=pad, min_new_tokens=min_new_tokens)
+                     eos_id=tokenizer.eos_token_id, pad_id=pad, min_new_tokens=min_new_tokens, untempered=logprobs)
         response, mask = got.response, got.mask
         rows = [(prompts[i], j) for i in idx for j in range(n_samples)]
         texts = tokenizer.batch_decode(response, skip_special_tokens=True)
