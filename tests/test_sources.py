@@ -170,14 +170,21 @@ def test_a_grid_trains_on_your_files(tmp_path, hh_rows, tiny_model_dir, monkeypa
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"q": r["prompt"], "good": r["chosen"], "bad": r["rejected"]}) + "\n"
                              for r in _formats(hh_rows)["preference, conversational"]))
+    unpaired = tmp_path / "kto.parquet"
+    pd.DataFrame([{"prompt": f"Question {i}?", "completion": f"Answer {i}.", "label": i % 3 > 0} for i in range(40)]
+                 ).to_parquet(unpaired)
     grid = {"name": "yours", "runs_dir": str(tmp_path / "runs"),
-            "defaults": {"model": str(tiny_model_dir), "data_source": str(pairs), "columns": "prompt=q,chosen=good,rejected=bad",
-                         "n_train": 8, "n_score": 2, "max_steps": 1, "per_device_train_batch_size": 2, "max_length": 160},
-            "stages": [{"stage": "dpo", "notebook": "04_preference.ipynb", "params": {"method": "dpo"}}]}
+            "defaults": {"model": str(tiny_model_dir), "n_train": 8, "n_score": 2, "max_steps": 1,
+                         "per_device_train_batch_size": 2, "max_length": 160},
+            "stages": [{"stage": "dpo", "notebook": "04_preference.ipynb",
+                        "params": {"method": "dpo", "data_source": str(pairs), "columns": "prompt=q,chosen=good,rejected=bad"}},
+                       {"stage": "kto", "notebook": "04_preference.ipynb",
+                        "params": {"method": "kto", "data_source": str(unpaired)}}]}
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
     monkeypatch.chdir(tmp_path)
     result = sweep.run_sweep(tmp_path / "grid.yaml", runs_dir=str(tmp_path / "runs"))
     assert not result.failed
-    (run,) = run_paths(tmp_path / "runs")
-    assert json.loads((run / "config.json").read_text())["data"]["columns"] == "prompt=q,chosen=good,rejected=bad"
-    assert json.loads((run / "split.json").read_text())["format"] == "preference"
+    runs = {p.name.split("__")[0]: p for p in run_paths(tmp_path / "runs")}
+    assert json.loads((runs["dpo"] / "config.json").read_text())["data"]["columns"] == "prompt=q,chosen=good,rejected=bad"
+    assert json.loads((runs["dpo"] / "split.json").read_text())["format"] == "preference"
+    assert json.loads((runs["kto"] / "split.json").read_text())["format"] == "unpaired preference"

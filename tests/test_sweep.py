@@ -175,29 +175,36 @@ def test_a_setting_no_stage_takes_is_refused_with_close_matches():
     assert jobs
 
 
-def test_the_users_setting_wins_over_the_grid_file_but_not_over_its_wiring():
-    """``--set n_train=128`` reaches every stage that takes n_train, those that name their own included; the
-    stages' references ("@gold-pairs") stay unless a stage-scoped setting replaces them; ``proxy.max_steps`` sets one
-    stage; a setting a stage sweeps as a grid axis, or a stage that does not exist, is refused."""
+def test_a_users_setting_replaces_the_defaults_says_where_a_stage_keeps_its_own_and_reaches_one_stage_by_name(capsys):
+    """``--set n_train=128`` reaches every stage that takes n_train and names none of its own; a stage that names its
+    own (a smaller proxy's 96, "@gold-pairs" wiring) keeps it and a line says so; ``proxy.max_steps`` sets one stage
+    over its own params; a key a stage sweeps as a grid axis, a stage the grid lacks, or a key the stage does not
+    take, is refused; ``--set report_to=...`` reaches every training stage."""
     grid = REPO / "grids" / "main.yaml"
-    _, plain = sweep.load_grid(grid)
     _, jobs = sweep.load_grid(grid, {"n_train": 128, "data_source": "/my/data", "proxy.max_steps": 3})
-    takes = [j for j in jobs if "n_train" in sweep.notebook_parameters(j.notebook)]
-    assert takes and all(j.params["n_train"] == 128 for j in takes)
-    assert any(p.params.get("n_train", 128) != 128 for p in plain), "some stage named its own n_train"
+    said = capsys.readouterr().out
     by = {j.stage: j for j in jobs}
-    assert by["dpo-like" if "dpo-like" in by else "kto"].params["data_source"] == "@gold-pairs"  # the wiring stays
-    assert by["sft"].params["data_source"] == "/my/data"  # where the grid named no reference, the user's source
+    stages = {st["stage"]: st for st in yaml.safe_load(grid.read_text())["stages"]}
+    for j in jobs:  # the user's value where the stage names none of its own, the stage's where it does
+        if "n_train" in sweep.notebook_parameters(j.notebook):
+            own = stages[j.stage].get("params") or {}
+            assert j.params["n_train"] == own.get("n_train", 128), j.stage
+    assert by["sft"].params["data_source"] == "/my/data" and by["sft"].params["n_train"] == 64
+    assert by["proxy-small"].params["n_train"] == 96 and by["kto"].params["data_source"] == "@gold-pairs"
+    assert "--set n_train=128 replaces the grid's default; kept by the stage(s) that name their own: " in said
+    assert "proxy-small (96)" in said and "kto ('@gold-pairs')" in said
     assert by["proxy"].params["max_steps"] == 3 and by["proxy-small"].params["max_steps"] != 3
     _, scoped = sweep.load_grid(grid, {"kto.data_source": "/my/kto.jsonl"})
     assert {j.stage: j for j in scoped}["kto"].params["data_source"] == "/my/kto.jsonl"
+    _, tracked = sweep.load_grid(grid, {"report_to": "tensorboard"})  # a tracker for every training stage
+    training = [j for j in tracked if "report_to" in sweep.notebook_parameters(j.notebook)]
+    assert len(training) >= 10 and all(j.params["report_to"] == "tensorboard" for j in training)
     with pytest.raises(ValueError, match=r"--set method: stage 'preference' sweeps method over \['dpo', 'ipo'\]"):
         sweep.load_grid(grid, {"method": "dpo"})
     with pytest.raises(ValueError, match=r"--set prxy.max_steps: no stage 'prxy'"):
         sweep.load_grid(grid, {"prxy.max_steps": 3})
     with pytest.raises(ValueError, match=r"stage 'proxy' does not take 'beta'"):
         sweep.load_grid(grid, {"proxy.beta": 0.1})
-
 
 # ----------------------------------------------------------------------------------------------------------
 # The CI sweep, end to end

@@ -109,9 +109,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     p_sweep = sub.add_parser("sweep", allow_abbrev=False, help="run or resume a grid of notebook executions (see workbench/sweep.py)")
     p_sweep.add_argument("grid", help="grid file, e.g. grids/main.yaml")
     p_sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                         help="set a parameter of every job that takes it, over the grid file's own values (not "
-                              "over its @stage references), e.g. --set n_train=128; STAGE.KEY=VALUE sets one stage, "
-                              "e.g. --set proxy.max_steps=20")
+                         help="set a parameter for every job that takes it, in place of the grid's default (a "
+                              "stage that names its own keeps it, and the sweep says so), e.g. --set n_train=128; "
+                              "STAGE.KEY=VALUE sets one stage over its own, e.g. --set proxy.max_steps=20")
     p_sweep.add_argument("--runs-dir", help="runs root (default: the grid's runs_dir)")
     p_sweep.add_argument("--no-retry", action="store_true", help="do not run failed jobs again on resume")
     p_sweep.add_argument("--executor", choices=executors.EXECUTORS,

@@ -67,10 +67,12 @@ def check_resources(declared, where: str) -> list[str]:
     return problems
 
 
-def _ipc_kernel_manager(folder: str):
+def _ipc_kernel_manager(folder: str, stderr_log: str | None = None):
     """The kernel manager a job's notebook runs under: its kernel talks to this process over Unix-domain sockets in
     ``folder`` (``transport="ipc"``) instead of unencrypted TCP on localhost, which ipykernel warns about at every
-    start (one warning per job on the console)."""
+    start (one warning per job on the console). The kernel process's own stderr (ipykernel's log, e.g. "KeyboardInterrupt
+    caught in kernel" when it is stopped, native libraries' messages) goes to ``stderr_log``, not the sweep's console;
+    what the notebook's code writes goes to the notebook as always, and its progress lines (``runs.say``) to stdout."""
     from jupyter_client.manager import AsyncKernelManager
 
     class IPCKernelManager(AsyncKernelManager):
@@ -78,6 +80,13 @@ def _ipc_kernel_manager(folder: str):
             super().__init__(**kwargs)
             self.transport = "ipc"
             self.ip = os.path.join(folder, "k")
+
+        async def _async_start_kernel(self, **kw):
+            if stderr_log is not None and "stderr" not in kw:
+                kw["stderr"] = open(stderr_log, "ab")  # noqa: SIM115 -- the kernel process holds it; closed with it
+            return await super()._async_start_kernel(**kw)
+
+        start_kernel = _async_start_kernel
 
     return IPCKernelManager
 
@@ -95,9 +104,11 @@ def run_job(task: dict) -> dict:
         with tempfile.TemporaryDirectory(prefix="wb-kernel-") as sockets:
             pm.execute_notebook(task["notebook"], task["out_nb"], parameters=task["params"],
                                 kernel_name=task["kernel_name"], progress_bar=False, cwd=task["cwd"],
-                                kernel_manager_class=_ipc_kernel_manager(sockets))
+                                kernel_manager_class=_ipc_kernel_manager(sockets, str(task["state_file"]) + ".stderr"))
     except Exception as e:  # noqa: BLE001 -- a failing notebook, a dead kernel: the job failed, the sweep goes on
         err = (f"{e.ename}: {e.evalue}" if isinstance(e, pm.PapermillExecutionError) else f"{type(e).__name__}: {e}")
+        if not isinstance(e, pm.PapermillExecutionError):  # a dead kernel: what it wrote last, and where
+            err += f" (the kernel's stderr: {task['state_file']}.stderr; out of memory kills a kernel without a word)"
         entry.update(status="failed", error=err.strip()[:500])
     else:
         run = task["folder"] if task["folder"] and is_complete(task["folder"]) else None

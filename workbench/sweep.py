@@ -124,13 +124,14 @@ def _expand(stage: dict, defaults: dict, overrides: dict, nb_params: dict) -> li
     keys = list(grid)
     jobs = []
     for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
-        params = {k: v for k, v in defaults.items() if k in nb_params}
-        own = stage.get("params") or {}
-        params.update(own)
-        # the user's --set wins over the grid file, but not over the wiring between stages ("@stage" references),
-        # which only a stage-scoped setting replaces; a stage's grid axis is what it sweeps (a clash is an error)
-        params.update({k: v for k, v in _user_settings(stage, overrides, nb_params).items()
-                       if not (isinstance(own.get(k), str) and _REF.match(own[k])) or f"{stage['stage']}.{k}" in overrides})
+        # the user's plain --set replaces the grid's defaults; what a stage names in its own params is part of the
+        # study's design (a smaller proxy's n_train, a reward model's backbone, "@stage" wiring) and stays, unless the
+        # user names that stage ("proxy.n_train=..."); load_grid says which settings a stage kept. A stage's grid
+        # axis is what it sweeps (a clash is an error)
+        plain = {k: v for k, v in overrides.items() if "." not in k}
+        params = {k: v for k, v in {**defaults, **plain}.items() if k in nb_params}
+        params.update(stage.get("params") or {})
+        params.update({k: v for k, v in _user_settings(stage, overrides, nb_params).items() if f"{stage['stage']}.{k}" in overrides})
         params.update(dict(zip(keys, values)))
         named = [k for k in keys if k not in ("method", "seed")]  # method and seed are in a run folder's name anyway
         if named and "run_name" in nb_params and "run_name" not in params:  # "beta0.05", not "default"
@@ -192,10 +193,11 @@ def job_config(job: Job):
 
 
 def load_grid(path, overrides: dict | None = None, seeds: list[int] | None = None) -> tuple[dict, list[Job]]:
-    """(grid, jobs) from a grid file, validated; ``overrides`` (the user's ``--set``) win over the grid's ``defaults``
-    and every stage's own ``params``, where the stage's notebook takes them, except a stage's references to other
-    stages (``"@gold-pairs"``); ``"proxy.max_steps"`` sets that stage alone, references included. One that no stage
-    takes, or that a stage sweeps as a ``grid`` axis, is an error. ``seeds`` makes every stage that is not
+    """(grid, jobs) from a grid file, validated; ``overrides`` (the user's ``--set``) replace the grid's ``defaults``
+    for every stage whose notebook takes them; a stage that names the key in its own ``params`` keeps its value (it
+    is the study's design: a smaller proxy's ``n_train``, a reward model's backbone, ``"@stage"`` wiring), and a line
+    says so; ``"proxy.max_steps"`` sets that stage alone, over its own params. A key that no stage takes, a stage
+    that does not exist, or a key a stage sweeps as a ``grid`` axis is an error. ``seeds`` makes every stage that is not
     ``always`` and whose notebook takes a ``seed`` run once per seed (its ``seed`` grid axis, replacing any), so
     ``@stage`` references pair the jobs of one seed; a stage whose own ``params`` fix the seed keeps it (the reward
     models of a study: one proxy and one gold judge for every seed, so all runs are evaluated by the same judges).
@@ -255,6 +257,12 @@ def load_grid(path, overrides: dict | None = None, seeds: list[int] | None = Non
             if field_ in (st.get("grid") or {}) and not (field_ == "seed" and seeds is not None):
                 problems.append(f"--set {key}: stage '{st['stage']}' sweeps {field_} over {st['grid'][field_]}; change "
                                 "its grid in the grid file instead")
+    for key, value in (overrides or {}).items():  # nothing silent: where a plain --set stops
+        kept = [f"{st['stage']} ({st['params'][key]!r})" for st in stages.values()
+                if "." not in key and key in (st.get("params") or {}) and st["params"][key] != value]
+        if kept:
+            print(f"[sweep] --set {key}={value!r} replaces the grid's default; kept by the stage(s) that name their own: "
+                  f"{', '.join(kept)} (set STAGE.{key}=... to change one)", flush=True)
     if not jobs and not problems:
         problems.append("no stages")
     if problems:
