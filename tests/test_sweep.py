@@ -29,6 +29,10 @@ def test_notebooks_are_clean_parameterized_and_define_nothing(path):
     assert nb["metadata"]["kernelspec"]["name"] == "python3" and nb["metadata"]["language_info"]["name"] == "python"
     params = sweep.notebook_parameters(path)  # exactly one parameters cell, literals only
     assert params
+    import papermill
+
+    # papermill reads every parameter line too (a comment it cannot parse costs a console line per job)
+    assert set(papermill.inspect_notebook(str(path))) == set(params), path.name
     for cell in nb["cells"]:
         if cell["cell_type"] != "code":
             continue
