@@ -376,6 +376,11 @@ def test_evaluation_repeats_exactly_and_resumes(study):
     config_path.write_text(json.dumps({k: v for k, v in saved.items() if not k.startswith("judge_")}))
     evaluate.evaluate_run(dpo, table_cfg(cfg, table))
     assert (dpo / "eval" / "default" / "summary.json").stat().st_mtime_ns == stamp, "a new setting left off: kept"
+    # the same one level down: a field added to the data config since (columns), off now
+    assert saved["data"]["columns"] is None
+    config_path.write_text(json.dumps({**saved, "data": {k: v for k, v in saved["data"].items() if k != "columns"}}))
+    evaluate.evaluate_run(dpo, table_cfg(cfg, table))
+    assert (dpo / "eval" / "default" / "summary.json").stat().st_mtime_ns == stamp, "a new data field left off: kept"
     config_path.write_text(json.dumps(saved))
     again = evaluate.evaluate_run(dpo, table_cfg(cfg, table, name="again"))
     second = runs.read_eval(dpo, "again")

@@ -289,6 +289,13 @@ def _rm_accuracy(fn, pairs: list[dict]) -> float:
     return float(stats.wins(c.tolist(), r.tolist()).mean())  # a tie counts ½, as in every accuracy here
 
 
+def _without_new_unset(now, before):
+    """``now`` less the settings that ``before`` lacks and that are off (None), at every depth of nested settings."""
+    if not isinstance(now, dict) or not isinstance(before, dict):
+        return now
+    return {k: _without_new_unset(v, before.get(k)) for k, v in now.items() if k in before or v is not None}
+
+
 def _generation_summary(gens: list[dict], cfg: EvalConfig) -> dict:
     """Means with bootstrap intervals over prompts, and the win rate against the chosen responses."""
     ids = [g["id"] for g in gens]
@@ -346,10 +353,11 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
                           "length_tokenizer": length_name, "reward_judge": judge})
     if (out / "summary.json").exists():
         before = json.loads((out / "config.json").read_text())
-        # a setting added since, and off now (None: e.g. no judge), changes nothing that was measured
+        # a setting added since, and off now (None: e.g. no judge, no column mapping), changes nothing that was
+        # measured, at any depth (a field added to the data config)
         unset = {k for k, v in record.items() if k not in before and v is None}
-        if {k: v for k, v in before.items() if k not in ("prompt_ids", "pair_ids", "length_rule", "torch_threads")} == {
-                k: v for k, v in record.items() if k not in unset}:
+        if {k: v for k, v in before.items() if k not in ("prompt_ids", "pair_ids", "length_rule", "torch_threads")} == \
+                _without_new_unset(record, before):
             print(f"[evaluate] {run_path.name}: already evaluated as '{cfg.name}', kept", flush=True)
             return out
         if set(record) - set(before) - unset:  # written before some of these settings existed: redo it
