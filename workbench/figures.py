@@ -277,7 +277,8 @@ def fig_cost(table: pd.DataFrame, level: float | None = None) -> go.Figure:
     if level is not None:
         fig.add_hline(y=level, line_dash="dot", annotation_text=f"level {level:g}")
     fig.update_layout(title="Gold reward against training compute<br><sup>pipeline FLOPs: the run, its SFT run and "
-                      "its reward model (Kaplan et al. 2020 counting); bars: each run's 95% interval over prompts</sup>",
+                      "its reward model (Kaplan et al. 2020 counting)<br>bars: each run's 95% interval over "
+                      "prompts</sup>",
                       xaxis_type="log",
                       xaxis_title="training FLOPs (log)", yaxis_title="gold reward", **_LAYOUT)
     return fig
