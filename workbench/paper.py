@@ -91,9 +91,9 @@ def _results(agg: pd.DataFrame, table: pd.DataFrame | None = None) -> str:
     rows = []
     for _, r in agg.iterrows():
         rows.append([r["method"] + ("" if r["name"] == "default" else f" ({r['name']})"), _fmt(r["beta"]), r["seeds"],
-                     _ci(r, "eval/gold"), _ci(r, "eval/kl"), _ci(r, "eval/kl_t1"), _ci(r, "win/chosen"),
-                     _ci(r, "win/chosen_lc"), _ci(r, "win/sft"), _ci(r, "pairs/accuracy")])
-    out = markdown_table(rows, ["method", "β", "seeds", f"gold reward{mark}", "KL at T", "KL at T = 1",
+                     _ci(r, "eval/gold"), _ci(r, "eval/kl"), _ci(r, "eval/kl_t1"), _fmt(r.get("eval/ended"), 2),
+                     _ci(r, "win/chosen"), _ci(r, "win/chosen_lc"), _ci(r, "win/sft"), _ci(r, "pairs/accuracy")])
+    out = markdown_table(rows, ["method", "β", "seeds", f"gold reward{mark}", "KL at T", "KL at T = 1", "ended",
                                 f"win vs chosen{mark}", f"LC win vs chosen{mark}", f"win vs SFT{mark}", "pref. accuracy"])
     return out + (f"\n\n† {flag}" if flag else "")
 
