@@ -155,12 +155,12 @@ def select_prompts(cfg: GoldPairsArgs, tokenizer) -> tuple[dict[str, list[dict]]
     whose chat-templated length fits ``max_prompt_length``."""
     pairs, _ = sources.load_pairs(cfg.data)
     train_side, heldout, _ = data.split_heldout(pairs, cfg.data.heldout_fraction, seed=cfg.data.split_seed)
-    sources = {"proxy": data.half(train_side, "a"), "policy": data.half(train_side, "b"), "eval": heldout}
+    parts = {"proxy": data.half(train_side, "a"), "policy": data.half(train_side, "b"), "eval": heldout}
     wanted = {"proxy": cfg.n_proxy_prompts, "policy": cfg.n_policy_prompts, "eval": cfg.n_eval_prompts}
     from .sampling import encode_prompts
 
     out, counts = {}, {}
-    for part, rows in sources.items():
+    for part, rows in parts.items():
         candidates = data.prompt_view(rows)
         fits, too_long = [], 0
         for row in candidates:
