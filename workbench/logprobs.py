@@ -73,7 +73,12 @@ def pad_right(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_
 def reference_adapter(model):
     """Context in which ``model`` is the reference: the frozen adapter named "ref" when there is one (the SFT
     adapter a preference arm started from), else the base with adapters disabled. TRL's trainers choose the
-    reference the same way, through the same helper."""
+    reference the same way, through the same helper. An exact inference copy (``inference.inference_copy``) is switched
+    likewise."""
+    from . import inference
+
+    if inference.is_copy(model):  # an exact inference copy holds the same adapters and switches the same way
+        return inference.use_adapter(model, "ref" if "ref" in model.inference_adapters else None)
     from trl.trainer.utils import use_adapter
 
     return use_adapter(model, "ref" if "ref" in getattr(model, "peft_config", {}) else None)

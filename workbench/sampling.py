@@ -14,13 +14,12 @@ those of the untruncated tempered models.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor
 
-from . import data, scoring, stats
+from . import data, inference, scoring, stats
 from .decoding import decode, row_seeds
+from .inference import InferenceLinear, inference_copy  # noqa: F401  (the sampler's copy, re-exported)
 from .logprobs import reference_adapter, shared_prompt_logps
 from .rewards import check_scores
 
@@ -93,8 +92,9 @@ def sample_completions(model, tokenizer, prompts: list[dict], *, n_samples: int 
     ``sampler``: the model that draws the tokens instead of ``model``: ``inference_copy(model)``, the same function
     without 4-bit dequantization at every step (faster on a CPU). log π is read off the sampler's own decoding
     steps, so it must compute the policy's function (``inference_copy`` without ``dtype`` does, to the order of
-    floating-point sums; tests/test_decoding.py); log π_ref is the reference's (``model`` under
-    ``logprobs.reference_adapter``), one pass over each prompt and its samples. ``logprobs=False`` leaves out
+    floating-point sums; tests/test_decoding.py); log π_ref is the reference's (under
+    ``logprobs.reference_adapter``), one pass over each prompt and its samples, through the exact copy (which holds
+    the reference adapter too) when ``sampler`` is one, else through ``model``. ``logprobs=False`` leaves out
     log π_ref and the KL (a gold-labelled dataset needs only the texts and their scores, and may sample from the
     inexact ``inference_copy(model, dtype=...)``). ``min_new_tokens``: the first that many tokens are never EOS; the default
     0 samples the model's own distribution, which the log-probs and the KL are of (a reply may then be the EOS
@@ -122,8 +122,9 @@ def sample_completions(model, tokenizer, prompts: list[dict], *, n_samples: int 
         scores = {key: call_reward(fn, messages, texts, response, mask, base) for key, fn in (rewards or {}).items() if fn}
         if logprobs:  # log π_ref at the sampling temperature and, beside it, at T = 1 (the untempered KL)
             groups = [list(range(g * n_samples, (g + 1) * n_samples)) for g in range(len(idx))]
-            with reference_adapter(model):
-                both = sample_logps(model, [prompt_ids[g] for g in range(len(idx)) for _ in range(n_samples)],
+            scorer = sampler if inference.is_copy(sampler) else model  # an exact copy holds the reference too
+            with reference_adapter(scorer):
+                both = sample_logps(scorer, [prompt_ids[g] for g in range(len(idx)) for _ in range(n_samples)],
                                     response, mask, groups, pad, (temperature or 1.0, 1.0))
             ref_logps, ref_logps_t1 = [t[:, 0] for t in both], [t[:, 1] for t in both]
         for r, (row, j) in enumerate(rows):
@@ -141,108 +142,6 @@ def sample_completions(model, tokenizer, prompts: list[dict], *, n_samples: int 
                                "token_logratio": logratio.tolist()})
             records[idx[r // n_samples] * n_samples + j] = record
     return records
-
-
-class InferenceLinear(torch.nn.Module):
-    """A 4-bit + LoRA linear layer as plain tensors: y = x·Wᵀ + b in W's dtype, cast back to the input's dtype, plus
-    the LoRA update (x·Aᵀ)·Bᵀ·scaling in the adapter's dtype: the arithmetic of bitsandbytes' ``Linear4bit`` (which
-    casts its input to the compute dtype and its output back) and of peft's LoRA layer on top of it, with the weight
-    dequantized once instead of at every call."""
-
-    def __init__(self, weight, bias=None, lora_a=None, lora_b=None, scaling: float = 1.0):
-        super().__init__()
-        self.weight = torch.nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
-        self.lora_a = None if lora_a is None else torch.nn.Parameter(lora_a, requires_grad=False)
-        self.lora_b = None if lora_b is None else torch.nn.Parameter(lora_b, requires_grad=False)
-        self.scaling = scaling
-
-    def forward(self, x):
-        bias = None if self.bias is None else self.bias.to(self.weight.dtype)
-        out = torch.nn.functional.linear(x.to(self.weight.dtype), self.weight, bias).to(x.dtype)
-        if self.lora_a is not None:
-            h = torch.nn.functional.linear(torch.nn.functional.linear(x.to(self.lora_a.dtype), self.lora_a), self.lora_b)
-            out = out + (h * self.scaling).to(out.dtype)
-        return out
-
-
-@torch.no_grad()
-def inference_copy(model, adapter: str | None = "default", dtype: torch.dtype | None = None):
-    """A copy of a (4-bit, LoRA) policy to sample from, without bitsandbytes or peft: every 4-bit weight dequantized
-    once (the values its 4-bit matmuls compute with, kept in their compute dtype), ``adapter``'s LoRA matrices as a
-    separate low-rank path (None: the base alone), every other weight (embeddings, norms, the output layer) as the
-    policy holds it; each linear layer computes as the policy's does (``InferenceLinear``). So the copy is the policy's
-    function up to the order of floating-point sums, and faster to sample from on a CPU (the 4-bit weights are not
-    dequantized again at every decoding step; docs/gold.md), and the log π that ``sample_completions`` reads off its
-    decoding steps is the policy's (to 1e-4 in fp32; tests/test_decoding.py). Training keeps the 4-bit + LoRA model. Costs one dequantized copy of the weights
-    (~270 MB in bf16 for the 135M model).
-
-    ``dtype`` (e.g. bfloat16): a faster, inexact copy instead: the adapter merged into the weights and every weight
-    and activation in ``dtype`` (the policy keeps its norms, embeddings and residual stream in float32). It samples
-    ~1.5x faster again, from a policy that differs by rounding: on the embedded model in bf16, KL ≈ 0.003 nats per
-    token to the policy (docs/gold.md). For samples whose log-probs are not needed (a gold-labelled dataset)."""
-    from peft.tuners.lora import LoraLayer
-    from peft.utils.integrations import dequantize_module_weight
-    from transformers import AutoModelForCausalLM
-
-    src = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = copy.deepcopy(src.config)
-    for key in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, key):
-            delattr(config, key)
-    if dtype is not None:
-        return _merged_copy(src, config, adapter, dtype)
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict({n: p.detach() for n, p in src.named_parameters() if "lora_" not in n and ".base_layer." not in n
-                           and p.is_floating_point() and p.dtype != torch.uint8}, strict=False)
-    for name, module in src.named_modules():
-        base, lora = (module.get_base_layer(), module) if isinstance(module, LoraLayer) else (module, None)
-        if not (isinstance(module, LoraLayer) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")):
-            continue
-        if ".base_layer" in name:
-            continue
-        dtype = getattr(base, "compute_dtype", None) or base.weight.dtype  # a 4-bit weight computes in compute_dtype
-        weight = dequantize_module_weight(base).to(dtype)
-        lora_a = lora_b = None
-        scaling = 1.0
-        if lora is not None and adapter is not None and adapter in lora.lora_A:
-            lora_a, lora_b = lora.lora_A[adapter].weight.detach().clone(), lora.lora_B[adapter].weight.detach().clone()
-            scaling = lora.scaling[adapter]
-        parent, _, leaf = name.rpartition(".")
-        bias = None if base.bias is None else base.bias.detach().clone()
-        setattr(plain.get_submodule(parent), leaf, InferenceLinear(weight, bias, lora_a, lora_b, scaling))
-    plain.tie_weights()
-    return plain.to(next(src.parameters()).device).eval()
-
-
-def _merged_copy(src, config, adapter: str | None, dtype: torch.dtype):
-    """``inference_copy``'s inexact, faster form: every weight in ``dtype``, the LoRA update merged in."""
-    from peft.tuners.lora import LoraLayer
-    from peft.utils.integrations import dequantize_module_weight
-    from transformers import AutoModelForCausalLM
-
-    modules = dict(src.named_modules())
-    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = {}
-    for name, _ in plain.named_parameters():
-        owner, _, leaf = name.rpartition(".")
-        module = modules.get(owner)
-        if isinstance(module, LoraLayer):
-            base = module.get_base_layer()
-            if leaf == "bias":
-                state[name] = base.bias.detach().to(dtype)
-                continue
-            w = dequantize_module_weight(base).float()
-            if adapter is not None and adapter in module.lora_A:
-                w = w + module.get_delta_weight(adapter).float()
-            state[name] = w.to(dtype)
-        elif module is not None and leaf == "weight" and type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
-            state[name] = dequantize_module_weight(module).to(dtype)
-        else:
-            state[name] = src.get_parameter(name).detach().to(dtype)
-    plain.load_state_dict(state, strict=False)
-    plain.tie_weights()
-    return plain.to(next(src.parameters()).device).eval()
 
 
 def sample_logps(model, prompt_ids: list[list[int]], response: Tensor, mask: Tensor, groups: list[list[int]],
