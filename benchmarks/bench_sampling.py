@@ -22,7 +22,8 @@ Throughput is sampled response tokens per second of wall clock (making the copy 
 The roofline of a workload is the larger of its FLOPs at this machine's bf16 matmul peak (2·N per token forwarded:
 every prompt token once per model that must read it, every sampled token once per model) and the weight bytes read
 at the measured memory bandwidth (one read of the bf16 weights per decoding step and model); the share reached is
-roofline time / measured time.
+roofline time / measured time. Below each workload: where the sampler's time goes (making the inference copy, the
+prefill, the decoding steps and the time per step, the reference's pass over the samples, the rest).
 """
 
 import argparse
@@ -83,10 +84,39 @@ def _baseline_samples(model, tok, prompt_ids, n_samples, new_tokens, batch_size,
     return tokens
 
 
+def _profiled(sampling, decoding) -> dict:
+    """Wall seconds of the sampler side's phases: making copies, prefill, decoding steps, the reference pass (wrappers
+    around the functions ``sample_completions`` calls; nothing else changes)."""
+    phases = {"copy": 0.0, "prefill": 0.0, "decode steps": 0.0, "decode steps (n)": 0, "reference pass": 0.0}
+
+    def timed(fn, key):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            out = fn(*a, **kw)
+            phases[key] += time.perf_counter() - t
+            return out
+        return wrapper
+
+    def decode(*a, **kw):
+        got = real_decode(*a, **kw)
+        phases["prefill"] += got.seconds["prefill"]
+        phases["decode steps"] += got.seconds["steps"]
+        phases["decode steps (n)"] += got.seconds["n_steps"]
+        return got
+
+    real_decode = decoding.decode
+    sampling.decode = decode
+    sampling.sample_logps = timed(sampling.sample_logps, "reference pass")
+    sampling.inference_copy = timed(sampling.inference_copy, "copy")
+    return phases
+
+
 def child(args) -> dict:
     import torch
 
     from workbench import data, decoding, evaluate, models, sampling
+
+    phases = _profiled(sampling, decoding) if args.setting == "sampler" else {}
 
     model, tok = _policy(models)
     prompts, _, _ = evaluate.eval_set(data.DataConfig(split="test"), max(args.prompts, args.gold_prompts), 0)
@@ -105,7 +135,8 @@ def child(args) -> dict:
         else:
             recs = sampling.sample_completions(source, tok, prompts, n_samples=k, max_new_tokens=args.new_tokens,
                                                max_prompt_length=args.max_prompt_length, temperature=0.7,
-                                               logprobs=not gold, sampler=None if gold else sampling.inference_copy(model))
+                                               logprobs=not gold,
+                                               sampler=None if gold else sampling.inference_copy(model))
             tokens = sum(r["response_tokens"] for r in recs)
         n = len(prompts)
     else:  # batch-1
@@ -114,7 +145,7 @@ def child(args) -> dict:
         if base:
             tokens = _baseline_samples(model, tok, ids, 1, args.new_tokens, 1, False)
         else:
-            got = decoding.decode(sampling.inference_copy(model), ids, max_new_tokens=args.new_tokens, temperature=0.7,
+            got = sampling.decode(sampling.inference_copy(model), ids, max_new_tokens=args.new_tokens, temperature=0.7,
                                   seeds=[0], eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
             tokens = int(got.mask.sum())
         k, n = 1, 1
@@ -122,7 +153,7 @@ def child(args) -> dict:
     prompt_tokens = sum(len(x) for x in sampling.encode_prompts(tok, [p["prompt"] for p in prompts], args.max_prompt_length))
     from workbench import compute
 
-    return {"start": start, "end": end, "tokens": tokens, "prompt_tokens": prompt_tokens, "k": k, "n": n,
+    return {"start": start, "end": end, "tokens": tokens, "phases": phases, "prompt_tokens": prompt_tokens, "k": k, "n": n,
             "params": compute.matmul_params(model), "threads": torch.get_num_threads(),
             "dtype": str(models.compute_dtype("auto")), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
@@ -203,6 +234,13 @@ def main():
         print(f"{workload}: baseline {tb:.1f} tokens/s, sampler {ts:.1f} tokens/s ({ts / tb:.2f}x), mean of "
               f"{args.rounds} rounds; the sampler reaches {100 * roof / statistics.mean(x['wall_s'] for x in s):.0f} % "
               f"of the roofline ({roof:.1f} s); peak RSS {max(x['peak_rss_gb'] for x in s):.1f} GiB")
+        wall = statistics.mean(x["wall_s"] for x in s)
+        ph = {k: statistics.mean(x["phases"].get(k, 0) for x in s) for k in s[0]["phases"]}
+        steps = ph.pop("decode steps (n)", 0)
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in ph.items() if v)
+        per_step = f"; {1e3 * ph['decode steps'] / steps:.0f} ms a decoding step" if steps else ""
+        print(f"  where the sampler's {wall:.1f} s go: {parts}, the rest {wall - sum(ph.values()):.1f} s (rewards, "
+              f"tokenizing, records){per_step}")
 
 
 if __name__ == "__main__":

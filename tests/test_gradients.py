@@ -11,7 +11,7 @@ happens, and the structural test (every 4-bit layer has the repack gate off) sti
 import pytest
 import torch
 
-from workbench import data, models, ppo, rewards, sampling, scoring, train
+from workbench import data, decoding, models, ppo, rewards, sampling, scoring, train
 
 
 def _bnb_cpu_repack_possible() -> bool:
@@ -146,6 +146,8 @@ def test_the_repack_would_break_gradients_on_this_cpu(peaked_tiny_dir, hh_pairs)
         if isinstance(m, bnb.nn.Linear4bit):
             m.support_avx512bf16_for_cpu = True
     batch = _sampled_batch(hh_pairs, tok)
-    sampling.generate(model, tok, batch[0], 2, 0.7, generator_seed=0)
+    # sampling from the 4-bit model itself (generate samples from its inference copy on a CPU, which never repacks)
+    decoding.decode(model, batch[0], max_new_tokens=2, temperature=0.7, seeds=list(range(len(batch[0]))),
+                    eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
     with pytest.raises(Exception, match="autograd kernel was not registered"):
         _gradients(model, value_head, tok, batch)

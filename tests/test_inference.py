@@ -84,3 +84,19 @@ def test_the_copy_leaves_no_weight_uninitialised(tiny2):
             continue
         torch.testing.assert_close(p, src[name].float(), atol=0, rtol=0)
     assert not [m for m in copy.modules() if type(m).__module__.startswith(("peft", "bitsandbytes"))]
+
+
+def test_for_sampling_copies_a_4bit_policy_with_the_adapter_it_has_active(tiny2, tiny_model_dir):
+    model, tok = tiny2
+    x = torch.tensor([tok.encode("What is a good name for a cat?")])
+    with torch.no_grad():
+        for active in ("ref", "default"):
+            model.set_adapter(active)
+            copy = inference.for_sampling(model)
+            assert inference.is_copy(copy) and copy.active_adapter_name == active
+            torch.testing.assert_close(copy(input_ids=x).logits, model(input_ids=x).logits, atol=1e-4, rtol=0)
+        with model.disable_adapter():
+            assert inference.for_sampling(model).active_adapter_name is None
+    plain, _ = models.load_policy(models.ModelConfig(model_name_or_path=str(tiny_model_dir), load_in_4bit=False,
+                                                     dtype="float32"), trainable=False)
+    assert inference.for_sampling(plain) is plain, "nothing to dequantize: the model samples itself"

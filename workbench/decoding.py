@@ -19,7 +19,8 @@ The loop is plain PyTorch around the model's own forward (any causal LM of ``tra
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -33,13 +34,15 @@ class Decoded:
     first EOS (kept; later tokens are ``pad_id``), ``mask`` marks the kept tokens, ``ended`` whether a row has an EOS,
     ``logps`` (N, T) each kept token's log π at the sampling temperature (0 where masked), ``logps_t1`` at
     temperature 1, the model's own distribution (when asked for; else, and when sampling at T = 1 or greedily, the
-    same tensor as ``logps``)."""
+    same tensor as ``logps``). ``seconds``: wall time of the prefill and of the decoding steps (for the benchmark's
+    profile)."""
 
     response: Tensor
     mask: Tensor
     ended: Tensor
     logps: Tensor
     logps_t1: Tensor
+    seconds: dict = field(default_factory=dict)
 
 
 def row_seeds(seed: int, n: int) -> list[int]:
@@ -71,6 +74,7 @@ def decode(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperatu
     cache = StaticCache(config=_text_config(model), max_cache_len=P + max_new_tokens)
     attn = torch.zeros((N, P + max_new_tokens), dtype=torch.long, device=dev)
     logits = None
+    t_start = time.perf_counter()
     order = sorted(range(n_prompts), key=lambda i: len(prompt_ids[i]))
     for start in range(0, n_prompts, prefill_batch):
         idx = order[start : start + prefill_batch]
@@ -87,12 +91,14 @@ def decode(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperatu
         _place(cache, out.past_key_values, rows, N, P, k)
     for layer in cache.layers:
         layer.cumulative_length.fill_(P)
+    t_prefilled = time.perf_counter()
     position = attn[:, :P].sum(-1, keepdim=True)  # each row's next position (its prompt's length)
     gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
     tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long)
     logps = torch.zeros((N, max_new_tokens))
     logps_t1 = torch.zeros((N, max_new_tokens)) if untempered and temperature not in (0, 1) else logps
     done = torch.zeros(N, dtype=torch.bool, device=dev)
+    t = -1
     for t in range(max_new_tokens):
         logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, -1)
         choose = _nucleus(logp, top_p) if temperature > 0 and top_p < 1 else logp
@@ -119,7 +125,8 @@ def decode(model, prompt_ids: list[list[int]], *, max_new_tokens: int, temperatu
     first = torch.where(ended, is_eos.float().argmax(1), torch.full((N,), max_new_tokens))
     mask = torch.arange(max_new_tokens)[None] <= first[:, None]
     return Decoded(torch.where(mask, tokens, pad_id), mask, ended, torch.where(mask, logps, 0.0),
-                   torch.where(mask, logps_t1, 0.0))
+                   torch.where(mask, logps_t1, 0.0),
+                   {"prefill": t_prefilled - t_start, "steps": time.perf_counter() - t_prefilled, "n_steps": t + 1})
 
 
 def draw(logp: Tensor, generators: list[torch.Generator]) -> Tensor:

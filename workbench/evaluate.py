@@ -44,7 +44,8 @@ import torch
 
 from . import cards, data, models, scoring, sources, stats
 from .runs import atomic_folder, is_complete, run_info, run_paths, say, snapshots, to_jsonable, write_json, write_jsonl
-from .sampling import inference_copy, sample_completions
+from .inference import for_sampling
+from .sampling import sample_completions
 
 REFERENCE_FREE = ("orpo", "simpo")  # their implicit reward is the length-normalised log-likelihood, no π_ref
 
@@ -457,7 +458,7 @@ def _sample_and_score(model, tokenizer, prompts: list[dict], cfg: EvalConfig, pr
                               rewards={"score": proxy, "gold_score": gold}, max_prompt_length=cfg.max_prompt_length,
                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               seed=cfg.seed, batch_size=cfg.batch_size,
-                              sampler=inference_copy(model))  # the policy's function, sampled faster
+                              sampler=for_sampling(model))  # the policy's function, sampled faster
     chosen = {p["id"]: p for p in prompts}
     for key, values in chosen_scores.items():
         for p, v in zip(prompts, values):

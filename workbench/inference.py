@@ -77,6 +77,37 @@ def use_adapter(model, name: str | None):
         model.active_adapter_name = before
 
 
+def for_sampling(model):
+    """The model to sample ``model`` from: its exact inference copy, with the same adapter active, where ``model``
+    holds 4-bit weights on a CPU (there bitsandbytes dequantizes them at every decoding step; the copy samples the same
+    function ~1.5-2x faster, benchmarks/bench_sampling.py); ``model`` itself elsewhere (a GPU's 4-bit kernels do
+    not pay that, and a dequantized copy of a large model would cost its full memory). Samples and the log π read
+    off the decoding steps are the policy's either way (tests/test_decoding.py)."""
+    quantized = any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
+    if not quantized or next(model.parameters()).device.type != "cpu":
+        return model
+    active = getattr(model, "active_adapter", None) if hasattr(model, "peft_config") else None
+    if isinstance(active, (list, tuple)):
+        active = active[0] if len(active) == 1 else None
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if active is not None and layers and layers[0].disable_adapters:
+        active = None  # inside peft's disable_adapter(): the base alone
+    copy = inference_copy(model, active)
+    _carry_hooks(model, copy)
+    return copy
+
+
+def _carry_hooks(model, copy) -> None:
+    """The forward pre-hooks on ``model``'s backbone (``compute.TokenCounter``'s) registered on the copy's too, so the
+    tokens the copy samples are counted as the model's own would be."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    src, dst = getattr(base, base.base_model_prefix), getattr(copy, copy.base_model_prefix)
+    for key, hook in src._forward_pre_hooks.items():
+        dst.register_forward_pre_hook(hook, with_kwargs=key in src._forward_pre_hooks_with_kwargs)
+
+
 def _empty_model(config, dtype: torch.dtype):
     """The architecture of ``config`` with uninitialised weights (they are all overwritten): random initialisation
     of a 135M model costs ~1 s on two cores, more than dequantizing it."""

@@ -38,14 +38,16 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
              generator_seed: int | None = None, top_p: float = 1.0, n_samples: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """Sample ``n_samples`` responses per prompt at ``temperature`` (no top-k; nucleus ``top_p``) with the
     workbench's sampler (``decoding.decode``: static KV cache, one prefill per prompt shared by its samples, one random
-    stream per sample). Returns response_ids (B·n, T), mask (B·n, T) and ended (B·n,), the samples of a prompt in
+    stream per sample), from ``inference.for_sampling(model)`` (a 4-bit policy on a CPU: its exact copy). Returns
+    response_ids (B·n, T), mask (B·n, T) and ended (B·n,), the samples of a prompt in
     consecutive rows: each response is cut after its first EOS (kept, so a policy learns to stop); the tokens after it
     are masked. The first token is never EOS: an empty response has nothing to score. Row r is drawn with seed
     ``generator_seed + r``; without ``generator_seed``, one is drawn from torch's global generator (so a run seeded
     once samples the same)."""
     if generator_seed is None:
         generator_seed = int(torch.randint(0, 2**62, (1,)).item())
-    got = decode(model, prompt_ids, n_samples=n_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+    got = decode(inference.for_sampling(model), prompt_ids, n_samples=n_samples, max_new_tokens=max_new_tokens,
+                 temperature=temperature,
                  top_p=top_p, seeds=row_seeds(generator_seed, len(prompt_ids) * n_samples),
                  eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, min_new_tokens=1)
     return got.response, got.mask, got.ended
