@@ -4,6 +4,10 @@ alternating rounds, with this machine's own limits measured in the same run.
 
     python benchmarks/bench_sampling.py [--rounds 2] [--prompts 32] [--samples 2] [--new-tokens 32]
                                         [--max-prompt-length 192] [--gold-prompts 16] [--gold-samples 6]
+                                        [--workers 1]
+
+``--workers 2``: both sides as two processes of one thread each, every other prompt, at once (how the evaluation and
+the gold dataset use two cores); batch-1 stays one process.
 
 Workloads (the embedded SmolLM2-135M in NF4 4-bit, bf16 compute where the CPU has it, a policy and a reference
 adapter, both non-zero):
@@ -117,15 +121,18 @@ def child(args) -> dict:
     from workbench import data, decoding, evaluate, models, sampling
 
     phases = _profiled(sampling, decoding) if args.setting == "sampler" else {}
+    if args.workers > 1:  # one of several processes sharing the cores, as the evaluation's workers do
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.workers))
 
     model, tok = _policy(models)
     prompts, _, _ = evaluate.eval_set(data.DataConfig(split="test"), max(args.prompts, args.gold_prompts), 0)
+    prompts = prompts[args.worker :: args.workers]  # this worker's share, every W-th prompt
     base = args.setting == "baseline"
     start = time.time()
     if args.workload in ("eval", "gold"):
         gold = args.workload == "gold"
         n_prompts, k = (args.gold_prompts, args.gold_samples) if gold else (args.prompts, args.samples)
-        prompts = prompts[:n_prompts]
+        prompts = prompts[: -(-n_prompts // args.workers)]
         # the gold dataset samples texts from the merged bf16 copy; the evaluation from the 4-bit model (baseline) or
         # its exact copy (sampler), with log pi and log pi_ref
         source = sampling.inference_copy(model, dtype=models.compute_dtype("auto")) if gold else model
@@ -158,13 +165,24 @@ def child(args) -> dict:
             "dtype": str(models.compute_dtype("auto")), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def run(workload: str, setting: str, argv: list[str]) -> dict:
+def run(workload: str, setting: str, argv: list[str], workers: int = 1) -> dict:
+    """One side of one workload: ``workers`` child processes at once, each on its share of the prompts (with
+    ``workers`` > 1, tokens and memory summed, wall time from the first start to the last end, phases averaged)."""
     env = dict(os.environ, TQDM_DISABLE="1")
-    p = subprocess.run([sys.executable, __file__, "--child", "--workload", workload, "--setting", setting, *argv],
-                       env=env, capture_output=True, text=True)
-    if p.returncode:
-        raise SystemExit(f"{workload}/{setting}: the child process failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
-    got = json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    procs = [subprocess.Popen([sys.executable, __file__, "--child", "--workload", workload, "--setting", setting,
+                               *argv, "--workers", str(workers), "--worker", str(w)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for w in range(workers)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate()
+        if p.returncode:
+            raise SystemExit(f"{workload}/{setting}: a child process failed (exit {p.returncode}):\n{err[-3000:]}")
+        outs.append(json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:]))
+    got = dict(outs[0])
+    for key in ("tokens", "prompt_tokens", "peak_rss_gb"):
+        got[key] = sum(o[key] for o in outs)
+    got["start"], got["end"] = min(o["start"] for o in outs), max(o["end"] for o in outs)
+    got["phases"] = {k: statistics.mean(o["phases"][k] for o in outs) for k in outs[0]["phases"]}
     got["wall_s"] = got["end"] - got["start"]
     got["tokens_per_s"] = got["tokens"] / got["wall_s"]
     return got
@@ -204,6 +222,8 @@ def main():
     ap.add_argument("--gold-prompts", type=int, default=16)
     ap.add_argument("--gold-samples", type=int, default=6)
     ap.add_argument("--workloads", default="eval,gold,batch-1")
+    ap.add_argument("--workers", type=int, default=1, help="processes sharing the cores (the evaluation runs 2)")
+    ap.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--workload", default="eval", help=argparse.SUPPRESS)
     ap.add_argument("--setting", default="sampler", help=argparse.SUPPRESS)
@@ -222,10 +242,11 @@ def main():
     for r in range(args.rounds):
         for workload in args.workloads.split(","):
             for setting in ("baseline", "sampler"):
-                res = run(workload, setting, argv)
+                res = run(workload, setting, argv, 1 if workload == "batch-1" else args.workers)
                 results.setdefault((workload, setting), []).append(res)
                 print(f"round {r} {workload:>8} {setting:>8}: {res['tokens']} tokens in {res['wall_s']:.1f} s = "
-                      f"{res['tokens_per_s']:.1f} tokens/s ({res['dtype']}, {res['threads']} threads, peak RSS "
+                      f"{res['tokens_per_s']:.1f} tokens/s ({res['dtype']}, {res['threads']} threads x "
+                      f"{1 if workload == 'batch-1' else args.workers} processes, peak RSS "
                       f"{res['peak_rss_gb']:.1f} GiB)", flush=True)
     for workload in args.workloads.split(","):
         b, s = (results[(workload, x)] for x in ("baseline", "sampler"))

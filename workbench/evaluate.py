@@ -44,7 +44,6 @@ import torch
 
 from . import cards, data, models, scoring, sources, stats
 from .runs import atomic_folder, is_complete, run_info, run_paths, say, snapshots, to_jsonable, write_json, write_jsonl
-from .inference import for_sampling
 from .sampling import sample_completions
 
 REFERENCE_FREE = ("orpo", "simpo")  # their implicit reward is the length-normalised log-likelihood, no π_ref
@@ -457,8 +456,7 @@ def _sample_and_score(model, tokenizer, prompts: list[dict], cfg: EvalConfig, pr
     gens = sample_completions(model, tokenizer, prompts, n_samples=cfg.n_samples,
                               rewards={"score": proxy, "gold_score": gold}, max_prompt_length=cfg.max_prompt_length,
                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                              seed=cfg.seed, batch_size=cfg.batch_size,
-                              sampler=for_sampling(model))  # the policy's function, sampled faster
+                              seed=cfg.seed, batch_size=cfg.batch_size)  # from inference.for_sampling(model)
     chosen = {p["id"]: p for p in prompts}
     for key, values in chosen_scores.items():
         for p, v in zip(prompts, values):

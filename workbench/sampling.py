@@ -91,8 +91,8 @@ def sample_completions(model, tokenizer, prompts: list[dict], *, n_samples: int 
     together) per decoding batch, one prefill per prompt; sample j of the i-th prompt is drawn with seed
     ``seed + i·n_samples + j``, so it is the same whatever the batch size. Records come back in prompt order.
 
-    ``sampler``: the model that draws the tokens instead of ``model``: ``inference_copy(model)``, the same function
-    without 4-bit dequantization at every step (faster on a CPU). log π is read off the sampler's own decoding
+    ``sampler``: the model that draws the tokens instead of ``model``; by default ``inference.for_sampling(model)``:
+    on a CPU a 4-bit policy's exact ``inference_copy``, the same function without 4-bit dequantization at every step. log π is read off the sampler's own decoding
     steps, so it must compute the policy's function (``inference_copy`` without ``dtype`` does, to the order of
     floating-point sums; tests/test_decoding.py); log π_ref is the reference's (under
     ``logprobs.reference_adapter``), one pass over each prompt and its samples, through the exact copy (which holds
@@ -104,6 +104,7 @@ def sample_completions(model, tokenizer, prompts: list[dict], *, n_samples: int 
     from tqdm.auto import tqdm
 
     encoded = encode_prompts(tokenizer, [row["prompt"] for row in prompts], max_prompt_length)
+    sampler = inference.for_sampling(model) if sampler is None else sampler
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     per_batch = max(1, batch_size // n_samples)
     records: list = [None] * (len(prompts) * n_samples)
@@ -112,7 +113,7 @@ def sample_completions(model, tokenizer, prompts: list[dict], *, n_samples: int 
                       unit="batch", leave=False):
         idx = order[start : start + per_batch]
         prompt_ids = [encoded[i] for i in idx]
-        got = decode(sampler if sampler is not None else model, prompt_ids, n_samples=n_samples,
+        got = decode(sampler, prompt_ids, n_samples=n_samples,
                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                      seeds=[seed + i * n_samples + j for i in idx for j in range(n_samples)],
                      eos_id=tokenizer.eos_token_id, pad_id=pad, min_new_tokens=min_new_tokens, untempered=logprobs)
