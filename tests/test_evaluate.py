@@ -359,7 +359,7 @@ def test_a_reward_model_evaluated_alone_counts_lengths_in_the_default_policy_tok
     evaluate.evaluate_run(rm, table_cfg(cfg, table, name="alone"))
     ev = runs.read_eval(rm, "alone")
     assert ev["config"]["length_tokenizer"] == models.EMBEDDED_POLICY
-    assert f"length baseline in tokens of {models.EMBEDDED_POLICY} (the default policy)" in capsys.readouterr().out
+    assert f"length baseline in tokens of {models.EMBEDDED_POLICY} (the default policy)" in capsys.readouterr().err
     assert ev["summary"]["pairs/length_rule"] == pytest.approx(np.mean([p["length_rule"] for p in ev["pairs"]]))
 
 

@@ -240,7 +240,7 @@ def test_a_status_line_is_printed_when_it_changes_or_once_a_minute(capsys):
     assert not say(line.format("2.3 min", "2.3 min"), now=30.0)  # only the times moved
     assert say(line.replace("0/9 ended (0", "1/9 ended (1").format("2.4 min", "12 s"), now=31.0)  # a job ended
     assert say(line.replace("0/9 ended (0", "1/9 ended (1").format("3.4 min", "72 s"), now=91.0)  # a minute on
-    assert len(capsys.readouterr().out.splitlines()) == 3
+    assert len(capsys.readouterr().err.splitlines()) == 3
 
 
 # ----------------------------------------------------------------------------------------------------------

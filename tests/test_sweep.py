@@ -186,7 +186,7 @@ def test_a_users_setting_replaces_the_defaults_says_where_a_stage_keeps_its_own_
     take, is refused; ``--set report_to=...`` reaches every training stage."""
     grid = REPO / "grids" / "main.yaml"
     _, jobs = sweep.load_grid(grid, {"n_train": 128, "data_source": "/my/data", "proxy.max_steps": 3})
-    said = capsys.readouterr().out
+    said = capsys.readouterr().err
     by = {j.stage: j for j in jobs}
     stages = {st["stage"]: st for st in yaml.safe_load(grid.read_text())["stages"]}
     for j in jobs:  # the user's value where the stage names none of its own, the stage's where it does

@@ -5,12 +5,15 @@
 ``--loss-type sigmoid,sft``, ``--load-in-4bit false``), built by ``train.make_config`` as the notebooks and the grids
 build theirs; ``--print-config`` prints the config and stops. A bad name or value exits with code 2 and says what
 to change, before anything loads. A user's mistake found later (a missing model path, bad data) ends the command
-with one ``error:`` line and exit code 2, no traceback (``--debug`` keeps it); a bug keeps its traceback."""
+with one ``error:`` line and exit code 2, no traceback (``--debug`` keeps it); a bug keeps its traceback.
+``--verbose`` (debug lines too) or ``--quiet`` (warnings and errors only), anywhere on the line, set how much the
+workbench tells while it works (``console.py``), in a sweep's notebooks too."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -137,7 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     """The command line; ``--debug`` anywhere keeps the traceback of a user's mistake too."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
+    verbosity = "debug" if "--verbose" in argv else "warning" if "--quiet" in argv else None
+    argv = [a for a in argv if a not in ("--debug", "--verbose", "--quiet")]
+    if verbosity:
+        from . import console
+
+        os.environ[console.ENV] = verbosity  # a sweep's kernels and workers show as much
+        console.configure(verbosity)
     try:
         return _main(argv)
     except USER_ERRORS as e:

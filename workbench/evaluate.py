@@ -42,9 +42,11 @@ from pathlib import Path
 
 import torch
 
-from . import cards, data, models, scoring, sources, stats
-from .runs import atomic_folder, is_complete, run_info, run_paths, say, snapshots, to_jsonable, write_json, write_jsonl
+from . import cards, console, data, models, scoring, sources, stats
+from .runs import atomic_folder, is_complete, run_info, run_paths, snapshots, to_jsonable, write_json, write_jsonl
 from .sampling import sample_completions
+
+log = console.logger(__name__)
 
 REFERENCE_FREE = ("orpo", "simpo")  # their implicit reward is the length-normalised log-likelihood, no π_ref
 
@@ -343,7 +345,7 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
         models.EMBEDDED_POLICY if info["is_reward_model"] else info["config"]["model"]["model_name_or_path"])
     if cfg.length_tokenizer is None:
         whose = "the default policy" if info["is_reward_model"] else "the run's base model"
-        print(f"[evaluate] {run_path.name}: length baseline in tokens of {length_name} ({whose})", flush=True)
+        log.info(f"[evaluate] {run_path.name}: length baseline in tokens of {length_name} ({whose})")
     out = run_path / "eval" / cfg.name
     # how many processes evaluated at once changes the time, not what is measured
     settings = {k: v for k, v in dataclasses.asdict(cfg).items()
@@ -358,11 +360,10 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
         unset = {k for k, v in record.items() if k not in before and v is None}
         if {k: v for k, v in before.items() if k not in ("prompt_ids", "pair_ids", "length_rule", "torch_threads")} == \
                 _without_new_unset(record, before):
-            print(f"[evaluate] {run_path.name}: already evaluated as '{cfg.name}', kept", flush=True)
+            log.info(f"[evaluate] {run_path.name}: already evaluated as '{cfg.name}', kept")
             return out
         if set(record) - set(before) - unset:  # written before some of these settings existed: redo it
-            print(f"[evaluate] {run_path.name}: '{cfg.name}' predates {sorted(set(record) - set(before) - unset)}, redone",
-                  flush=True)
+            log.info(f"[evaluate] {run_path.name}: '{cfg.name}' predates {sorted(set(record) - set(before) - unset)}, redone")
         elif not overwrite:
             raise FileExistsError(f"{out} holds an evaluation under other settings; pick another EvalConfig.name "
                                   "or pass overwrite=True.")
@@ -407,7 +408,7 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
         write_jsonl(partial / "pairs.jsonl", pair_records)
         write_json(partial / "summary.json", {**summary, "time/eval_s": round(time.time() - t0, 1)})
     cards.write_model_card(run_path)  # the adapter's card now shows this evaluation too
-    print(f"[evaluate] {run_path.name}: {out}", flush=True)
+    log.info(f"[evaluate] {run_path.name}: {out}")
     return out
 
 
@@ -496,7 +497,7 @@ def _evaluate_snapshots(run_path: Path, policy: tuple, cfg: EvalConfig, beta: fl
         write_json(folder / "summary.json", {"step": step, "n_prompts": len(prompts), "n_samples": snap_cfg.n_samples,
                                              **_generation_summary(gens, snap_cfg)})
         steps.append(step)
-        print(f"[evaluate] {run_path.name}: snapshot at step {step} evaluated", flush=True)
+        log.info(f"[evaluate] {run_path.name}: snapshot at step {step} evaluated")
     return steps
 
 
@@ -539,12 +540,12 @@ def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | No
         specs["length_tokenizer"] = (run_info(policies[0])["config"]["model"]["model_name_or_path"] if policies
                                      else models.EMBEDDED_POLICY)
     cfg = dataclasses.replace(cfg, **specs)
-    print(f"[evaluate] length baseline in tokens of {cfg.length_tokenizer}", flush=True)
+    log.info(f"[evaluate] length baseline in tokens of {cfg.length_tokenizer}")
     if pairs is None:
         pairs, _ = sources.load_pairs(cfg.data)
     length = fit_length_baseline(cfg.length_tokenizer, cfg.data, pairs)
-    print(f"[evaluate] length baseline: {length.rule.describe()} (fitted on {length.rule.n_train} training pairs, "
-          f"training accuracy {length.rule.train_accuracy:.3f})", flush=True)
+    log.info(f"[evaluate] length baseline: {length.rule.describe()} (fitted on {length.rule.n_train} training pairs, "
+             f"training accuracy {length.rule.train_accuracy:.3f})")
     proxy, gold = _load_rewards(cfg)
     judged = None
     if cfg.judge_model:  # judged once: the pairs are the same for every run
@@ -557,7 +558,7 @@ def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | No
     todo = [p for p in paths if not (p / "eval" / cfg.name / "summary.json").exists()] if cfg.workers > 1 else []
     todo = sorted(todo, key=lambda p: run_info(p)["is_reward_model"]) if len(todo) > 1 else []
     for i, p in enumerate(p for p in paths if p not in todo):
-        print(f"[evaluate] {i + 1}/{len(paths)} {p.name}", flush=True)
+        log.info(f"[evaluate] {i + 1}/{len(paths)} {p.name}")
         evaluate_run(p, cfg, proxy=proxy, gold=gold, **shared)
     if todo:
         _evaluate_in_workers(todo, cfg, proxy, gold, shared)
@@ -571,14 +572,13 @@ def _evaluate_in_workers(todo: list[Path], cfg: EvalConfig, proxy, gold, shared:
     prompts, eval_pairs, _ = eval_set(cfg.data, cfg.n_prompts, cfg.n_pairs, shared["pairs"])
     shared["reward_cache"].update(reward_readings(proxy, gold, prompts, eval_pairs))
     for p in _runs_with_shared_weights(todo):
-        print(f"[evaluate] log-probs on the pairs of {p.name}, which other runs share", flush=True)
+        log.info(f"[evaluate] log-probs on the pairs of {p.name}, which other runs share")
         model, tokenizer = load_run_policy(p)
         scoring.score_pairs(model, tokenizer, eval_pairs[: cfg.policy_pairs], max_length=cfg.max_length, cache=shared["logps_cache"],
                             **_weights_keys(p))
         del model
     threads = max(1, torch.get_num_threads() // cfg.workers)
-    print(f"[evaluate] {len(todo)} runs in {min(cfg.workers, len(todo))} processes of {threads} thread(s) each",
-          flush=True)
+    log.info(f"[evaluate] {len(todo)} runs in {min(cfg.workers, len(todo))} processes of {threads} thread(s) each")
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools or kernel state
     tqdm_before = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"  # read by tqdm in the workers as they start; this process's tqdm read it already
@@ -590,7 +590,7 @@ def _evaluate_in_workers(todo: list[Path], cfg: EvalConfig, proxy, gold, shared:
             for i, future in enumerate(as_completed(futures), 1):
                 took = time.time() - t0  # the runs left, at the mean pace so far (policies go first: an upper bound)
                 left = f", ~{(len(todo) - i) * took / i / 60:.1f} min left" if i < len(todo) else ""
-                say(f"[evaluate] {i}/{len(todo)} done in {took / 60:.1f} min{left}: "
+                console.progress(log, f"[evaluate] {i}/{len(todo)} done in {took / 60:.1f} min{left}: "
                     f"{Path(future.result()).parent.parent.name}")
     finally:
         if tqdm_before is None:
@@ -660,7 +660,7 @@ def judge_agreement(cfg: EvalConfig, eval_pairs: list[dict]) -> tuple[dict, list
 
     judge = Judge.load(cfg.judge_model, principle=cfg.judge_principle)
     summary, records = agreement(judge, eval_pairs, cfg.n_bootstrap, cfg.seed)
-    print(f"[evaluate] judge {cfg.judge_model}: agreement with the human labels {summary['judge/accuracy']:.3f} "
-          f"[{summary['judge/accuracy_lo']:.3f}, {summary['judge/accuracy_hi']:.3f}] on {len(eval_pairs)} pairs, "
-          f"position bias {summary['judge/position_bias']:+.3f}", flush=True)
+    log.info(f"[evaluate] judge {cfg.judge_model}: agreement with the human labels {summary['judge/accuracy']:.3f} "
+             f"[{summary['judge/accuracy_lo']:.3f}, {summary['judge/accuracy_hi']:.3f}] on {len(eval_pairs)} pairs, "
+             f"position bias {summary['judge/position_bias']:+.3f}")
     return summary, records

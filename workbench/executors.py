@@ -72,7 +72,7 @@ def _ipc_kernel_manager(folder: str, stderr_log: str | None = None):
     ``folder`` (``transport="ipc"``) instead of unencrypted TCP on localhost, which ipykernel warns about at every
     start (one warning per job on the console). The kernel process's own stderr (ipykernel's log, e.g. "KeyboardInterrupt
     caught in kernel" when it is stopped, native libraries' messages) goes to ``stderr_log``, not the sweep's console;
-    what the notebook's code writes goes to the notebook as always, and its progress lines (``runs.say``) to stdout."""
+    what the notebook's code writes goes to the notebook as always, and its progress lines (``console.progress``) to stdout."""
     from jupyter_client.manager import AsyncKernelManager
 
     class IPCKernelManager(AsyncKernelManager):

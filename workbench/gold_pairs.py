@@ -41,9 +41,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, models, sources, stats
+from . import console, data, models, sources, stats
 from .config import RunFields
-from .runs import Run, read_jsonl, run_info, say, write_jsonl
+from .runs import Run, read_jsonl, run_info, write_jsonl
+
+log = console.logger(__name__)
 
 PARTS = ("proxy", "policy", "eval")  # proxy: half "a" of the training side; policy: half "b"; eval: the held-out split
 PAIRINGS = ("all", "disjoint")
@@ -205,7 +207,7 @@ def sample_replies(cfg: GoldPairsArgs, prompts: dict[str, list[dict]], gold) -> 
         took = time.time() - t0
         left = f", ~{(total - done) * took / done / 60:.1f} min left" if done < total else ""
         line = f"[gold-pairs] {done}/{total} replies sampled ({part} part done) in {took / 60:.1f} min{left}"
-        say(line)
+        console.progress(log, line)
     return records, time.time() - t0
 
 
@@ -300,7 +302,7 @@ def build(cfg: GoldPairsArgs) -> Path:
                                  f"(theirs, this run's): {json.dumps(differ)}")
             samples, t_sample = read_jsonl(source / "records" / "samples.jsonl"), 0.0
             counts = json.loads((source / "summary.json").read_text())["counts"]
-            print(f"[gold-pairs] relabelling the {len(samples)} samples of {source.name}", flush=True)
+            log.info(f"[gold-pairs] relabelling the {len(samples)} samples of {source.name}")
         else:
             tokenizer = models.load_tokenizer(cfg.model.model_name_or_path)
             prompts, counts = select_prompts(cfg, tokenizer)
@@ -320,9 +322,9 @@ def build(cfg: GoldPairsArgs) -> Path:
                                         "wall_time_s": round(t_sample, 1)})
         for part in PARTS:
             c = counts[part]
-            print(f"[gold-pairs] {part}: {c['prompts']} prompts x {c['samples'] // max(c['prompts'], 1)} replies, "
-                  f"{c['pairs']} pairs ({c['ties_dropped']} ties dropped, {c['flipped']} flipped)", flush=True)
-    print(f"[gold-pairs] run folder {run.path}", flush=True)
+            log.info(f"[gold-pairs] {part}: {c['prompts']} prompts x {c['samples'] // max(c['prompts'], 1)} replies, "
+                     f"{c['pairs']} pairs ({c['ties_dropped']} ties dropped, {c['flipped']} flipped)")
+    log.info(f"[gold-pairs] run folder {run.path}")
     return run.path
 
 

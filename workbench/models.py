@@ -14,7 +14,6 @@ import dataclasses
 import importlib.util
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -30,6 +29,10 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
 )
+
+from . import console
+
+log = console.logger(__name__)
 
 EMBEDDED_POLICY = "embedded:smollm2-135m-instruct"
 EMBEDDED_REWARD_BACKBONE = "embedded:all-minilm-l6-v2"
@@ -142,7 +145,7 @@ def compute_dtype(dtype: str | None = "auto") -> torch.dtype:
         chosen, what = _dtype_named(forced, "$WORKBENCH_DTYPE"), f"{what}, overridden by WORKBENCH_DTYPE={forced}"
     if what not in _announced:
         _announced.add(what)
-        print(f"[workbench] dtype auto -> {str(chosen).removeprefix('torch.')} on {what}", file=sys.stderr, flush=True)
+        log.info(f"[workbench] dtype auto -> {str(chosen).removeprefix('torch.')} on {what}")
     return chosen
 
 
@@ -249,7 +252,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF checkpoint to float32 safetensors + tokenizer files, atomically, once."""
     if (out_dir / "config.json").exists() and (out_dir / "model.safetensors").exists():
         return out_dir
-    print(f"[workbench] converting {gguf_path.name} to safetensors in {out_dir} (once; ~40 s on 2 CPU cores)", flush=True)
+    log.info(f"[workbench] converting {gguf_path.name} to safetensors in {out_dir} (once; ~40 s on 2 CPU cores)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".partial-", dir=out_dir.parent))
     try:

@@ -32,11 +32,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import data, losses
+from . import console, data, losses
 from .config import RLFields, RunFields, check_beta, check_judge_fields, snapshot_steps
 from .logprobs import reference_adapter, response_logprobs
 from .runs import Run
 from .sampling import baselines, call_reward, encode_prompts, generate, sample_logps
+
+log = console.logger(__name__)
 
 
 @dataclass
@@ -272,9 +274,9 @@ class OnlineDPOTrainer:
                                      "rejected_token_ids": response[b][mask[b]].tolist()})
             if rnd + 1 in snapshot_at:  # the policy part-way, for the reward–KL frontier
                 run.save_snapshot(model, rnd + 1)
-            print(f"[online_dpo] round {rnd + 1}/{cfg.rounds}: label {metrics['objective/scores']:.3f} "
-                  f"kl {metrics['objective/kl']:.3f}, {len(pairs)} pairs ({ties} ties) ({t_gen:.1f}s gen, "
-                  f"{t_label:.1f}s label, {t_train:.1f}s train)", flush=True)
+            log.info(f"[online_dpo] round {rnd + 1}/{cfg.rounds}: label {metrics['objective/scores']:.3f} "
+                     f"kl {metrics['objective/kl']:.3f}, {len(pairs)} pairs ({ties} ties) ({t_gen:.1f}s gen, "
+                     f"{t_label:.1f}s label, {t_train:.1f}s train)")
         run.write_records("online_samples", samples)
         run.write_records("online_pairs", pair_records)
         if judgements:

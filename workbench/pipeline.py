@@ -10,6 +10,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from . import console
+
+log = console.logger(__name__)
+
 
 MAIN_GRID = Path(__file__).resolve().parents[1] / "grids" / "main.yaml"
 
@@ -32,14 +36,14 @@ def run_study(grid: str | Path = MAIN_GRID, runs_dir: str | None = None, figures
         raise RuntimeError(f"The study produced no evaluated runs; see the job states in {result.state_dir}/jobs/.\n{result.report()}")
     draft = paper.build(result.table, paper_path, figures_dir)
     _step("done. Where everything is:", t0)
-    print(f"    run folders      {result.state_dir.parent.parent}\n"
-          f"    executed notebooks in each run folder (notebook.ipynb) and {result.state_dir / 'notebooks'}\n"
-          f"    results table    {len(result.table)} runs (python -m workbench evaluate {result.state_dir.parent.parent} "
-          f"reprints it)\n    figures          {Path(figures_dir).resolve()}\n    paper draft      {Path(draft).resolve()}")
+    log.info(f"    run folders      {result.state_dir.parent.parent}\n"
+             f"    executed notebooks in each run folder (notebook.ipynb) and {result.state_dir / 'notebooks'}\n"
+             f"    results table    {len(result.table)} runs (python -m workbench evaluate {result.state_dir.parent.parent} "
+             f"reprints it)\n    figures          {Path(figures_dir).resolve()}\n    paper draft      {Path(draft).resolve()}")
     if result.failed:
-        print(f"    {len(result.failed)} job(s) FAILED; see above")
+        log.info(f"    {len(result.failed)} job(s) FAILED; see above")
     return result
 
 
 def _step(msg: str, t0: float) -> None:
-    print(f"[main {time.time() - t0:6.1f}s] {msg}", flush=True)
+    log.info(f"[main {time.time() - t0:6.1f}s] {msg}")

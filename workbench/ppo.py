@@ -39,12 +39,14 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from . import data, distributed, models
+from . import console, data, distributed, models
 from .distributed import all_sum, average_gradients, world
 from .config import RLFields, RunFields, check_beta, check_checkpoint_every, check_judge_fields, snapshot_steps
 from .logprobs import reference_adapter, response_hidden, response_logprobs
 from .runs import Run, read_jsonl, write_jsonl
 from .sampling import baselines, call_reward, encode_prompts, generate
+
+log = console.logger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration
@@ -561,9 +563,8 @@ class PPOTrainer:
                     "token_advantages": advantages[i][m].tolist()})
             samples += distributed.gather_rows(mine)
             if rank == 0:
-                print(f"[ppo] iter {it + 1}/{cfg.iterations} score {metrics['objective/scores']:.3f} "
-                      f"kl {metrics['objective/kl']:.3f} ({t_gen:.1f}s gen, {t_score:.1f}s score, {t_train:.1f}s train)",
-                      flush=True)
+                log.info(f"[ppo] iter {it + 1}/{cfg.iterations} score {metrics['objective/scores']:.3f} "
+                         f"kl {metrics['objective/kl']:.3f} ({t_gen:.1f}s gen, {t_score:.1f}s score, {t_train:.1f}s train)")
             if it + 1 in snapshot_at:  # the policy part-way, for the reward–KL frontier
                 run.save_snapshot(model, it + 1)
             if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < cfg.iterations:

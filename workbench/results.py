@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import stats
+from . import console, stats
 from .runs import read_eval, read_jsonl, run_info, run_paths
+
+log = console.logger(__name__)
 
 
 def _compute(run_path: Path) -> dict:
@@ -102,7 +104,7 @@ def results_table(runs, eval_name: str = "default") -> pd.DataFrame:
                      "config": info["config"], **ev["summary"], **_compute(p),
                      "compute/pipeline_flops": _pipeline_flops(p), **budget(p, ev["config"].get("gold_reward_model"))})
     if skipped:
-        print(f"[results] {len(skipped)} run(s) without evaluation '{eval_name}' left out: {', '.join(skipped)}")
+        log.info(f"[results] {len(skipped)} run(s) without evaluation '{eval_name}' left out: {', '.join(skipped)}")
     sft_rows = [r for r in rows if r["method"] == "sft"]
     for r in rows:
         if r["method"] in ("sft", "reward"):

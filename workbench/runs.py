@@ -147,14 +147,6 @@ def parse_run_name(folder: str) -> dict:
     return {"method": method, "name": name, "seed": int(seed.removeprefix("s")), "timestamp": timestamp}
 
 
-def say(line: str) -> None:
-    """Print a progress line, and inside a notebook kernel (a sweep's job) also on the kernel's own stdout, which is
-    the console the sweep runs in: a long stage's progress shows there, not only in its executed notebook."""
-    print(line, flush=True)
-    if sys.__stdout__ is not None and sys.stdout is not sys.__stdout__:
-        print(line, file=sys.__stdout__, flush=True)
-
-
 class Run:
     """A run folder being written. Use as a context manager::
 

@@ -58,8 +58,10 @@ from pathlib import Path
 
 import yaml
 
-from . import executors
+from . import console, executors
 from .runs import default_root, is_complete, write_json
+
+log = console.logger(__name__)
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 GRID_KEYS = {"name", "description", "runs_dir", "defaults", "stages", "executor", "slurm"}
@@ -261,8 +263,8 @@ def load_grid(path, overrides: dict | None = None, seeds: list[int] | None = Non
         kept = [f"{st['stage']} ({st['params'][key]!r})" for st in stages.values()
                 if "." not in key and key in (st.get("params") or {}) and st["params"][key] != value]
         if kept:
-            print(f"[sweep] --set {key}={value!r} replaces the grid's default; kept by the stage(s) that name their own: "
-                  f"{', '.join(kept)} (set STAGE.{key}=... to change one)", flush=True)
+            log.info(f"[sweep] --set {key}={value!r} replaces the grid's default; kept by the stage(s) that name their own: "
+                     f"{', '.join(kept)} (set STAGE.{key}=... to change one)")
     if not jobs and not problems:
         problems.append("no stages")
     if problems:
@@ -389,7 +391,7 @@ class _Progress:
         what = re.sub(r"[\d.]+ (s|min)\b", "", line)  # the line without its times
         if what == self.said and now - self.at < self.every:
             return False
-        print(line, flush=True)
+        log.info(line)
         self.said, self.at = what, now
         return True
 
@@ -450,7 +452,7 @@ def _schedule(jobs, state, root, state_dir, ex, retry_failed, kernel_name) -> Sw
             entry = state.get(job.id, {})
             folder = folders[job.id]
             if entry.get("status") == "done" and not job.always and (entry.get("run") is None or is_complete(entry["run"])):
-                print(f"{tag(job)}: done before, skipped", flush=True)
+                log.info(f"{tag(job)}: done before, skipped")
                 pending.remove(job)
                 end(job, "done", entry.get("run"))
             elif entry.get("status") == "failed" and not retry_failed:
@@ -462,15 +464,15 @@ def _schedule(jobs, state, root, state_dir, ex, retry_failed, kernel_name) -> Sw
                     shutil.copy(out_nb, folder / "notebook.ipynb")
                 record(job, {"status": "done", "label": job.label, "run": str(folder), "notebook": str(out_nb),
                              "adopted": True})
-                print(f"{tag(job)}: finished before the interruption, adopted -> {folder}", flush=True)
+                log.info(f"{tag(job)}: finished before the interruption, adopted -> {folder}")
                 pending.remove(job)
                 end(job, "done", str(folder))
             elif (params_why := _resolve(job, state, jobs))[1]:
-                print(f"{tag(job)}: skipped, {params_why[1]}", flush=True)
+                log.info(f"{tag(job)}: skipped, {params_why[1]}")
                 pending.remove(job)
                 end(job, "skipped", params_why[1])
             elif (handle := ex.reattach(entry, task(job, {}, folder))) is not None:
-                print(f"{tag(job)}: still running from before the interruption, waiting for it", flush=True)
+                log.info(f"{tag(job)}: still running from before the interruption, waiting for it")
                 pending.remove(job)
                 running[handle] = job
             elif ex.has_room(running, job.resources):
@@ -479,7 +481,7 @@ def _schedule(jobs, state, root, state_dir, ex, retry_failed, kernel_name) -> Sw
                     params["runs_dir"] = str(root)
                 if folder is not None:
                     params["run_id"] = job_run_id(job)
-                print(f"{tag(job)}: running {job.notebook.name} ({ex.name}) ...", flush=True)
+                log.info(f"{tag(job)}: running {job.notebook.name} ({ex.name}) ...")
                 pending.remove(job)
                 record(job, {"status": "queued", "label": job.label, "queued": time.time()})
                 running[ex.submit(task(job, params, folder), job.resources)] = job
@@ -493,11 +495,11 @@ def _schedule(jobs, state, root, state_dir, ex, retry_failed, kernel_name) -> Sw
             record(job, entry)
             if entry["status"] == "done":
                 run = entry.get("run")
-                print(f"{tag(job)}: done in {entry['seconds']:.0f} s" + (f" -> {run}" if run else ""), flush=True)
+                log.info(f"{tag(job)}: done in {entry['seconds']:.0f} s" + (f" -> {run}" if run else ""))
                 end(job, "done", run)
             else:
-                print(f"{tag(job)}: FAILED after {entry.get('seconds', 0):.0f} s ({entry['error'].splitlines()[0][:120]})"
-                      f"; notebook kept: {entry['notebook']}", flush=True)
+                log.warning(f"{tag(job)}: FAILED after {entry.get('seconds', 0):.0f} s ({entry['error'].splitlines()[0][:120]})"
+                         f"; notebook kept: {entry['notebook']}")
                 end(job, "failed", entry["notebook"], entry["error"])
         for job in running.values():  # what the workers have written since: started, on which devices
             if (state_dir / "jobs" / f"{job.id}.json").exists():
@@ -505,7 +507,7 @@ def _schedule(jobs, state, root, state_dir, ex, retry_failed, kernel_name) -> Sw
         parallel = max(parallel, len(running))
         progress(_progress(jobs, state, ended, running, t_sweep, parallel))
     result.table = _results(jobs, state)
-    print(result.report() + f"\n[sweep] {time.time() - t_sweep:.0f} s in all", flush=True)
+    log.info(result.report() + f"\n[sweep] {time.time() - t_sweep:.0f} s in all")
     return result
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from . import cards, data, distributed, losses, models, online_dpo, ppo, sampling, scoring, sources, trackers
+from . import cards, console, data, distributed, losses, models, online_dpo, ppo, sampling, scoring, sources, trackers
 from .arms import ARMS, method_label
 from .arms import (DATA_PARAMS, MODEL_PARAMS, Arm, DataConfig, DPOArgs, GRPOArgs, KTOArgs, ORPOArgs,  # noqa: F401
                    RewardArgs, RLOOArgs, SFTArgs, SimPOArgs, arm_of, config_fields, make_config)  # re-exported
@@ -34,6 +34,8 @@ from .config import check_judge_fields, score_beta, snapshot_steps
 from .judge import Judge, apply_labels, judge_labels
 from .rewards import JudgeReward, load_reward
 from .runs import Run
+
+log = console.logger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -182,9 +184,8 @@ def _dataset(view: str, rows: list[dict], seed: int = 0):
         counts: dict = {}
         unpaired = data.unpaired_view(rows, counts)
         if counts["merged"] or counts["even"]:
-            print(f"[data] the unpaired view: {len(unpaired)} replies from {len(rows)} pairs; {counts['merged']} in "
-                  f"several pairs, labelled by their net wins; {counts['even']} with as many wins as losses left out",
-                  flush=True)
+            log.info(f"[data] the unpaired view: {len(unpaired)} replies from {len(rows)} pairs; {counts['merged']} in "
+                     f"several pairs, labelled by their net wins; {counts['even']} with as many wins as losses left out")
         rows = [{k: r[k] for k in ("prompt", "completion", "label")} for r in unpaired]
         random.Random(seed).shuffle(rows)
     else:
@@ -354,8 +355,8 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
             train_rows, labels_summary = apply_labels(train_rows, label_records)
             run.write_records("judge_labels", label_records)
             del judge
-            print(f"[train] {method}: the judge relabelled {labels_summary['labels/n_pairs']} training pairs: "
-                  f"{labels_summary['labels/swapped']} swapped, {labels_summary['labels/ties']} ties dropped", flush=True)
+            log.info(f"[train] {method}: the judge relabelled {labels_summary['labels/n_pairs']} training pairs: "
+                     f"{labels_summary['labels/swapped']} swapped, {labels_summary['labels/ties']} ties dropped")
 
         # --- the model and its trainer; train under the token counter (compute.json)
         policy, tokenizer, trainer = _load_and_build(method, cfg, train_rows, run, reward_fn, gold_fn)
@@ -372,7 +373,7 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
             if checkpoint is not None:
                 counter.tokens = {**counter.tokens, **json.loads((checkpoint / "workbench_tokens.json").read_text())}
                 run.drop_metrics_after(int(checkpoint.name.split("-")[1]))
-                print(f"[train] {method}: resuming from {checkpoint}", flush=True)
+                log.info(f"[train] {method}: resuming from {checkpoint}")
         result = trainer.train(resume_from_checkpoint=str(checkpoint)) if checkpoint else trainer.train()
         counter.detach()
         counter.sum_over_processes()
@@ -408,8 +409,8 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
             raise NonFiniteLossError(f"non-finite summary: {json.dumps(run.summary, default=str)}")
     if run.scratch is None and cards.write_model_card(run.path) and cfg.push_to_hub:
         url = cards.push_to_hub(run.path, cfg.hub_model_id or f"{run.folder}")
-        print(f"[train] {method}: adapter pushed to the hub: {url}", flush=True)
-    print(f"[train] {method}: run folder {run.path}", flush=True)
+        log.info(f"[train] {method}: adapter pushed to the hub: {url}")
+    log.info(f"[train] {method}: run folder {run.path}")
     return run.path
 
 
@@ -420,7 +421,7 @@ def _heldout_summary(method: str, cfg, policy, tokenizer, train_rows, heldout, r
     arm = ARMS[method]
     fmt = sources.row_format(train_rows)
     if fmt != "preference":  # the look scores held-out pairs beside a length rule fitted on training pairs
-        print(f"[train] {method}: the data is in the {fmt} format, not pairs: no held-out pair look", flush=True)
+        log.info(f"[train] {method}: the data is in the {fmt} format, not pairs: no held-out pair look")
         return {}
     scored = heldout[: cfg.data.n_score]
     length_rule = scoring.fit_length_rule(tokenizer, train_rows)
