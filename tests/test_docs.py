@@ -53,6 +53,33 @@ def test_every_path_and_link_named_exists(doc):
     assert not missing, f"{doc.name} names paths that do not exist: {missing}"
 
 
+def _anchors(path: Path) -> set[str]:
+    """The #anchors of a markdown file's headings, as GitHub makes them (lower case, punctuation dropped, spaces to
+    hyphens, a repeated heading numbered)."""
+    seen: dict[str, int] = {}
+    out = set()
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)  # a '#' in a code block is no heading
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*$", text, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_anchor_linked_exists(doc):
+    """A link to a section (``[...](file.md#section)`` or ``[...](#section)``) lands on a heading of that file."""
+    broken = []
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)#([^)\s]+)\)", doc.read_text()):
+        if target.startswith("http"):
+            continue
+        path = doc if not target else (doc.parent / target)
+        if path.suffix == ".md" and path.exists() and anchor not in _anchors(path):
+            broken.append(f"{target}#{anchor}")
+    assert not broken, f"{doc.name} links to sections that do not exist: {broken}"
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_module_attribute_named_exists(doc):
     missing = []
