@@ -53,7 +53,7 @@ def test_a_killed_dpo_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupt
     assert (partial / "trainer" / "checkpoint-2").is_dir() and not is_complete(partial)
     resumed = _train(args, tmp_path / "killed")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from" in resumed.stdout and "checkpoint-2" in resumed.stdout
+    assert "resuming from" in resumed.stderr and "checkpoint-2" in resumed.stderr  # the log, on stderr
     a, b = (load_run(next(p for p in (tmp_path / d).iterdir() if is_complete(p))) for d in ("whole", "killed"))
     wa, wb = (load_file(str(r.path / "adapter" / "adapter_model.safetensors")) for r in (a, b))
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
@@ -102,7 +102,7 @@ def test_a_killed_ppo_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupt
     assert (partial / "trainer" / "checkpoint-2" / "ppo_state.pt").exists() and not is_complete(partial)
     resumed = _ppo(tiny_model_dir, hh_dir, tmp_path / "killed")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from" in resumed.stdout and "checkpoint-2" in resumed.stdout
+    assert "resuming from" in resumed.stderr and "checkpoint-2" in resumed.stderr  # the log, on stderr
     a, b = (load_run(next(p for p in (tmp_path / d).iterdir() if is_complete(p))) for d in ("whole", "killed"))
     for rel in ("adapter/adapter_model.safetensors", "critic/value/adapter_model.safetensors"):
         wa, wb = (load_file(str(r.path / rel)) for r in (a, b))
