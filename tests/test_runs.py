@@ -421,3 +421,58 @@ def test_a_run_id_names_the_folder_and_owns_it(tmp_path):
     for bad in ("a.b", "a__b", "x/y", ""):
         with pytest.raises(ValueError, match="Run id"):
             Run("dpo", "default", seed=0, config={}, root=tmp_path, run_id=bad)
+
+
+_WRITER = """
+import sys, time
+from workbench.runs import Run
+with Run("dpo", "default", seed=0, config={}, root=sys.argv[1], run_id="job-2") as run:
+    run.log({"loss": 1.0}, step=0)
+    print("open", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def _start_writer(root, seconds):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(root), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "open"
+    return proc
+
+
+def test_a_run_being_written_by_a_living_process_is_neither_taken_nor_replaced(tmp_path):
+    """One process writes a named run at a time: a second writer (a resumed sweep while a kernel from before its
+    interruption still runs) is refused, naming the pid; ``wait_for_writer`` waits until the first has ended and
+    then finds the folder complete."""
+    from workbench.runs import is_complete, wait_for_writer
+
+    folder = tmp_path / "dpo__default__s0__job-2"
+    proc = _start_writer(tmp_path, 3)
+    with pytest.raises(RuntimeError, match=rf"another process \(pid {proc.pid}\)"):
+        with Run("dpo", "default", seed=0, config={}, root=tmp_path, run_id="job-2"):
+            pass
+    assert (folder.with_name(folder.name + ".partial") / "metrics.jsonl").exists(), "the writer's folder was kept"
+    seen = []
+    assert wait_for_writer(folder, seen.append) and seen == [str(proc.pid)]
+    assert proc.wait() == 0 and is_complete(folder)
+    assert not (folder / ".writer.lock").exists()
+    assert not wait_for_writer(folder), "no writer any more: nothing to wait for"
+
+
+def test_a_killed_writer_leaves_no_lock_behind(tmp_path):
+    """The lock ends with its process, however it ends: after a kill -9 the run starts again at once."""
+    import signal
+
+    proc = _start_writer(tmp_path, 60)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    folder = tmp_path / "dpo__default__s0__job-2"
+    assert folder.with_name(folder.name + ".partial").is_dir()
+    from workbench.runs import wait_for_writer
+
+    assert not wait_for_writer(folder)
+    with Run("dpo", "default", seed=0, config={}, root=tmp_path, run_id="job-2") as run:
+        run.log({"loss": 2.0}, step=0)
+    assert run.path == folder and (folder / "metrics.jsonl").read_text().count("\n") == 1

@@ -288,12 +288,33 @@ def test_every_finished_job_has_exactly_one_run_folder_named_by_its_id(ci_sweep,
     assert not [p for p in root.iterdir() if p.name.endswith(".partial")]
 
 
-def test_a_run_that_finished_before_its_state_was_written_is_adopted(ci_sweep, tiny_model_dir, hh_dir):
+_KERNEL_FROM_BEFORE = """
+import sys, time
+from pathlib import Path
+from workbench.runs import _hold_writer_lock
+partial = Path(sys.argv[1])
+lock = _hold_writer_lock(partial)
+print("writing", flush=True)
+time.sleep(3)
+(partial / ".writer.lock").unlink()
+partial.rename(sys.argv[2])
+"""
+
+
+def test_a_run_that_finished_before_its_state_was_written_is_adopted(ci_sweep, tiny_model_dir, hh_dir, capfd):
+    """Killed after the run, before its state; and the resume begins while the job's kernel, which outlives the
+    killed sweep by a second or two, still finishes the run: the sweep waits for it, then adopts the run."""
     root, _, _ = ci_sweep
     state = _state(root)
     job_id, entry = next((k, v) for k, v in state.items() if v.get("run") and "dpo__" in v["run"])
     (root / "sweeps" / "ci" / "jobs" / f"{job_id}.json").unlink()  # as if killed after the run, before its state
-    n_before = len([p for p in root.iterdir() if is_complete(p)])
+    folder = Path(entry["run"])
+    partial = folder.with_name(folder.name + ".partial")
+    folder.rename(partial)  # ... and the kernel from before still writes it
+    kernel = subprocess.Popen([sys.executable, "-c", _KERNEL_FROM_BEFORE, str(partial), str(folder)],
+                              stdout=subprocess.PIPE, text=True)
+    assert kernel.stdout.readline().strip() == "writing"
+    n_before = len([p for p in root.iterdir() if is_complete(p)]) + 1
     overrides = {"model": str(tiny_model_dir), "data_source": str(hh_dir)}
     old = os.getcwd()
     os.chdir(root.parent.parent)  # where the sweep ran: the grid's relative figures_dir resolves there
@@ -301,6 +322,8 @@ def test_a_run_that_finished_before_its_state_was_written_is_adopted(ci_sweep, t
         result = sweep.run_sweep(REPO / "grids" / "ci.yaml", overrides, runs_dir=str(root), retry_failed=False)
     finally:
         os.chdir(old)
+    assert kernel.wait() == 0
+    assert f"(pid {kernel.pid}) still writes {folder.name}; waiting for it" in capfd.readouterr().err
     assert _state(root)[job_id]["run"] == entry["run"] and _state(root)[job_id]["adopted"]
     assert len([p for p in root.iterdir() if is_complete(p)]) == n_before, "adopted, not run again"
     assert len(result.done) == 12

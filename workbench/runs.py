@@ -12,11 +12,14 @@
 
 A run is written into ``<folder>.partial`` and renamed to its final name only when it finished, so a crash
 never leaves a folder that looks complete. A failed run is renamed to ``<folder>.failed`` with the traceback in
-``error.txt``. ``list_runs`` reads complete folders only.
+``error.txt``. ``list_runs`` reads complete folders only. While a named run (``run_id``) is written, its process
+holds a lock on ``<folder>.partial/.writer.lock`` (released when the process ends, however it ends), so a sweep that
+resumes while a process from before its interruption still writes the folder waits for it instead of writing it twice
+(``wait_for_writer``).
 
 The public surface, used by every other module (none reads or writes a run folder by hand):
 
-    writing   Run, write_json, write_jsonl, atomic_folder, to_jsonable, set_seed, environment
+    writing   Run, write_json, write_jsonl, atomic_folder, to_jsonable, set_seed, environment, wait_for_writer
     reading   is_complete, run_paths (a runs root, one run folder or a list: the folders), list_runs, load_run,
               run_info (method, seed, β, reference of a run), read_eval (an evaluation folder), read_jsonl
     naming    default_root ($WORKBENCH_RUNS, else ./runs), run_name, parse_run_name
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import fcntl
 import json
 import math
 import os
@@ -197,16 +201,23 @@ class Run:
         return self._path
 
     def __enter__(self) -> "Run":
+        self._lock = None
         if self.run_id is not None:
             if is_complete(self.final_path):
                 raise FileExistsError(f"{self.final_path} is already complete: run id '{self.run_id}' is taken. "
                                       "Use that run, or give another run_id.")
+            if (pid := _writer(self.partial_path)) is not None:
+                raise RuntimeError(f"{self.partial_path} is being written by another process (pid {pid}): a run id is "
+                                   "written by one process at a time. Wait for it to end (or stop it), or give "
+                                   "another run_id.")
             keep = self.resume and self.partial_path.is_dir()  # a killed attempt to resume from its checkpoint
             for stale in (self.failed_path, self.final_path) if keep else (self.partial_path, self.failed_path,
                                                                            self.final_path):
                 shutil.rmtree(stale, ignore_errors=True)  # an earlier attempt's leftovers
         set_seed(self.seed)
         self.partial_path.mkdir(parents=True, exist_ok=self.run_id is not None and self.resume)
+        if self.run_id is not None and self.scratch is None:
+            self._lock = _hold_writer_lock(self.partial_path)
         config = {"seed": self.seed, **self.config}
         write_json(self.partial_path / "config.json", config)
         write_json(self.partial_path / "env.json", environment())
@@ -256,13 +267,61 @@ class Run:
             return False
         if exc_type is None:
             write_json(self.partial_path / "summary.json", self.summary)
+            if self._lock is not None:
+                (self.partial_path / _WRITER_LOCK).unlink()
             self.partial_path.rename(self.final_path)
             self._path = self.final_path
-            return False
-        (self.partial_path / "error.txt").write_text("".join(traceback.format_exception(exc_type, exc, tb)))
-        self.partial_path.rename(self.failed_path)
-        self._path = self.failed_path
-        return False  # re-raise
+        else:
+            (self.partial_path / "error.txt").write_text("".join(traceback.format_exception(exc_type, exc, tb)))
+            self.partial_path.rename(self.failed_path)
+            self._path = self.failed_path
+        if self._lock is not None:  # released only now: a waiter finds the folder complete (or failed), never partial
+            self._lock.close()
+        return False  # an error is re-raised
+
+
+_WRITER_LOCK = ".writer.lock"
+
+
+def _hold_writer_lock(partial: Path):
+    """Lock ``<partial>/.writer.lock`` for this process (its pid inside, for the message another process gives) and
+    return the open file: the lock lasts while it is open and ends with the process, however it ends."""
+    f = open(partial / _WRITER_LOCK, "a+", encoding="utf-8")  # noqa: SIM115 -- held until the run ends
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def _writer(partial: Path) -> str | None:
+    """The pid of a living process that is writing the run folder ``partial`` (it holds its lock), else None."""
+    try:
+        with open(Path(partial) / _WRITER_LOCK, encoding="utf-8") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return f.read().strip() or "?"
+            return None
+    except FileNotFoundError:
+        return None
+
+
+def wait_for_writer(folder, say=None) -> bool:
+    """Wait until no process writes the run ``folder`` (given by its final name; its ``.partial`` holds the lock):
+    e.g. a notebook's kernel that outlived the sweep that started it. ``say(pid)`` is called once if there is one.
+    True if it waited."""
+    partial = Path(folder).with_name(Path(folder).name + ".partial")
+    if (pid := _writer(partial)) is None:
+        return False
+    if say is not None:
+        say(pid)
+    try:
+        with open(partial / _WRITER_LOCK, encoding="utf-8") as f:
+            fcntl.flock(f, fcntl.LOCK_SH)  # blocks until the writer's lock is released: its run ended, or it died
+    except FileNotFoundError:  # it finished between the two looks
+        pass
+    return True
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

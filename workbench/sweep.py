@@ -39,8 +39,9 @@ config and its job id (``run_id``, passed into the notebook), so its name is kno
 atomically by the job itself (``queued``, ``running``, ``done``/``failed``), so parallel workers never overwrite each
 other (``read_state`` reads them all). On resume a job whose folder is complete is adopted, even when the sweep was
 killed after the run finished and before its state was written, and an interrupted job starts again from the
-beginning (its ``.partial`` folder never counts and is replaced). A successful job's executed notebook is copied
-into its run folder as ``notebook.ipynb``.
+beginning (its ``.partial`` folder never counts and is replaced), once no process from before the interruption
+still writes it (a notebook's kernel can outlive a killed sweep: ``runs.wait_for_writer``). A successful job's
+executed notebook is copied into its run folder as ``notebook.ipynb``.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from pathlib import Path
 import yaml
 
 from . import console, executors
-from .runs import default_root, is_complete, write_json
+from .runs import default_root, is_complete, wait_for_writer, write_json
 
 log = console.logger(__name__)
 
@@ -439,6 +440,16 @@ def _schedule(jobs, state, root, state_dir, ex, retry_failed, kernel_name) -> Sw
         ended.add(job.id)
         getattr(result, outcome).append((job.label, *what))
 
+    def adopt(job, folder):  # its run folder is complete, but its end was not recorded: the sweep was interrupted
+        out_nb = state_dir / "notebooks" / f"{job.id}.ipynb"
+        if out_nb.exists() and not (folder / "notebook.ipynb").exists():
+            shutil.copy(out_nb, folder / "notebook.ipynb")
+        record(job, {"status": "done", "label": job.label, "run": str(folder), "notebook": str(out_nb),
+                     "adopted": True})
+        log.info(f"{tag(job)}: finished before the interruption, adopted -> {folder}")
+        pending.remove(job)
+        end(job, "done", str(folder))
+
     def task(job, params, folder):
         return {"id": job.id, "label": job.label, "notebook": str(job.notebook), "params": params,
                 "out_nb": str(state_dir / "notebooks" / f"{job.id}.ipynb"), "kernel_name": kernel_name,
@@ -459,14 +470,7 @@ def _schedule(jobs, state, root, state_dir, ex, retry_failed, kernel_name) -> Sw
                 pending.remove(job)
                 end(job, "failed", entry["notebook"], entry["error"])
             elif folder is not None and is_complete(folder) and not job.always:  # finished, killed before its state
-                out_nb = state_dir / "notebooks" / f"{job.id}.ipynb"
-                if out_nb.exists() and not (folder / "notebook.ipynb").exists():
-                    shutil.copy(out_nb, folder / "notebook.ipynb")
-                record(job, {"status": "done", "label": job.label, "run": str(folder), "notebook": str(out_nb),
-                             "adopted": True})
-                log.info(f"{tag(job)}: finished before the interruption, adopted -> {folder}")
-                pending.remove(job)
-                end(job, "done", str(folder))
+                adopt(job, folder)
             elif (params_why := _resolve(job, state, jobs))[1]:
                 log.info(f"{tag(job)}: skipped, {params_why[1]}")
                 pending.remove(job)
@@ -476,6 +480,11 @@ def _schedule(jobs, state, root, state_dir, ex, retry_failed, kernel_name) -> Sw
                 pending.remove(job)
                 running[handle] = job
             elif ex.has_room(running, job.resources):
+                if folder is not None and wait_for_writer(folder, lambda pid: log.info(
+                        f"{tag(job)}: a process from before the interruption (pid {pid}) still writes {folder.name}; "
+                        "waiting for it")) and is_complete(folder) and not job.always:
+                    adopt(job, folder)
+                    continue
                 params = params_why[0]
                 if "runs_dir" in notebook_parameters(job.notebook):
                     params["runs_dir"] = str(root)
