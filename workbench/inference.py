@@ -24,6 +24,13 @@ import copy as _copy
 import torch
 
 
+QUANTIZED_LAYERS = ("Linear4bit", "Linear8bitLt")  # bitsandbytes' quantized linear layers, by class name
+
+
+def _quantized(module) -> bool:
+    return type(module).__name__ in QUANTIZED_LAYERS
+
+
 class InferenceLinear(torch.nn.Module):
     """A 4-bit + LoRA linear layer as plain tensors: y = x·Wᵀ + b in W's dtype, cast back to the input's dtype, plus
     the active adapter's LoRA update (x·Aᵀ)·Bᵀ·scaling in the adapter's dtype: the arithmetic of bitsandbytes'
@@ -83,8 +90,7 @@ def for_sampling(model):
     function ~1.5-2x faster, benchmarks/bench_sampling.py); ``model`` itself elsewhere (a GPU's 4-bit kernels do
     not pay that, and a dequantized copy of a large model would cost its full memory). Samples and the log π read
     off the decoding steps are the policy's either way (tests/test_decoding.py)."""
-    quantized = any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
-    if not quantized or next(model.parameters()).device.type != "cpu":
+    if not any(_quantized(m) for m in model.modules()) or next(model.parameters()).device.type != "cpu":
         return model
     active = getattr(model, "active_adapter", None) if hasattr(model, "peft_config") else None
     if isinstance(active, (list, tuple)):
@@ -153,7 +159,7 @@ def inference_copy(model, adapter: str | None = "default", dtype: torch.dtype | 
     replaced = set()
     for name, module in src.named_modules():
         base, lora = (module.get_base_layer(), module) if isinstance(module, LoraLayer) else (module, None)
-        if not (isinstance(module, LoraLayer) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")):
+        if not (isinstance(module, LoraLayer) or _quantized(module)):
             continue
         if ".base_layer" in name:
             continue
@@ -205,7 +211,7 @@ def _merged_copy(src, config, adapter: str | None, dtype: torch.dtype):
             if adapter is not None and adapter in module.lora_A:
                 w = w + module.get_delta_weight(adapter).float()
             state[name] = w.to(dtype)
-        elif module is not None and leaf == "weight" and type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
+        elif module is not None and leaf == "weight" and _quantized(module):
             state[name] = dequantize_module_weight(module).to(dtype)
         else:
             state[name] = src.get_parameter(name).detach().to(dtype)
