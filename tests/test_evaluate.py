@@ -579,3 +579,53 @@ def test_win_rates_are_flagged_when_their_judge_does_not_beat_the_length_rule(tm
     assert "win vs chosen †" in flagged and "does not beat the length-only rule" in flagged and "gold__s0" in flagged
     clear = study(tmp_path / "strong", 0.04)
     assert "†" not in clear
+
+
+@pytest.fixture
+def toy_arm():
+    """An arm the workbench has never seen, added in one place (``arms.register``) and removed afterwards: a DPO-style
+    arm on pairs against a reference, trained by TRL's DPOTrainer with the hinge loss, named "toy"."""
+    import dataclasses as dc
+
+    import trl
+
+    from workbench import arms, methods
+
+    @dc.dataclass
+    class ToyArgs(train.DPOArgs):
+        loss_type: list = dc.field(default_factory=lambda: ["hinge"])
+
+    arm = arms.register("toy", ToyArgs, trl.DPOTrainer, methods.Facts("pairs", has_reference=True),
+                        pair_losses=arms.ARMS["dpo"].pair_losses)
+    yield arm
+    del arms.ARMS["toy"], methods.FACTS["toy"]
+
+
+def test_an_arm_added_in_one_place_is_trained_evaluated_tabled_and_drawn(study, toy_arm, tmp_path):
+    """The arm table is the one place an arm is declared: a new one, registered once, goes through training (with
+    its held-out pair losses), the evaluation (sampled, scored against its reference with its own β), the results
+    table, the aggregate and the figures, with no other module told its name."""
+    import shutil
+
+    from workbench import methods
+
+    root, cfg, _ = study
+    copy = tmp_path / "study"
+    shutil.copytree(root, copy)
+    sft = next(p for p in copy.iterdir() if p.name.startswith("sft__"))
+    sft_cfg = runs.run_info(sft)["config"]
+    _, toy_cfg = train.make_config("toy", model=sft_cfg["model"]["model_name_or_path"], split="test",
+                                   data_source=sft_cfg["data"]["source"], n_train=4, n_score=2, max_steps=1,
+                                   per_device_train_batch_size=2, max_length=160, sft_run=str(sft),
+                                   runs_dir=str(copy), beta=0.2)
+    toy = train.train("toy", toy_cfg)
+    assert toy.name.startswith("toy__") and methods.of("toy").scores_with_own_beta
+    assert "loss/hinge" in runs.load_run(toy).records("heldout_pairs").columns
+    table = results.results_table(evaluate.evaluate_runs(copy, cfg), cfg.name)
+    row = table[table["method"] == "toy"].iloc[0]
+    for col in ("eval/gold", "eval/kl", "pairs/accuracy", "win/sft", "compute/pipeline_flops"):
+        assert pd.notna(row[col]), col
+    assert runs.read_eval(toy)["config"]["beta"] == 0.2, "its implicit reward is scored with its own β"
+    assert "toy" in set(results.aggregate(table)["method"])
+    drawn = [t.name or "" for t in figures.fig_frontier(table).data]
+    assert any("toy" in name for name in drawn), drawn

@@ -1,6 +1,7 @@
-"""The arms of the study and their configs: one table (``ARMS``: config class, trainer, dataset view, reference,
-common-name aliases) and one way from flat parameters to a config (``make_config``), for the command line, the
-notebooks' parameters cells and the sweep grids alike.
+"""The arms of the study and their configs: one table (``ARMS``: each arm's facts from ``methods.FACTS``, its config
+class, trainer, common-name aliases and held-out pair losses; ``register`` adds an arm to both) and one way from flat
+parameters to a config (``make_config``), for the command line, the notebooks' parameters cells and the sweep grids
+alike.
 
 Each TRL arm's config subclasses TRL's own (every TRL option works) and adds the workbench's fields
 (``config.RunFields``: the model, the data, the SFT run to start from); our PPO's config is ``ppo.PPOArgs``.
@@ -10,12 +11,13 @@ Each TRL arm's config subclasses TRL's own (every TRL option works) and adds the
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import trl
 
-from . import data, gold_pairs, losses, models, online_dpo, ppo
+from . import data, gold_pairs, losses, methods, models, online_dpo, ppo
 from .config import RLFields, RunFields, check_beta, check_checkpoint_every, check_judge_fields
 
 
@@ -43,6 +45,7 @@ class _WorkbenchFields(RunFields):
     """``config.RunFields`` on a TRL config, and the TRL defaults the workbench changes."""
 
     # TRL defaults changed for CPU-first use; each is a plain TRL option:
+
     # None: follow the model's compute dtype (models.compute_dtype), i.e. bf16 mixed precision where the hardware
     # computes bf16 natively (a bf16 GPU, a CPU with AMX/AVX512-BF16), fp32 elsewhere. TRL: True
     bf16: bool | None = None
@@ -54,7 +57,7 @@ class _WorkbenchFields(RunFields):
     logging_steps: float = 1
     report_to: str | list[str] = "none"
     per_device_train_batch_size: int = 4
-    max_length: int | None = 512
+    max_length: int | None = 512  # prompt + response tokens kept per example (TRL's, where the arm has it)
 
     def __post_init__(self):
         if hasattr(self, "beta"):
@@ -87,6 +90,19 @@ class DPOArgs(_WorkbenchFields, trl.DPOConfig):
     beta: float = 0.1  # DPO paper's β (arXiv:2305.18290 §6); IPO's τ
     learning_rate: float = 5e-6  # DPO used 1e-6 for full fine-tuning; LoRA adapters need a larger step
     num_train_epochs: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check()
+
+    def check(self) -> None:
+        """What only this arm's config can get wrong (``train.validate`` asks again before training)."""
+        types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        unknown = [t for t in types if t not in losses.PAIRED_LOSSES]
+        if unknown:
+            raise ValueError(f"Unknown DPO loss_type {unknown}. Known: {', '.join(losses.PAIRED_LOSSES)}.")
+        if self.f_divergence_type != "reverse_kl":
+            raise ValueError("Only f_divergence_type='reverse_kl' (standard DPO) has a reference formula here.")
 
 
 @dataclass
@@ -134,6 +150,15 @@ class RewardArgs(_WorkbenchFields, trl.RewardConfig):
     learning_rate: float = 5e-5  # the usual rate for fine-tuning a BERT-size encoder in full
     num_train_epochs: float = 1.0
 
+    def __post_init__(self):
+        self.check()
+        super().__post_init__()
+
+    def check(self) -> None:
+        """What only this arm's config can get wrong (``train.validate`` asks again before training)."""
+        if self.sft_run is not None:
+            raise ValueError("sft_run does not apply to a reward model: its backbone is set by cfg.model.")
+
 
 @dataclass
 class RLOOArgs(RLFields, _WorkbenchFields, trl.RLOOConfig):
@@ -175,62 +200,92 @@ class TRLOnlineDPOArgs(RLFields, _WorkbenchFields, OnlineDPOConfig):
     num_train_epochs: float = 1.0
 
 
+# ----------------------------------------------------------------------------------------------------------
+# What each arm's held-out pairs add to their records: the pair's loss under the arm's own objective (our reference
+# formulas, ``losses``), from the pair log-probs. Batch-coupled terms are left out: TRL's "sft" and "aot" are batch
+# quantities, KTO needs the batch KL estimate, and ORPO's NLL covers prompt tokens; for ORPO the odds-ratio term
+# alone is recorded.
+
+def _dpo_pair_losses(cfg, pc, pr, rc, rr, n_c, n_r) -> dict:
+    kept = [t for t in cfg.loss_type if t not in ("sft", "aot", "aot_unpaired")]
+    if not kept:
+        return {}
+    batch = losses.PairLogps(pc, pr, rc, rr, chosen_lengths=n_c, rejected_lengths=n_r)
+    return losses.preference_loss(kept, batch, cfg.beta, label_smoothing=cfg.label_smoothing,
+                                  discopop_tau=cfg.discopop_tau)[1]
+
+
+def _simpo_pair_losses(cfg, pc, pr, rc, rr, n_c, n_r) -> dict:
+    return {"simpo": losses.simpo_loss(pc / n_c, pr / n_r, cfg.beta, simpo_gamma=cfg.simpo_gamma)[0]}
+
+
+def _orpo_pair_losses(cfg, pc, pr, rc, rr, n_c, n_r) -> dict:
+    return {"orpo_odds_ratio": losses.orpo_loss(pc / n_c, pr / n_r, cfg.beta, chosen_nll_loss=0.0)[0]}
+
+
+def _sft_pair_losses(cfg, pc, pr, rc, rr, n_c, n_r) -> dict:
+    return {"nll_per_token": -pc / n_c}
+
+
 @dataclass(frozen=True)
 class Arm:
-    """One arm of the study: how its config, data and training are put together."""
+    """One arm of the study: its facts (``methods.Facts``: data view, reference, role, ...), its config class and its
+    trainer. A trainer with a ``build`` classmethod (our PPO, our online DPO) loads its own model(s) from the config
+    (``build(cfg, train_rows, run, reward_fn, gold_fn) -> (model, tokenizer, trainer)``); TRL's are built by
+    ``train.build_trainer``."""
 
     config: type  # its config class
-    trainer: type  # TRL's trainer class, or ours (ppo.PPOTrainer); for a dataset, the function that builds it
-    # the dataset it trains on: "sft" (prompt, chosen), "pairs", "unpaired" (KTO) or "prompts" (RL); "dataset": not a
-    # policy at all but a stage that writes a dataset (gold-pairs), built by ``trainer(cfg) -> run folder``
-    view: str
-    has_reference: bool  # trained against a reference model (the SFT adapter, or the base)
+    trainer: type  # TRL's trainer class, or ours; for a dataset, the function that builds it (``trainer(cfg) -> run``)
+    facts: methods.Facts
     aliases: tuple = ()  # (common name, the arm's own field): one name per idea across arms (``make_config``)
-    pairs_loss: bool = False  # trains a DPO-family loss on pairs although it samples its own (online DPO)
+    # (cfg, policy/reference log-probs of chosen and rejected, their token counts) -> {loss name: per-pair tensor}
+    pair_losses: Callable | None = None
 
-    @property
-    def rl(self) -> bool:
-        """Samples its own responses against a reward model."""
-        return self.view == "prompts"
-
-    @property
-    def scores_with_own_beta(self) -> bool:
-        """Its β scales an implicit reward on pairs (DPO family, KTO): the held-out pairs are scored with it."""
-        return self.has_reference and (self.view in ("pairs", "unpaired") or self.pairs_loss)
+    # the facts, read through the arm as well
+    view = property(lambda self: self.facts.view)
+    has_reference = property(lambda self: self.facts.has_reference)
+    rl = property(lambda self: self.facts.rl)
+    scores_with_own_beta = property(lambda self: self.facts.scores_with_own_beta)
 
 
+_F = methods.FACTS
 ARMS = {
-    "sft": Arm(SFTArgs, trl.SFTTrainer, "sft", False),
-    "dpo": Arm(DPOArgs, trl.DPOTrainer, "pairs", True),
-    "kto": Arm(KTOArgs, trl.KTOTrainer, "unpaired", True),
-    "orpo": Arm(ORPOArgs, ORPOTrainer, "pairs", False),
-    "simpo": Arm(SimPOArgs, CPOTrainer, "pairs", False),
-    "reward": Arm(RewardArgs, trl.RewardTrainer, "pairs", False),
-    "rloo": Arm(RLOOArgs, trl.RLOOTrainer, "prompts", True, (("max_new_tokens", "max_completion_length"),)),
-    "grpo": Arm(GRPOArgs, trl.GRPOTrainer, "prompts", True, (("max_new_tokens", "max_completion_length"),)),
+    "sft": Arm(SFTArgs, trl.SFTTrainer, _F["sft"], pair_losses=_sft_pair_losses),
+    "dpo": Arm(DPOArgs, trl.DPOTrainer, _F["dpo"], pair_losses=_dpo_pair_losses),
+    "kto": Arm(KTOArgs, trl.KTOTrainer, _F["kto"]),
+    "orpo": Arm(ORPOArgs, ORPOTrainer, _F["orpo"], pair_losses=_orpo_pair_losses),
+    "simpo": Arm(SimPOArgs, CPOTrainer, _F["simpo"], pair_losses=_simpo_pair_losses),
+    "reward": Arm(RewardArgs, trl.RewardTrainer, _F["reward"]),
+    "rloo": Arm(RLOOArgs, trl.RLOOTrainer, _F["rloo"], (("max_new_tokens", "max_completion_length"),)),
+    "grpo": Arm(GRPOArgs, trl.GRPOTrainer, _F["grpo"], (("max_new_tokens", "max_completion_length"),)),
     # our own loop; its own field names for PPO's ideas, the common names map onto them
-    "ppo": Arm(ppo.PPOArgs, ppo.PPOTrainer, "prompts", True,
+    "ppo": Arm(ppo.PPOArgs, ppo.PPOTrainer, _F["ppo"],
                (("max_steps", "iterations"), ("beta", "kl_coef"), ("per_device_train_batch_size", "rollout_batch_size"))),
+    "trl-online-dpo": Arm(TRLOnlineDPOArgs, OnlineDPOTrainer, _F["trl-online-dpo"]),
     # our own loop too: DPO on pairs the policy samples and a reward model or an AI judge labels, round after round
-    "trl-online-dpo": Arm(TRLOnlineDPOArgs, OnlineDPOTrainer, "prompts", True),
     # (named with '-': a run folder's name keeps '_' for its separators; "online_dpo" is accepted too)
-    "online-dpo": Arm(online_dpo.OnlineDPOArgs, online_dpo.OnlineDPOTrainer, "prompts", True,
-                      (("max_steps", "rounds"), ("per_device_train_batch_size", "prompts_per_round")), pairs_loss=True),
+    "online-dpo": Arm(online_dpo.OnlineDPOArgs, online_dpo.OnlineDPOTrainer, _F["online-dpo"],
+                      (("max_steps", "rounds"), ("per_device_train_batch_size", "prompts_per_round"))),
     # the known-gold study's data: the SFT policy's own samples, labelled by a gold reward (gold_pairs.py)
-    "gold-pairs": Arm(gold_pairs.GoldPairsArgs, gold_pairs.build, "dataset", False),
+    "gold-pairs": Arm(gold_pairs.GoldPairsArgs, gold_pairs.build, _F["gold-pairs"]),
 }
+assert set(ARMS) == set(methods.FACTS), "every arm has its facts in methods.FACTS, and every fact an arm here"
 
 
+def register(name: str, config: type, trainer: type, facts: methods.Facts, aliases: tuple = (),
+             pair_losses: Callable | None = None) -> Arm:
+    """Add an arm, in one place: its facts (``methods.FACTS``, which every module asks), its config class and its
+    trainer (``ARMS``). From then on ``train.train(name, cfg)``, the command line, the grids, the evaluation, the
+    tables and the figures take it as they take the others."""
+    if name in ARMS or name in methods.FACTS or "_" in name or "." in name:
+        raise ValueError(f"arm name {name!r} is taken, or has a '_' or '.' (a run folder's name keeps them for "
+                         "its separators).")
+    methods.FACTS[name] = facts
+    ARMS[name] = Arm(config, trainer, facts, aliases, pair_losses)
+    return ARMS[name]
 
-def method_label(method: str, cfg) -> str:
-    """The run folder's <method>: the arm's name, or for the DPO family the loss type(s) ("dpo" for sigmoid)."""
-    if method != "dpo":
-        return method
-    names = ["dpo" if t == "sigmoid" else t for t in cfg.loss_type]
-    if names == ["sft"]:  # DPO's NLL-only loss type must not name its run like the SFT arm
-        names = ["dpo-sft"]
-    return "+".join(names).replace("_", "-")
 
+method_label = methods.method_label  # re-exported: the run folder's <method> of an arm and its config
 
 
 # ----------------------------------------------------------------------------------------------------------

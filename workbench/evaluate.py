@@ -42,14 +42,11 @@ from pathlib import Path
 
 import torch
 
-from . import cards, console, data, models, scoring, sources, stats
+from . import cards, console, data, malloc, methods, models, scoring, sources, stats
 from .runs import atomic_folder, is_complete, run_info, run_paths, snapshots, to_jsonable, write_json, write_jsonl
 from .sampling import sample_completions
 
 log = console.logger(__name__)
-
-REFERENCE_FREE = ("orpo", "simpo")  # their implicit reward is the length-normalised log-likelihood, no π_ref
-
 
 @dataclass
 class EvalConfig:
@@ -65,8 +62,8 @@ class EvalConfig:
     # the number that needs many pairs, a policy's is a side measurement and costs a forward pass of each pair
     policy_pairs: int | None = None
     temperature: float = 0.7  # as the RL arms sample in training
-    top_p: float = 1.0
-    max_new_tokens: int = 64
+    top_p: float = 1.0  # nucleus sampling's p (1.0: the whole distribution)
+    max_new_tokens: int = 64  # the longest completion sampled, in tokens
     max_prompt_length: int = 256  # longer prompts keep their last tokens
     max_length: int = 512  # pairs: prompt + response tokens kept when scoring (the prompt is cut from the left)
     seed: int = 0  # sampling seed (prompt i's sample j uses seed + i·n_samples + j); the same for every run
@@ -75,16 +72,18 @@ class EvalConfig:
     beta: float | None = None  # β of the implicit reward β·log π/π_ref; None: the run's own β (0.1 if it has none)
     batch_size: int = 64  # samples per decoding batch (all samples of a prompt in one; see sample_completions)
     n_bootstrap: int = 1000  # bootstrap resamples (of prompts) for every interval
-    judge_model: str | None = None  # an AI judge (judge.Judge: any causal LM) whose agreement with the human labels on
-    # the same pairs is reported beside the reward models' accuracy (pairs/judge_accuracy); None: no judge
+    # an AI judge (judge.Judge: any causal LM) whose agreement with the human labels on the same pairs is reported
+    # beside the reward models' accuracy (pairs/judge_accuracy); None: no judge
+    judge_model: str | None = None
     judge_principle: str | None = None  # the judge's principle; None: judge.DEFAULT_PRINCIPLE
     # a proxy or gold reward "judge" (rewards.JudgeReward): which judge and principle; None: the one the runs trained
     # with (their saved judge_model / judge_principle)
     reward_judge_model: str | None = None
-    reward_judge_principle: str | None = None
-    length_tokenizer: str | None = None  # tokenizer (model name, local path or embedded:...) that counts the tokens of
-    # every length baseline; None: the base model of the policy runs evaluated (evaluate_run alone: the run's own
-    # base, or models.EMBEDDED_POLICY for a reward model)
+    reward_judge_principle: str | None = None  # that judge's principle (None: the one the runs trained with)
+    # tokenizer (model name, local path or embedded:...) that counts the tokens of every length baseline; None: the
+    # base model of the policy runs evaluated (evaluate_run alone: the run's own base, or models.EMBEDDED_POLICY for a
+    # reward model)
+    length_tokenizer: str | None = None
     # the prompts and pairs evaluated on: a pairs folder (a gold-labelled dataset: its held-out part) or an HH-RLHF
     # directory; None: the first run's own data source
     data_source: str | None = None
@@ -92,13 +91,14 @@ class EvalConfig:
     # a snapshot's share of the evaluation (points of the frontier between SFT and the final adapter, whose own
     # numbers carry the claims): the first snapshot_prompts prompts x snapshot_samples samples; None: as the final
     snapshot_prompts: int | None = None
-    snapshot_samples: int | None = None
+    snapshot_samples: int | None = None  # samples per prompt of a snapshot's share (None: n_samples)
     # reward models trained on a gold-labelled dataset: best-of-n against them over the dataset's held-out samples
     # (best_of_n.py), the over-optimisation curve of Gao et al. 2022
     best_of_n: bool = True
-    workers: int = 1  # evaluate_runs: runs evaluated at once, each worker a process with its share of this process's
-    # threads (1: all in this process). On 2 CPU cores 2 workers of 1 thread take ~20 % less time than one of 2
-    # threads: sampling is bound by per-token overhead and gains little from a second thread (evaluate_runs)
+    # evaluate_runs: runs evaluated at once, each worker a process with its share of this process's threads (1: all
+    # in this process). On 2 CPU cores 2 workers of 1 thread take ~20 % less time than one of 2 threads: sampling is
+    # bound by per-token overhead and gains little from a second thread (evaluate_runs)
+    workers: int = 1
 
     def __post_init__(self):
         for f in ("n_prompts", "n_samples", "n_pairs", "max_new_tokens", "batch_size", "n_bootstrap", "workers",
@@ -339,7 +339,8 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
     proxy_spec = cfg.proxy_reward_model or saved_cfg.get("reward_model")
     gold_spec = cfg.gold_reward_model or saved_cfg.get("gold_reward_model")
     judge = _reward_judge(cfg, saved_cfg) if JUDGE in (proxy_spec, gold_spec) else None  # a reward "judge": which
-    has_reference = info["method"] not in (*REFERENCE_FREE, "sft", "reward")
+    facts = methods.of(info["method"])
+    has_reference = facts.has_reference
     beta = cfg.beta or (info["beta"] if has_reference else None) or 0.1
     length_name = cfg.length_tokenizer or (
         models.EMBEDDED_POLICY if info["is_reward_model"] else info["config"]["model"]["model_name_or_path"])
@@ -436,12 +437,12 @@ def _evaluate(run_path: Path, info: dict, cfg: EvalConfig, beta: float, prompts:
                                            batch_size=None, cache=logps_cache, **_weights_keys(run_path))
         for r, ex in zip(pair_records, eval_pairs):  # the inspector shows the prompt and the texts beside the tokens
             r.update({"prompt": ex["prompt"], "chosen": ex["chosen"][0]["content"], "rejected": ex["rejected"][0]["content"]})
-        summary.update(_pair_accuracies(pair_records, info["method"] in REFERENCE_FREE, cfg))
+        summary.update(_pair_accuracies(pair_records, methods.of(info["method"]).implicit_reward == "avg-logp", cfg))
         summary.update(_generation_summary(gens, cfg))
     # the length-only baseline on the same pairs, in the evaluation's one unit, and the accuracy's paired margin over it
     scoring.add_lengths(pair_records, eval_pairs, length.tokenizer, length.rule)
     summary.update(_length_summary(pair_records, length.rule, cfg))
-    key = "avg_logp_correct" if info["method"] in REFERENCE_FREE else "correct"
+    key = "avg_logp_correct" if methods.of(info["method"]).implicit_reward == "avg-logp" else "correct"
     est, lo, hi = stats.paired_difference([float(r[key]) for r in pair_records], [r["length_rule"] for r in pair_records],
                                           pair_clusters(pair_records), cfg.n_bootstrap, cfg.seed)
     summary.update({"pairs/accuracy_vs_length_rule": est, "pairs/accuracy_vs_length_rule_lo": lo,
@@ -511,6 +512,7 @@ def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | No
     the weights they share (an SFT adapter) are computed here; each evaluation records its thread count."""
     from .rewards import JUDGE
 
+    malloc.keep_freed_memory()  # as training: freed activations reused (malloc.py); once per process
     cfg = cfg or EvalConfig()
     paths = [p for p in run_paths(runs) if not run_info(p)["is_dataset"]]  # a dataset's run folder has no model
     if not paths:

@@ -16,7 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from . import stats
+from . import methods, stats
 from .results import aggregate
 from .runs import read_jsonl
 
@@ -52,7 +52,7 @@ def _seeds_note(agg: pd.DataFrame) -> str:
 
 
 def _policies(table: pd.DataFrame) -> pd.DataFrame:
-    return table[~table["method"].isin(["reward"])] if len(table) else table
+    return table[~table["method"].map(methods.role).isin(["reward-model"])] if len(table) else table
 
 
 def _setting(row) -> str:
@@ -63,7 +63,7 @@ def _setting(row) -> str:
 def _bon_rows(table: pd.DataFrame) -> list[tuple[pd.Series, pd.DataFrame]]:
     """(reward-model row, its best-of-n rows) for every reward model whose evaluation drew best-of-n against it."""
     out = []
-    for _, r in table[table["method"] == "reward"].iterrows() if len(table) else []:
+    for _, r in table[table["method"].map(methods.role) == "reward-model"].iterrows() if len(table) else []:
         path = Path(r["path"]) / "eval" / table.attrs.get("eval_name", "default") / "best_of_n.jsonl"
         if path.exists():
             out.append((r, pd.DataFrame(read_jsonl(path))))
@@ -100,9 +100,9 @@ def fig_frontier(table: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     if snaps is None or snaps.empty or "eval/gold" not in snaps:
         return fig.update_layout(title="Reward–KL frontier<br><sup>no evaluated policies</sup>", **_LAYOUT)
-    sft = snaps[snaps["method"] == "sft"]
+    sft = snaps[snaps["method"].map(methods.role) == "start"]
     sft_gold, sft_kl = (float(sft["eval/gold"].mean()), 0.0) if len(sft) else (None, None)
-    arms = snaps[snaps["method"] != "sft"].copy()
+    arms = snaps[snaps["method"].map(methods.role) != "start"].copy()
     arms["setting"] = [_setting(r) for _, r in arms.iterrows()]
     palette = ["#4C78A8", "#F58518", "#E45756", "#72B7B2", "#54A24B", "#EECA3B", "#B279A2", "#FF9DA6", "#9D755D",
                "#BAB0AC"]
@@ -244,7 +244,7 @@ def fig_accuracy(table: pd.DataFrame) -> go.Figure:
                            error_y=_err(agg, "pairs/accuracy"), name="implicit reward / RM", marker_color="#4C78A8"))
     cols = ["pairs/length_rule", "pairs/length_rule_lo", "pairs/length_rule_hi"]
     # the rule on the pairs the reward models ranked (every held-out pair), else on a policy's (EvalConfig.policy_pairs)
-    ranked = table.sort_values("method", key=lambda m: m != "reward", kind="stable") if len(table) else table
+    ranked = table.sort_values("method", key=lambda m: m.map(methods.role) != "reward-model", kind="stable") if len(table) else table
     rule = ranked[cols].dropna() if set(cols) <= set(table) else table.iloc[:0]
     if len(rule):  # the same for every run of one evaluation: its value and its interval over pairs
         fig.add_hrect(y0=float(rule["pairs/length_rule_lo"].iloc[0]), y1=float(rule["pairs/length_rule_hi"].iloc[0]),
@@ -255,7 +255,7 @@ def fig_accuracy(table: pd.DataFrame) -> go.Figure:
                                   ("pairs/proxy_rm_accuracy", "proxy RM", "dash", "#E45756"),
                                   ("pairs/gold_rm_accuracy", "gold RM", "dashdot", "#54A24B")):
         if m in agg and agg[m].notna().any():  # reference lines in the legend: they lie too close to label in place
-            rms = agg[agg["method"] == "reward"][m].dropna()  # on every held-out pair, where reward models were ranked
+            rms = agg[agg["method"].map(methods.role) == "reward-model"][m].dropna()  # on every held-out pair, where reward models were ranked
             y = float(rms.iloc[0] if len(rms) else agg[m].dropna().iloc[0])
             fig.add_trace(go.Scatter(x=[labels[0], labels[-1]], y=[y, y], mode="lines", name=f"{name}: {y:.3f}",
                                      line=dict(dash=dash, color=colour, width=2)))

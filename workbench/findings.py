@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from . import methods
 from .results import aggregate, paired_arms, setting, snapshot_table
 from .runs import read_jsonl
 
-RL = ("ppo", "rloo", "grpo", "online-dpo", "trl-online-dpo")  # the arms that sample their own responses
 
 
 def _f(x, digits: int = 3) -> str:
@@ -70,9 +70,9 @@ def setup(table: pd.DataFrame, dataset: Path) -> str:
     counts = json.loads((dataset / "summary.json").read_text())["counts"]
     described = json.loads((dataset / "summary.json").read_text())["describe"]
     policies = sorted({c["model"]["model_name_or_path"] for p, c in cfgs.items()
-                       if table.set_index("path").loc[p, "method"] != "reward"})
+                       if methods.role(table.set_index("path").loc[p, "method"]) != "reward-model"})
     rms = sorted({c["model"]["model_name_or_path"] for p, c in cfgs.items()
-                  if table.set_index("path").loc[p, "method"] == "reward"})
+                  if methods.role(table.set_index("path").loc[p, "method"]) == "reward-model"})
     device = sorted({f"{e['hardware']}, dtype auto = {e['dtype_auto']}" if e.get("hardware") else str(e.get("device"))
                      for e in envs})
     versions = envs[0].get("packages", {})
@@ -119,8 +119,8 @@ def _markdown(rows: list[list[str]], header: list[str]) -> str:
 def policies(agg: pd.DataFrame) -> str:
     """Table 1: one row per policy setting (final adapters). The arms' KL is to their SFT policy (their reference);
     the SFT row's, to the base model, is marked so and not comparable with theirs."""
-    pol = agg[agg["method"] != "reward"]
-    to_base = lambda r, m: ("to the base: " if r["method"] == "sft" else "") + _ci(r, m, 2)  # noqa: E731
+    pol = agg[agg["method"].map(methods.role) != "reward-model"]
+    to_base = lambda r, m: ("to the base: " if methods.role(r["method"]) == "start" else "") + _ci(r, m, 2)  # noqa: E731
     rows = [[setting(r), r["seeds"], _ci(r, "eval/gold"), _ci(r, "eval/gold_vs_sft"), to_base(r, "eval/kl"),
              to_base(r, "eval/kl_t1"), _ci(r, "eval/proxy_vs_sft", 2), _f(r.get("eval/response_tokens"), 1), _f(r.get("eval/ended"), 2),
              _f(r.get("eval/distinct2"), 2), _f(r.get("budget/gold_pairs"), 0), _f(r.get("budget/gold_queries"), 0),
@@ -141,7 +141,7 @@ def arms_table(table: pd.DataFrame) -> str:
 
 def reward_models(agg: pd.DataFrame) -> str:
     """Table 2: every reward model on the held-out gold-labelled pairs, beside the length-only rule on the same pairs."""
-    rms = agg[agg["method"] == "reward"]
+    rms = agg[agg["method"].map(methods.role) == "reward-model"]
     rows = [[setting(r), _f(r.get("budget/gold_pairs"), 0), _ci(r, "pairs/accuracy"), _ci(r, "pairs/length_rule"),
              _ci(r, "pairs/accuracy_vs_length_rule"), _f(r.get("pairs/longer_wins"))] for _, r in rms.iterrows()]
     return _markdown(rows, ["reward model", "gold pairs trained on", "held-out accuracy", "length-only rule",
@@ -151,7 +151,7 @@ def reward_models(agg: pd.DataFrame) -> str:
 def best_of_n_table(table: pd.DataFrame) -> str:
     """Table 3: best-of-n against each proxy, from the SFT policy's held-out replies."""
     rows = []
-    for _, r in table[table["method"] == "reward"].iterrows():
+    for _, r in table[table["method"].map(methods.role) == "reward-model"].iterrows():
         bon = Path(r["path"]) / "eval" / table.attrs.get("eval_name", "default") / "best_of_n.jsonl"
         if not bon.exists():
             continue
@@ -173,7 +173,7 @@ def best_of_n_table(table: pd.DataFrame) -> str:
 def _best_points(snaps: pd.DataFrame) -> dict:
     """{setting: (KL, gold, step)} of each setting's point with the highest mean gold (over seeds, per step)."""
     out = {}
-    arms = snaps[snaps["method"] != "sft"]
+    arms = snaps[snaps["method"].map(methods.role) != "start"]
     for key, g in arms.groupby(arms.apply(setting, axis=1)):
         per_step = g.groupby("step").agg(kl=("eval/kl", "mean"), gold=("eval/gold", "mean"))
         best = per_step["gold"].idxmax()
@@ -194,7 +194,7 @@ def findings(table: pd.DataFrame) -> str:
     out = [f"Seeds: {', '.join(map(str, seeds))}; every interval below is {interval}."]
 
     # --- the proxy against the length rule (Table 2)
-    for _, r in agg[agg["method"] == "reward"].iterrows():
+    for _, r in agg[agg["method"].map(methods.role) == "reward-model"].iterrows():
         margin = r.get("pairs/accuracy_vs_length_rule")
         if pd.isna(margin):
             continue
@@ -205,7 +205,7 @@ def findings(table: pd.DataFrame) -> str:
                    f"{verdict} (paired difference {_ci(r, 'pairs/accuracy_vs_length_rule')}; Table 2).")
 
     # --- every preference-trained arm against SFT (Table 1)
-    pol = agg[(agg["method"] != "reward") & (agg["method"] != "sft")]
+    pol = agg[(agg["method"].map(methods.role) != "reward-model") & (agg["method"].map(methods.role) != "start")]
     beat, not_shown = [], []
     for _, r in pol.iterrows():
         ex = _excludes_zero(r, "eval/gold_vs_sft")
@@ -248,7 +248,7 @@ def findings(table: pd.DataFrame) -> str:
                            f"PPO against the proxy ({p}) {_f(best[p][1])} at KL {_f(best[p][0], 2)}.")
 
     # --- best-of-n and over-optimisation against Gao et al. (Table 3, figure `overoptimization`)
-    for _, r in table[table["method"] == "reward"].iterrows():
+    for _, r in table[table["method"].map(methods.role) == "reward-model"].iterrows():
         if pd.isna(r.get("bon/N")):
             continue
         n_max, peak = int(r["bon/N"]), int(r["bon/gold_peak_n"])
@@ -268,7 +268,7 @@ def findings(table: pd.DataFrame) -> str:
                    f"over n = 1; {shape}. KL at n = {n_max}: bound {_f(r['bon/kl_bound_at_N'], 2)}, plug-in "
                    f"{_f(r['bon/kl_plugin_at_N'], 2)} ({_f(r['bon/prompts_with_repeats'], 2)} of prompts repeat a reply).")
     # a peak counts where the fall after it is real (its paired interval above 0); else the curve peaks at N
-    rms = [r for _, r in table[table["method"] == "reward"].iterrows() if pd.notna(r.get("bon/gold_peak_n"))]
+    rms = [r for _, r in table[table["method"].map(methods.role) == "reward-model"].iterrows() if pd.notna(r.get("bon/gold_peak_n"))]
     peaks = {setting(r): int(r["bon/gold_peak_n"]) if _overoptimised(r) else int(r["bon/N"]) for r in rms}
     if len(peaks) > 1:
         main = min(peaks, key=lambda k: len(k))
@@ -278,7 +278,7 @@ def findings(table: pd.DataFrame) -> str:
             f"gold falls significantly after a peak earlier than {main}'s (n = {peaks[main]})."))
 
     # --- signs of hacking (Table 1)
-    sft = agg[agg["method"] == "sft"]
+    sft = agg[agg["method"].map(methods.role) == "start"]
     if len(sft) and "eval/distinct2" in agg:
         s = sft.iloc[0]
         moved = [f"{setting(r)} (tokens {_f(r['eval/response_tokens'], 1)}, ended {_f(r['eval/ended'], 2)}, distinct-2 "
@@ -313,7 +313,7 @@ def _n_eval_prompts(table: pd.DataFrame) -> int | str:
 
 
 def _sft_steps(table: pd.DataFrame) -> str:
-    sft = table[table["method"] == "sft"]
+    sft = table[table["method"].map(methods.role) == "start"]
     steps = sorted({json.loads((Path(p) / "config.json").read_text()).get("max_steps") for p in sft["path"]}
                    if len(sft) else set(), key=str)
     return "/".join(str(s) for s in steps) or "some"

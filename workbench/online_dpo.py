@@ -47,23 +47,24 @@ class OnlineDPOArgs(RLFields, RunFields):
 
     data: data.DataConfig = field(default_factory=lambda: data.DataConfig(n_score=16))
     # --- rounds of sampling
-    rounds: int = 4
-    prompts_per_round: int = 16
+    rounds: int = 4  # rounds of sampling, labelling and DPO (the common name max_steps maps here)
+    prompts_per_round: int = 16  # prompts sampled each round (the common name per_device_train_batch_size maps here)
     samples_per_prompt: int = 2  # k ≥ 2 responses per prompt; the pair is the best and the worst
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64  # the longest response sampled, in tokens
     temperature: float = 0.7  # as the RL arms sample
     # --- labels
-    labeller: str = "reward"  # "reward": reward_model scores each response; "judge": the AI judge compares them
-    # (labeller="judge" asks ``judge_model`` with ``judge_principle``, fields every arm has: config.RunFields)
+    # "reward": reward_model scores each response; "judge": the AI judge compares them (it asks ``judge_model``
+    # with ``judge_principle``, fields every arm has: config.RunFields)
+    labeller: str = "reward"
     tie_margin: float = 0.0  # a prompt whose best and worst labels differ by <= this gives no pair (counted)
     # --- DPO on each round's pairs
     loss_type: str = "sigmoid"  # any of losses.PAIRED_LOSSES
-    beta: float = 0.1
+    beta: float = 0.1  # DPO's β (arXiv:2305.18290 §6), the scale of the implicit reward against the reference
     label_smoothing: float = 0.0  # robust, exo_pair, aot (as TRL's DPOConfig)
     learning_rate: float = 5e-6  # as the DPO arm
-    epochs_per_round: int = 1
+    epochs_per_round: int = 1  # passes over each round's pairs
     batch_size: int = 4  # pairs per gradient step
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # gradient clipping
     refresh_reference_every: int | None = None  # None: the reference stays the starting policy
 
     def __post_init__(self):
@@ -129,6 +130,29 @@ class OnlineDPOTrainer:
     (``labeller="judge"``); ``gold_fn``: measured only. Every round logs its metrics (step = round) and keeps its
     samples and pairs as records (``records/online_samples.jsonl``, ``records/online_pairs.jsonl``, with the round), and
     with the judge every pairwise reading (``records/online_judgements.jsonl``: samples a and b, both orders)."""
+
+    @classmethod
+    def build(cls, cfg: OnlineDPOArgs, train_rows: list[dict], run: Run, reward_fn=None, gold_fn=None):
+        """(model, tokenizer, trainer) for ``train.train``: the policy (adapter "default") and its reference ("ref",
+        the SFT adapter, frozen; without an SFT run, the base), and with ``labeller="judge"`` the judge: the reward's
+        own judge when the reward is that judge, else one of ``cfg.judge_model``."""
+        from pathlib import Path
+
+        from . import models
+        from .judge import Judge
+        from .rewards import JudgeReward
+
+        sft_adapter = str(Path(cfg.sft_run) / "adapter") if cfg.sft_run else None
+        model, tokenizer = models.load_policy(cfg.model, adapter=sft_adapter)
+        if sft_adapter:
+            model.load_adapter(sft_adapter, adapter_name="ref", is_trainable=False)
+            model.set_adapter("default")
+        judge = None
+        if cfg.labeller == "judge":
+            judge = (reward_fn.judge if isinstance(reward_fn, JudgeReward) and cfg.reward_model == "judge" else
+                     Judge.load(cfg.judge_model, principle=cfg.judge_principle))
+        return model, tokenizer, cls(cfg, model, tokenizer, data.prompt_view(train_rows), run, reward_fn, gold_fn,
+                                     judge)
 
     def __init__(self, cfg: OnlineDPOArgs, model, tokenizer, prompts: list[dict], run: Run, reward_fn=None,
                  gold_fn=None, judge=None):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import findings
+from . import findings, methods
 from .figures import FIGURES
 from .results import aggregate, cost_to_reach
 
@@ -53,8 +53,8 @@ def _setup(table: pd.DataFrame) -> str:
     cfgs = [json.loads((Path(p) / "config.json").read_text()) for p in table["path"]]
     envs = [json.loads((Path(p) / "env.json").read_text()) for p in table["path"]]
     ev = json.loads((Path(table["path"].iloc[0]) / "eval" / table.attrs.get("eval_name", "default") / "config.json").read_text())
-    models = sorted({c.get("model", {}).get("model_name_or_path", "?") for c, m in zip(cfgs, table["method"]) if m != "reward"})
-    rms = sorted({c.get("model", {}).get("model_name_or_path", "?") for c, m in zip(cfgs, table["method"]) if m == "reward"})
+    models = sorted({c.get("model", {}).get("model_name_or_path", "?") for c, m in zip(cfgs, table["method"]) if methods.role(m) != "reward-model"})
+    rms = sorted({c.get("model", {}).get("model_name_or_path", "?") for c, m in zip(cfgs, table["method"]) if methods.role(m) == "reward-model"})
     data = cfgs[0].get("data", {})
     n_train = sorted({str(c.get("data", {}).get("n_train")) for c in cfgs})
     versions = envs[0].get("packages", {})
@@ -125,7 +125,7 @@ def _compute(table: pd.DataFrame, agg: pd.DataFrame) -> str:
     out = markdown_table(rows, ["method", "β", "FLOPs (run)", "FLOPs (pipeline)", "trained tokens", "generated tokens",
                                 "train time (s)"])
     if "eval/gold_vs_sft_lo" in table:  # paired: a run counts when its gold beats SFT's with an interval above 0
-        cost = cost_to_reach(table[~table["method"].isin(["sft", "reward"])], 0.0, metric="eval/gold_vs_sft_lo",
+        cost = cost_to_reach(table[~table["method"].map(methods.role).isin(["start", "reward-model"])], 0.0, metric="eval/gold_vs_sft_lo",
                              strict=True)
         out += ("\n\nCost to beat the SFT policy's gold reward (the paired difference's 95% lower bound above 0): " +
                 "; ".join(f"{r['method']}: {_fmt(r['compute/pipeline_flops'])} FLOPs ({r['runs_reaching']}/{r['runs']} runs)"
@@ -137,7 +137,7 @@ def _compute(table: pd.DataFrame, agg: pd.DataFrame) -> str:
 
 
 def _caveats(table: pd.DataFrame, agg: pd.DataFrame) -> str:
-    pol = agg[agg["method"] != "reward"]
+    pol = agg[agg["method"].map(methods.role) != "reward-model"]
     notes = []
     seeds = agg["n_seeds"].max() if len(agg) else 0
     if seeds < 3:
@@ -147,7 +147,7 @@ def _caveats(table: pd.DataFrame, agg: pd.DataFrame) -> str:
         straddle = ((table["win/chosen_lo"] <= 0.5) & (table["win/chosen_hi"] >= 0.5)).sum()
         notes.append(f"{straddle} of {table['win/chosen'].notna().sum()} runs have a win-rate interval against the chosen "
                      "responses that contains 0.5: they are not distinguishable from the dataset's answers by this judge.")
-    arms = pol[pol["method"] != "sft"]
+    arms = pol[pol["method"].map(methods.role) != "start"]
     if "eval/kl" in arms and len(arms):
         notes.append(f"The trained policies' mean KL to their references lies between {_fmt(arms['eval/kl'].min())} and "
                      f"{_fmt(arms['eval/kl'].max())} nats per response (the SFT row's KL is to the base model, not "

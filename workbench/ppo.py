@@ -58,11 +58,12 @@ class PPOArgs(RLFields, RunFields):
     (``config.RunFields``, ``config.RLFields``). Defaults follow Huang et al. 2024 (arXiv:2403.17031, Table 3) where
     they apply to LoRA; the learning rate is LoRA's, not full fine-tuning's."""
 
-    data: data.DataConfig = field(default_factory=lambda: data.DataConfig(n_score=16))  # n_score: held-out prompts and pairs
+    # what it trains on and holds out (``data.DataConfig``); n_score: held-out prompts and pairs
+    data: data.DataConfig = field(default_factory=lambda: data.DataConfig(n_score=16))
     # --- rollouts
     iterations: int = 100  # PPO iterations: rollout, then ppo_epochs of updates
     rollout_batch_size: int = 16  # prompts (= responses) per iteration
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64  # the longest response sampled, in tokens
     temperature: float = 0.7  # sampling temperature; log-probs use the same (Huang et al. detail)
     missing_eos_penalty: float | None = None  # subtracted from the score of a response that did not end (TRL's name)
     # --- reward
@@ -73,16 +74,16 @@ class PPOArgs(RLFields, RunFields):
     kl_horizon: int = 10000  # responses over which β may change by its clipped proportional error
     whiten_rewards: bool = False  # scale per-token rewards by their std (mean kept); Huang et al.: off
     # --- PPO
-    ppo_epochs: int = 4
+    ppo_epochs: int = 4  # passes of PPO updates over each iteration's rollouts
     num_minibatches: int = 1  # minibatches per epoch (rollout_batch_size must divide evenly)
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
+    gamma: float = 1.0  # discount of GAE (1.0: none, the reward comes at the end of the response)
+    lam: float = 0.95  # GAE's λ: bias (0) against variance (1) of the advantages
+    cliprange: float = 0.2  # ε of the clipped policy objective
+    cliprange_value: float = 0.2  # ε of the clipped value loss
+    vf_coef: float = 0.1  # weight of the value loss in the total loss
     learning_rate: float = 3e-5  # LoRA adapters; full fine-tuning of 1B models uses ~3e-6
-    max_grad_norm: float = 1.0
-    anneal_lr: bool = True
+    max_grad_norm: float = 1.0  # gradient clipping
+    anneal_lr: bool = True  # the learning rate falls linearly to 0 over the iterations
     # --- checkpoints: every N iterations, policy and critic adapters, value head, optimizer, KL coefficient, RNG
     # states and the rollouts so far; a killed run started again with the same run_id resumes from the last one
     checkpoint_every: int | None = None
@@ -382,6 +383,16 @@ class PPOTrainer:
     1/N of the iteration's prompts with its own copy of the model; rewards are whitened and advantages normalised
     over the global batch, gradients are averaged (``ppo_update``), so the copies stay identical; metrics and
     records cover the global batch, and rank 0 writes them (the others write into a scratch folder)."""
+
+    @classmethod
+    def build(cls, cfg: PPOArgs, train_rows: list[dict], run: Run, reward_fn, gold_fn=None):
+        """(model, tokenizer, trainer) for ``train.train``: one base with three adapters (policy, reference, critic)
+        and a value head (``load_actor_critic``), trained on the distinct prompts of ``train_rows``."""
+        distributed.init_distributed()  # under torchrun: TRL's trainers join the process group themselves, ours here
+        cfg.output_dir = str(run.path / "trainer")  # its checkpoints, if any
+        model, value_head, tokenizer = load_actor_critic(cfg)
+        return model, tokenizer, cls(cfg, model, value_head, tokenizer, data.prompt_view(train_rows), run, reward_fn,
+                                     gold_fn)
 
     def __init__(self, cfg: PPOArgs, model, value_head, tokenizer, prompts: list[dict], run: Run, reward_fn,
                  gold_fn=None):

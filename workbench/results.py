@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import console, stats
+from . import console, methods, stats
 from .runs import read_eval, read_jsonl, run_info, run_paths
 
 log = console.logger(__name__)
@@ -105,9 +105,9 @@ def results_table(runs, eval_name: str = "default") -> pd.DataFrame:
                      "compute/pipeline_flops": _pipeline_flops(p), **budget(p, ev["config"].get("gold_reward_model"))})
     if skipped:
         log.info(f"[results] {len(skipped)} run(s) without evaluation '{eval_name}' left out: {', '.join(skipped)}")
-    sft_rows = [r for r in rows if r["method"] == "sft"]
+    sft_rows = [r for r in rows if methods.role(r["method"]) == "start"]
     for r in rows:
-        if r["method"] in ("sft", "reward"):
+        if methods.role(r["method"]) in ("start", "reward-model"):
             continue
         base = _baseline_sft(r, sft_rows)
         if base is not None:
@@ -159,7 +159,7 @@ def budget(run_path, gold_spec: str | None = None) -> dict:
         out["budget/tokens_generated"] += tokens
     elif reward and gold_spec and reward == gold_spec:  # the gold itself is the reward: one query per sample scored
         out["budget/gold_queries"] += summary.get("train/reward_queries", 0)
-    if run_info(run_path)["method"] not in ("ppo", "rloo", "grpo", "online-dpo", "trl-online-dpo"):
+    if not methods.of(run_info(run_path)["method"]).rl:  # an arm that samples its own replies reads no dataset pairs
         used, tokens = dataset_part(run_path, half)  # the pairs themselves
         out["budget/gold_pairs"] += used
         out["budget/tokens_generated"] += tokens
@@ -177,14 +177,14 @@ def snapshot_table(runs, eval_name: str = "default") -> pd.DataFrame:
         return table
     keep = [c for c in table.columns if c.split("/")[0] == "eval" or c in ("run", "path", "method", "name", "seed",
                                                                           "beta", "reference", "baseline_run")]
-    sft_evals = {r["run"]: read_eval(r["path"], eval_name) for _, r in table[table["method"] == "sft"].iterrows()}
+    sft_evals = {r["run"]: read_eval(r["path"], eval_name) for _, r in table[table["method"].map(methods.role) == "start"].iterrows()}
     rows = []
-    for _, r in table[~table["method"].isin(["reward"])].iterrows():
+    for _, r in table[~table["method"].map(methods.role).isin(["reward-model"])].iterrows():
         final = {k: r[k] for k in keep if k in r}
         done = json.loads((Path(r["path"]) / "summary.json").read_text())  # in the unit its snapshots count: PPO's
         steps = done.get("train/iterations") or done.get("train/rounds") or done.get("train/steps")  # iterations, ...
-        rows.append({**final, "step": 0 if r["method"] == "sft" else steps, "final": True})
-        if r["method"] == "sft":
+        rows.append({**final, "step": 0 if methods.role(r["method"]) == "start" else steps, "final": True})
+        if methods.role(r["method"]) == "start":
             rows[-1]["eval/kl"] = 0.0  # the frontier's start: KL to itself
         base = sft_evals.get(r.get("baseline_run"))
         folder = Path(r["path"]) / "eval" / eval_name / "steps"
@@ -300,7 +300,7 @@ def paired_arms(table: pd.DataFrame, key: str = "gold_score", n_boot: int = 1000
     two overlapping intervals. Columns: a, b, seeds (the seeds both ran), estimate, lo, hi, n_prompts; ``key`` is the
     generations' value compared ("gold_score", "score" for the proxy, "kl", ...)."""
     cols = ["a", "b", "seeds", "estimate", "lo", "hi", "n_prompts"]
-    pol = table[~table["method"].isin(["sft", "reward"])] if len(table) else table
+    pol = table[~table["method"].map(methods.role).isin(["start", "reward-model"])] if len(table) else table
     if pol.empty:
         return pd.DataFrame(columns=cols)
     generations = _generations_reader(table)
@@ -336,7 +336,7 @@ def cost_to_reach(table: pd.DataFrame, level: float, metric: str = "eval/gold",
     NaN when none did), and how many runs reached it. With ``metric="eval/gold_vs_sft_lo"``, level 0 and ``strict``,
     a run counts when it beats its SFT policy with a paired interval above 0."""
     out = []
-    for method, g in table[table["method"] != "reward"].groupby("method"):
+    for method, g in table[table["method"].map(methods.role) != "reward-model"].groupby("method"):
         if metric not in g or cost not in g:
             continue
         ok = g[g[metric] > level] if strict else g[g[metric] >= level]

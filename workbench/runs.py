@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import malloc
+from . import malloc, methods
 
 
 def process_rank() -> int:
@@ -443,11 +443,12 @@ def run_info(run_path) -> dict:
     run_path = Path(run_path)
     saved = json.loads((run_path / "config.json").read_text())
     method = parse_run_name(run_path.name)["method"]
+    facts = methods.of(method)
     # the arm's own β (KL coefficient, IPO's τ, ORPO's λ, ...); SFT and reward models have none (TRL's SFTConfig
     # carries an unused beta)
-    beta = None if method in ("sft", "reward", "gold-pairs") else saved.get("kl_coef", saved.get("beta"))
+    beta = saved.get("kl_coef", saved.get("beta")) if facts.has_beta else None
     return {"method": method, "seed": saved.get("seed"), "beta": beta, "config": saved,
-            "reference": saved.get("sft_run") or "base", "is_reward_model": method == "reward",
+            "reference": saved.get("sft_run") or "base", "is_reward_model": facts.role == "reward-model",
             # a run folder that holds a dataset (gold-pairs writes pairs.jsonl), not a model: nothing to evaluate
             "is_dataset": (run_path / "pairs.jsonl").is_file()}
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from . import cards, console, data, distributed, losses, models, online_dpo, ppo, sampling, scoring, sources, trackers
+from . import cards, console, data, distributed, malloc, models, sampling, scoring, sources, trackers
 from .arms import ARMS, method_label
 from .arms import (DATA_PARAMS, MODEL_PARAMS, Arm, DataConfig, DPOArgs, GRPOArgs, KTOArgs, ORPOArgs,  # noqa: F401
                    RewardArgs, RLOOArgs, SFTArgs, SimPOArgs, arm_of, config_fields, make_config)  # re-exported
@@ -125,14 +125,8 @@ def validate(method: str, cfg) -> None:
         raise TypeError(f"method '{method}' takes a {arm.config.__name__}, got {type(cfg).__name__}.")
     check_judge_fields(cfg)
     trackers.check(getattr(cfg, "report_to", None))
-    if method == "dpo":
-        unknown = [t for t in cfg.loss_type if t not in losses.PAIRED_LOSSES]
-        if unknown:
-            raise ValueError(f"Unknown DPO loss_type {unknown}. Known: {', '.join(losses.PAIRED_LOSSES)}.")
-        if cfg.f_divergence_type != "reverse_kl":
-            raise ValueError("Only f_divergence_type='reverse_kl' (standard DPO) has a reference formula here.")
-    if method == "reward" and cfg.sft_run is not None:
-        raise ValueError("sft_run does not apply to a reward model: its backbone is set by cfg.model.")
+    if hasattr(cfg, "check"):  # the arm's own checks (DPO's loss types, ...), again: fields may have changed since
+        cfg.check()
     if cfg.sft_run is not None:
         sft = Path(cfg.sft_run)
         if not (sft / "adapter").is_dir() or not (sft / "config.json").exists():
@@ -226,55 +220,26 @@ def _load_and_build(method: str, cfg, train_rows: list[dict], run: Run, reward_f
     """(policy, tokenizer, trainer): the model the arm trains and the trainer that trains it. PPO's model holds
     three adapters (policy, reference, critic) and a value head on one base (``ppo.load_actor_critic``); TRL's DPO
     and KTO trainers copy the starting adapter into a frozen "ref" adapter, the reference."""
-    if method == "ppo":
-        distributed.init_distributed()  # under torchrun: TRL's trainers join the process group themselves, ours here
-        cfg.output_dir = str(run.path / "trainer")  # its checkpoints, if any
-        model, value_head, tokenizer = ppo.load_actor_critic(cfg)
-        trainer = ppo.PPOTrainer(cfg, model, value_head, tokenizer, data.prompt_view(train_rows), run, reward_fn, gold_fn)
-        return model, tokenizer, trainer
-    if method == "online-dpo":  # policy "default", reference "ref" (the SFT adapter, frozen) or the base
-        sft_adapter = str(Path(cfg.sft_run) / "adapter") if cfg.sft_run else None
-        model, tokenizer = models.load_policy(cfg.model, adapter=sft_adapter)
-        if sft_adapter:
-            model.load_adapter(sft_adapter, adapter_name="ref", is_trainable=False)
-            model.set_adapter("default")
-        judge = None
-        if cfg.labeller == "judge":  # the reward's judge if the reward is the same judge, else its own
-            judge = (reward_fn.judge if isinstance(reward_fn, JudgeReward) and cfg.reward_model == "judge" else
-                     Judge.load(cfg.judge_model, principle=cfg.judge_principle))
-        trainer = online_dpo.OnlineDPOTrainer(cfg, model, tokenizer, data.prompt_view(train_rows), run, reward_fn,
-                                              gold_fn, judge)
-        return model, tokenizer, trainer
+    arm = ARMS[method]
+    if hasattr(arm.trainer, "build"):  # our own loops load their own model(s): PPO's three adapters, online DPO's
+        return arm.trainer.build(cfg, train_rows, run, reward_fn, gold_fn)
     sft_adapter = str(Path(cfg.sft_run) / "adapter") if cfg.sft_run else None
-    load = models.load_reward_model if method == "reward" else models.load_policy
+    load = models.load_reward_model if arm.facts.role == "reward-model" else models.load_policy
     policy, tokenizer = load(cfg.model, adapter=sft_adapter)
-    trainer = build_trainer(method, cfg, policy, tokenizer, _dataset(ARMS[method].view, train_rows, cfg.seed), run, reward_fn)
+    trainer = build_trainer(method, cfg, policy, tokenizer, _dataset(arm.view, train_rows, cfg.seed), run, reward_fn)
     return policy, tokenizer, trainer
 
 
 def add_pair_losses(method: str, cfg, records: list[dict]) -> None:
-    """Add each held-out pair's loss under the arm's own objective (our reference formulas) to its record, as
-    ``loss/<type>``. Batch-coupled terms are left out: TRL's "sft" and "aot" are batch quantities, KTO needs the
-    batch KL estimate, and ORPO's NLL covers prompt tokens; for ORPO the odds-ratio term alone is recorded."""
-    if not records:
+    """Add each held-out pair's loss under the arm's own objective (its ``Arm.pair_losses``: our reference formulas)
+    to its record, as ``loss/<name>``; an arm without one adds nothing."""
+    pair_losses = ARMS[method].pair_losses
+    if not records or pair_losses is None:
         return
     col = lambda key: torch.tensor([float(r[key]) for r in records])  # noqa: E731
-    n_c, n_r = col("chosen_tokens"), col("rejected_tokens")
-    pc, pr, rc, rr = (col(k) for k in ("policy_chosen_logp", "policy_rejected_logp",
-                                        "reference_chosen_logp", "reference_rejected_logp"))
-    per_type = {}
-    if method == "dpo":
-        kept = [t for t in cfg.loss_type if t not in ("sft", "aot", "aot_unpaired")]
-        if kept:
-            batch = losses.PairLogps(pc, pr, rc, rr, chosen_lengths=n_c, rejected_lengths=n_r)
-            _, per_type, _, _ = losses.preference_loss(kept, batch, cfg.beta, label_smoothing=cfg.label_smoothing,
-                                                       discopop_tau=cfg.discopop_tau)
-    elif method == "simpo":
-        per_type["simpo"] = losses.simpo_loss(pc / n_c, pr / n_r, cfg.beta, simpo_gamma=cfg.simpo_gamma)[0]
-    elif method == "orpo":
-        per_type["orpo_odds_ratio"] = losses.orpo_loss(pc / n_c, pr / n_r, cfg.beta, chosen_nll_loss=0.0)[0]
-    elif method == "sft":
-        per_type["nll_per_token"] = -pc / n_c
+    per_type = pair_losses(cfg, *(col(k) for k in ("policy_chosen_logp", "policy_rejected_logp",
+                                                   "reference_chosen_logp", "reference_rejected_logp",
+                                                   "chosen_tokens", "rejected_tokens")))
     for name, values in per_type.items():
         for r, v in zip(records, values.tolist()):
             r[f"loss/{name}"] = v
@@ -311,6 +276,7 @@ def train(method: str, cfg=None, pairs: list[dict] | None = None, reward_fn=None
     ``reward_fn`` / ``gold_fn`` (RL arms): a TRL-style reward function instead of ``cfg.reward_model`` /
     ``cfg.gold_reward_model``, e.g. ``rewards.TokenSetReward`` or your own.
     """
+    malloc.keep_freed_memory()  # freed activations reused, not faulted back in (malloc.py); once per process
     arm = ARMS.get(method)
     cfg = cfg if cfg is not None else (arm.config() if arm else None)
     validate(method, cfg)
@@ -434,7 +400,7 @@ def _heldout_summary(method: str, cfg, policy, tokenizer, train_rows, heldout, r
             temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.score_batch_size, beta=beta,
             max_length=cfg.data.max_length, length_rule=length_rule)
         return {k.removeprefix("eval/"): v for k, v in eval_summary.items()}
-    if method == "reward":
+    if arm.facts.role == "reward-model":
         records = scoring.score_pairs_with_reward(policy, tokenizer, scored, max_length=cfg.max_length,
                                                   batch_size=cfg.score_batch_size)
         scoring.add_lengths(records, scored, tokenizer, length_rule)
