@@ -26,6 +26,8 @@ def child(args) -> dict:
     from workbench import data, malloc, models, sampling, train
     from workbench.runs import Run
 
+    malloc.keep_freed_memory()  # as every entry point does (WORKBENCH_MALLOC=system: glibc's default)
+
     mcfg = models.ModelConfig(model_name_or_path=models.EMBEDDED_POLICY, dtype="auto", load_in_4bit=True)
     cfg = train.DPOArgs(model=mcfg, per_device_train_batch_size=args.pairs_per_step, max_length=args.max_length,
                         max_steps=args.steps + 1, runs_dir=tempfile.mkdtemp(), run_name="bench", logging_steps=1)

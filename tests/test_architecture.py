@@ -195,3 +195,36 @@ def test_a_mistake_found_after_parsing_is_one_error_line_and_exit_2(capsys, tmp_
     assert all(p.name.endswith(".failed") for p in runs_made), runs_made  # no run finished; a failed one says so
     with pytest.raises(error, match=message.split("'")[0][:20]):
         cli.main([*argv, *runs_dir, "--debug"])
+
+
+_IMPORT_PROBE = """
+import importlib, json, os, pkgutil, random
+import numpy as np, torch
+import trl.trainer.dpo_trainer  # a dependency's own import draws from Python's global RNG (TRL 1.16's chain): not ours
+env, py, npy, th = dict(os.environ), random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state()
+import workbench
+from workbench import malloc
+names = sorted(m.name for m in pkgutil.iter_modules(workbench.__path__) if m.name != "__main__")
+for name in names:
+    importlib.import_module(f"workbench.{name}")
+changed = sorted(k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k))
+print(json.dumps({"modules": len(names), "env": changed, "random": random.getstate() != py,
+                  "numpy": np.random.get_state()[1].tolist() != npy, "torch": not torch.equal(torch.get_rng_state(), th),
+                  "malloc": malloc.policy()["policy"]}))
+"""
+
+
+def test_importing_the_workbench_does_no_work():
+    """Importing ``workbench`` and every module of it changes no environment variable, no RNG state and no allocator
+    setting: those belong to the entry points and the run's config. (TRL's trainers are imported first: importing
+    them draws from Python's global RNG by itself, which a run's seed, set first thing in ``Run``, overrides.)"""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["modules"] > 30
+    assert seen == {"modules": seen["modules"], "env": [], "random": False, "numpy": False, "torch": False,
+                    "malloc": "not set"}

@@ -210,6 +210,31 @@ def test_cli_train_builds_the_config(monkeypatch):
     assert (cfg.loss_type, cfg.loss_weights, cfg.beta, cfg.max_steps, cfg.seed) == (["sigmoid", "sft"], [1.0, 0.5], 0.2, 3, 4)
 
 
+def test_every_parameter_of_every_arm_has_its_help_and_the_cli_prints_it(capsys):
+    """One schema: each config field carries its help (TRL's ``metadata["help"]``, or the comment written with the
+    workbench's declaration: ``config.field_help``); ``train METHOD --help`` prints every flat parameter with it."""
+    import dataclasses
+
+    from workbench import __main__ as cli
+    from workbench import arms, config, data, evaluate, models, ppo
+
+    for method, arm in arms.ARMS.items():
+        helps = config.field_help(arm.config)
+        assert not [f.name for f in dataclasses.fields(arm.config) if f.init and not helps.get(f.name)], method
+    for cls in (models.ModelConfig, data.DataConfig, evaluate.EvalConfig):
+        assert all(config.field_help(cls).values()), cls.__name__
+    assert config.field_help(arms.DPOArgs)["beta"].count("workbench: DPO paper's β") == 1  # TRL's help, then ours
+    assert "GAE's λ" in config.field_help(ppo.PPOArgs)["lam"]
+    assert config.field_help(ppo.PPOArgs)["kl_coef"].startswith("β of")  # "# --- reward" headings are not help
+
+    assert cli.main(["train", "ppo", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in arms.config_fields("ppo"):
+        assert f"  --{flag.replace('_', '-')}  " in out, flag
+    assert "--lam  (float; default 0.95)\n      GAE's λ" in out
+    assert "--max-steps  = --iterations" in out  # an alias is declared once, and shown
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The reward model
 

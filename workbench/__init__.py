@@ -1,11 +1,11 @@
 """workbench: RLHF against DPO and its variants on HH-RLHF, and a look inside the result (README.md)."""
 
-from . import malloc
+# Importing the workbench does no work: no environment variable, RNG or allocator setting changes (a test checks).
+# The entry points that train, sample or evaluate (``train.train``, ``evaluate.evaluate_runs``, the command line)
+# set the C allocator's policy for themselves (``malloc.keep_freed_memory``).
 
-malloc.keep_freed_memory()  # before any tensor exists: freed activations are reused, not faulted back in (malloc.py)
-
-import logging  # noqa: E402
-import warnings  # noqa: E402
+import logging
+import warnings
 
 # Known, harmless warnings, silenced where they arise; everything else still shows.
 # peft 0.21 and TRL 1.16 read the model's old `is_gradient_checkpointing` name, which transformers 5 deprecates

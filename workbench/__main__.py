@@ -81,7 +81,7 @@ def _split_fields(argv: list[str], sub: dict) -> tuple[list[str], list[str]]:
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     """(the parser, its subcommands' parsers by name). ``train`` and ``evaluate`` also take every field of their
     config as ``--name value`` (``parse_fields``)."""
-    from . import executors, pipeline
+    from . import executors, methods, pipeline
 
     parser = argparse.ArgumentParser(prog="workbench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,8 +101,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                              description="Train one arm. Every field of its config is an option: --name value "
                              "(e.g. --max-steps 4 --beta 0.2 --n-train 64 --model embedded:smollm2-135m-instruct "
                              "--load-in-4bit false --loss-type sigmoid,sft). --print-config prints the config and stops.")
-    p_train.add_argument("method", help="sft, dpo (or any DPO loss type: ipo, hinge, ...), kto, orpo, simpo, reward, "
-                         "ppo, rloo or grpo")
+    p_train.add_argument("method", help=", ".join(methods.FACTS) + " (or any DPO loss type: ipo, hinge, ...); "
+                         "train METHOD --help lists its every parameter with its help")
     p_train.add_argument("--print-config", action="store_true", help="print the config as JSON and stop")
     p_eval = sub.add_parser("evaluate", allow_abbrev=False, help="evaluate run folders; write the results table and every figure; "
                             "any EvalConfig field as --name value")
@@ -138,6 +138,9 @@ USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError)
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; ``--debug`` anywhere keeps the traceback of a user's mistake too."""
+    from . import malloc
+
+    malloc.keep_freed_memory()  # before any tensor exists (malloc.py): the command line is an entry point
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     verbosity = "debug" if "--verbose" in argv else "warning" if "--quiet" in argv else None
@@ -156,10 +159,47 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def arm_help(method: str) -> str:
+    """Every flat parameter of ``method`` (``arms.config_fields``) with its type, default and help (the config
+    field's: ``config.field_help``), grouped: the arm's own, the model's, the data's; aliases point to their field."""
+    import dataclasses
+    import textwrap
+
+    from . import arms
+    from .config import field_help
+
+    arm_name, fixed = arms.arm_of(method)
+    arm = arms.ARMS[arm_name]
+    model_cls = next(f for f in dataclasses.fields(arm.config) if f.name == "model").default_factory
+    data_cls = next(f for f in dataclasses.fields(arm.config) if f.name == "data").default_factory
+    groups = [(f"{method} ({arm.config.__name__}; TRL's options included)", arm.config, None),
+              ("the model (cfg.model, models.ModelConfig)", model_cls, arms.MODEL_PARAMS),
+              ("the data (cfg.data, data.DataConfig)", data_cls, arms.DATA_PARAMS)]
+    aliases = dict(arm.aliases)
+    lines = [f"Parameters of '{method}' (--name value; lists as a,b; booleans true/false):"]
+    for title, cls, names in groups:
+        obj, helps = cls(), field_help(type(cls()) if not isinstance(cls, type) else cls)
+        fields_ = {f.name: f for f in dataclasses.fields(obj) if f.init}
+        flat = names or {k: k for k in fields_ if k not in ("model", "data")}
+        lines.append(f"\n{title}:")
+        for flag, name in sorted(flat.items()):
+            default = fixed.get(name, getattr(obj, name, None))
+            lines.append(f"  --{flag.replace('_', '-')}  ({fields_[name].type}; default {default!r})")
+            lines += textwrap.wrap(helps.get(name) or "", 110, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    if aliases:
+        lines.append("\ncommon names, the same idea across arms:")
+        lines += [f"  --{a.replace('_', '-')}  = --{f.replace('_', '-')}" for a, f in sorted(aliases.items())]
+    return "\n".join(lines)
+
+
 def _main(argv: list[str]) -> int:
     from . import pipeline
 
     parser, sub = build_parser()
+    if argv[:1] == ["train"] and ({"-h", "--help"} & set(argv)) and len([a for a in argv[1:] if a[:1] != "-"]) == 1:
+        sub["train"].print_help()  # ``train <method> --help``: and every field of that arm, with its help
+        print("\n" + arm_help(next(a for a in argv[1:] if a[:1] != "-")))
+        return 0
     p_train, p_eval = sub["train"], sub["evaluate"]
     argv, field_tokens = _split_fields(argv, sub)
     args = parser.parse_args(argv)

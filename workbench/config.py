@@ -25,8 +25,8 @@ class RunFields:
 
     run_name: str = "default"  # the <name> part of runs/<method>__<name>__s<seed>__<time>/
     seed: int = 0  # set first, recorded, part of the run folder name
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the base model and its adapter (``models.ModelConfig``)
+    data: DataConfig = field(default_factory=DataConfig)  # what it trains on and holds out (``data.DataConfig``)
     sft_run: str | None = None  # an SFT run folder: the policy starts from its adapter, and it is the reference
     runs_dir: str | None = None  # None: $WORKBENCH_RUNS, else ./runs
     # the run folder's last part instead of the time it starts: a sweep sets its job id, so the job owns exactly
@@ -41,9 +41,10 @@ class RunFields:
     # round is swapped, a tie dropped (RLAIF's labels, Lee et al. 2023, arXiv:2309.00267). The held-out
     # pairs keep the human labels, so the evaluation measures a judge-trained arm against people.
     pair_labels: str = "human"
-    judge_model: str | None = None  # the judge wherever one is used; hub name, local path or embedded:...; None: the
-    # embedded policy. Used by pair_labels="judge", online DPO's labeller="judge" and the RL arms' reward_model="judge"
-    judge_principle: str = DEFAULT_PRINCIPLE
+    # the judge wherever one is used; hub name, local path or embedded:...; None: the embedded policy. Used by
+    # pair_labels="judge", online DPO's labeller="judge" and the RL arms' reward_model="judge"
+    judge_model: str | None = None
+    judge_principle: str = DEFAULT_PRINCIPLE  # what the judge is asked to prefer (``judge.DEFAULT_PRINCIPLE``)
     # adapters saved at evenly spaced points of training besides the final one (2: after 1/3 and 2/3 of the steps),
     # into <run>/checkpoints/step-<n>/adapter; the evaluation measures each (the reward–KL frontier plots every
     # evaluation of a run, as the DPO paper's Fig. 2 does)
@@ -54,7 +55,7 @@ class RunFields:
     # upload the run's adapter folder (adapter, tokenizer, model card) to the hub as hub_model_id when training ends
     # (``cards.push_to_hub``; a private repo). TRL's own push during training is off: the run folder is the artifact
     push_to_hub: bool = False
-    hub_model_id: str | None = None
+    hub_model_id: str | None = None  # the hub repository push_to_hub uploads to ("user/name")
 
 
 @dataclass
@@ -111,3 +112,67 @@ def check_checkpoint_every(checkpoint_every: int | None, run_id: str | None) -> 
         raise ValueError("checkpoint_every under several processes (torchrun) is not built: the other ranks write into "
                          "scratch folders, so on restart only rank 0 would find its checkpoint and the ranks would part "
                          "ways. Checkpoint on one process, or train without --checkpoint-every.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Each field's help, for ``--help``, the notebooks' parameter docs and docs/config.md
+
+
+def field_help(cls) -> dict[str, str]:
+    """{field: help} of a config class: a field's ``metadata["help"]`` (TRL's and transformers' fields carry it),
+    and the comment written with the field's declaration in the workbench's source (beside it, or the comment lines
+    right above it), the one place a workbench field or default is explained; both where both exist."""
+    import dataclasses
+
+    ours: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's comment replaces its base's
+        if dataclasses.is_dataclass(klass) and klass.__module__.startswith(__package__ or "workbench"):
+            ours.update(_declaration_comments(klass))
+    out = {}
+    for f in dataclasses.fields(cls):  # a field redeclared with another default loses its metadata: the base's help
+        theirs = next((k.__dataclass_fields__[f.name].metadata.get("help") for k in cls.__mro__
+                       if f.name in getattr(k, "__dataclass_fields__", {})
+                       and k.__dataclass_fields__[f.name].metadata.get("help")), "")
+        parts = [" ".join(str(theirs).replace("%%", "%").split()), ours.get(f.name, "")]
+        if parts[0] and parts[1]:
+            parts[1] = f"(workbench: {parts[1]})"
+        out[f.name] = " ".join(p for p in parts if p)
+    return out
+
+
+def _declaration_comments(klass) -> dict[str, str]:
+    """{field: its comment} from a dataclass's own source: the trailing comment of the field's declaration (all of
+    its lines), after the block of comment lines directly above it."""
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    try:
+        src = textwrap.dedent(inspect.getsource(klass))
+    except (OSError, TypeError):  # defined at run time (a test's, a notebook's): no source to read
+        return {}
+    out, above, field_name, trailing, depth, pos = {}, [], None, [], 0, 0  # pos: significant tokens on this line
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.INDENT:
+            depth += 1
+        elif tok.type == tokenize.DEDENT:
+            depth -= 1
+        elif tok.type == tokenize.COMMENT and tok.string.lstrip("#").strip().startswith("---"):
+            above = []  # "# --- rollouts": a section's heading, not a field's help
+        elif tok.type == tokenize.COMMENT:
+            (trailing if pos else above).append(tok.string.lstrip("#").strip())
+        elif tok.type == tokenize.NL:
+            if pos == 0 and tok.line.strip() == "":
+                above = []  # a blank line ends a block of comments: it was about what follows it, not one field
+        elif tok.type == tokenize.NEWLINE:
+            if field_name:
+                out[field_name] = " ".join(above + trailing)
+            above, field_name, trailing, pos = [], None, [], 0
+        else:
+            if pos == 0 and depth == 1 and tok.type == tokenize.NAME:
+                field_name = tok.string  # a field if an annotation's ':' follows
+            elif pos == 1 and not (tok.type == tokenize.OP and tok.string == ":"):
+                field_name = None
+            pos += 1
+    return {k: v for k, v in out.items() if v}

@@ -603,8 +603,9 @@ class DataConfig:
     # your data's column names for TRL's (e.g. {"chosen": "good", "rejected": "bad"}, or "chosen=good,rejected=bad")
     columns: dict | str | list | None = None
     heldout_fraction: float = 0.1  # prompts held out of training (seeded hash of the first user turn), scored after
-    split_seed: int = 0  # seeds the held-out split; fixed (not the run's seed) so that every seed and every arm is
-    # evaluated on the same held-out prompts, none of which any of them trained on
+    # seeds the held-out split; fixed (not the run's seed) so that every seed and every arm is evaluated on the same
+    # held-out prompts, none of which any of them trained on
+    split_seed: int = 0
     half: str | None = None  # train only on prompt half "a" or "b" (see ``half``): e.g. a proxy RM and its gold RM
     n_train: int | None = None  # use only the first n training pairs (None: all)
     n_score: int = 64  # held-out pairs (RL arms: also held-out prompts) scored per sample and per token afterwards

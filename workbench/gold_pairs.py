@@ -68,9 +68,9 @@ class GoldPairsArgs(RunFields):
     # --- samples (from the SFT policy, or the base without sft_run)
     samples_per_prompt: int = 4  # k replies per proxy / policy prompt: C(k, 2) pairs each with pairing "all"
     eval_samples_per_prompt: int = 8  # N replies per eval prompt: N/2 disjoint held-out pairs, best-of-n up to N
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # the longest reply sampled, in tokens
     temperature: float = 0.7  # as the RL arms and the evaluation sample
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus sampling's p (1.0: the whole distribution)
     batch_size: int = 64  # samples per generation batch
     # --- labels (stats.bradley_terry_labels)
     pairing: str = "all"  # proxy / policy parts: "all" pairs of a prompt's k samples, or "disjoint" ((0,1), (2,3), ...)

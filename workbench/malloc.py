@@ -1,4 +1,5 @@
-"""The C allocator's policy for freed memory, set once per process when ``workbench`` is imported.
+"""The C allocator's policy for freed memory, set once per process by the entry points that train, sample or evaluate
+(``train.train``, ``evaluate.evaluate_runs``, the command line), never by importing ``workbench``.
 
 By default glibc's ``malloc`` serves every block above 128 KiB (a threshold it raises up to 32 MiB) by a fresh
 ``mmap`` and hands it back to the kernel on ``free``; a tensor of that size allocated again is faulted back in page
