@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from workbench import data, evaluate, figures, models, ppo, results, runs, sampling, scoring, stats, train
+from workbench import data, evaluate, figures, models, ppo, results, runs, sampling, scoring, sources, stats, train
 from workbench.models import ModelConfig
 
 # ----------------------------------------------------------------------------------------------------------
@@ -629,3 +629,32 @@ def test_an_arm_added_in_one_place_is_trained_evaluated_tabled_and_drawn(study, 
     assert "toy" in set(results.aggregate(table)["method"])
     drawn = [t.name or "" for t in figures.fig_frontier(table).data]
     assert any("toy" in name for name in drawn), drawn
+
+
+def test_the_training_look_and_the_evaluation_measure_pairs_alike(study):
+    """One way to measure a pair (``scoring.pair_metrics``): a DPO run's own held-out look (``eval/<name>`` in its
+    summary) and an evaluation of the same run on the same pairs (``pairs/<name>``) report the same numbers under the
+    same names. (The length rule is fitted differently by design: on the run's own training pairs, or once for all.)"""
+    root, _, _ = study
+    run = next(p for p in root.iterdir() if p.name.startswith("dpo__") and runs.is_complete(p))
+    look = runs.load_run(run)
+    trained_on = runs.run_info(run)["config"]
+    ids = list(look.records("heldout_pairs")["id"])
+    data_cfg = data.DataConfig(**trained_on["data"])
+    by_id = {p["id"]: p for p in sources.load_pairs(data_cfg)[0]}
+    # the evaluation's held-out pairs are those the run scored (a pair's side of the split is its own hash's: the
+    # held-out pairs split again are all held out, in their order); the length rule fitted on the whole split
+    length = evaluate.fit_length_baseline(trained_on["model"]["model_name_or_path"], data_cfg)
+    cfg = evaluate.EvalConfig(name="same-pairs", n_pairs=len(ids), n_prompts=1, n_samples=1, max_new_tokens=2,
+                              max_length=trained_on["max_length"], n_bootstrap=20, snapshots=False)
+    out = evaluate.evaluate_run(run, cfg, pairs=[by_id[i] for i in ids], length=length)
+    ev = runs.read_eval(run, "same-pairs")
+    assert [r["id"] for r in ev["pairs"]] == ids, "the same pairs"
+    names = [k.removeprefix("eval/") for k in look.summary if k.startswith("eval/")]
+    shared = [k for k in names if f"pairs/{k}" in ev["summary"]]
+    assert {"accuracy", "rewards/accuracies", "rewards/margins", "rewards/chosen", "logps/chosen", "logratio/rejected",
+            "avg_logp_accuracy", "length_rule", "longer_wins"} <= set(shared), sorted(shared)
+    for k in shared:
+        if k.startswith(("length_rule", "longer_wins")):  # the one part fitted differently (see above)
+            continue
+        assert ev["summary"][f"pairs/{k}"] == pytest.approx(look.summary[f"eval/{k}"], rel=1e-4, abs=1e-4), (k, out)

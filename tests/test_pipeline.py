@@ -29,7 +29,7 @@ def test_score_pairs_matches_its_definition(tiny_model_dir, hh_pairs):
         assert len(r["chosen_token_logratio"]) == r["chosen_tokens"] == len(c)
         assert beta * sum(r["rejected_token_logratio"]) == pytest.approx(r["rejected_reward"], abs=1e-4)
     assert any(r["margin"] != 0 for r in records)
-    summary = scoring.summarize(records)
+    summary = scoring.pair_metrics(records)
     assert summary["rewards/accuracies"] == pytest.approx(sum(r["correct"] for r in records) / len(records))
 
 

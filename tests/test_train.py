@@ -55,11 +55,11 @@ def _check_length_baseline(run, split):
 
     records = run.records("heldout_pairs")
     s = run.summary
-    assert s["eval/baseline/length_rule_n_train"] == len(split["train_ids"]), "fitted on the run's own training pairs"
+    assert s["eval/length_rule_n_train"] == len(split["train_ids"]), "fitted on the run's own training pairs"
     credit = [(c > r) + 0.5 * (c == r) for c, r in zip(records["chosen_length"], records["rejected_length"])]
-    assert s["eval/baseline/longer_wins"] == pytest.approx(sum(credit) / len(credit))
-    assert s["eval/baseline/length_rule"] == pytest.approx(records["length_rule"].mean())
-    assert s["eval/baseline/length_rule_fit"].startswith("prefer the ")
+    assert s["eval/longer_wins"] == pytest.approx(sum(credit) / len(credit))
+    assert s["eval/length_rule"] == pytest.approx(records["length_rule"].mean())
+    assert s["eval/length_rule_fit"].startswith("prefer the ")
     assert not [k for k in s if "longer_is_chosen" in k]
     tok = models.load_tokenizer(run.config["model"]["model_name_or_path"])  # the run's own tokens
     first = [ex for ex in _heldout_pairs(run.path) if ex["id"] == records.loc[0, "id"]]
@@ -262,12 +262,12 @@ def test_reward_model_learns_a_preference_against_length(common, tmp_path):
     assert path.name.startswith("reward__default__s1__")
     assert (path / "model" / "model.safetensors").exists() and not (path / "adapter").exists()
     summary = run.summary
-    assert summary["eval/baseline/longer_wins"] == 0.0, "by construction the longer answer always loses"
+    assert summary["eval/longer_wins"] == 0.0, "by construction the longer answer always loses"
     # ... so the length-only rule fitted on the training pairs prefers the shorter one, and is always right
-    assert summary["eval/baseline/length_rule_fit"] == "prefer the shorter response"
-    assert summary["eval/baseline/length_rule"] == 1.0 and summary["eval/baseline/length_rule_train_accuracy"] == 1.0
-    assert summary["eval/baseline/length_rule_n_train"] == summary["train/pairs"]
-    assert summary["eval/rm/accuracy"] >= 0.95, summary
+    assert summary["eval/length_rule_fit"] == "prefer the shorter response"
+    assert summary["eval/length_rule"] == 1.0 and summary["eval/length_rule_train_accuracy"] == 1.0
+    assert summary["eval/length_rule_n_train"] == summary["train/pairs"]
+    assert summary["eval/accuracy"] >= 0.95, summary
     records = run.records("heldout_pairs")
     assert (records["margin"] == records["chosen_score"] - records["rejected_score"]).all()
     # the saved model reproduces the recorded scores
@@ -286,7 +286,7 @@ def test_reward_model_on_a_4bit_decoder_trains_an_adapter(common):
     path = train.train("reward", train.RewardArgs(**{**common, "model": ModelConfig(model_name_or_path=common["model"].model_name_or_path)}))
     run = load_run(path)
     assert (path / "adapter" / "adapter_config.json").exists()
-    assert {"eval/rm/accuracy", "eval/baseline/length_rule", "eval/baseline/longer_wins"} <= set(run.summary)
+    assert {"eval/accuracy", "eval/length_rule", "eval/longer_wins"} <= set(run.summary)
     _check_length_baseline(run, json.loads((path / "split.json").read_text()))
     with pytest.raises(ValueError, match="sft_run does not apply"):
         train.train("reward", train.RewardArgs(sft_run=str(path), **common))

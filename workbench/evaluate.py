@@ -203,16 +203,7 @@ def _weights_keys(run_path: Path) -> dict:
 # Evaluating one run, and many
 
 
-def pair_clusters(records: list[dict]) -> list[str]:
-    """The bootstrap clusters of pair records: their prompt. A gold-labelled dataset's pair id is "<prompt id>#i-j"
-    (its held-out prompts give several pairs each, which share the prompt); an HH pair is its own prompt's id."""
-    return [r["id"].split("#")[0] for r in records]
-
-
-def _accuracy_interval(correct: list, ids: list, cfg: "EvalConfig") -> dict:
-    """``pairs/accuracy`` with a bootstrap interval over the pairs' prompts (``pair_clusters``)."""
-    est, lo, hi = stats.bootstrap_mean([float(c) for c in correct], ids, cfg.n_bootstrap, cfg.seed)
-    return {"pairs/accuracy": est, "pairs/accuracy_lo": lo, "pairs/accuracy_hi": hi}
+pair_clusters = scoring.pair_clusters  # the bootstrap clusters of pair records: their prompts
 
 
 @dataclass
@@ -235,33 +226,6 @@ def fit_length_baseline(tokenizer_name: str, data_cfg: data.DataConfig, pairs: l
     train_side, _, _ = data.split_heldout(pairs, data_cfg.heldout_fraction, seed=data_cfg.split_seed)
     tokenizer = models.load_tokenizer(tokenizer_name)
     return LengthBaseline(tokenizer_name, data_cfg, tokenizer, scoring.fit_length_rule(tokenizer, train_side))
-
-
-def _length_summary(records: list[dict], rule: stats.LengthRule, cfg: "EvalConfig") -> dict:
-    """``pairs/length_rule`` (the fitted rule's held-out accuracy) and ``pairs/longer_wins`` with bootstrap
-    intervals over pairs, and the fit (``scoring.length_summary``)."""
-    out = scoring.length_summary(records, rule, prefix="pairs/")
-    ids = pair_clusters(records)
-    for key in ("length_rule", "longer_wins"):
-        est, lo, hi = stats.bootstrap_mean([r[key] for r in records], ids, cfg.n_bootstrap, cfg.seed)
-        out.update({f"pairs/{key}": est, f"pairs/{key}_lo": lo, f"pairs/{key}_hi": hi})
-    return out
-
-
-def _pair_accuracies(records: list[dict], reference_free: bool, cfg: "EvalConfig") -> dict:
-    """Preference accuracy of a policy's implicit reward on held-out pairs: β·log π/π_ref (DPO, Eq. 5 of
-    arXiv:2305.18290), or for the reference-free arms the length-normalised log-likelihood (SimPO's reward,
-    arXiv:2405.14734 Eq. 4; ORPO's log-odds is increasing in it, so it ranks the same); with an interval."""
-    avg = [scoring.ranked(r["policy_chosen_logp"] / r["chosen_tokens"], r["policy_rejected_logp"] / r["rejected_tokens"])
-           for r in records]
-    for r, a in zip(records, avg):
-        r["avg_logp_correct"] = a
-    n = len(records)
-    implicit = sum(r["correct"] for r in records) / n
-    avg_acc = sum(avg) / n
-    key = "avg_logp_correct" if reference_free else "correct"
-    return {**_accuracy_interval([r[key] for r in records], pair_clusters(records), cfg),
-            "pairs/implicit_accuracy": implicit, "pairs/avg_logp_accuracy": avg_acc, "pairs/margin": sum(r["margin"] for r in records) / n}
 
 
 def reward_readings(proxy, gold, prompts: list[dict], pairs: list[dict]) -> dict:
@@ -425,9 +389,6 @@ def _evaluate(run_path: Path, info: dict, cfg: EvalConfig, beta: float, prompts:
     if info["is_reward_model"]:  # a reward model is evaluated by how it ranks held-out pairs
         rm = load_reward(str(run_path))
         pair_records = scoring.score_pairs_with_reward(rm.model, rm.tokenizer, eval_pairs, max_length=cfg.max_length)
-        n = len(pair_records)
-        summary.update({**_accuracy_interval([r["correct"] for r in pair_records], pair_clusters(pair_records), cfg),
-                        "pairs/margin": sum(r["margin"] for r in pair_records) / n})
         gens = []
     else:
         model, tokenizer = policy
@@ -437,16 +398,13 @@ def _evaluate(run_path: Path, info: dict, cfg: EvalConfig, beta: float, prompts:
                                            batch_size=None, cache=logps_cache, **_weights_keys(run_path))
         for r, ex in zip(pair_records, eval_pairs):  # the inspector shows the prompt and the texts beside the tokens
             r.update({"prompt": ex["prompt"], "chosen": ex["chosen"][0]["content"], "rejected": ex["rejected"][0]["content"]})
-        summary.update(_pair_accuracies(pair_records, methods.of(info["method"]).implicit_reward == "avg-logp", cfg))
         summary.update(_generation_summary(gens, cfg))
-    # the length-only baseline on the same pairs, in the evaluation's one unit, and the accuracy's paired margin over it
+    # the pairs as the training-time look measures them (one function, one set of names), beside the length-only
+    # baseline in the evaluation's one unit, with intervals and the accuracy's paired margin over the baseline
     scoring.add_lengths(pair_records, eval_pairs, length.tokenizer, length.rule)
-    summary.update(_length_summary(pair_records, length.rule, cfg))
-    key = "avg_logp_correct" if methods.of(info["method"]).implicit_reward == "avg-logp" else "correct"
-    est, lo, hi = stats.paired_difference([float(r[key]) for r in pair_records], [r["length_rule"] for r in pair_records],
-                                          pair_clusters(pair_records), cfg.n_bootstrap, cfg.seed)
-    summary.update({"pairs/accuracy_vs_length_rule": est, "pairs/accuracy_vs_length_rule_lo": lo,
-                    "pairs/accuracy_vs_length_rule_hi": hi})
+    summary.update(scoring.pair_metrics(pair_records, length.rule, prefix="pairs/", n_bootstrap=cfg.n_bootstrap,
+                                        seed=cfg.seed,
+                                        reference_free=methods.of(info["method"]).implicit_reward == "avg-logp"))
     return gens, pair_records, summary
 
 

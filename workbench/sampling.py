@@ -199,4 +199,4 @@ def heldout_look(model, tokenizer, heldout: list[dict], run, *, reward_fn, gold_
         scoring.add_lengths(pairs, heldout[:n], tokenizer, length_rule)
     run.write_records("heldout_pairs", pairs)
     return {**{f"eval/{k}": v for k, v in summarize_samples(rollouts).items()},
-            **{f"eval/{k}": v for k, v in scoring.summarize(pairs, length_rule).items()}}
+            **scoring.pair_metrics(pairs, length_rule, prefix="eval/")}

@@ -117,7 +117,7 @@ def add_lengths(records: list[dict], examples: list[dict], tokenizer, rule: stat
     return records
 
 
-def length_summary(records: list[dict], rule: stats.LengthRule, prefix: str = "baseline/") -> dict:
+def length_summary(records: list[dict], rule: stats.LengthRule, prefix: str = "") -> dict:
     """The length-only baseline on records with ``add_lengths``' fields: ``<prefix>length_rule``, the fitted
     rule's accuracy (equal lengths count half); ``<prefix>longer_wins``, the raw rate at which the longer response
     is the chosen one (same counting); and the fit: ``<prefix>length_rule_fit`` (the rule in words),
@@ -136,32 +136,67 @@ def ranked(chosen: float, rejected: float) -> float:
     return float(chosen > rejected) + 0.5 * float(chosen == rejected)
 
 
-def summarize(records: list[dict], length_rule: stats.LengthRule | None = None) -> dict:
-    """Batch-level view of ``score_pairs`` records, with TRL's metric names where TRL has one; with
-    ``length_rule`` (records passed through ``add_lengths``), the length-only baseline on the same pairs."""
+def pair_clusters(records: list[dict]) -> list[str]:
+    """The bootstrap clusters of pair records: their prompt. A gold-labelled dataset's pair id is "<prompt id>#i-j"
+    (its held-out prompts give several pairs each, which share the prompt); an HH pair is its own prompt's id."""
+    return [r["id"].split("#")[0] for r in records]
+
+
+def pair_metrics(records: list[dict], length_rule: stats.LengthRule | None = None, *, reference_free: bool = False,
+                 n_bootstrap: int = 0, seed: int = 0, prefix: str = "") -> dict:
+    """What a model's ranking of held-out preference pairs measures: one function and one set of names for the
+    training-time look (``eval/<name>`` in a run's summary) and the evaluation (``pairs/<name>``).
+
+    ``records``: a policy's (``score_pairs``: its implicit reward) or a reward model's (``score_pairs_with_reward``).
+      accuracy            how often the model's own reward ranks the chosen reply above the rejected one (ties ½):
+                          a policy's implicit reward β·log π/π_ref (DPO, Eq. 5 of arXiv:2305.18290), or with
+                          ``reference_free`` the length-normalised log-likelihood (SimPO's reward, arXiv:2405.14734
+                          Eq. 4; ORPO's log-odds is increasing in it, so it ranks the same); a reward model's score
+      rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies   TRL's names: the mean reward of each
+                          side (a policy's β·log π/π_ref), their difference, the share ranked right
+      policies only       avg_logp_accuracy; logps/chosen, logps/rejected (TRL's); logratio/chosen, logratio/rejected
+                          (log π/π_ref on the dataset's replies: how far the policy moved there);
+                          reference/prefers_chosen_per_token; lengths/chosen_tokens, lengths/rejected_tokens
+      with ``length_rule`` (records through ``add_lengths``)   the length-only baseline on the same pairs:
+                          length_rule, longer_wins and the fit (``length_summary``)
+      with ``n_bootstrap``   95 % intervals over the pairs' prompts (``pair_clusters``): accuracy, length_rule and
+                          longer_wins ``_lo`` / ``_hi``, and accuracy_vs_length_rule (paired), with its interval
+    A policy's records gain ``avg_logp_correct`` (its pair ranked by the length-normalised log-likelihood)."""
     if not records:
         return {}
-    t = {k: torch.tensor([float(r[k]) for r in records]) for k in
-         ("chosen_reward", "rejected_reward", "margin", "correct", "reference_prefers_chosen",
-          "policy_chosen_logp", "policy_rejected_logp", "chosen_tokens", "rejected_tokens")}
-    # sequence-level log π/π_ref on the dataset's responses: how far the policy moved from its reference there
-    logratio_chosen = torch.tensor([r["policy_chosen_logp"] - r["reference_chosen_logp"] for r in records])
-    logratio_rejected = torch.tensor([r["policy_rejected_logp"] - r["reference_rejected_logp"] for r in records])
-    return {
-        "n_pairs": len(records),
-        "rewards/chosen": t["chosen_reward"].mean().item(),
-        "rewards/rejected": t["rejected_reward"].mean().item(),
-        "rewards/margins": t["margin"].mean().item(),
-        "rewards/accuracies": t["correct"].mean().item(),
-        "logps/chosen": t["policy_chosen_logp"].mean().item(),
-        "logps/rejected": t["policy_rejected_logp"].mean().item(),
-        "logratio/chosen": logratio_chosen.mean().item(),
-        "logratio/rejected": logratio_rejected.mean().item(),
-        "reference/prefers_chosen_per_token": t["reference_prefers_chosen"].mean().item(),
-        "lengths/chosen_tokens": t["chosen_tokens"].mean().item(),
-        "lengths/rejected_tokens": t["rejected_tokens"].mean().item(),
-        **(length_summary(records, length_rule) if length_rule is not None else {}),
-    }
+    n, policy = len(records), "policy_chosen_logp" in records[0]
+    mean = lambda key: sum(float(r[key]) for r in records) / n  # noqa: E731
+    if policy:
+        for r in records:
+            r["avg_logp_correct"] = ranked(r["policy_chosen_logp"] / r["chosen_tokens"],
+                                           r["policy_rejected_logp"] / r["rejected_tokens"])
+    own = "avg_logp_correct" if policy and reference_free else "correct"
+    chosen, rejected = ("chosen_reward", "rejected_reward") if policy else ("chosen_score", "rejected_score")
+    out = {"n_pairs": n, "accuracy": mean(own), "rewards/chosen": mean(chosen), "rewards/rejected": mean(rejected),
+           "rewards/margins": mean("margin"), "rewards/accuracies": mean("correct")}
+    if policy:
+        out.update({"avg_logp_accuracy": mean("avg_logp_correct"),
+                    "logps/chosen": mean("policy_chosen_logp"), "logps/rejected": mean("policy_rejected_logp"),
+                    "logratio/chosen": sum(r["policy_chosen_logp"] - r["reference_chosen_logp"] for r in records) / n,
+                    "logratio/rejected": sum(r["policy_rejected_logp"] - r["reference_rejected_logp"]
+                                             for r in records) / n,
+                    "reference/prefers_chosen_per_token": mean("reference_prefers_chosen"),
+                    "lengths/chosen_tokens": mean("chosen_tokens"), "lengths/rejected_tokens": mean("rejected_tokens")})
+    if length_rule is not None:
+        out.update(length_summary(records, length_rule))
+    if n_bootstrap:
+        ids = pair_clusters(records)
+        series = [("accuracy", [float(r[own]) for r in records])]
+        if length_rule is not None:
+            series += [(k, [float(r[k]) for r in records]) for k in ("length_rule", "longer_wins")]
+        for key, values in series:
+            out[key], out[f"{key}_lo"], out[f"{key}_hi"] = stats.bootstrap_mean(values, ids, n_bootstrap, seed)
+        if length_rule is not None:
+            est, lo, hi = stats.paired_difference([float(r[own]) for r in records], [r["length_rule"] for r in records],
+                                                  ids, n_bootstrap, seed)
+            out.update({"accuracy_vs_length_rule": est, "accuracy_vs_length_rule_lo": lo,
+                        "accuracy_vs_length_rule_hi": hi})
+    return {f"{prefix}{k}": v for k, v in out.items()}
 
 
 @torch.no_grad()
@@ -193,19 +228,3 @@ def score_pairs_with_reward(model, tokenizer, examples: list[dict], *, max_lengt
         c, r = scores[2 * i].item(), scores[2 * i + 1].item()
         records.append({"id": ex["id"], "chosen_score": c, "rejected_score": r, "margin": c - r, "correct": ranked(c, r)})
     return records
-
-
-def summarize_rewards(records: list[dict], length_rule: stats.LengthRule | None = None) -> dict:
-    """Pairwise accuracy of a reward model; with ``length_rule`` (records passed through ``add_lengths``), beside
-    the length-only baseline on the same pairs."""
-    if not records:
-        return {}
-    n = len(records)
-    return {
-        "n_pairs": n,
-        "rm/accuracy": sum(r["correct"] for r in records) / n,
-        "rm/margin": sum(r["margin"] for r in records) / n,
-        "rm/chosen_score": sum(r["chosen_score"] for r in records) / n,
-        "rm/rejected_score": sum(r["rejected_score"] for r in records) / n,
-        **(length_summary(records, length_rule) if length_rule is not None else {}),
-    }

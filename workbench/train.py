@@ -405,10 +405,10 @@ def _heldout_summary(method: str, cfg, policy, tokenizer, train_rows, heldout, r
                                                   batch_size=cfg.score_batch_size)
         scoring.add_lengths(records, scored, tokenizer, length_rule)
         run.write_records("heldout_pairs", records)
-        return scoring.summarize_rewards(records, length_rule)
+        return scoring.pair_metrics(records, length_rule)
     records = scoring.score_pairs(policy, tokenizer, scored, beta=beta, batch_size=cfg.score_batch_size,
                                   max_length=cfg.max_length)
     add_pair_losses(method, cfg, records)
     scoring.add_lengths(records, scored, tokenizer, length_rule)
     run.write_records("heldout_pairs", records)
-    return scoring.summarize(records, length_rule)
+    return scoring.pair_metrics(records, length_rule, reference_free=arm.facts.implicit_reward == "avg-logp")
