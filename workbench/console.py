@@ -17,8 +17,9 @@ level and handlers as for any library (``console.configure(handler=False)`` leav
 from __future__ import annotations
 
 import logging
-import os
 import sys
+
+from . import settings
 
 ROOT = "workbench"
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
@@ -49,7 +50,7 @@ def configure(verbosity: str | None = None, handler: bool = True) -> None:
     first line written, and by the command line with ``--verbose`` / ``--quiet``."""
     global _configured
     root = logging.getLogger(ROOT)
-    name = (verbosity or os.environ.get(ENV) or "info").lower()
+    name = (verbosity or settings.get(ENV) or "info").lower()
     if name not in LEVELS:
         raise ValueError(f"verbosity {name!r} (from {ENV} or --verbose/--quiet): use one of {sorted(LEVELS)}")
     root.setLevel(LEVELS[name])

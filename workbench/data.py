@@ -40,6 +40,8 @@ import statistics
 import zlib
 from pathlib import Path
 
+from . import settings
+
 SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 SPLITS = ("train", "test")
 HUB_NAME = "Anthropic/hh-rlhf"
@@ -221,7 +223,7 @@ def resolve_source(source: str | os.PathLike | None = None) -> str:
     """Where to read from: the given directory or "hub"; else $WORKBENCH_HH_SOURCE; else the first existing
     of <repo>/data/hh-rlhf and <repo>/../shared/data/hh-rlhf; else "hub"."""
     if source is None:
-        source = os.environ.get(ENV_VAR) or None
+        source = settings.get(ENV_VAR)
     if source is None:
         repo = Path(__file__).resolve().parents[1]
         for candidate in (repo / "data" / "hh-rlhf", repo.parent / "shared" / "data" / "hh-rlhf"):

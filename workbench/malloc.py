@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
+
+from . import settings
 
 # mallopt(3) parameters, from glibc's malloc.h
 _M_TRIM_THRESHOLD = -1
@@ -34,7 +35,7 @@ def keep_freed_memory() -> dict:
     recorded in env.json: {"policy": "keep freed memory" | "system" | "system (reason)", ...}."""
     if _state["policy"] != "not set":
         return dict(_state)
-    if os.environ.get("WORKBENCH_MALLOC", "").lower() == "system":
+    if (settings.get("WORKBENCH_MALLOC") or "").lower() == "system":
         _state.update(policy="system (WORKBENCH_MALLOC=system)")
         return dict(_state)
     try:

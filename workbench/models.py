@@ -30,7 +30,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from . import console
+from . import console, settings
 
 log = console.logger(__name__)
 
@@ -140,7 +140,7 @@ def compute_dtype(dtype: str | None = "auto") -> torch.dtype:
         return _dtype_named(dtype, "ModelConfig.dtype")
     native, what = native_bf16()
     chosen = torch.bfloat16 if native else torch.float32
-    forced = os.environ.get("WORKBENCH_DTYPE")
+    forced = settings.get("WORKBENCH_DTYPE")
     if forced:  # e.g. to compare with a run from a machine without bf16; the test suite pins float32 this way
         chosen, what = _dtype_named(forced, "$WORKBENCH_DTYPE"), f"{what}, overridden by WORKBENCH_DTYPE={forced}"
     if what not in _announced:
@@ -201,7 +201,7 @@ def lora_config(cfg: ModelConfig, task_type: str | None = None):
 
 def cache_dir() -> Path:
     """Where converted weights are cached: $WORKBENCH_CACHE, else ~/.cache/workbench."""
-    return Path(os.environ.get("WORKBENCH_CACHE", Path.home() / ".cache" / "workbench"))
+    return Path(settings.get("WORKBENCH_CACHE") or Path.home() / ".cache" / "workbench")
 
 
 def _package_dir(package: str) -> Path:

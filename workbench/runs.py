@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import malloc, methods
+from . import malloc, methods, settings
 
 
 def process_rank() -> int:
@@ -57,7 +57,7 @@ def process_rank() -> int:
 
 def default_root() -> Path:
     """Where runs go unless told otherwise: $WORKBENCH_RUNS, else ./runs (read at each call, not at import)."""
-    return Path(os.environ.get("WORKBENCH_RUNS", "runs"))
+    return Path(settings.get("WORKBENCH_RUNS") or "runs")
 
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]*$")  # no "__" inside a part: it separates the parts
@@ -130,6 +130,7 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "malloc": malloc.policy(),  # what the C allocator keeps (malloc.py); it changes speed, not results
+        "variables": settings.in_effect(),  # the WORKBENCH_* environment variables set (settings.py)
     }
 
 
