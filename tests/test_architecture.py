@@ -125,7 +125,8 @@ def test_the_command_line_a_notebook_and_a_grid_build_the_same_config(capsys, tm
     params = {k: v for k, v in params.items() if k in nb_params}  # what this notebook exposes
     assert len(params) >= 6, sorted(nb_params)
     # the same parameters everywhere: the notebook's own, with these over them
-    from_cli = _from_cli(capsys, method, {k: v for k, v in {**nb_params, **params}.items() if k != "method"})
+    from_cli = _from_cli(capsys, method, {k: v for k, v in {**nb_params, **params}.items()
+                                          if k not in ("method", "overrides")})  # overrides: the notebook's dict
     from_nb = _from_notebook(notebook, {"method": method, **params})
     from_grid = _from_grid(tmp_path, notebook, {"method": method, **params})
     volatile = ("output_dir", "logging_dir")  # TRL's, set when training starts
@@ -134,6 +135,32 @@ def test_the_command_line_a_notebook_and_a_grid_build_the_same_config(capsys, tm
             cfg.pop(k, None)
     assert from_cli == from_nb == from_grid
     assert from_cli.get("beta", from_cli.get("kl_coef")) == 0.2 and from_cli["seed"] == 1
+
+
+@pytest.mark.parametrize("notebook,method,field,value", [
+    ("04_preference.ipynb", "dpo", "warmup_steps", 3),  # a TRL field no notebook names
+    ("03_rl.ipynb", "ppo", "vf_coef", 0.3),  # a field of our PPO's config no notebook names
+])
+def test_any_config_field_reaches_the_command_line_a_grid_and_a_notebook(capsys, tmp_path, notebook, method, field,
+                                                                           value):
+    """One schema: a config field that no notebook names (a new one needs only its declaration) is an option of the
+    command line, a grid's stage parameter or ``--set``, and a notebook's parameter through its one ``overrides``
+    dict, checked against the schema; a misspelt one is refused with the close match."""
+    assert field not in sweep.notebook_parameters(sweep.NOTEBOOKS / notebook)
+    from_cli = _from_cli(capsys, method, {field: value})
+    from_nb = _from_notebook(notebook, {"method": method, "overrides": {field: value}})
+    from_grid = _from_grid(tmp_path, notebook, {"method": method, field: value})
+    assert from_cli[field] == from_nb[field] == from_grid[field] == value
+    _, jobs = sweep.load_grid(PACKAGE.parent / "grids" / "ci.yaml", {"model": "x", field: value})  # --set reaches its arms
+    trained = [j for j in jobs if "method" in sweep.notebook_parameters(j.notebook)]
+    reached = [j for j in trained if (j.params.get("overrides") or {}).get(field) == value]
+    assert reached, "no job of the grid got it"
+    for j in trained:  # every job whose arm has the field, and only those
+        arm, cfg = sweep.job_config(j)
+        assert (j in reached) == (field in train.config_fields(arm)), (j.label, arm)
+        assert j not in reached or getattr(cfg, field) == value
+    with pytest.raises(ValueError, match=f"did you mean {field}"):
+        sweep.load_grid(PACKAGE.parent / "grids" / "ci.yaml", {"model": "x", field[:-1] + "x": value})
 
 
 def test_arm_names_and_aliases_resolve_in_one_place():
@@ -228,3 +255,22 @@ def test_importing_the_workbench_does_no_work():
     assert seen["modules"] > 30
     assert seen == {"modules": seen["modules"], "env": [], "random": False, "numpy": False, "torch": False,
                     "malloc": "not set"}
+
+
+def test_every_environment_variable_is_declared_once_and_read_through_settings():
+    """The WORKBENCH_* variables: each declared with its meaning in ``settings.VARIABLES`` and read through
+    ``settings.get`` (no module reads ``os.environ`` for one itself); every one the package names is declared."""
+    import re
+
+    from workbench import settings
+
+    named, direct = set(), []
+    for path in PACKAGE.glob("*.py"):
+        text = path.read_text()
+        named |= set(re.findall(r"WORKBENCH_[A-Z_]+", text))
+        if path.stem != "settings":
+            direct += [f"{path.name}: {m}" for m in re.findall(r"os\.environ(?:\.get)?\W+[\"']WORKBENCH_\w+", text)]
+    assert named <= set(settings.VARIABLES), named - set(settings.VARIABLES)
+    assert not direct, direct
+    with pytest.raises(KeyError, match="not one of the workbench's environment variables"):
+        settings.get("WORKBENCH_NOSUCH")

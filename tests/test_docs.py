@@ -130,3 +130,10 @@ def test_every_command_shown_exists_with_its_options(doc):
 
 def test_the_readme_is_a_front_door():
     assert len((REPO / "README.md").read_text().splitlines()) <= 150
+
+
+def test_the_config_page_is_generated_from_the_configs():
+    """docs/config.md is what ``python -m workbench config-docs`` writes from the config classes: a field added,
+    re-defaulted or re-explained in the code and not in the page fails here (regenerate the page)."""
+    assert (REPO / "docs" / "config.md").read_text() == cli.config_page() + "\n", (
+        "docs/config.md is out of date: python -m workbench config-docs > docs/config.md")

@@ -192,10 +192,64 @@ def arm_help(method: str) -> str:
     return "\n".join(lines)
 
 
+def config_page() -> str:
+    """docs/config.md: every parameter the workbench declares or re-defaults, arm by arm, with its help (TRL's
+    own options are listed by ``train METHOD --help``); generated from the configs (a test keeps the page current)."""
+    import dataclasses
+
+    from . import arms, evaluate, settings
+    from .config import RLFields, RunFields, field_help
+
+    def declared(cls, own: bool) -> list:  # the fields a workbench class declares (or re-defaults), in order
+        names = []
+        for klass in [cls] if own else reversed(cls.__mro__):
+            if klass.__module__.startswith("workbench"):
+                names += [n for n in vars(klass).get("__annotations__", {}) if n not in names]
+        return [f for f in dataclasses.fields(cls) if f.name in names and f.init]
+
+    def table(cls, skip=(), own=False) -> list[str]:
+        helps = field_help(cls)
+        rows = ["| parameter | default | what it is |", "|---|---|---|"]
+        for f in declared(cls, own):
+            if f.name in skip:
+                continue
+            # the declared default (not what __post_init__ makes of it on this machine: bf16=None follows the CPU)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = type(default).__name__ if dataclasses.is_dataclass(default) else repr(default)
+            text = helps.get(f.name, "").replace("|", "\\|")
+            rows.append(f"| `{f.name}` | `{shown}` | {text} |")
+        return rows
+
+    out = ["# Config fields", "",
+           "Generated from the config classes (`python -m workbench config-docs > docs/config.md`; a test keeps it "
+           "current): every", "parameter the workbench declares or gives another default, with the help written beside "
+           "its declaration", "(`config.field_help`). TRL's own options of each arm are parameters too; `python -m "
+           "workbench train METHOD --help`", "lists them all with TRL's help. A notebook takes any of them through its "
+           "`overrides` dict, a grid as a", "stage parameter or `--set`.", ""]
+    model_cls = arms.ARMS["dpo"].config().model.__class__
+    trl_arm = arms.ARMS["dpo"].config.__mro__[1]  # the workbench's fields and defaults on every TRL arm's config
+    for title, cls in (("Every arm: the model (`models.ModelConfig`)", model_cls),
+                       ("Every arm: the data (`data.DataConfig`)", arms.DataConfig),
+                       ("Every arm (`config.RunFields`)", RunFields),
+                       ("Every TRL arm: the workbench's defaults of TRL options", trl_arm),
+                       ("The arms that sample their own responses (`config.RLFields`)", RLFields)):
+        out += [f"## {title}", "", *table(cls, ("model", "data"), own=cls is trl_arm), ""]
+    for name, arm in arms.ARMS.items():
+        out += [f"## `{name}` (`{arm.config.__module__}.{arm.config.__name__}`)", "",
+                *table(arm.config, ("model", "data"), own=True), ""]
+    out += ["## The evaluation (`evaluate.EvalConfig`)", "", *table(evaluate.EvalConfig), ""]
+    out += ["## Environment variables (`settings.VARIABLES`)", "", "Each run's `env.json` records those set.", "",
+            "| variable | what it does |", "|---|---|", *(f"| `{k}` | {v} |" for k, v in settings.VARIABLES.items()), ""]
+    return "\n".join(out)
+
+
 def _main(argv: list[str]) -> int:
     from . import pipeline
 
     parser, sub = build_parser()
+    if argv == ["config-docs"]:  # docs/config.md, from the configs' declarations
+        print(config_page())
+        return 0
     if argv[:1] == ["train"] and ({"-h", "--help"} & set(argv)) and len([a for a in argv[1:] if a[:1] != "-"]) == 1:
         sub["train"].print_help()  # ``train <method> --help``: and every field of that arm, with its help
         print("\n" + arm_help(next(a for a in argv[1:] if a[:1] != "-")))

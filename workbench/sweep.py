@@ -118,6 +118,21 @@ def _user_settings(stage: dict, overrides: dict, nb_params: dict) -> dict:
     return {k: v for k, v in {**plain, **scoped}.items() if k in nb_params}
 
 
+def stage_takes(nb_params: dict, method: str | None) -> set:
+    """What a stage's jobs take: its notebook's parameters, and for a training notebook with an ``overrides``
+    parameter every flat parameter of its arm's config (``arms.config_fields``), passed in that dict: a new config
+    field reaches the command line, the grids and the notebooks with no other edit."""
+    if "overrides" not in nb_params or not isinstance(method, str) or _REF.match(method):
+        return set(nb_params)
+    from .arms import arm_of, config_fields
+
+    try:
+        arm_of(method)
+    except ValueError:  # an unknown method: the job's own check says so
+        return set(nb_params)
+    return set(nb_params) | set(config_fields(method))
+
+
 def _slug(value) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", str(value)).strip("-")
 
@@ -130,12 +145,19 @@ def _expand(stage: dict, defaults: dict, overrides: dict, nb_params: dict) -> li
         # the user's plain --set replaces the grid's defaults; what a stage names in its own params is part of the
         # study's design (a smaller proxy's n_train, a reward model's backbone, "@stage" wiring) and stays, unless the
         # user names that stage ("proxy.n_train=..."); load_grid says which settings a stage kept. A stage's grid
-        # axis is what it sweeps (a clash is an error)
+        # axis is what it sweeps (a clash is an error). A training notebook takes its own parameters and, through its
+        # ``overrides`` dict, every other field of its arm's config (``stage_takes``)
+        method = dict(zip(keys, values)).get("method", (stage.get("params") or {}).get("method", nb_params.get("method")))
+        takes = stage_takes(nb_params, method)
         plain = {k: v for k, v in overrides.items() if "." not in k}
-        params = {k: v for k, v in {**defaults, **plain}.items() if k in nb_params}
+        # the grid's defaults reach the parameters a notebook names; the user's --set any field the stage takes
+        params = {**{k: v for k, v in defaults.items() if k in nb_params}, **{k: v for k, v in plain.items() if k in takes}}
         params.update(stage.get("params") or {})
-        params.update({k: v for k, v in _user_settings(stage, overrides, nb_params).items() if f"{stage['stage']}.{k}" in overrides})
+        params.update({k: v for k, v in _user_settings(stage, overrides, takes).items() if f"{stage['stage']}.{k}" in overrides})
         params.update(dict(zip(keys, values)))
+        extra = {k: params.pop(k) for k in list(params) if k not in nb_params and k in takes}
+        if extra:  # config fields the notebook does not name: into its one ``overrides`` dict, checked against the schema
+            params["overrides"] = {**(params.get("overrides") or {}), **extra}
         named = [k for k in keys if k not in ("method", "seed")]  # method and seed are in a run folder's name anyway
         if named and "run_name" in nb_params and "run_name" not in params:  # "beta0.05", not "default"
             params["run_name"] = "-".join(f"{k}{_slug(params[k])}" for k in named)
@@ -191,6 +213,8 @@ def job_config(job: Job):
     from . import arms
 
     merged = {**notebook_parameters(job.notebook), **job.params}
+    extra = merged.pop("overrides", None) or {}
+    merged = {**merged, **extra}  # the notebook passes make_config(..., **overrides)
     merged = {k: ("<ref>" if isinstance(v, str) and _REF.match(v) else v) for k, v in merged.items()}
     return arms.make_config(merged.pop("method"), **merged)
 
@@ -239,7 +263,10 @@ def load_grid(path, overrides: dict | None = None, seeds: list[int] | None = Non
             continue
         problems += executors.check_resources(stage.get("resources"), f"stages[{i}] ('{stage['stage']}')")
         nb_params = notebook_parameters(nb)
-        accepted |= set(nb_params)
+        stage_methods = (stage.get("grid") or {}).get("method") or [(stage.get("params") or {}).get(
+            "method", nb_params.get("method"))]
+        for method in stage_methods:
+            accepted |= stage_takes(nb_params, method)
         for job in _expand(stage, grid.get("defaults") or {}, overrides or {}, nb_params):
             problems += _check_job(job, nb_params, seen)
             jobs.append(job)
@@ -250,7 +277,12 @@ def load_grid(path, overrides: dict | None = None, seeds: list[int] | None = Non
         if name and name not in stages:
             problems.append(f"--set {key}: no stage '{name}' in this grid (stages: {', '.join(stages)})")
             continue
-        takes = set(notebook_parameters(NOTEBOOKS / stages[name]["notebook"])) if name else accepted
+        if name:
+            nb_params = notebook_parameters(NOTEBOOKS / stages[name]["notebook"])
+            takes = set().union(*(stage_takes(nb_params, m) for m in (stages[name].get("grid") or {}).get("method") or [
+                (stages[name].get("params") or {}).get("method", nb_params.get("method"))]))
+        else:
+            takes = accepted
         if takes and field_ not in takes:
             close = difflib.get_close_matches(field_, sorted(takes), n=3)
             problems.append(f"--set {key}: no stage of this grid takes '{field_}'" if not name else
