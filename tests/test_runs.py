@@ -449,7 +449,7 @@ def test_a_run_being_written_by_a_living_process_is_neither_taken_nor_replaced(t
     from workbench.runs import is_complete, wait_for_writer
 
     folder = tmp_path / "dpo__default__s0__job-2"
-    proc = _start_writer(tmp_path, 3)
+    proc = _start_writer(tmp_path, 1.5)
     with pytest.raises(RuntimeError, match=rf"another process \(pid {proc.pid}\)"):
         with Run("dpo", "default", seed=0, config={}, root=tmp_path, run_id="job-2"):
             pass

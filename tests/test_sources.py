@@ -161,6 +161,7 @@ def test_kto_trains_on_an_unpaired_file_and_dpo_refuses_it(tmp_path, tiny_model_
     assert "trains on preference rows; the data is in the unpaired preference format" in err and "Traceback" not in err
 
 
+@pytest.mark.slow  # a whole sweep through papermill: the full suite's, not the fast tier's
 def test_a_grid_trains_on_your_files(tmp_path, hh_rows, tiny_model_dir, monkeypatch):
     import yaml
 

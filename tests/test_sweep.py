@@ -43,8 +43,10 @@ def test_notebooks_are_clean_parameterized_and_define_nothing(path):
     if "method" in params:  # training notebooks hand every parameter to make_config, and the defaults build
         call = next(n for c in nb["cells"] if c["cell_type"] == "code" for n in ast.walk(ast.parse("".join(c["source"])))
                     if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "make_config")
-        assert {k.arg for k in call.keywords} == set(params) - {"method"}
-        train.make_config(params.pop("method"), **params)
+        # every parameter passed by name, and the one ``overrides`` dict for the config's other fields
+        assert {k.arg or k.value.id for k in call.keywords} == set(params) - {"method"}
+        overrides = params.pop("overrides")
+        train.make_config(params.pop("method"), **params, **overrides)
 
 
 def test_there_is_a_notebook_for_each_stage_of_the_study():

@@ -120,17 +120,19 @@ def _user_settings(stage: dict, overrides: dict, nb_params: dict) -> dict:
 
 def stage_takes(nb_params: dict, method: str | None) -> set:
     """What a stage's jobs take: its notebook's parameters, and for a training notebook with an ``overrides``
-    parameter every flat parameter of its arm's config (``arms.config_fields``), passed in that dict: a new config
-    field reaches the command line, the grids and the notebooks with no other edit."""
+    parameter every field of its arm's own config (``arms.config_fields``, TRL's options included), passed in that
+    dict: a new config field reaches the command line, the grids and the notebooks with no other edit. The model's
+    and the data's settings are not among them: a notebook names those that apply to its arms (a gold-labelled
+    dataset takes no ``n_train``), so a plain ``--set n_train=...`` reaches those stages only."""
     if "overrides" not in nb_params or not isinstance(method, str) or _REF.match(method):
         return set(nb_params)
-    from .arms import arm_of, config_fields
+    from .arms import DATA_PARAMS, MODEL_PARAMS, arm_of, config_fields
 
     try:
         arm_of(method)
     except ValueError:  # an unknown method: the job's own check says so
         return set(nb_params)
-    return set(nb_params) | set(config_fields(method))
+    return set(nb_params) | (set(config_fields(method)) - set(MODEL_PARAMS) - set(DATA_PARAMS))
 
 
 def _slug(value) -> str:
