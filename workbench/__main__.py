@@ -178,7 +178,8 @@ def arm_help(method: str) -> str:
     aliases = dict(arm.aliases)
     lines = [f"Parameters of '{method}' (--name value; lists as a,b; booleans true/false):"]
     for title, cls, names in groups:
-        obj, helps = cls(), field_help(type(cls()) if not isinstance(cls, type) else cls)
+        obj = cls()  # a class, or a config's default_factory (RewardArgs': a lambda)
+        helps = field_help(type(obj))
         fields_ = {f.name: f for f in dataclasses.fields(obj) if f.init}
         flat = names or {k: k for k in fields_ if k not in ("model", "data")}
         lines.append(f"\n{title}:")

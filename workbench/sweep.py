@@ -135,6 +135,12 @@ def stage_takes(nb_params: dict, method: str | None) -> set:
     return set(nb_params) | (set(config_fields(method)) - set(MODEL_PARAMS) - set(DATA_PARAMS))
 
 
+def _stage_takes_any(stage: dict, nb_params: dict) -> set:
+    """What any job of ``stage`` takes (``stage_takes`` over the methods its grid sweeps, else its one method)."""
+    methods = (stage.get("grid") or {}).get("method") or [(stage.get("params") or {}).get("method", nb_params.get("method"))]
+    return set().union(*(stage_takes(nb_params, m) for m in methods))
+
+
 def _slug(value) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", str(value)).strip("-")
 
@@ -265,10 +271,7 @@ def load_grid(path, overrides: dict | None = None, seeds: list[int] | None = Non
             continue
         problems += executors.check_resources(stage.get("resources"), f"stages[{i}] ('{stage['stage']}')")
         nb_params = notebook_parameters(nb)
-        stage_methods = (stage.get("grid") or {}).get("method") or [(stage.get("params") or {}).get(
-            "method", nb_params.get("method"))]
-        for method in stage_methods:
-            accepted |= stage_takes(nb_params, method)
+        accepted |= _stage_takes_any(stage, nb_params)
         for job in _expand(stage, grid.get("defaults") or {}, overrides or {}, nb_params):
             problems += _check_job(job, nb_params, seen)
             jobs.append(job)
@@ -280,9 +283,7 @@ def load_grid(path, overrides: dict | None = None, seeds: list[int] | None = Non
             problems.append(f"--set {key}: no stage '{name}' in this grid (stages: {', '.join(stages)})")
             continue
         if name:
-            nb_params = notebook_parameters(NOTEBOOKS / stages[name]["notebook"])
-            takes = set().union(*(stage_takes(nb_params, m) for m in (stages[name].get("grid") or {}).get("method") or [
-                (stages[name].get("params") or {}).get("method", nb_params.get("method"))]))
+            takes = _stage_takes_any(stages[name], notebook_parameters(NOTEBOOKS / stages[name]["notebook"]))
         else:
             takes = accepted
         if takes and field_ not in takes:
