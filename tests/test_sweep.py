@@ -269,9 +269,31 @@ def test_sweep_resumes_after_a_kill_without_losing_or_repeating_runs(ci_sweep):
     keys = [p.name.rsplit("__", 1)[0] for p in runs]
     assert len(keys) == len(set(keys)), f"a run was repeated: {sorted(keys)}"
     assert sorted(k.split("__")[0] for k in keys) == ["dpo", "dpo", "ipo", "online-dpo", "ppo", "reward", "reward", "rloo", "sft"]
-    for p in runs:  # each run folder holds its executed notebook
+    adopted_incomplete = {Path(e["run"]).name for e in after.values() if e.get("adopted") and "notebook_incomplete" in e}
+    for p in runs:  # each run folder holds its executed notebook, or says plainly that it could not
         nb = json.loads((p / "notebook.ipynb").read_text())
-        assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
+        if p.name in adopted_incomplete:  # a kernel from before the kill finished it after papermill's last save
+            assert "incomplete" in nb["metadata"]["workbench"]["incomplete"]
+        else:
+            assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), p.name
+            assert "workbench" not in nb["metadata"] or "incomplete" not in nb["metadata"]["workbench"]
+
+
+def test_an_adopted_runs_notebook_without_its_outputs_says_it_is_incomplete(tmp_path):
+    """A notebook papermill saved before the kill, lacking later cells' outputs, is copied with a note; a
+    finished one is copied as it is."""
+    from workbench.sweep import _copy_adopted_notebook
+    cells = [{"cell_type": "code", "source": "x = 1", "execution_count": 1, "outputs": [], "metadata": {}},
+             {"cell_type": "code", "source": "print(x)", "execution_count": None, "outputs": [], "metadata": {}},
+             {"cell_type": "code", "source": "  ", "execution_count": None, "outputs": [], "metadata": {}}]
+    src = tmp_path / "saved.ipynb"
+    src.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    assert not _copy_adopted_notebook(src, tmp_path / "a.ipynb")
+    assert "killed" in json.loads((tmp_path / "a.ipynb").read_text())["metadata"]["workbench"]["incomplete"]
+    cells[1]["execution_count"] = 2
+    src.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    assert _copy_adopted_notebook(src, tmp_path / "b.ipynb")
+    assert "workbench" not in json.loads((tmp_path / "b.ipynb").read_text())["metadata"]
 
 
 def test_every_finished_job_has_exactly_one_run_folder_named_by_its_id(ci_sweep, tiny_model_dir, hh_dir):

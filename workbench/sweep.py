@@ -455,6 +455,23 @@ def run_sweep(grid_path, overrides: dict | None = None, runs_dir: str | None = N
         ex.close()
 
 
+NOTEBOOK_INCOMPLETE = ("incomplete: the sweep was killed while its kernel finished the run, so the notebook "
+                       "papermill last saved lacks the later cells' outputs; the run folder itself is complete")
+
+
+def _copy_adopted_notebook(out_nb: Path, dest: Path) -> bool:
+    """Copy the notebook papermill last saved for an adopted run; return whether it holds every code cell's
+    outputs. When it does not, the copy says so in its metadata (``workbench.incomplete``), so a reader of the
+    run folder is not misled."""
+    nb = json.loads(out_nb.read_text())
+    code = [c for c in nb.get("cells", []) if c.get("cell_type") == "code"]
+    done = bool(code) and all(c.get("execution_count") is not None for c in code if "".join(c.get("source", "")).strip())
+    if not done:
+        nb.setdefault("metadata", {}).setdefault("workbench", {})["incomplete"] = NOTEBOOK_INCOMPLETE
+    dest.write_text(json.dumps(nb, indent=1))
+    return done
+
+
 def _schedule(jobs, state, root, state_dir, ex, retry_failed, kernel_name) -> SweepResult:
     result = SweepResult(state_dir)
     t_sweep, progress, parallel = time.time(), _Progress(), 1
@@ -477,11 +494,13 @@ def _schedule(jobs, state, root, state_dir, ex, retry_failed, kernel_name) -> Sw
 
     def adopt(job, folder):  # its run folder is complete, but its end was not recorded: the sweep was interrupted
         out_nb = state_dir / "notebooks" / f"{job.id}.ipynb"
+        entry = {"status": "done", "label": job.label, "run": str(folder), "notebook": str(out_nb), "adopted": True}
         if out_nb.exists() and not (folder / "notebook.ipynb").exists():
-            shutil.copy(out_nb, folder / "notebook.ipynb")
-        record(job, {"status": "done", "label": job.label, "run": str(folder), "notebook": str(out_nb),
-                     "adopted": True})
-        log.info(f"{tag(job)}: finished before the interruption, adopted -> {folder}")
+            if not _copy_adopted_notebook(out_nb, folder / "notebook.ipynb"):
+                entry["notebook_incomplete"] = NOTEBOOK_INCOMPLETE
+        record(job, entry)
+        log.info(f"{tag(job)}: finished before the interruption, adopted -> {folder}"
+                 + (f" (its notebook.ipynb is {NOTEBOOK_INCOMPLETE})" if "notebook_incomplete" in entry else ""))
         pending.remove(job)
         end(job, "done", str(folder))
 
