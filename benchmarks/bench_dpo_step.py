@@ -7,7 +7,7 @@ in one process, alternating step by step so both see the same machine state.
 Prints each step's time, the mean ratio workbench/TRL (goal: <= 1.02) and pairs/s; and the machine's own peak
 matmul FLOP/s in the compute dtype (``compute.peak_matmul_flops``, measured in this process) beside the FLOP/s the
 steps achieved (FLOPs counted by ``compute.TokenCounter``, as in every run's compute.json). The workbench's
-trainer is built by ``workbench.train.build_trainer``, exactly as ``train("dpo", ...)`` builds it.
+trainer is built by ``workbench.training.train.build_trainer``, exactly as ``train("dpo", ...)`` builds it.
 """
 
 import argparse
@@ -18,9 +18,10 @@ import time
 import torch
 import trl
 
-from workbench import data, models, train
-from workbench.compute import TokenCounter, peak_matmul_flops
-from workbench.runs import Run
+from workbench.modeling import data, models
+from workbench.training import train
+from workbench.core.compute import TokenCounter, peak_matmul_flops
+from workbench.modeling.runs import Run
 
 
 def main():

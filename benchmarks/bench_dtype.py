@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from workbench import compute, models, sampling
+from workbench.core import compute
+from workbench.modeling import models, sampling
 
 
 FORMATS = {  # name -> ModelConfig overrides

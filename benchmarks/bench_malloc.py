@@ -1,4 +1,4 @@
-"""The C allocator's policy (workbench/malloc.py) side by side: glibc's default (freed large blocks go back to the
+"""The C allocator's policy (workbench/core/malloc.py) side by side: glibc's default (freed large blocks go back to the
 kernel) against the workbench's (freed memory kept and reused), each in its own process since the policy is set
 per process, alternating rounds so both see the same machine state.
 
@@ -23,8 +23,10 @@ import time
 
 
 def child(args) -> dict:
-    from workbench import data, malloc, models, sampling, train
-    from workbench.runs import Run
+    from workbench.modeling import data, models, sampling
+    from workbench.core import malloc
+    from workbench.training import train
+    from workbench.modeling.runs import Run
 
     malloc.keep_freed_memory()  # as every entry point does (WORKBENCH_MALLOC=system: glibc's default)
 
@@ -71,7 +73,7 @@ def main():
         print("RESULT " + json.dumps(child(args)), flush=True)
         return
 
-    from workbench import models
+    from workbench.modeling import models
     print(f"{models.native_bf16()[1]}, {os.cpu_count()} cores; DPO {args.pairs_per_step} pairs x <= {args.max_length} "
           f"tokens per step, sampling {args.prompts} prompts x 2 x {args.new_tokens} tokens")
     results = {"system": [], "keep": []}

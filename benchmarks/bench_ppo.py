@@ -14,8 +14,9 @@ import statistics
 import tempfile
 import time
 
-from workbench import data, models, ppo, rewards, train
-from workbench.runs import load_run
+from workbench.modeling import data, models, rewards
+from workbench.training import ppo, train
+from workbench.modeling.runs import load_run
 
 
 def main():

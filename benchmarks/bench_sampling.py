@@ -61,8 +61,8 @@ def _baseline_samples(model, tok, prompt_ids, n_samples, new_tokens, batch_size,
     the batch seeded as a whole, then log pi and log pi_ref by one pass each."""
     import torch
 
-    from workbench import sampling
-    from workbench.logprobs import pad_left, reference_adapter
+    from workbench.modeling import sampling
+    from workbench.modeling.logprobs import pad_left, reference_adapter
 
     jobs = [i for i in range(len(prompt_ids)) for _ in range(n_samples)]
     order = sorted(range(len(jobs)), key=lambda j: len(prompt_ids[jobs[j]]))
@@ -118,7 +118,8 @@ def _profiled(sampling, decoding) -> dict:
 def child(args) -> dict:
     import torch
 
-    from workbench import data, decoding, evaluate, models, sampling
+    from workbench.modeling import data, decoding, models, sampling
+    from workbench.measurement import evaluate
 
     phases = _profiled(sampling, decoding) if args.setting == "sampler" else {}
     if args.workers > 1:  # one of several processes sharing the cores, as the evaluation's workers do
@@ -158,7 +159,7 @@ def child(args) -> dict:
         k, n = 1, 1
     end = time.time()
     prompt_tokens = sum(len(x) for x in sampling.encode_prompts(tok, [p["prompt"] for p in prompts], args.max_prompt_length))
-    from workbench import compute
+    from workbench.core import compute
 
     return {"start": start, "end": end, "tokens": tokens, "phases": phases, "prompt_tokens": prompt_tokens, "k": k, "n": n,
             "params": compute.matmul_params(model), "threads": torch.get_num_threads(),
@@ -192,7 +193,7 @@ def limits() -> tuple[float, float]:
     """This machine's bf16 matmul peak (FLOP/s) and memory bandwidth (bytes/s: read + write of a 512 MB copy)."""
     import torch
 
-    from workbench import compute
+    from workbench.core import compute
 
     peak = compute.peak_matmul_flops(torch.bfloat16)
     x = torch.empty(2**27)
@@ -232,7 +233,7 @@ def main():
         print("RESULT " + json.dumps(child(args)), flush=True)
         return
 
-    from workbench import models
+    from workbench.modeling import models
 
     argv = [a for a in sys.argv[1:]]
     peak, bandwidth = limits()

@@ -10,7 +10,7 @@ Prints both times, the speed-up (goal >= 2x) and pairs/s, and checks both give t
 import argparse
 import time
 
-from workbench import data, logprobs, models, scoring
+from workbench.modeling import data, logprobs, models, scoring
 
 
 def plain_pair(policy, tok, ex, beta=0.1):

@@ -27,11 +27,13 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--scale", type=int, default=1, help="multiplies prompts and steps")
     args = ap.parse_args()
-    from workbench import evaluate, models, results, train
-    from workbench.gold_pairs import GoldPairsArgs
-    from workbench.models import ModelConfig
-    from workbench.online_dpo import OnlineDPOArgs
-    from workbench.ppo import PPOArgs
+    from workbench.measurement import evaluate, results
+    from workbench.modeling import models
+    from workbench.training import train
+    from workbench.training.gold_pairs import GoldPairsArgs
+    from workbench.modeling.models import ModelConfig
+    from workbench.training.online_dpo import OnlineDPOArgs
+    from workbench.training.ppo import PPOArgs
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -48,14 +48,14 @@ def hh_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm_tokenizer():
     """The real SmolLM2 tokenizer from the embedded default (converts the GGUF once into the cache)."""
-    from workbench.models import EMBEDDED_POLICY, load_tokenizer
+    from workbench.modeling.models import EMBEDDED_POLICY, load_tokenizer
 
     return load_tokenizer(EMBEDDED_POLICY)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm_tokenizer) -> Path:
-    from workbench.models import save_tiny_causal_lm
+    from workbench.modeling.models import save_tiny_causal_lm
 
     return save_tiny_causal_lm(smollm_tokenizer, tmp_path_factory.mktemp("tiny-llama"), seed=0)
 
@@ -63,7 +63,7 @@ def tiny_model_dir(tmp_path_factory, smollm_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def hh_pairs(hh_dir):
     """A few real multi-turn HH pairs, short enough for fast tests."""
-    from workbench.data import load_hh
+    from workbench.modeling.data import load_hh
 
     examples, _ = load_hh("harmless-base", "test", hh_dir)
     short = [ex for ex in examples if len(ex["prompt"]) >= 3

@@ -8,26 +8,45 @@ from pathlib import Path
 import pytest
 
 from workbench import __main__ as cli
-from workbench import runs, sweep, train
+from workbench.modeling import runs
+from workbench.orchestration import sweep
+from workbench.training import train
 
 PACKAGE = Path(__file__).resolve().parents[1] / "workbench"
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+# the layers, bottom up: a module imports from its own layer and those below it, never from one above
+LAYERS = ["core", "modeling", "training", "measurement", "reporting", "orchestration"]
+# every module as "<layer>.<module>" ("__main__" at the top)
+MODULES = sorted(str(p.relative_to(PACKAGE).with_suffix("")).replace("/", ".") for p in PACKAGE.rglob("*.py")
+                 if p.name != "__init__.py")
+SHORT = {m.rsplit(".", 1)[-1]: m for m in MODULES}
+
+
+def _layer(module: str) -> int:
+    return LAYERS.index(module.split(".")[0]) if "." in module else len(LAYERS)
 
 
 def _imports(module: str) -> list[tuple[str, list[str], int]]:
-    """(imported workbench module, names taken from it, line) for every import in ``module``, at any depth
-    (a function-level import is a dependency too)."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    """(imported workbench module as "<layer>.<module>", names taken from it, line) for every import in ``module``,
+    at any depth (a function-level import is a dependency too)."""
+    tree = ast.parse((PACKAGE / f"{module.replace('.', '/')}.py").read_text())
+    here = module.split(".")[:-1]  # the package a relative import starts from
     out = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:  # from .x import a, b
-                out.append((node.module, [a.name for a in node.names], node.lineno))
-            else:  # from . import x, y
-                out += [(a.name, [], node.lineno) for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("workbench"):
-            out.append((node.module.removeprefix("workbench").lstrip(".") or None, [a.name for a in node.names], node.lineno))
-    return [(m, names, line) for m, names, line in out if m in MODULES]
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level:
+            base = here[: len(here) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+        elif (node.module or "").split(".")[0] == "workbench":
+            base = node.module.split(".")[1:]
+        else:
+            continue
+        dotted = ".".join(base)
+        if dotted in MODULES:  # from .x import a, b
+            out.append((dotted, [a.name for a in node.names], node.lineno))
+        else:  # from . import x, y / from ..layer import x
+            out += [(f"{dotted}.{a.name}".lstrip("."), [], node.lineno) for a in node.names
+                    if f"{dotted}.{a.name}".lstrip(".") in MODULES]
+    return out
 
 
 def test_the_package_has_no_import_cycle():
@@ -49,19 +68,36 @@ def test_the_package_has_no_import_cycle():
     for m in MODULES:
         if m not in state:
             visit(m)
-    # the layering the issue asked for: training does not depend on evaluation, nor the readers on either
-    assert "evaluate" not in graph["ppo"] | graph["train"] | graph["results"] | graph["widgets"]
-    assert "sampling" in graph["ppo"] and "sampling" in graph["evaluate"]
+    # training does not depend on evaluation, nor the readers on either
+    assert SHORT["evaluate"] not in graph[SHORT["ppo"]] | graph[SHORT["train"]] | graph[SHORT["results"]] | graph[SHORT["widgets"]]
+    assert SHORT["sampling"] in graph[SHORT["ppo"]] and SHORT["sampling"] in graph[SHORT["evaluate"]]
+
+
+def test_every_module_sits_in_a_layer_and_imports_none_above_it():
+    """The package's folders are its layers (core, modeling, training, measurement, reporting, orchestration; the
+    command line on top): a module imports from its own layer or one below, and each layer's ``__init__`` names
+    its modules (its public surface) without importing them."""
+    assert {m.split(".")[0] for m in MODULES} == set(LAYERS) | {"__main__"}
+    upward = [f"{m} imports {dep}" for m in MODULES for dep, _, _ in _imports(m) if _layer(dep) > _layer(m)]
+    assert not upward, "imports from a higher layer:\n" + "\n".join(upward)
+    for layer in LAYERS:
+        init = ast.parse((PACKAGE / layer / "__init__.py").read_text())
+        declared = next(ast.literal_eval(n.value) for n in init.body
+                        if isinstance(n, ast.Assign) and n.targets[0].id == "__all__")
+        assert sorted(declared) == sorted(m.split(".")[1] for m in MODULES if m.startswith(f"{layer}.")), layer
+        assert not [n for n in init.body if isinstance(n, (ast.Import, ast.ImportFrom))], f"{layer}/__init__ imports"
+    # a layer test that could fail: a module of the core importing the modeling layer is caught
+    assert _layer("modeling.runs") > _layer("core.methods")
 
 
 def test_no_module_uses_another_modules_private_names():
     found = []
     for m in MODULES:
-        src = (PACKAGE / f"{m}.py").read_text()
+        src = (PACKAGE / f"{m.replace('.', '/')}.py").read_text()
         tree = ast.parse(src)
         for dep, names, line in _imports(m):
-            found += [f"{m}.py:{line}: from .{dep} import {n}" for n in names if n.startswith("_") and dep != m]
-        imported = {dep for dep, names, _ in _imports(m) if not names}  # `from . import x`: x.attr
+            found += [f"{m}.py:{line}: from {dep} import {n}" for n in names if n.startswith("_") and dep != m]
+        imported = {dep.rsplit(".", 1)[-1] for dep, names, _ in _imports(m) if not names}  # `from . import x`: x.attr
         for node in ast.walk(tree):
             if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
                     and isinstance(node.value, ast.Name) and node.value.id in imported):
@@ -230,10 +266,10 @@ import numpy as np, torch
 import trl.trainer.dpo_trainer  # a dependency's own import draws from Python's global RNG (TRL 1.16's chain): not ours
 env, py, npy, th = dict(os.environ), random.getstate(), np.random.get_state()[1].tolist(), torch.get_rng_state()
 import workbench
-from workbench import malloc
-names = sorted(m.name for m in pkgutil.iter_modules(workbench.__path__) if m.name != "__main__")
+from workbench.core import malloc
+names = sorted(m.name for m in pkgutil.walk_packages(workbench.__path__, "workbench.") if m.name != "workbench.__main__")
 for name in names:
-    importlib.import_module(f"workbench.{name}")
+    importlib.import_module(name)
 changed = sorted(k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k))
 print(json.dumps({"modules": len(names), "env": changed, "random": random.getstate() != py,
                   "numpy": np.random.get_state()[1].tolist() != npy, "torch": not torch.equal(torch.get_rng_state(), th),
@@ -262,10 +298,10 @@ def test_every_environment_variable_is_declared_once_and_read_through_settings()
     ``settings.get`` (no module reads ``os.environ`` for one itself); every one the package names is declared."""
     import re
 
-    from workbench import settings
+    from workbench.core import settings
 
     named, direct = set(), []
-    for path in PACKAGE.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         text = path.read_text()
         named |= set(re.findall(r"WORKBENCH_[A-Z_]+", text))
         if path.stem != "settings":

@@ -6,9 +6,10 @@ without AMX/AVX512-BF16, but the tiny model does not care), so dtype bugs a GPU 
 import pytest
 import torch
 
-from workbench import models, online_dpo, ppo, runs, train
-from workbench.models import ModelConfig
-from workbench.runs import load_run
+from workbench.modeling import models, runs
+from workbench.training import online_dpo, ppo, train
+from workbench.modeling.models import ModelConfig
+from workbench.modeling.runs import load_run
 
 
 @pytest.fixture(scope="module")

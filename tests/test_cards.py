@@ -1,4 +1,4 @@
-"""A run's adapter as an artifact (workbench/cards.py): it loads in a fresh process with PEFT and transformers alone,
+"""A run's adapter as an artifact (workbench/training/cards.py): it loads in a fresh process with PEFT and transformers alone,
 offline, by the base name it records; its model card says what it is; push_to_hub uploads the folder."""
 
 import json
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from workbench import cards, models, train
+from workbench.training import cards, train
+from workbench.modeling import models
 
 LOAD_AND_GENERATE = r"""
 import json, sys, torch

@@ -1,4 +1,4 @@
-"""The console (workbench/console.py): library code tells its user through one logger per module, never print(),
+"""The console (workbench/core/console.py): library code tells its user through one logger per module, never print(),
 on stderr (stdout is a command's output); --verbose and --quiet set how much shows, here and in a sweep's kernels."""
 
 import ast
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from workbench import __main__ as cli
-from workbench import console
+from workbench.core import console
 
 PACKAGE = Path(__file__).resolve().parents[1] / "workbench"
 
@@ -34,9 +34,9 @@ def test_library_code_logs_and_never_prints():
         return any(isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print"
                    for n in ast.walk(ast.parse(path.read_text())))
 
-    printing = {p.name for p in PACKAGE.glob("*.py") if prints(p)}
+    printing = {p.name for p in PACKAGE.rglob("*.py") if prints(p)}
     assert printing <= {"__main__.py", "console.py"}, f"modules that print instead of logging: {sorted(printing)}"
-    for p in PACKAGE.glob("*.py"):
+    for p in PACKAGE.rglob("*.py"):
         text = p.read_text()
         if "log.info(" in text or "log.warning(" in text:
             assert "log = console.logger(__name__)" in text, f"{p.name} logs through a logger not its own"
@@ -70,7 +70,7 @@ def test_verbose_and_quiet_set_the_level_here_and_for_the_kernels(capsys, restor
 
 
 def test_a_process_reads_the_verbosity_from_the_environment():
-    code = ("from workbench import console; log = console.logger('workbench.x'); "
+    code = ("from workbench.core import console; log = console.logger('workbench.x'); "
             "log.info('[x] info'); log.warning('[x] warning')")
     for verbosity, err in (("warning", "[x] warning\n"), ("info", "[x] info\n[x] warning\n")):
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -1,4 +1,4 @@
-"""Tests for workbench/data.py: the real HH-RLHF file, hand-made broken files, and the views/splits."""
+"""Tests for workbench/modeling/data.py: the real HH-RLHF file, hand-made broken files, and the views/splits."""
 
 import gzip
 import json
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from workbench import data
-from workbench.data import (
+from workbench.modeling import data
+from workbench.modeling.data import (
     SKIP_REASONS,
     HHFormatError,
     PairRejected,
@@ -448,7 +448,7 @@ def test_related_conversations_stay_on_one_side_of_the_split_and_the_halves(real
 def test_sft_and_unpaired_views(real):
     examples, _ = real
     ex = examples[0]
-    from workbench.train import _dataset
+    from workbench.training.train import _dataset
 
     sft = _dataset("sft", examples[:3])  # the SFT arm's view: prompt-completion, TRL trains on the completion
     assert sft[0] == {"prompt": ex["prompt"], "completion": ex["chosen"]}
@@ -481,7 +481,7 @@ def test_the_unpaired_view_labels_a_reply_of_several_pairs_once_by_its_net_wins(
 
 
 def test_prompt_halves_are_disjoint_cover_everything_and_keep_shared_prompts_together(real):
-    from workbench.data import half, prompt_view
+    from workbench.modeling.data import half, prompt_view
 
     examples, _ = real
     twins = [{**e, "id": e["id"] + "/twin"} for e in examples[:200]]
@@ -502,8 +502,8 @@ def test_prompt_halves_are_disjoint_cover_everything_and_keep_shared_prompts_tog
 def test_heldout_split_is_the_same_for_every_run_seed(hh_dir, smollm_tokenizer):
     """Every seed and arm is evaluated on the same held-out prompts: the split follows DataConfig.split_seed,
     not the run's seed (which is still recorded)."""
-    from workbench.data import DataConfig
-    from workbench.sources import load_for_run
+    from workbench.modeling.data import DataConfig
+    from workbench.modeling.sources import load_for_run
 
     cfg = DataConfig(split="test", source=str(hh_dir))
     splits = [load_for_run(cfg, seed, smollm_tokenizer) for seed in (0, 1, 2)]

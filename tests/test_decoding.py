@@ -1,10 +1,10 @@
-"""The sampler (workbench/decoding.py): its samples are the model's, its log π is the policy's, a sample depends on
+"""The sampler (workbench/modeling/decoding.py): its samples are the model's, its log π is the policy's, a sample depends on
 its own seed alone."""
 
 import pytest
 import torch
 
-from workbench import decoding, models, sampling
+from workbench.modeling import decoding, models, sampling
 
 
 def _policy(path: str, dtype: str = "float32", scale: float = 0.05):

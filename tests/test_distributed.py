@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workbench.runs import is_complete, load_run
+from workbench.modeling.runs import is_complete, load_run
 
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
 
@@ -82,7 +82,9 @@ def test_judge_labels_on_two_processes_equal_one_process(tiny_model_dir, hh_dir,
 PPO_FIXED_ROLLOUTS = """
 import os, sys
 import torch
-from workbench import data, distributed, models, ppo, rewards, train
+from workbench.modeling import data, models, rewards
+from workbench.core import distributed
+from workbench.training import ppo, train
 
 model_dir, hh_dir, runs_dir, dump = sys.argv[1:5]
 

@@ -10,13 +10,16 @@ from pathlib import Path
 import pytest
 
 from workbench import __main__ as cli
-from workbench import runs, train
-from workbench.evaluate import EvalConfig
+from workbench.modeling import runs
+from workbench.training import train
+from workbench.measurement.evaluate import EvalConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md",
         REPO / "notebooks" / "README.md"]
-MODULES = {p.stem for p in (REPO / "workbench").glob("*.py")} - {"__init__", "__main__"}
+# every module by its own name, as the docs write it (``runs.run_info``), with its dotted path in the package
+MODULES = {p.stem: ".".join(p.relative_to(REPO).with_suffix("").parts) for p in (REPO / "workbench").rglob("*.py")
+           if p.stem not in ("__init__", "__main__")}
 TOP = {p.name for p in REPO.iterdir()} - {".git", ".venv"}
 SOURCE_FILE = re.compile(r"^[\w.-]+\.(py|ipynb|sh|yaml)$")
 # the names of the files git tracks (a bare file name in the docs must be one of them, not a run's output)
@@ -84,10 +87,10 @@ def test_every_anchor_linked_exists(doc):
 def test_every_module_attribute_named_exists(doc):
     missing = []
     for span in _spans(doc.read_text()):
-        m = re.match(r"^(?:workbench\.)?([a-z_]+)\.([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_]\w*))?", span)
+        m = re.match(r"^(?:workbench\.(?:[a-z]+\.)?)?([a-z_]+)\.([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_]\w*))?", span)
         if not m or m.group(1) not in MODULES or m.group(2) in ("json", "jsonl", "csv", "py", "md"):  # file names
             continue
-        obj = importlib.import_module(f"workbench.{m.group(1)}")
+        obj = importlib.import_module(MODULES[m.group(1)])
         for part in (m.group(2), m.group(3)):
             if part is None:
                 break

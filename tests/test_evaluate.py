@@ -11,8 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from workbench import data, evaluate, figures, models, ppo, results, runs, sampling, scoring, sources, stats, train
-from workbench.models import ModelConfig
+from workbench.modeling import data, models, runs, sampling, scoring, sources
+from workbench.measurement import evaluate, results
+from workbench.reporting import figures
+from workbench.training import ppo, train
+from workbench.core import stats
+from workbench.modeling.models import ModelConfig
 
 # ----------------------------------------------------------------------------------------------------------
 # Statistics
@@ -454,7 +458,7 @@ def test_every_figure_is_exported(study, tmp_path):
     lines = {t.name.split(":")[0]: t.y[0] for t in acc.data if t.type == "scatter"}
     assert {"length-only rule (fitted on training pairs)", "longer wins"} <= set(lines)
     assert lines["length-only rule (fitted on training pairs)"] == pytest.approx(table["pairs/length_rule"].iloc[0])
-    from workbench import paper
+    from workbench.reporting import paper
 
     caveats = paper._caveats(table, results.aggregate(table))
     rule = table["pairs/length_rule"].iloc[0]
@@ -507,7 +511,7 @@ def test_the_frontier_averages_seeds_per_step_from_the_sft_start():
 
 
 def test_the_closing_caveat_follows_the_numbers_and_flips_with_them():
-    from workbench import paper
+    from workbench.reporting import paper
 
     def agg(lo, hi):
         return pd.DataFrame({"method": ["sft", "dpo", "ppo"], "beta": [None, 0.1, None], "n_seeds": [1, 1, 1],
@@ -528,7 +532,7 @@ def test_arms_are_compared_paired_and_the_draft_follows_which_is_ahead(tmp_path)
     """Arm against arm, paired by prompt and sample within each seed, two-level across seeds: a shift the prompts'
     own spread would hide between two separate intervals is shown, the draft's sentence names the arm ahead, and it
     flips when the numbers flip."""
-    from workbench import findings
+    from workbench.measurement import findings
 
     rng = np.random.default_rng(5)
     prompt_effect = np.repeat(rng.normal(0, 3, 16), 2)  # 16 prompts x 2 samples, a large effect both arms share
@@ -560,7 +564,7 @@ def test_arms_are_compared_paired_and_the_draft_follows_which_is_ahead(tmp_path)
 
 
 def test_win_rates_are_flagged_when_their_judge_does_not_beat_the_length_rule(tmp_path):
-    from workbench import paper
+    from workbench.reporting import paper
 
     def study(root, margin_lo):
         gold = _fake_run(root, "reward", 0, None, [0] * 4, [0] * 4, [100] * 4, 1e9, name="gold")
@@ -589,7 +593,8 @@ def toy_arm():
 
     import trl
 
-    from workbench import arms, methods
+    from workbench.training import arms
+    from workbench.core import methods
 
     @dc.dataclass
     class ToyArgs(train.DPOArgs):
@@ -607,7 +612,7 @@ def test_an_arm_added_in_one_place_is_trained_evaluated_tabled_and_drawn(study, 
     table, the aggregate and the figures, with no other module told its name."""
     import shutil
 
-    from workbench import methods
+    from workbench.core import methods
 
     root, cfg, _ = study
     copy = tmp_path / "study"

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workbench import executors, sweep
-from workbench.runs import is_complete
+from workbench.orchestration import executors, sweep
+from workbench.modeling.runs import is_complete
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_KILL_SEEDS = (1, 0)  # seeds of the random moments the Ray sweep is killed at (19 s and 40 s)

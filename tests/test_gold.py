@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from workbench import data, gold_pairs, models, paper, results, rewards, sampling, stats, sweep, train, widgets
-from workbench.runs import is_complete, load_run, read_jsonl
+from workbench.modeling import data, models, rewards, sampling
+from workbench.training import gold_pairs, train
+from workbench.reporting import paper, widgets
+from workbench.measurement import results
+from workbench.core import stats
+from workbench.orchestration import sweep
+from workbench.modeling.runs import is_complete, load_run, read_jsonl
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -308,11 +313,11 @@ def test_the_sweep_ends_with_the_frontier_the_overoptimisation_figure_and_a_draf
     assert "{{" not in draft and "known gold" in draft.lower()
     for needle in ("gold − SFT (paired)", "Table 2", "best-of-n against", "held-out accuracy", "seeds 0"):
         assert needle in draft, needle
-    frontier = __import__("workbench.figures", fromlist=["fig_frontier"]).fig_frontier(table)
+    frontier = __import__("workbench.reporting.figures", fromlist=["fig_frontier"]).fig_frontier(table)
     names = {t.name for t in frontier.data if t.name}
     assert any(n.startswith("ppo gt") for n in names) and any(n.startswith("best-of-n") for n in names)
     assert any(n.startswith("dpo") for n in names)
-    over = __import__("workbench.figures", fromlist=["x"]).fig_overoptimization(table)
+    over = __import__("workbench.reporting.figures", fromlist=["x"]).fig_overoptimization(table)
     names = {t.name for t in over.data if t.name}
     assert {"gold, PPO against the proxy, seed 0", "gold, PPO against the gold, seed 0",
             "proxy, PPO against the proxy, seed 0"} <= names

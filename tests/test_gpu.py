@@ -4,8 +4,9 @@ reason where there is no GPU (conftest.py); run on a GPU machine with `bash scri
 import pytest
 import torch
 
-from workbench import logprobs, models, train
-from workbench.models import ModelConfig
+from workbench.modeling import logprobs, models
+from workbench.training import train
+from workbench.modeling.models import ModelConfig
 
 pytestmark = pytest.mark.gpu
 
@@ -43,7 +44,8 @@ def test_dpo_step_on_gpu_in_bf16(tiny_model_dir, hh_dir, tmp_path):
 
 def test_ppo_and_rloo_on_gpu_in_bf16(tiny_model_dir, hh_dir, tmp_path):
     """The RL arms' QLoRA path on a GPU: generation, the two adapters and the TRL trainer in bf16."""
-    from workbench import ppo, rewards
+    from workbench.training import ppo
+    from workbench.modeling import rewards
 
     reward = rewards.TokenSetReward(range(0, 49152, 2))
     data_cfg = train.DataConfig(split="test", source=str(hh_dir), n_train=8, n_score=4, max_length=256)

@@ -11,7 +11,8 @@ happens, and the structural test (every 4-bit layer has the repack gate off) sti
 import pytest
 import torch
 
-from workbench import data, decoding, models, ppo, rewards, sampling, scoring, train
+from workbench.modeling import data, decoding, models, rewards, sampling, scoring
+from workbench.training import ppo, train
 
 
 def _bnb_cpu_repack_possible() -> bool:

@@ -1,11 +1,11 @@
-"""The exact inference copy (workbench/inference.py): one copy is the policy and its reference, as the 4-bit + LoRA
+"""The exact inference copy (workbench/modeling/inference.py): one copy is the policy and its reference, as the 4-bit + LoRA
 model is under each adapter, and the reference's log-probs of the samples read through it are the training model's."""
 
 import pytest
 import torch
 
-from workbench import inference, models, sampling
-from workbench.logprobs import reference_adapter
+from workbench.modeling import inference, models, sampling
+from workbench.modeling.logprobs import reference_adapter
 
 
 def _two_adapters(path: str):

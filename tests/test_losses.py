@@ -7,10 +7,10 @@ import re
 import pytest
 import torch
 
-from workbench import losses
-from workbench.data import to_dataset, unpaired_view
-from workbench.losses import PAIRED_LOSSES, PairLogps, preference_loss
-from workbench.logprobs import token_logps
+from workbench.training import losses
+from workbench.modeling.data import to_dataset, unpaired_view
+from workbench.training.losses import PAIRED_LOSSES, PairLogps, preference_loss
+from workbench.modeling.logprobs import token_logps
 
 TOL = 1e-5  # absolute, float32
 NEG_LOG_SIGMOID_1 = math.log1p(math.exp(-1))  # −log σ(1) = log(1 + e^−1) = 0.3132617
@@ -237,7 +237,7 @@ def test_cpo_needs_the_nll_term_unless_alpha_is_zero():
 # Each trainer is built once per module on the tiny random Llama with the real SmolLM2 tokenizer and real HH
 # pairs. The policy is the tiny model with noise on its weights, the reference an unperturbed copy, so the
 # log-ratios are a few nats, not 0. From the first batch of TRL's own dataloader, TRL computes its loss with its
-# fused LM head; we compute the sequence log-probs of the same tensors with workbench.logprobs.token_logps (a
+# fused LM head; we compute the sequence log-probs of the same tensors with workbench.modeling.logprobs.token_logps (a
 # plain log-softmax) and feed them to our formula.
 
 

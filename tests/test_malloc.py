@@ -1,4 +1,4 @@
-"""workbench/malloc.py: an entry point (``malloc.keep_freed_memory``, called by training, the evaluation and the command
+"""workbench/core/malloc.py: an entry point (``malloc.keep_freed_memory``, called by training, the evaluation and the command
 line) makes glibc keep freed memory, so a large tensor allocated again is not
 faulted back in page by page; WORKBENCH_MALLOC=system leaves glibc's default. Each case runs in a fresh process,
 since the policy is set once per process."""
@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 
 PROBE = """
 import json, resource, torch
-from workbench import malloc, runs
+from workbench.core import malloc
+from workbench.modeling import runs
 assert malloc.policy()["policy"] == "not set", "importing workbench sets nothing"
 malloc.keep_freed_memory()                   # what train.train, evaluate.evaluate_runs and the command line do first
 block = 64 * 2**20 // 4                      # a 64 MiB float32 tensor, far above glibc's default mmap threshold

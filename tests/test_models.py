@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from workbench import logprobs, models
-from workbench.models import ModelConfig
+from workbench.modeling import logprobs, models
+from workbench.modeling.models import ModelConfig
 
 
 def _cfg(path, **kw):

@@ -15,8 +15,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from workbench import data, judge, logprobs, models, online_dpo, rewards, sampling, sources, train
-from workbench.runs import is_complete, load_run
+from workbench.modeling import data, judge, logprobs, models, rewards, sampling, sources
+from workbench.training import online_dpo, train
+from workbench.modeling.runs import is_complete, load_run
 
 
 def test_best_and_worst_are_paired_and_ties_counted():
@@ -164,7 +165,7 @@ def test_an_rl_arm_learns_from_the_judge_and_is_evaluated_with_it(tiny_model_dir
     """reward_model="judge" (the tiny model as judge), through TRL's GRPO and our PPO: each hands the judge the prompt's
     baseline reply (TRL as a prompt dataset's column), the judge's tokens are counted, and the evaluation scores the
     samples with the same judge, named in its config."""
-    from workbench import evaluate
+    from workbench.measurement import evaluate
 
     own = {"num_generations": 2, "max_length": 160} if method == "grpo" else {}
     _, cfg = train.make_config(method, model=str(tiny_model_dir), data_source=str(hh_dir), split="test", n_train=4,
@@ -224,7 +225,7 @@ def test_the_judge_reads_the_label_logits_in_float32(tiny_model_dir, smollm_toke
 def test_a_judge_is_counted_under_its_own_name_and_once(tiny_model_dir):
     """compute.json counts an AI judge's tokens as judge_forward with its own parameter count (not mixed into a
     reward model's), and a judge attached twice (it labels and rewards) counts each token once."""
-    from workbench.compute import TokenCounter
+    from workbench.core.compute import TokenCounter
 
     model, _ = models.load_policy(models.ModelConfig(model_name_or_path=str(tiny_model_dir), load_in_4bit=False,
                                                      use_peft=False), trainable=False)

@@ -1,4 +1,4 @@
-"""The bandit oracle (workbench/bandit.py): each preference objective of workbench/losses.py, trained on sampled
+"""The bandit oracle (workbench/training/bandit.py): each preference objective of workbench/training/losses.py, trained on sampled
 Bradley–Terry pairs in a tabular bandit, reaches the policy that theory says it should: π* for DPO and rDPO,
 its own optimum for IPO, closed-form margins for hinge and EXO on two arms, and the right direction for the rest.
 A deliberately wrong formula fails the same checks. The RL arms are checked on the same bandit: our own PPO and
@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from workbench import losses
-from workbench.bandit import OBJECTIVES, REFERENCE_FREE, Bandit, example_bandit, total_variation, train_tabular
+from workbench.training import losses
+from workbench.training.bandit import OBJECTIVES, REFERENCE_FREE, Bandit, example_bandit, total_variation, train_tabular
 
 BETA = 0.5
 TV_TOL = 0.05
@@ -277,12 +277,12 @@ def test_a_wrong_formula_fails_the_oracle(bandit, pairs):
 
 # ---------------------------------------------------------------------------------------------------------
 # RL arms on the same bandit: PPO and RLOO maximise E_π[r] − β·KL(π ‖ π_ref) with the KL as a penalty in the
-# reward, so they should reach the same π* as DPO — run through workbench.ppo's own functions.
+# reward, so they should reach the same π* as DPO — run through workbench.training.ppo's own functions.
 
 
 @pytest.mark.parametrize("beta", [0.5, 0.25])
 def test_ppo_reaches_the_kl_regularised_optimum(bandit, beta):
-    from workbench.bandit import train_tabular_ppo
+    from workbench.training.bandit import train_tabular_ppo
 
     start = total_variation(bandit.reference_probs, bandit.optimal_policy(beta))
     pi = train_tabular_ppo(bandit, beta, seed=1)
@@ -292,7 +292,7 @@ def test_ppo_reaches_the_kl_regularised_optimum(bandit, beta):
 
 @pytest.mark.parametrize("beta", [0.5, 0.25])
 def test_rloo_reaches_the_kl_regularised_optimum(bandit, beta):
-    from workbench.bandit import train_tabular_rloo
+    from workbench.training.bandit import train_tabular_rloo
 
     pi = train_tabular_rloo(bandit, beta, seed=1)
     assert total_variation(pi, bandit.optimal_policy(beta)) < 0.05
@@ -303,7 +303,7 @@ def test_rloo_reaches_the_kl_regularised_optimum(bandit, beta):
 def test_k3_as_a_reward_penalty_misses_the_optimum(bandit):
     """k3 is an unbiased estimate of the KL's value but, used as a reward, not of its gradient: the policy gradient
     of E_π[k3] is not ∇KL, so PPO with kl_estimator="k3" settles away from π*. This is why k1 is the default."""
-    from workbench.bandit import train_tabular_ppo
+    from workbench.training.bandit import train_tabular_ppo
 
     pi = train_tabular_ppo(bandit, 0.25, seed=1, kl_estimator="k3")
     assert total_variation(pi, bandit.optimal_policy(0.25)) > 0.15
@@ -328,7 +328,7 @@ def test_tabular_lm_is_pi_ref_as_trl_sees_it(bandit, tmp_path):
     """The wiring every TRL test below relies on: TRL's policy and the reference it builds from disk are π_ref, its
     fused log-prob head returns log π_ref(y|x) at the sampling temperature, its generate path samples π_ref, and
     the reward function reads r(x, y) back from the text."""
-    from workbench.bandit_trl import (bandit_reward_func, bandit_vocabulary, small_lm_head_tiles, tabular_policy,
+    from workbench.training.bandit_trl import (bandit_reward_func, bandit_vocabulary, small_lm_head_tiles, tabular_policy,
                                       trl_trainer)
 
     trainer = trl_trainer("rloo", bandit, TRL_BETA, tmp_path, steps=1, **TRL_RUN)
@@ -365,7 +365,7 @@ def test_tabular_lm_is_pi_ref_as_trl_sees_it(bandit, tmp_path):
 @pytest.fixture(scope="module")
 def trl_rloo(bandit, tmp_path_factory):
     """TRL's RLOOTrainer trained at β = 0.5 (100 steps) and 0.25 (150: the larger log-ratios take longer)."""
-    from workbench.bandit_trl import train_trl_rloo
+    from workbench.training.bandit_trl import train_trl_rloo
 
     return {beta: train_trl_rloo(bandit, beta, tmp_path_factory.mktemp("rloo"), steps=steps, **TRL_RUN)
             for beta, steps in ((0.5, 100), (0.25, 150))}
@@ -384,7 +384,7 @@ def test_trl_rloo_reaches_the_kl_regularised_optimum(bandit, trl_rloo, beta):
 
 def test_grpo_fixed_point_closed_forms(bandit):
     """The numerical GRPO fixed point against what can be worked out by hand."""
-    from workbench.bandit import grpo_expected_advantages, grpo_fixed_point
+    from workbench.training.bandit import grpo_expected_advantages, grpo_fixed_point
 
     # one group [x, b, b, b] (k = 4): mean = (x + 3b)/4, Bessel std = |x − b|/2, so A_x = −1.5 for any x < b
     two = Bandit(torch.tensor([[0.5, 0.5]]), torch.tensor([[0.0, 1.0]]))
@@ -405,7 +405,7 @@ def test_grpo_fixed_point_closed_forms(bandit):
 def trl_grpo(bandit, tmp_path_factory):
     """TRL's GRPOTrainer at β = 0.5 with the study's settings (std-scaled advantages, bias-corrected k3), and with
     one setting changed at a time: {name: learned π}."""
-    from workbench.bandit_trl import train_trl_grpo
+    from workbench.training.bandit_trl import train_trl_grpo
 
     variants = {"study": (dict(steps=300, lr=0.1), {}),
                 "scale_rewards=none": (dict(steps=100), dict(scale_rewards="none")),
@@ -426,7 +426,7 @@ def test_trl_grpo_reaches_its_own_fixed_point_not_pi_star(bandit, trl_grpo):
     """The study's GRPO (advantages divided by the group std, KL as β·k3·ratio in the loss) stops where
     log π = log π_ref + a_π/β + const (``grpo_fixed_point``), which is not π* of any β: it improves on π_ref in
     expected reward and toward π*, but the std scaling weighs responses by rank-like advantages, not by r."""
-    from workbench.bandit import grpo_fixed_point
+    from workbench.training.bandit import grpo_fixed_point
 
     pi = trl_grpo["study"]
     target, _ = grpo_fixed_point(bandit, TRL_BETA, TRL_K)
@@ -444,7 +444,7 @@ def test_trl_grpo_kl_gradient_follows_its_bias_correction_flag(bandit, trl_grpo)
     """k3 = π_ref/π − log(π_ref/π) − 1 in the loss has the gradient of the *forward* KL(π_ref ‖ π) in expectation;
     TRL multiplies it by the (value-1) ratio by default, which turns the gradient into that of the reverse
     KL(π ‖ π_ref). The two fixed points differ by TV 0.21 here, and TRL lands on the one its flag predicts."""
-    from workbench.bandit import grpo_fixed_point
+    from workbench.training.bandit import grpo_fixed_point
 
     reverse, _ = grpo_fixed_point(bandit, TRL_BETA, TRL_K, kl="reverse")
     forward, _ = grpo_fixed_point(bandit, TRL_BETA, TRL_K, kl="forward")
@@ -462,7 +462,7 @@ def test_trl_grpo_kl_gradient_follows_its_bias_correction_flag(bandit, trl_grpo)
 def test_iterative_dpo_with_a_fixed_reference_reaches_the_kl_regularised_optimum(bandit, seed):
     """Every round's pairs come from another μ (the current policy); DPO's optimum does not depend on μ, so each
     round ends at π* ∝ π_ref·exp(r/β)."""
-    from workbench.bandit import train_tabular_iterative_dpo
+    from workbench.training.bandit import train_tabular_iterative_dpo
 
     target = bandit.optimal_policy(BETA)
     policies = train_tabular_iterative_dpo(bandit, BETA, rounds=4, seed=seed)
@@ -472,7 +472,7 @@ def test_iterative_dpo_with_a_fixed_reference_reaches_the_kl_regularised_optimum
 def test_iterative_dpo_with_the_reference_refreshed_every_round_keeps_moving_to_the_best_response(bandit):
     """Refreshing the reference to the current policy each round compounds the tilt: after t rounds π ∝
     π_ref·exp(t·r/β), past π* and towards the reward's argmax."""
-    from workbench.bandit import train_tabular_iterative_dpo
+    from workbench.training.bandit import train_tabular_iterative_dpo
 
     best = bandit.rewards.argmax(-1)
     rows = torch.arange(len(best))

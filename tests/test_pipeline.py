@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from workbench import logprobs, models, scoring
-from workbench.models import ModelConfig
+from workbench.modeling import logprobs, models, scoring
+from workbench.modeling.models import ModelConfig
 
 
 def test_score_pairs_matches_its_definition(tiny_model_dir, hh_pairs):
@@ -59,7 +59,8 @@ def test_the_embedded_default_scores_like_a_language_model(hh_pairs):
 def test_the_same_seed_gives_the_same_results_table(tiny_model_dir, hh_dir, tmp_path):
     """A small pipeline (SFT -> reward model -> DPO from SFT -> evaluation) run twice with one seed on one machine:
     every number of the results table is the same (times and paths aside)."""
-    from workbench import evaluate, results, train
+    from workbench.measurement import evaluate, results
+    from workbench.training import train
 
     def pipeline(root):
         common = dict(model=ModelConfig(model_name_or_path=str(tiny_model_dir)), runs_dir=str(root),
@@ -91,7 +92,7 @@ def test_the_main_job_puts_figures_and_draft_where_it_is_told(tiny_model_dir, hh
 
     import yaml
 
-    from workbench import pipeline
+    from workbench.orchestration import pipeline
 
     grid = {"name": "tiny-main", "runs_dir": "runs/main",
             "defaults": {"split": "test", "n_train": 4, "n_score": 2, "max_steps": 1, "figures_dir": "figures"},

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from workbench import data, logprobs, models, ppo, rewards, sampling, sources, train
-from workbench.runs import load_run
+from workbench.modeling import data, logprobs, models, rewards, sampling, sources
+from workbench.training import ppo, train
+from workbench.modeling.runs import load_run
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -11,13 +11,14 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from workbench.runs import is_complete, load_run
+from workbench.modeling.runs import is_complete, load_run
 
 # train through the command line, SIGKILL-ing the process right after step 3 (the checkpoint of step 2 is on disk)
 KILL_AFTER_STEP_3 = """
 import os, signal, sys
 from transformers import TrainerCallback
-from workbench import __main__ as cli, train
+from workbench import __main__ as cli
+from workbench.training import train
 
 class Kill(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
@@ -69,7 +70,8 @@ def test_a_killed_dpo_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupt
 PPO = """
 import os, signal, sys
 import torch
-from workbench import data, models, ppo, rewards, runs, train
+from workbench.modeling import data, models, rewards, runs
+from workbench.training import ppo, train
 
 model_dir, hh_dir, runs_dir = sys.argv[1:4]
 kill_at = int(os.environ.get("KILL_AT", 0))
@@ -124,7 +126,7 @@ def test_a_killed_ppo_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupt
 
 
 def test_checkpoints_need_a_run_id():
-    from workbench import ppo, train
+    from workbench.training import ppo, train
 
     with pytest.raises(ValueError, match="checkpoint_every needs"):
         train.make_config("dpo", checkpoint_every=2)

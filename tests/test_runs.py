@@ -1,4 +1,4 @@
-"""Tests for workbench/runs.py: the run-folder contract (atomic write, failure, reading back, seeds, JSON, env)."""
+"""Tests for workbench/modeling/runs.py: the run-folder contract (atomic write, failure, reading back, seeds, JSON, env)."""
 
 import dataclasses
 import json
@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from workbench.runs import (
+from workbench.modeling.runs import (
     Run,
     environment,
     list_runs,
@@ -425,7 +425,7 @@ def test_a_run_id_names_the_folder_and_owns_it(tmp_path):
 
 _WRITER = """
 import sys, time
-from workbench.runs import Run
+from workbench.modeling.runs import Run
 with Run("dpo", "default", seed=0, config={}, root=sys.argv[1], run_id="job-2") as run:
     run.log({"loss": 1.0}, step=0)
     print("open", flush=True)
@@ -446,7 +446,7 @@ def test_a_run_being_written_by_a_living_process_is_neither_taken_nor_replaced(t
     """One process writes a named run at a time: a second writer (a resumed sweep while a kernel from before its
     interruption still runs) is refused, naming the pid; ``wait_for_writer`` waits until the first has ended and
     then finds the folder complete."""
-    from workbench.runs import is_complete, wait_for_writer
+    from workbench.modeling.runs import is_complete, wait_for_writer
 
     folder = tmp_path / "dpo__default__s0__job-2"
     proc = _start_writer(tmp_path, 1.5)
@@ -470,7 +470,7 @@ def test_a_killed_writer_leaves_no_lock_behind(tmp_path):
     proc.wait()
     folder = tmp_path / "dpo__default__s0__job-2"
     assert folder.with_name(folder.name + ".partial").is_dir()
-    from workbench.runs import wait_for_writer
+    from workbench.modeling.runs import wait_for_writer
 
     assert not wait_for_writer(folder)
     with Run("dpo", "default", seed=0, config={}, root=tmp_path, run_id="job-2") as run:

@@ -1,4 +1,4 @@
-"""Your own data in TRL's dataset formats (workbench/sources.py): each format read from a local file into the rows
+"""Your own data in TRL's dataset formats (workbench/modeling/sources.py): each format read from a local file into the rows
 HH-RLHF gives, the column mapping, the report's counted skips, one named error per bad-data fixture, and training
 from the command line and from a grid on such files."""
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from workbench import data, sources
+from workbench.modeling import data, sources
 
 FIXTURES = Path(__file__).parent / "fixtures" / "bad_data"
 
@@ -133,7 +133,7 @@ def _train_args(tiny_model_dir, tmp_path, source, *extra):
                                  "implicit, standard (HH transcripts)"])
 def test_dpo_trains_from_the_command_line_on_each_pair_format(tmp_path, hh_rows, tiny_model_dir, fmt, capsys):
     from workbench import __main__ as cli
-    from workbench.runs import run_paths
+    from workbench.modeling.runs import run_paths
 
     path = tmp_path / "mine.parquet"
     rows = _formats(hh_rows)[fmt]
@@ -148,7 +148,7 @@ def test_dpo_trains_from_the_command_line_on_each_pair_format(tmp_path, hh_rows,
 
 def test_kto_trains_on_an_unpaired_file_and_dpo_refuses_it(tmp_path, tiny_model_dir, capsys):
     from workbench import __main__ as cli
-    from workbench.runs import run_paths
+    from workbench.modeling.runs import run_paths
 
     path = tmp_path / "kto.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"Question {i}: what is {i} plus {i}?", "completion": f"It is {2 * i}."
@@ -165,8 +165,8 @@ def test_kto_trains_on_an_unpaired_file_and_dpo_refuses_it(tmp_path, tiny_model_
 def test_a_grid_trains_on_your_files(tmp_path, hh_rows, tiny_model_dir, monkeypatch):
     import yaml
 
-    from workbench import sweep
-    from workbench.runs import run_paths
+    from workbench.orchestration import sweep
+    from workbench.modeling.runs import run_paths
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"q": r["prompt"], "good": r["chosen"], "bad": r["rejected"]}) + "\n"

@@ -1,4 +1,4 @@
-"""The known-gold study's numerical functions in workbench/stats.py: Bradley–Terry labels from a gold score,
+"""The known-gold study's numerical functions in workbench/core/stats.py: Bradley–Terry labels from a gold score,
 best-of-n weights, expectations and KL, the fit of Gao et al.'s R(d) = d(α − βd), and paired differences. Each is
 checked against a brute-force or closed-form computation."""
 
@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from workbench import stats
+from workbench.core import stats
 
 
 def _sigma(x):
@@ -374,7 +374,8 @@ def test_best_of_n_calls_a_fall_after_the_peak_over_optimisation_only_when_its_p
     its interval."""
     import pandas as pd
 
-    from workbench import best_of_n, findings
+    from workbench.training import best_of_n
+    from workbench.measurement import findings
 
     rng = np.random.default_rng(0)
     ns, ids = [1, 2, 4, 8], [f"p{i}" for i in range(60)]
@@ -418,7 +419,7 @@ def test_the_two_level_bootstrap_needs_shared_prompts():
 
 
 def test_ties_count_half_in_every_accuracy():
-    from workbench import scoring
+    from workbench.modeling import scoring
 
     assert [scoring.ranked(1.0, 0.0), scoring.ranked(0.0, 1.0), scoring.ranked(0.25, 0.25)] == [1.0, 0.0, 0.5]
     assert list(stats.wins([1.0, 0.0, 0.25], [0.0, 1.0, 0.25])) == [1.0, 0.0, 0.5]  # as the win rates count them

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workbench import paper, sweep, train
-from workbench.runs import is_complete
+from workbench.reporting import paper
+from workbench.orchestration import sweep
+from workbench.training import train
+from workbench.modeling.runs import is_complete
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -105,7 +107,7 @@ def test_the_main_job_is_the_known_gold_study_with_shared_data_and_seeded_arms()
 
 
 def test_seeds_run_the_hh_study_once_per_seed_and_pair_references_by_seed():
-    from workbench import sweep as sw
+    from workbench.orchestration import sweep as sw
     from workbench.__main__ import _seed_list
 
     _, one = sw.load_grid(REPO / "grids" / "hh.yaml")
@@ -140,7 +142,7 @@ def test_seeds_run_the_hh_study_once_per_seed_and_pair_references_by_seed():
 def test_no_policy_trains_on_the_gold_judges_half(grid):
     """The human-label grids judge by a "gold" reward model trained on prompt half b: every job that trains a policy
     (SFT, the preference arms, PPO's and online DPO's prompts) reads half a, the proxy's, and nothing reads all."""
-    from workbench import sweep as sw
+    from workbench.orchestration import sweep as sw
 
     _, jobs = sw.load_grid(REPO / "grids" / grid)
     gold = [j for j in jobs if j.stage == "gold"]
@@ -282,7 +284,7 @@ def test_sweep_resumes_after_a_kill_without_losing_or_repeating_runs(ci_sweep):
 def test_an_adopted_runs_notebook_without_its_outputs_says_it_is_incomplete(tmp_path):
     """A notebook papermill saved before the kill, lacking later cells' outputs, is copied with a note; a
     finished one is copied as it is."""
-    from workbench.sweep import _copy_adopted_notebook
+    from workbench.orchestration.sweep import _copy_adopted_notebook
     cells = [{"cell_type": "code", "source": "x = 1", "execution_count": 1, "outputs": [], "metadata": {}},
              {"cell_type": "code", "source": "print(x)", "execution_count": None, "outputs": [], "metadata": {}},
              {"cell_type": "code", "source": "  ", "execution_count": None, "outputs": [], "metadata": {}}]
@@ -315,7 +317,7 @@ def test_every_finished_job_has_exactly_one_run_folder_named_by_its_id(ci_sweep,
 _KERNEL_FROM_BEFORE = """
 import sys, time
 from pathlib import Path
-from workbench.runs import _hold_writer_lock
+from workbench.modeling.runs import _hold_writer_lock
 partial = Path(sys.argv[1])
 lock = _hold_writer_lock(partial)
 print("writing", flush=True)
@@ -370,7 +372,7 @@ def test_sweep_ends_with_the_table_the_figures_and_a_paper(ci_sweep, tmp_path):
     assert table[table["method"] != "reward"]["eval/gold"].notna().all()
     policies = table[table["method"] != "reward"]  # the AI judge's agreement, beside the reward models' accuracy
     assert policies["pairs/judge_accuracy"].between(0, 1).all() and policies["pairs/judge_accuracy"].nunique() == 1
-    from workbench import widgets
+    from workbench.reporting import widgets
 
     online = widgets.InspectorModel(root).online  # the inspector shows online DPO's pairs with their round
     assert len(online) and set(online["round"]) == {1} and (online["label_gap"] > 0).all()

@@ -1,4 +1,4 @@
-"""Experiment trackers for every arm (workbench/trackers.py): ``report_to`` reaches TRL's arms, PPO and online DPO
+"""Experiment trackers for every arm (workbench/core/trackers.py): ``report_to`` reaches TRL's arms, PPO and online DPO
 alike; TensorBoard's event files stay in the run folder and hold the arm's metrics under TRL's names."""
 
 import json
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from workbench import rewards, train
+from workbench.modeling import rewards
+from workbench.training import train
 
 
 def _scalars(run: Path) -> dict[str, list[float]]:

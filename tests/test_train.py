@@ -7,9 +7,10 @@ import pytest
 import torch
 import trl
 
-from workbench import arms, logprobs, models, train
-from workbench.models import ModelConfig
-from workbench.runs import load_run
+from workbench.training import arms, train
+from workbench.modeling import logprobs, models
+from workbench.modeling.models import ModelConfig
+from workbench.modeling.runs import load_run
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def _complete(path):
 def _check_length_baseline(run, split):
     """The summary's length baseline: a rule fitted on this run's own training pairs, in this run's tokens, and its
     accuracy on the scored pairs by hand; "longer wins" beside it."""
-    from workbench import scoring
+    from workbench.modeling import scoring
 
     records = run.records("heldout_pairs")
     s = run.summary
@@ -138,7 +139,7 @@ def test_trained_adapter_reloads_to_the_scored_policy(common, sft_run, hh_dir):
     run = load_run(sft_run)
     policy, tok = models.load_policy(common["model"], adapter=str(sft_run / "adapter"))
     rec = run.records("heldout_pairs").iloc[0]
-    from workbench.data import load_hh
+    from workbench.modeling.data import load_hh
 
     examples, _ = load_hh("harmless-base", "test", hh_dir)
     ex = next(e for e in examples if e["id"] == rec["id"])
@@ -216,7 +217,9 @@ def test_every_parameter_of_every_arm_has_its_help_and_the_cli_prints_it(capsys)
     import dataclasses
 
     from workbench import __main__ as cli
-    from workbench import arms, config, data, evaluate, models, ppo
+    from workbench.training import arms, config, ppo
+    from workbench.modeling import data, models
+    from workbench.measurement import evaluate
 
     for method, arm in arms.ARMS.items():
         helps = config.field_help(arm.config)
@@ -273,7 +276,7 @@ def test_reward_model_learns_a_preference_against_length(common, tmp_path):
     # the saved model reproduces the recorded scores
     from transformers import AutoModelForSequenceClassification
 
-    from workbench import scoring
+    from workbench.modeling import scoring
 
     model = AutoModelForSequenceClassification.from_pretrained(path / "model")
     tok = models.load_tokenizer(str(path / "model"))
@@ -308,7 +311,7 @@ def reward_runs(common):
 
 
 def test_reward_halves_are_disjoint_and_load_back_with_their_scores(reward_runs):
-    from workbench import rewards
+    from workbench.modeling import rewards
 
     proxy, gold = reward_runs
     ids = [set(json.loads((p / "split.json").read_text())["train_ids"]) for p in (proxy, gold)]
@@ -323,7 +326,7 @@ def test_reward_halves_are_disjoint_and_load_back_with_their_scores(reward_runs)
 
 
 def _heldout_pairs(run_path):
-    from workbench import data
+    from workbench.modeling import data
 
     cfg = json.loads((run_path / "config.json").read_text())["data"]
     examples, _ = data.load_hh(cfg["subset"], cfg["split"], cfg["source"])
@@ -368,7 +371,7 @@ def test_ppo_from_an_sft_run_uses_it_as_the_reference(common, sft_run, reward_ru
 
 
 def ppo_args(common, **kw):
-    from workbench import ppo
+    from workbench.training import ppo
 
     return ppo.PPOArgs(model=common["model"], data=common["data"], runs_dir=common["runs_dir"], iterations=2,
                        rollout_batch_size=2, max_new_tokens=4, max_prompt_length=64, **kw)

@@ -15,8 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from workbench import widgets
-from workbench.models import EMBEDDED_POLICY
+from workbench.reporting import widgets
+from workbench.modeling.models import EMBEDDED_POLICY
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"

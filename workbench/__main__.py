@@ -81,7 +81,8 @@ def _split_fields(argv: list[str], sub: dict) -> tuple[list[str], list[str]]:
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     """(the parser, its subcommands' parsers by name). ``train`` and ``evaluate`` also take every field of their
     config as ``--name value`` (``parse_fields``)."""
-    from . import executors, methods, pipeline
+    from .core import methods
+    from .orchestration import executors, pipeline
 
     parser = argparse.ArgumentParser(prog="workbench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,7 +97,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                          "(default: the grid's own); finished runs of other seeds are kept")
     p_study.add_argument("--executor", choices=executors.EXECUTORS,
                          help="where the jobs run (default: the grid's executor; grids/main.yaml: local, side by side "
-                              "on this machine); see workbench/executors.py")
+                              "on this machine); see workbench/orchestration/executors.py")
     p_train = sub.add_parser("train", allow_abbrev=False, help="train one arm and print its run folder; any config field as --name value",
                              description="Train one arm. Every field of its config is an option: --name value "
                              "(e.g. --max-steps 4 --beta 0.2 --n-train 64 --model embedded:smollm2-135m-instruct "
@@ -109,7 +110,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     p_eval.add_argument("runs", nargs="*", help="run folders (default: every complete run under --runs-dir)")
     p_eval.add_argument("--runs-dir", help="runs root (default: $WORKBENCH_RUNS, else ./runs)")
     p_eval.add_argument("--out", default="figures", help="where results.csv and the figures go (default: %(default)s)")
-    p_sweep = sub.add_parser("sweep", allow_abbrev=False, help="run or resume a grid of notebook executions (see workbench/sweep.py)")
+    p_sweep = sub.add_parser("sweep", allow_abbrev=False, help="run or resume a grid of notebook executions (see workbench/orchestration/sweep.py)")
     p_sweep.add_argument("grid", help="grid file, e.g. grids/main.yaml")
     p_sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="set a parameter for every job that takes it, in place of the grid's default (a "
@@ -120,7 +121,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     p_sweep.add_argument("--executor", choices=executors.EXECUTORS,
                          help="where jobs run: here one at a time (serial, the default unless the grid names one), side "
                               "by side on this machine (local), as Ray tasks, or as Slurm jobs (submitit); see "
-                              "workbench/executors.py")
+                              "workbench/orchestration/executors.py")
     p_sweep.add_argument("--address", help="with --executor ray: join this Ray cluster (e.g. auto, or ray://host:10001) "
                                            "instead of starting a local one")
     p_paper = sub.add_parser("paper", allow_abbrev=False, help="fill papers/template.md from the evaluated runs into papers/draft.md")
@@ -138,7 +139,7 @@ USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError)
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; ``--debug`` anywhere keeps the traceback of a user's mistake too."""
-    from . import malloc
+    from .core import malloc
 
     malloc.keep_freed_memory()  # before any tensor exists (malloc.py): the command line is an entry point
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     verbosity = "debug" if "--verbose" in argv else "warning" if "--quiet" in argv else None
     argv = [a for a in argv if a not in ("--debug", "--verbose", "--quiet")]
     if verbosity:
-        from . import console
+        from .core import console
 
         os.environ[console.ENV] = verbosity  # a sweep's kernels and workers show as much
         console.configure(verbosity)
@@ -165,8 +166,8 @@ def arm_help(method: str) -> str:
     import dataclasses
     import textwrap
 
-    from . import arms
-    from .config import field_help
+    from .training import arms
+    from .training.config import field_help
 
     arm_name, fixed = arms.arm_of(method)
     arm = arms.ARMS[arm_name]
@@ -198,8 +199,10 @@ def config_page() -> str:
     own options are listed by ``train METHOD --help``); generated from the configs (a test keeps the page current)."""
     import dataclasses
 
-    from . import arms, evaluate, settings
-    from .config import RLFields, RunFields, field_help
+    from .core import settings
+    from .measurement import evaluate
+    from .training import arms
+    from .training.config import RLFields, RunFields, field_help
 
     def declared(cls, own: bool) -> list:  # the fields a workbench class declares (or re-defaults), in order
         names = []
@@ -245,7 +248,7 @@ def config_page() -> str:
 
 
 def _main(argv: list[str]) -> int:
-    from . import pipeline
+    from .orchestration import pipeline
 
     parser, sub = build_parser()
     if argv == ["config-docs"]:  # docs/config.md, from the configs' declarations
@@ -264,7 +267,7 @@ def _main(argv: list[str]) -> int:
         sub[args.command].error(str(e))
 
     if args.command == "sweep":
-        from .sweep import run_sweep
+        from .orchestration.sweep import run_sweep
 
         overrides = {}
         for item in args.set:
@@ -278,13 +281,13 @@ def _main(argv: list[str]) -> int:
         result = run_sweep(args.grid, overrides, runs_dir=args.runs_dir, retry_failed=not args.no_retry,
                            executor=args.executor, address=args.address)
         if result.table is not None:
-            from .results import aggregate
+            from .measurement.results import aggregate
 
             print(aggregate(result.table).to_string(index=False))
         return 1 if result.failed else 0
     if args.command == "paper":
-        from . import paper
-        from .results import results_table
+        from .measurement.results import results_table
+        from .reporting import paper
 
         print(f"[paper] {paper.build(results_table(args.runs_dir, args.name), args.out, args.figures)}")
         return 0
@@ -292,8 +295,8 @@ def _main(argv: list[str]) -> int:
         pipeline.run_study(args.grid, args.runs_dir, args.figures, args.paper, seeds=args.seeds, executor=args.executor)
         return 0
     if args.command == "train":
-        from . import train
-        from .runs import to_jsonable
+        from .modeling.runs import to_jsonable
+        from .training import train
 
         try:
             arm, cfg = train.make_config(args.method, **fields)
@@ -310,8 +313,9 @@ def _main(argv: list[str]) -> int:
         import difflib
         from pathlib import Path
 
-        from . import evaluate, figures, results
-        from .runs import default_root
+        from .measurement import evaluate, results
+        from .modeling.runs import default_root
+        from .reporting import figures
 
         known = [f.name for f in dataclasses.fields(evaluate.EvalConfig) if f.name != "data"]
         for name in fields:

@@ -30,7 +30,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from . import console, settings
+from ..core import console, settings
 
 log = console.logger(__name__)
 
@@ -373,7 +373,7 @@ def keep_4bit_trainable(model) -> int:
         state = getattr(module.weight, "quant_state", None)
         if getattr(state, "packing_format_for_cpu", False):
             raise RuntimeError(f"4-bit layer '{name}' was already repacked for CPU inference (it passes no gradient). "
-                               "Load the model through workbench.models.load_policy / load_reward_model, or call "
+                               "Load the model through workbench.modeling.models.load_policy / load_reward_model, or call "
                                "keep_4bit_trainable(model) before it first runs.")
         module.support_avx512bf16_for_cpu = False
         n += 1

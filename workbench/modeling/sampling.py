@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import data, inference, scoring, stats
+from ..core import stats
+from . import data, inference, scoring
 from .decoding import decode, row_seeds
 from .inference import InferenceLinear, inference_copy  # noqa: F401  (the sampler's copy, re-exported)
 from .logprobs import reference_adapter, shared_prompt_logps

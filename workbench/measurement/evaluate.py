@@ -42,9 +42,11 @@ from pathlib import Path
 
 import torch
 
-from . import cards, console, data, malloc, methods, models, scoring, sources, stats
-from .runs import atomic_folder, is_complete, run_info, run_paths, snapshots, to_jsonable, write_json, write_jsonl
-from .sampling import sample_completions
+from ..core import console, malloc, methods, stats
+from ..modeling import data, models, scoring, sources
+from ..modeling.runs import atomic_folder, is_complete, run_info, run_paths, snapshots, to_jsonable, write_json, write_jsonl
+from ..modeling.sampling import sample_completions
+from ..training import cards
 
 log = console.logger(__name__)
 
@@ -233,7 +235,7 @@ def reward_readings(proxy, gold, prompts: list[dict], pairs: list[dict]) -> dict
     computed once by ``evaluate_runs``: "summary", their accuracy on the pairs (``pairs/proxy_rm_accuracy``,
     ``pairs/gold_rm_accuracy``: how often the chosen response scores above the rejected one), and "chosen", their
     scores of each prompt's chosen response (``chosen_score``, ``chosen_gold_score``; for win rates)."""
-    from .rewards import score_replies
+    from ..modeling.rewards import score_replies
 
     out = {"summary": {}, "chosen": {}}
     chosen = [p["chosen"] for p in prompts]
@@ -246,7 +248,7 @@ def reward_readings(proxy, gold, prompts: list[dict], pairs: list[dict]) -> dict
 
 
 def _rm_accuracy(fn, pairs: list[dict]) -> float:
-    from .rewards import score_replies
+    from ..modeling.rewards import score_replies
 
     # each reply against the chosen one (the baseline a pairwise judge's reward compares with; a reward model ignores it)
     baselines = [ex["chosen"][0]["content"] for ex in pairs]
@@ -294,7 +296,7 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
     (summary, records) on these pairs (``judge.agreement``; computed here when ``cfg.judge_model`` is set);
     ``reward_cache``: a dict kept across runs evaluated with the same reward models, prompts and pairs, filled
     with their ``reward_readings`` on first use."""
-    from .rewards import JUDGE, load_reward
+    from ..modeling.rewards import JUDGE, load_reward
 
     run_path, cfg = Path(run_path), cfg or EvalConfig()
     info = run_info(run_path)
@@ -358,7 +360,7 @@ def evaluate_run(run_path, cfg: EvalConfig | None = None, *, proxy=None, gold=No
             summary["eval/snapshots"] = len(steps)
         del policy
         if cfg.best_of_n and info["is_reward_model"] and gold is not None:
-            from . import best_of_n, gold_pairs
+            from ..training import best_of_n, gold_pairs
 
             source = gold_pairs.dataset_of(run_path)
             if source is not None:  # a proxy trained on a gold-labelled dataset: best-of-n against it, measured by gold
@@ -383,7 +385,7 @@ def _evaluate(run_path: Path, info: dict, cfg: EvalConfig, beta: float, prompts:
     """(generations, pair records, summary) of one run: a policy's samples (``policy``: its (model, tokenizer) as
     ``load_run_policy`` gives them) and its implicit reward on the pairs, or a reward model's ranking of the pairs;
     for both the length baseline and the reward models' accuracy."""
-    from .rewards import load_reward
+    from ..modeling.rewards import load_reward
 
     summary = {}
     if info["is_reward_model"]:  # a reward model is evaluated by how it ranks held-out pairs
@@ -468,7 +470,7 @@ def evaluate_runs(runs, cfg: EvalConfig | None = None, *, pairs: list[dict] | No
     else of the first policy run's base model. With ``cfg.workers`` > 1 the runs not yet evaluated are evaluated
     in that many processes, each with its share of this process's threads, after the log-probs on the pairs of
     the weights they share (an SFT adapter) are computed here; each evaluation records its thread count."""
-    from .rewards import JUDGE
+    from ..modeling.rewards import JUDGE
 
     malloc.keep_freed_memory()  # as training: freed activations reused (malloc.py); once per process
     cfg = cfg or EvalConfig()
@@ -561,7 +563,7 @@ def _evaluate_in_workers(todo: list[Path], cfg: EvalConfig, proxy, gold, shared:
 
 def _load_rewards(cfg: EvalConfig) -> tuple:
     """(proxy, gold) reward functions of an evaluation whose specs ``evaluate_runs`` resolved (None where unset)."""
-    from .rewards import JUDGE, load_reward
+    from ..modeling.rewards import JUDGE, load_reward
 
     return tuple(load_reward(spec, name=name, **(_reward_judge(cfg, {}) if spec == JUDGE else {})) if spec else None
                  for spec, name in ((cfg.proxy_reward_model, "proxy"), (cfg.gold_reward_model, "gold")))
@@ -608,7 +610,7 @@ def _worker_evaluate(path: str) -> str:
 def _reward_judge(cfg: EvalConfig, saved: dict) -> dict:
     """The judge of a proxy or gold reward "judge": ``cfg.reward_judge_model`` / ``_principle`` where set, else the
     run's own (its saved ``judge_model`` / ``judge_principle``), else the embedded policy and the default principle."""
-    from .judge import DEFAULT_PRINCIPLE
+    from ..modeling.judge import DEFAULT_PRINCIPLE
 
     return {"judge_model": cfg.reward_judge_model or saved.get("judge_model") or models.EMBEDDED_POLICY,
             "judge_principle": cfg.reward_judge_principle or saved.get("judge_principle") or DEFAULT_PRINCIPLE}
@@ -616,7 +618,7 @@ def _reward_judge(cfg: EvalConfig, saved: dict) -> dict:
 
 def judge_agreement(cfg: EvalConfig, eval_pairs: list[dict]) -> tuple[dict, list]:
     """The AI judge of ``cfg.judge_model`` on the evaluation's pairs: (summary, per-pair records), ``judge.agreement``."""
-    from .judge import Judge, agreement
+    from ..modeling.judge import Judge, agreement
 
     judge = Judge.load(cfg.judge_model, principle=cfg.judge_principle)
     summary, records = agreement(judge, eval_pairs, cfg.n_bootstrap, cfg.seed)

@@ -1,6 +1,6 @@
 """The console: what the workbench tells its user while it works, through ``logging``.
 
-Each module logs through its own logger (``log = console.logger(__name__)``, named ``workbench.<module>``); the
+Each module logs through its own logger (``log = console.logger(__name__)``, named ``workbench.<layer>.<module>``); the
 ``workbench`` logger shows their records as plain lines on stderr, each as the module wrote it (``[sweep] ...``,
 ``[evaluate] ...``), so stdout stays what a command outputs (``--print-config``'s JSON, a results table). The stream
 is looked up when a line is written, so a notebook's cell output and a test's captured output receive it.
@@ -73,7 +73,7 @@ class _Logger(logging.LoggerAdapter):
 
 
 def logger(name: str) -> logging.LoggerAdapter:
-    """The logger of module ``name`` (``__name__``): ``workbench.<module>``."""
+    """The logger of module ``name`` (``__name__``): ``workbench.<layer>.<module>``."""
     return _Logger(logging.getLogger(name if name.startswith(ROOT) else f"{ROOT}.{name}"), {})
 
 

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import findings, methods
+from ..core import methods
+from ..measurement import findings
+from ..measurement.results import aggregate, cost_to_reach
 from .figures import FIGURES
-from .results import aggregate, cost_to_reach
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,5 +1,5 @@
 """TRL's own RL trainers on the analytic bandit of ``bandit.py``. The study trains its RL arms with
-``trl.RLOOTrainer`` and ``trl.GRPOTrainer`` (``workbench.train``), not with the tabular loops of ``bandit.py``. Here
+``trl.RLOOTrainer`` and ``trl.GRPOTrainer`` (``workbench.training.train``), not with the tabular loops of ``bandit.py``. Here
 the bandit becomes a causal language model that TRL can drive end to end: its vocabulary is the bandit's prompts
 and responses, a completion is one token, and the model is a logit table, so TRL's generation, log-probs, reference
 model, advantages and losses all run unchanged on a policy whose optimum is known (``bandit.Bandit.optimal_policy``,
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from workbench.bandit import Bandit
+from .bandit import Bandit
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, EOS, UNK)
@@ -194,7 +194,7 @@ def trl_trainer(method: str, bandit: Bandit, beta: float, output_dir, steps: int
     ``n_prompts`` prompts × ``k`` completions; the learning rate decays linearly to 0 over ``steps``."""
     import trl
 
-    from workbench import train
+    from . import train
 
     config_cls, trainer_cls = {"rloo": (train.RLOOArgs, trl.RLOOTrainer),
                                "grpo": (train.GRPOArgs, trl.GRPOTrainer)}[method]

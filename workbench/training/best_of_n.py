@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import gold_pairs, stats
+from ..core import stats
+from . import gold_pairs
 
 
 def ns_up_to(N: int) -> list[int]:
@@ -82,7 +83,7 @@ def evaluate(rm_run, dataset, gold_spec: str | None = None, n_boot: int = 1000, 
     """Best-of-n against the reward model of ``rm_run`` over the held-out ("eval") samples of the gold-labelled
     ``dataset``, measured by the gold scores the dataset recorded (its recipe's gold must be ``gold_spec`` when one is
     given). Returns (rows, summary); the summary also says how often a prompt's replies repeat or tie on the proxy."""
-    from .rewards import load_reward
+    from ..modeling.rewards import load_reward
 
     gold_pairs.check_recipe(dataset, gold=gold_spec, check_policy=False, who="this evaluation")
     samples = gold_pairs.parts_of(dataset)["eval"]

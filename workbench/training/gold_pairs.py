@@ -41,9 +41,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import console, data, models, sources, stats
+from ..core import console, stats
+from ..modeling import data, models, sources
+from ..modeling.runs import Run, read_jsonl, run_info, write_jsonl
 from .config import RunFields
-from .runs import Run, read_jsonl, run_info, write_jsonl
 
 log = console.logger(__name__)
 
@@ -159,7 +160,7 @@ def select_prompts(cfg: GoldPairsArgs, tokenizer) -> tuple[dict[str, list[dict]]
     train_side, heldout, _ = data.split_heldout(pairs, cfg.data.heldout_fraction, seed=cfg.data.split_seed)
     parts = {"proxy": data.half(train_side, "a"), "policy": data.half(train_side, "b"), "eval": heldout}
     wanted = {"proxy": cfg.n_proxy_prompts, "policy": cfg.n_policy_prompts, "eval": cfg.n_eval_prompts}
-    from .sampling import encode_prompts
+    from ..modeling.sampling import encode_prompts
 
     out, counts = {}, {}
     for part, rows in parts.items():
@@ -184,7 +185,7 @@ def select_prompts(cfg: GoldPairsArgs, tokenizer) -> tuple[dict[str, list[dict]]
 def sample_replies(cfg: GoldPairsArgs, prompts: dict[str, list[dict]], gold) -> tuple[list[dict], float]:
     """Every sample of every part, scored by the gold: (records, seconds). The policy samples from its inference copy;
     part p's batches are seeded from ``cfg.seed`` and the part, so a part's samples do not depend on the others' sizes."""
-    from .sampling import inference_copy, sample_completions
+    from ..modeling.sampling import inference_copy, sample_completions
 
     adapter = str(Path(cfg.sft_run) / "adapter") if cfg.sft_run else None
     model, tokenizer = models.load_policy(cfg.model, adapter=adapter, trainable=False)
@@ -288,7 +289,7 @@ def describe(samples: list[dict], pairs: list[dict]) -> dict:
 
 def build(cfg: GoldPairsArgs) -> Path:
     """Sample, score, label; write the dataset's run folder (module docstring) and return it."""
-    from .rewards import load_reward
+    from ..modeling.rewards import load_reward
 
     t0 = time.time()
     gold = load_reward(cfg.gold, name="gold")

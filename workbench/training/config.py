@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .data import DataConfig
-from .judge import DEFAULT_PRINCIPLE
-from .models import ModelConfig
+from ..modeling.data import DataConfig
+from ..modeling.judge import DEFAULT_PRINCIPLE
+from ..modeling.models import ModelConfig
 
 PAIR_LABELS = ("human", "judge")
 
@@ -126,7 +126,7 @@ def field_help(cls) -> dict[str, str]:
 
     ours: dict[str, str] = {}
     for klass in reversed(cls.__mro__):  # a subclass's comment replaces its base's
-        if dataclasses.is_dataclass(klass) and klass.__module__.startswith(__package__ or "workbench"):
+        if dataclasses.is_dataclass(klass) and klass.__module__.split(".")[0] == __name__.split(".")[0]:
             ours.update(_declaration_comments(klass))
     out = {}
     for f in dataclasses.fields(cls):  # a field redeclared with another default loses its metadata: the base's help

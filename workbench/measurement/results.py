@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import console, methods, stats
-from .runs import read_eval, read_jsonl, run_info, run_paths
+from ..core import console, methods, stats
+from ..modeling.runs import read_eval, read_jsonl, run_info, run_paths
 
 log = console.logger(__name__)
 

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 import torch
 import trl
 
-from . import data, gold_pairs, losses, methods, models, online_dpo, ppo
+from ..core import methods
+from ..modeling import data, models
+from . import gold_pairs, losses, online_dpo, ppo
 from .config import RLFields, RunFields, check_beta, check_checkpoint_every, check_judge_fields
 
 

@@ -1,5 +1,5 @@
 """A tabular bandit language model where the best policy is known in closed form: a correctness oracle for the
-preference objectives of ``workbench/losses.py``.
+preference objectives of ``workbench/training/losses.py``.
 
 The world: P prompts, K single-token responses per prompt, a fixed non-uniform reference π_ref (P, K) and a true
 reward r (P, K). Preference pairs follow the Bradley–Terry model of r: draw y1, y2 i.i.d. from a sampling
@@ -81,7 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from workbench import losses
+from . import losses
 
 
 class Pairs(NamedTuple):
@@ -158,7 +158,7 @@ def total_variation(p: Tensor, q: Tensor) -> float:
 
 # ---------------------------------------------------------------------------------------------------------
 # Objectives: (policy_logps (P, K), reference_logps (P, K), pairs, beta, **options) -> the 0-dim mean loss.
-# Each gathers the (n,) log-probs of the pairs and hands them, unchanged, to the formula of workbench.losses.
+# Each gathers the (n,) log-probs of the pairs and hands them, unchanged, to the formula of workbench.training.losses.
 
 
 def _paired_objective(loss_fn: Callable[..., losses.LossOutput]) -> Callable[..., Tensor]:
@@ -266,7 +266,7 @@ def train_tabular_iterative_dpo(bandit: Bandit, beta: float, rounds: int = 4, pa
 
 # ---------------------------------------------------------------------------------------------------------
 # RL on the bandit: the same π* is the optimum of E_π[r] − β·KL(π ‖ π_ref), which PPO and RLOO maximise with the
-# KL as a per-sample penalty in the reward. These loops run workbench.ppo's own functions (reward shaping, GAE,
+# KL as a per-sample penalty in the reward. These loops run workbench.training.ppo's own functions (reward shaping, GAE,
 # whitening, the clipped losses, the minibatch loop; RLOO's leave-one-out baseline) on a tabular policy, so the
 # test of convergence to π* is a test of that code (our PPO is the study's PPO arm; our RLOO is a re-implementation,
 # the study's RLOO arm is TRL's, tested by ``bandit_trl.train_trl_rloo``).
@@ -298,7 +298,7 @@ def train_tabular_ppo(bandit: Bandit, beta: float, iterations: int = 150, batch_
     Each iteration samples ``batch_size`` prompts uniformly and one response each from π_θ, then runs
     ``ppo.ppo_update`` (4 epochs × 4 minibatches by default; any ``PPOArgs`` field can be passed), with the
     learning rate annealed linearly to 0 as ``train_ppo`` does."""
-    from workbench import ppo
+    from . import ppo
 
     cfg = ppo.PPOArgs(**{"ppo_epochs": 4, "num_minibatches": 4, "rollout_batch_size": batch_size, **ppo_options})
     generator = torch.Generator().manual_seed(seed)
@@ -327,7 +327,7 @@ def train_tabular_rloo(bandit: Bandit, beta: float, iterations: int = 300, n_pro
                        lr: float = 0.05, seed: int = 0, cliprange: float = 0.2) -> Tensor:
     """RLOO as TRL's RLOOTrainer runs it by default: k samples per prompt, sequence reward r − β·k1-KL, the
     leave-one-out baseline (``ppo.rloo_advantages``), one clipped-ratio gradient step per batch. Returns π_θ."""
-    from workbench import ppo
+    from . import ppo
 
     generator = torch.Generator().manual_seed(seed)
     P, _ = bandit.rewards.shape

@@ -20,7 +20,7 @@ A grid file (YAML)::
       - stage: evaluate
         notebook: 05_evaluate.ipynb     # its metadata says {"workbench": {"evaluates": true}}: the sweep's results
         always: true                    # table is read under its evaluation name; it runs again on every resume
-        resources: {gpus: 1, cpus: 8}   # per job, for the local, ray and slurm executors (workbench/executors.py)
+        resources: {gpus: 1, cpus: 8}   # per job, for the local, ray and slurm executors (workbench/orchestration/executors.py)
     executor: local                     # where jobs run unless --executor says otherwise (default: serial)
     slurm: {partition: gpu}             # extra sbatch parameters for --executor slurm
 
@@ -59,8 +59,9 @@ from pathlib import Path
 
 import yaml
 
-from . import console, executors
-from .runs import default_root, is_complete, wait_for_writer, write_json
+from ..core import console
+from ..modeling.runs import default_root, is_complete, wait_for_writer, write_json
+from . import executors
 
 log = console.logger(__name__)
 
@@ -126,7 +127,7 @@ def stage_takes(nb_params: dict, method: str | None) -> set:
     dataset takes no ``n_train``), so a plain ``--set n_train=...`` reaches those stages only."""
     if "overrides" not in nb_params or not isinstance(method, str) or _REF.match(method):
         return set(nb_params)
-    from .arms import DATA_PARAMS, MODEL_PARAMS, arm_of, config_fields
+    from ..training.arms import DATA_PARAMS, MODEL_PARAMS, arm_of, config_fields
 
     try:
         arm_of(method)
@@ -205,8 +206,8 @@ def job_run_id(job: Job) -> str:
 def job_folder(job: Job, root: Path) -> Path | None:
     """The one run folder a training job writes (``<root>/<method>__<name>__s<seed>__<run id>``), known before it
     runs; None for a notebook that writes none (or takes no ``run_id``)."""
-    from .arms import method_label
-    from .runs import run_name
+    from ..modeling.runs import run_name
+    from ..training.arms import method_label
 
     if "run_id" not in notebook_parameters(job.notebook) or "method" not in notebook_parameters(job.notebook):
         return None
@@ -218,7 +219,7 @@ def job_config(job: Job):
     """(arm, config) of a training notebook's job, built as the notebook builds it: the notebook's parameters with
     the job's over them, through ``arms.make_config`` (references to other stages' run folders stand as "<ref>"
     until the sweep resolves them)."""
-    from . import arms
+    from ..training import arms
 
     merged = {**notebook_parameters(job.notebook), **job.params}
     extra = merged.pop("overrides", None) or {}
@@ -437,7 +438,7 @@ def run_sweep(grid_path, overrides: dict | None = None, runs_dir: str | None = N
               address: str | None = None, slurm_cluster: str | None = None) -> SweepResult:
     """Run (or resume) the sweep of a grid file and return what happened, with the results table when it has one.
     ``seeds``: run every seeded stage once per seed (``load_grid``); finished jobs of earlier seeds are kept.
-    ``executor``: where jobs run (``workbench.executors``; default: the grid's ``executor``, else serial): ``serial``
+    ``executor``: where jobs run (``workbench.orchestration.executors``; default: the grid's ``executor``, else serial): ``serial``
     (here, one at a time), ``local`` (side by side on this machine, by the stages' resources), ``ray`` (``address``
     joins a running cluster) or ``slurm`` (``slurm_cluster="local"``: submitit's local processes, for tests). A job
     starts as soon as the jobs it needs have ended (an ``always`` stage: every earlier stage), not stage by stage."""
@@ -576,7 +577,7 @@ def _schedule(jobs, state, root, state_dir, ex, retry_failed, kernel_name) -> Sw
 
 def _results(jobs: list[Job], state: dict):
     """The results table of the sweep's finished runs, under the evaluation its evaluate stage ran (if any)."""
-    from .results import results_table
+    from ..measurement.results import results_table
 
     evals = [j for j in jobs if evaluates(j.notebook) and state.get(j.id, {}).get("status") == "done"]
     if not evals:

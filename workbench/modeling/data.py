@@ -40,7 +40,7 @@ import statistics
 import zlib
 from pathlib import Path
 
-from . import settings
+from ..core import settings
 
 SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 SPLITS = ("train", "test")

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import methods
+from ..core import methods
+from ..modeling.runs import read_jsonl
 from .results import aggregate, paired_arms, setting, snapshot_table
-from .runs import read_jsonl
 
 
 

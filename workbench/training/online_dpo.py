@@ -32,11 +32,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import console, data, losses
+from ..core import console
+from ..modeling import data
+from ..modeling.logprobs import reference_adapter, response_logprobs
+from ..modeling.runs import Run
+from ..modeling.sampling import baselines, call_reward, encode_prompts, generate, sample_logps
+from . import losses
 from .config import RLFields, RunFields, check_beta, check_judge_fields, snapshot_steps
-from .logprobs import reference_adapter, response_logprobs
-from .runs import Run
-from .sampling import baselines, call_reward, encode_prompts, generate, sample_logps
 
 log = console.logger(__name__)
 
@@ -138,9 +140,9 @@ class OnlineDPOTrainer:
         own judge when the reward is that judge, else one of ``cfg.judge_model``."""
         from pathlib import Path
 
-        from . import models
-        from .judge import Judge
-        from .rewards import JudgeReward
+        from ..modeling import models
+        from ..modeling.judge import Judge
+        from ..modeling.rewards import JudgeReward
 
         sft_adapter = str(Path(cfg.sft_run) / "adapter") if cfg.sft_run else None
         model, tokenizer = models.load_policy(cfg.model, adapter=sft_adapter)

@@ -16,9 +16,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from . import methods, stats
-from .results import aggregate
-from .runs import read_jsonl
+from ..core import methods, stats
+from ..measurement.results import aggregate
+from ..modeling.runs import read_jsonl
 
 FORMATS = ("pdf", "svg", "png")
 _LAYOUT = dict(template="plotly_white", font=dict(size=13), width=720, height=440, legend=dict(orientation="v"))
@@ -91,7 +91,7 @@ def fig_frontier(table: pd.DataFrame) -> go.Figure:
 
     ``table``: the results table (its runs' snapshots are read from their folders), or a ``results.snapshot_table``
     already (it has a ``step`` column)."""
-    from .results import snapshot_table
+    from ..measurement.results import snapshot_table
 
     if "step" in table.columns or not len(table):
         snaps = table
@@ -152,7 +152,7 @@ def fig_overoptimization(table: pd.DataFrame) -> go.Figure:
     label noise), KL = log n − (n−1)/n: the gold gain (solid, 95% intervals over prompts), the proxy's own gain
     (dashed) and the fitted R(d) = d(α − βd) of Gao et al. (thin). Right, the PPO runs as the evaluation measured
     them (each snapshot and the final adapter, the gold and proxy differences to SFT paired by prompt)."""
-    from .results import snapshot_table
+    from ..measurement.results import snapshot_table
 
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.06,
                         subplot_titles=("best-of-n against each proxy (SFT's held-out replies)",
@@ -318,7 +318,7 @@ def fig_data(examples: list[dict]) -> go.Figure:
 def fig_gold_pairs(run_path) -> go.Figure:
     """A gold-labelled dataset at a glance: the gold score of every sample per part (left), and each pair's gold gap,
     chosen − rejected (right; below 0: a label the Bradley–Terry draw or the noise flipped)."""
-    from .gold_pairs import parts_of
+    from ..training.gold_pairs import parts_of
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("gold score of each sample", "gold gap of each pair"))
     for part, samples in parts_of(run_path).items():

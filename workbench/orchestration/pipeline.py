@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import console
+from ..core import console
 
 log = console.logger(__name__)
 
@@ -26,7 +26,7 @@ def run_study(grid: str | Path = MAIN_GRID, runs_dir: str | None = None, figures
     seeds. ``overrides`` replace the grid's defaults (``sweep.run_sweep``); ``figures_dir`` is one of them, so the
     evaluate stage exports the figures where the draft links them. ``executor``: where the jobs run (default: the
     grid's; ``sweep.run_sweep``)."""
-    from . import paper
+    from ..reporting import paper
     from .sweep import run_sweep
 
     t0 = time.time()

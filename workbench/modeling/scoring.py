@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import stats
+from ..core import stats
 from .logprobs import in_length_buckets, pad_right, shared_prompt_logps
 from .models import encode_many
 

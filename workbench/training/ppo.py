@@ -39,12 +39,13 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from . import console, data, distributed, models
-from .distributed import all_sum, average_gradients, world
+from ..core import console, distributed
+from ..core.distributed import all_sum, average_gradients, world
+from ..modeling import data, models
+from ..modeling.logprobs import reference_adapter, response_hidden, response_logprobs
+from ..modeling.runs import Run, read_jsonl, write_jsonl
+from ..modeling.sampling import baselines, call_reward, encode_prompts, generate
 from .config import RLFields, RunFields, check_beta, check_checkpoint_every, check_judge_fields, snapshot_steps
-from .logprobs import reference_adapter, response_hidden, response_logprobs
-from .runs import Run, read_jsonl, write_jsonl
-from .sampling import baselines, call_reward, encode_prompts, generate
 
 log = console.logger(__name__)
 

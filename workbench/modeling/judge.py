@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import models, stats
+from ..core import stats
+from . import models
 from .logprobs import in_length_buckets, last_token_logits, pad_left
 
 DEFAULT_PRINCIPLE = (

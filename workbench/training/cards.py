@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .models import portable_name
-from .runs import write_json
+from ..modeling.models import portable_name
+from ..modeling.runs import write_json
 
 
 def make_portable(adapter_dir: Path, tokenizer, model_cfg: dict) -> None:

@@ -25,15 +25,17 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from . import cards, console, data, distributed, malloc, models, sampling, scoring, sources, trackers
+from ..core import console, distributed, malloc, trackers
+from ..modeling import data, models, sampling, scoring, sources
+from . import cards
 from .arms import ARMS, method_label
 from .arms import (DATA_PARAMS, MODEL_PARAMS, Arm, DataConfig, DPOArgs, GRPOArgs, KTOArgs, ORPOArgs,  # noqa: F401
                    RewardArgs, RLOOArgs, SFTArgs, SimPOArgs, arm_of, config_fields, make_config)  # re-exported
-from .compute import TokenCounter
+from ..core.compute import TokenCounter
+from ..modeling.judge import Judge, apply_labels, judge_labels
+from ..modeling.rewards import JudgeReward, load_reward
+from ..modeling.runs import Run
 from .config import check_judge_fields, score_beta, snapshot_steps
-from .judge import Judge, apply_labels, judge_labels
-from .rewards import JudgeReward, load_reward
-from .runs import Run
 
 log = console.logger(__name__)
 

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import malloc, methods, settings
+from ..core import malloc, methods, settings
 
 
 def process_rank() -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .runs import read_eval, read_jsonl, run_info, run_paths
+from ..modeling.runs import read_eval, read_jsonl, run_info, run_paths
 
 PAGE_SIZE = 25
 
@@ -178,7 +178,7 @@ class InspectorModel:
 
     # --- one sample, token by token
     def tokenizer(self, run: str):
-        from . import models
+        from ..modeling import models
 
         name = run_info(self.paths[run])["config"]["model"]["model_name_or_path"]
         if name not in self._tokenizers:

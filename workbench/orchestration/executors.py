@@ -1,6 +1,6 @@
 """Where a sweep's jobs run: in this process one after another (``serial``), side by side as processes of this
 machine (``local``), as Ray tasks (``ray``), or as Slurm jobs through submitit (``slurm``). The sweep
-(``workbench.sweep``) decides *what* runs and when a job may start; an executor only runs the job it is given and
+(``workbench.orchestration.sweep``) decides *what* runs and when a job may start; an executor only runs the job it is given and
 reports how it ended.
 
 A job travels as a plain dict (a *task*: its notebook, parameters, executed-notebook path, run folder and state
@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .runs import is_complete, write_json
+from ..modeling.runs import is_complete, write_json
 
 EXECUTORS = ("serial", "local", "ray", "slurm")
 RESOURCE_KEYS = {"cpus": 1, "gpus": 0, "mem_gb": None, "time_min": 24 * 60}  # and their defaults
