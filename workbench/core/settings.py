@@ -10,6 +10,10 @@ that sets a variable before a call is heard. A config field always wins over its
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+# the checkout the package sits in (notebooks/, grids/, papers/, data/; ../shared beside it): named once, here
+REPO = Path(__file__).resolve().parents[2]
 
 VARIABLES = {
     "WORKBENCH_RUNS": "where run folders go when a config's runs_dir is None (default: ./runs)",

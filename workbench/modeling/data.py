@@ -225,7 +225,7 @@ def resolve_source(source: str | os.PathLike | None = None) -> str:
     if source is None:
         source = settings.get(ENV_VAR)
     if source is None:
-        repo = Path(__file__).resolve().parents[1]
+        repo = settings.REPO
         for candidate in (repo / "data" / "hh-rlhf", repo.parent / "shared" / "data" / "hh-rlhf"):
             if candidate.is_dir():
                 return str(candidate.resolve())

@@ -97,7 +97,7 @@ def environment() -> dict:
     or tokens are recorded."""
     import torch
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = settings.REPO
 
     def git(*args):
         try:

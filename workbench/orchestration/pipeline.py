@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..core import console
+from ..core import console, settings
 
 log = console.logger(__name__)
 
 
-MAIN_GRID = Path(__file__).resolve().parents[1] / "grids" / "main.yaml"
+MAIN_GRID = settings.REPO / "grids" / "main.yaml"
 
 
 def run_study(grid: str | Path = MAIN_GRID, runs_dir: str | None = None, figures_dir: str = "figures",

@@ -52,20 +52,19 @@ import hashlib
 import itertools
 import json
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from ..core import console
+from ..core import console, settings
 from ..modeling.runs import default_root, is_complete, wait_for_writer, write_json
 from . import executors
 
 log = console.logger(__name__)
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = settings.REPO / "notebooks"
 GRID_KEYS = {"name", "description", "runs_dir", "defaults", "stages", "executor", "slurm"}
 STAGE_KEYS = {"stage", "notebook", "params", "grid", "always", "resources"}
 _REF = re.compile(r"^@([A-Za-z0-9_-]+)(?:\[(.*)\])?$")

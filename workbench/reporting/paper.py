@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..core import methods
+from ..core import methods, settings
 from ..measurement import findings
 from ..measurement.results import aggregate, cost_to_reach
 from .figures import FIGURES
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = settings.REPO
 
 
 def _fmt(x, digits=3) -> str:
