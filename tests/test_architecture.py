@@ -70,7 +70,12 @@ def test_the_package_has_no_import_cycle():
             visit(m)
     # training does not depend on evaluation, nor the readers on either
     assert SHORT["evaluate"] not in graph[SHORT["ppo"]] | graph[SHORT["train"]] | graph[SHORT["results"]] | graph[SHORT["widgets"]]
-    assert SHORT["sampling"] in graph[SHORT["ppo"]] and SHORT["sampling"] in graph[SHORT["evaluate"]]
+    assert SHORT["sampling"] in graph[SHORT["ppo"]] and SHORT["sampling"] in graph[SHORT["measure"]]
+    # the evaluation in parts, one way through: the runner reads the plan and the measurements; the plan samples
+    # nothing and the measurements write nothing
+    assert {SHORT["plan"], SHORT["measure"]} <= graph[SHORT["evaluate"]]
+    assert not {SHORT["sampling"], SHORT["measure"], SHORT["evaluate"]} & graph[SHORT["plan"]]
+    assert SHORT["evaluate"] not in graph[SHORT["measure"]] and SHORT["runs"] not in graph[SHORT["measure"]]
 
 
 def test_every_module_sits_in_a_layer_and_imports_none_above_it():

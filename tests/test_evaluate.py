@@ -410,8 +410,25 @@ def test_an_sft_adapters_logps_are_computed_once_and_equal_a_fresh_pass(study):
     assert fresh == shared
     cache = {}
     for m in ("dpo", "ipo"):
-        evaluate.evaluate_run(run[m], table_cfg(cfg, table, name="cached"), logps_cache=cache)
+        evaluate.evaluate_run(run[m], table_cfg(cfg, table, name="cached"), shared=evaluate.Shared(logps=cache))
     assert len(cache) == 3, "DPO's and IPO's adapters, and their one reference"
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang():
+    """An evaluation worker killed before it reports (out of memory, a signal) ends evaluate_runs with an error that
+    says so, instead of waiting for a result that never comes."""
+    import multiprocessing
+    import os
+
+    ctx = multiprocessing.get_context("spawn")
+    dead = ctx.Process(target=os._exit, args=(3,))
+    dead.start()
+    dead.join()
+    path, error = evaluate._next_result(ctx.Queue(), [dead])
+    assert isinstance(error, RuntimeError) and "exit code 3" in str(error)
+    done = ctx.Queue()
+    done.put(("runs/a", None))  # a result waiting is returned, whatever the workers' state
+    assert evaluate._next_result(done, [dead]) == ("runs/a", None)
 
 
 def test_workers_evaluate_as_one_process_does(study):
@@ -652,7 +669,7 @@ def test_the_training_look_and_the_evaluation_measure_pairs_alike(study):
     length = evaluate.fit_length_baseline(trained_on["model"]["model_name_or_path"], data_cfg)
     cfg = evaluate.EvalConfig(name="same-pairs", n_pairs=len(ids), n_prompts=1, n_samples=1, max_new_tokens=2,
                               max_length=trained_on["max_length"], n_bootstrap=20, snapshots=False)
-    out = evaluate.evaluate_run(run, cfg, pairs=[by_id[i] for i in ids], length=length)
+    out = evaluate.evaluate_run(run, cfg, shared=evaluate.Shared(pairs=[by_id[i] for i in ids], length=length))
     ev = runs.read_eval(run, "same-pairs")
     assert [r["id"] for r in ev["pairs"]] == ids, "the same pairs"
     names = [k.removeprefix("eval/") for k in look.summary if k.startswith("eval/")]

@@ -5,4 +5,4 @@
 number with its interval). Imports ``core``, ``modeling`` and ``training``; nothing below imports it.
 """
 
-__all__ = ["evaluate", "results", "findings"]
+__all__ = ["plan", "measure", "evaluate", "results", "findings"]
