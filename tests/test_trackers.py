@@ -57,3 +57,53 @@ def test_an_unknown_tracker_is_refused_before_training(tiny_model_dir, hh_dir, t
                                max_steps=1, runs_dir=str(tmp_path), report_to="tensorbored")
     with pytest.raises(ValueError, match="'tensorbored' is not a tracker transformers knows"):
         train.train("dpo", cfg)
+
+
+def _wandb_history(run: Path) -> tuple[str, list[dict]]:
+    """(the run's display name, its logged rows) from the offline run wandb kept in the run folder: its .wandb file
+    is a record log (a 7-byte header, then 32 KiB blocks of records, each with a 7-byte header: CRC, length, kind),
+    each record one of wandb's own protobuf messages."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    files = sorted((run / "logs" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, f"one offline wandb run in {run / 'logs' / 'wandb'}: {files}"
+    raw, i, block, records, part = files[0].read_bytes(), 7, 32768, [], b""
+    while i + 7 <= len(raw):
+        if block - i % block < 7:  # a block's tail too short for a header is padding
+            i += block - i % block
+            continue
+        _, n, kind = struct.unpack("<IHB", raw[i:i + 7])
+        data, i = raw[i + 7:i + 7 + n], i + 7 + n
+        if kind == 0:
+            break
+        part = data if kind in (1, 2) else part + data  # full, first, middle, last
+        if kind in (1, 4):
+            records.append(part)
+    name, rows = None, []
+    for data in records:
+        record = pb.Record.FromString(data)
+        if record.WhichOneof("record_type") == "run":
+            name = record.run.display_name
+        elif record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+    return name, rows
+
+
+def test_wandb_offline_keeps_its_run_in_the_run_folder(tiny_model_dir, hh_dir, tmp_path, monkeypatch):
+    """report_to=wandb with WANDB_MODE=offline: wandb's run is in <run>/logs/wandb, finished before the folder was
+    renamed (no .partial folder left behind), named as the run folder, with the arm's metrics under TRL's names and
+    the same numbers as metrics.jsonl; WANDB_DIR is the user's again afterwards."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    _, cfg = train.make_config("dpo", model=str(tiny_model_dir), data_source=str(hh_dir), split="test", n_train=8,
+                               max_steps=2, runs_dir=str(tmp_path), report_to="wandb", max_length=160,
+                               per_device_train_batch_size=2)
+    path = train.train("dpo", cfg)
+    name, rows = _wandb_history(path)
+    assert name == path.name
+    margins = [r["train/rewards/margins"] for r in rows if "train/rewards/margins" in r]
+    metrics = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    assert margins == pytest.approx([m["rewards/margins"] for m in metrics if "rewards/margins" in m], rel=1e-6)
+    assert len(margins) == 2
+    assert not list(tmp_path.glob("*.partial")) and "WANDB_DIR" not in __import__("os").environ

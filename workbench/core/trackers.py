@@ -5,12 +5,14 @@ list of them, as ``transformers`` accepts it) drives transformers' own reporting
 
 TRL's trainers are built with ``report_to="none"`` and their logs reach the trackers through the run (one path for
 every arm; no tracker twice). TensorBoard's event files go into the run folder (``<run>/logs/tensorboard``), kept
-with the run; wandb follows its own settings (``WANDB_MODE=offline`` keeps its files under ``./wandb``). The tracker's
-run name is the run folder's name (method, run name, seed, id).
+with the run; so do wandb's (``<run>/logs/wandb``, unless ``WANDB_DIR`` says otherwise; ``WANDB_MODE=offline`` keeps
+the run there for ``wandb sync``), its run finished before the folder is renamed. The tracker's run name is the run
+folder's name (method, run name, seed, id).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -50,6 +52,13 @@ class Trackers:
         self.args = TrainingArguments(output_dir=str(log_dir), run_name=run_name, report_to="none")
         self.state, self.control = TrainerState(), TrainerControl()
         self.started = False
+        # wandb's files into the run folder too, unless the user's WANDB_DIR says where: wandb reads the variable when
+        # its run starts (transformers passes it no dir); set for the trackers' life only, then restored
+        self.wandb = "wandb" in wanted or wanted == ["all"]
+        self._wandb_dir = os.environ.get("WANDB_DIR")
+        if self.wandb and self._wandb_dir is None:
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            os.environ["WANDB_DIR"] = str(log_dir)
 
     def log(self, metrics: dict, step: int) -> None:
         self.state.global_step = int(step)
@@ -62,7 +71,16 @@ class Trackers:
             cb.on_log(self.args, self.state, self.control, logs=logs)
 
     def close(self) -> None:
+        """End every tracker's run: its files are complete before the run folder is renamed (transformers' wandb
+        callback leaves its run open, so it is finished here)."""
         if self.started:
             for cb in self.callbacks:
                 cb.on_train_end(self.args, self.state, self.control)
+            if self.wandb:
+                import wandb
+
+                if wandb.run is not None:
+                    wandb.finish()
         self.started = False
+        if self.wandb and self._wandb_dir is None:
+            os.environ.pop("WANDB_DIR", None)
