@@ -39,6 +39,7 @@ def probe(setting: str | None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_freed_memory_is_reused_not_faulted_back_in():
     kept, system = probe(None), probe("system")
     assert kept["policy"]["policy"] == "keep freed memory"

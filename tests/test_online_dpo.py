@@ -160,6 +160,7 @@ def test_the_judge_as_a_reward_is_the_log_odds_of_beating_the_baseline(smollm_to
         reward(prompts=prompts, completions=["a", "b", "c"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["grpo", "ppo"])
 def test_an_rl_arm_learns_from_the_judge_and_is_evaluated_with_it(tiny_model_dir, hh_dir, tmp_path, method):
     """reward_model="judge" (the tiny model as judge), through TRL's GRPO and our PPO: each hands the judge the prompt's
@@ -287,6 +288,7 @@ def test_online_dpo_raises_an_easy_reward_on_a_tiny_4bit_model(peaked_tiny_dir, 
     assert run.metrics["objective/kl"].iloc[-1] > 0.01  # the fixed reference: the policy drifts away from it
 
 
+@pytest.mark.slow
 def test_online_dpo_labelled_by_a_judge_runs_from_the_command_line(tiny_model_dir, hh_dir, tmp_path):
     """labeller=judge (the tiny model as judge), k = 3, the reference refreshed every 2 rounds: a complete run folder
     whose records hold every round's pairs and samples, ties counted, judge calls in compute.json."""
