@@ -536,7 +536,7 @@ def test_the_closing_caveat_follows_the_numbers_and_flips_with_them():
                              "eval/gold_vs_sft_lo": [None, *lo], "eval/gold_vs_sft_hi": [None, *hi]})
 
     found = paper._caveats(pd.DataFrame(), agg([0.1, -0.05], [0.3, 0.05]))
-    assert "1 of 2 arms beat their SFT policy on gold" in found and "dpo (β 0.1) 0.2" in found
+    assert "1 of 2 arms beat their SFT policy on gold" in found and "dpo β=0.1: 0.2 [0.1, 0.3]" in found
     assert "not distinguishable from noise" not in found
     assert "between 0.3 and 0.5 nats" in found  # the arms' KL, not the SFT row's (to the base)
     nothing = paper._caveats(pd.DataFrame(), agg([-0.1, -0.05], [0.1, 0.05]))

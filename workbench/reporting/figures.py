@@ -9,7 +9,6 @@ Static export uses kaleido, which drives a system Chromium: on Debian/Ubuntu ``a
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pandas as pd
@@ -17,18 +16,11 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..core import methods, stats
-from ..measurement.results import aggregate
+from ..measurement.results import aggregate, setting
 from ..modeling.runs import read_jsonl
 
 FORMATS = ("pdf", "svg", "png")
 _LAYOUT = dict(template="plotly_white", font=dict(size=13), width=720, height=440, legend=dict(orientation="v"))
-
-
-def _label(row) -> str:
-    """"dpo β=0.1", with the run name when it is not "default" ("reward proxy")."""
-    label = row["method"] if row.get("name", "default") == "default" else f"{row['method']} {row['name']}"
-    beta = row.get("beta")
-    return label if beta is None or (isinstance(beta, float) and math.isnan(beta)) else f"{label} β={beta:g}"
 
 
 def _err(agg: pd.DataFrame, m: str) -> dict:
@@ -53,11 +45,6 @@ def _seeds_note(agg: pd.DataFrame) -> str:
 
 def _policies(table: pd.DataFrame) -> pd.DataFrame:
     return table[~table["method"].map(methods.role).isin(["reward-model"])] if len(table) else table
-
-
-def _setting(row) -> str:
-    """A run's setting, seeds apart: "dpo β=0.1", "ppo gt β=0.05" (``_label``)."""
-    return _label(row)
 
 
 def _bon_rows(table: pd.DataFrame) -> list[tuple[pd.Series, pd.DataFrame]]:
@@ -103,10 +90,10 @@ def fig_frontier(table: pd.DataFrame) -> go.Figure:
     sft = snaps[snaps["method"].map(methods.role) == "start"]
     sft_gold, sft_kl = (float(sft["eval/gold"].mean()), 0.0) if len(sft) else (None, None)
     arms = snaps[snaps["method"].map(methods.role) != "start"].copy()
-    arms["setting"] = [_setting(r) for _, r in arms.iterrows()]
+    arms["setting"] = [setting(r) for _, r in arms.iterrows()]
     palette = ["#4C78A8", "#F58518", "#E45756", "#72B7B2", "#54A24B", "#EECA3B", "#B279A2", "#FF9DA6", "#9D755D",
                "#BAB0AC"]
-    for i, (setting, g) in enumerate(arms.groupby("setting", sort=True)):
+    for i, (name, g) in enumerate(arms.groupby("setting", sort=True)):
         colour = palette[i % len(palette)]
         per_step = g.groupby("step").agg(kl=("eval/kl", "mean"), gold=("eval/gold", "mean"), n=("seed", "nunique"))
         lo_hi = {s: (stats.t_interval(x["eval/gold"].tolist()), stats.t_interval(x["eval/kl"].tolist()))
@@ -125,9 +112,9 @@ def fig_frontier(table: pd.DataFrame) -> go.Figure:
             lo = [None] * (len(xs) - len(g)) + _or_none(steps["eval/gold"] - steps["eval/gold_lo"])
             hi = [None] * (len(xs) - len(g)) + _or_none(steps["eval/gold_hi"] - steps["eval/gold"])
             err = dict(type="data", array=hi, arrayminus=lo, symmetric=False)
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=setting, line=dict(color=colour),
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=name, line=dict(color=colour),
                                  error_y=err, text=["SFT"] * (len(xs) - len(per_step)) + [f"step {s}" for s in per_step.index],
-                                 hovertemplate="%{text}: KL %{x:.2f}, gold %{y:.3f}<extra>" + setting + "</extra>"))
+                                 hovertemplate="%{text}: KL %{x:.2f}, gold %{y:.3f}<extra>" + name + "</extra>"))
     main = _main_proxy(table, _bon_rows(table))
     if main is not None and sft_gold is not None:
         r, rows = main
@@ -222,7 +209,7 @@ def fig_win_rates(table: pd.DataFrame) -> go.Figure:
     cols = [c for c in ("win/chosen", "win/chosen_lc", "win/sft", "win/sft_lc") if c in pol]
     agg = aggregate(pol, cols)
     fig = make_subplots(rows=1, cols=2, subplot_titles=("vs chosen response", "vs SFT policy"), shared_yaxes=True)
-    labels = [_label(r) for _, r in agg.iterrows()]
+    labels = [setting(r) for _, r in agg.iterrows()]
     for col, (raw, lc) in enumerate((("win/chosen", "win/chosen_lc"), ("win/sft", "win/sft_lc")), start=1):
         for m, name, color in ((raw, "raw", "#4C78A8"), (lc, "length-controlled", "#F58518")):
             if m in agg:
@@ -240,7 +227,7 @@ def fig_accuracy(table: pd.DataFrame) -> go.Figure:
     raw rate at which the longer response is the chosen one ("longer wins"); lengths in tokens of one tokenizer."""
     agg = aggregate(table, [c for c in ("pairs/accuracy", "pairs/length_rule", "pairs/longer_wins",
                                         "pairs/proxy_rm_accuracy", "pairs/gold_rm_accuracy") if c in table])
-    fig = go.Figure(go.Bar(x=[_label(r) for _, r in agg.iterrows()], y=agg["pairs/accuracy"],
+    fig = go.Figure(go.Bar(x=[setting(r) for _, r in agg.iterrows()], y=agg["pairs/accuracy"],
                            error_y=_err(agg, "pairs/accuracy"), name="implicit reward / RM", marker_color="#4C78A8"))
     cols = ["pairs/length_rule", "pairs/length_rule_lo", "pairs/length_rule_hi"]
     # the rule on the pairs the reward models ranked (every held-out pair), else on a policy's (EvalConfig.policy_pairs)
@@ -249,7 +236,7 @@ def fig_accuracy(table: pd.DataFrame) -> go.Figure:
     if len(rule):  # the same for every run of one evaluation: its value and its interval over pairs
         fig.add_hrect(y0=float(rule["pairs/length_rule_lo"].iloc[0]), y1=float(rule["pairs/length_rule_hi"].iloc[0]),
                       fillcolor="gray", opacity=0.12, line_width=0, layer="below")
-    labels = [_label(r) for _, r in agg.iterrows()]
+    labels = [setting(r) for _, r in agg.iterrows()]
     for m, name, dash, colour in (("pairs/length_rule", "length-only rule (fitted on training pairs)", "dot", "black"),
                                   ("pairs/longer_wins", "longer wins", "longdashdot", "gray"),
                                   ("pairs/proxy_rm_accuracy", "proxy RM", "dash", "#E45756"),
@@ -273,7 +260,7 @@ def fig_cost(table: pd.DataFrame, level: float | None = None) -> go.Figure:
     for method, g in pol.groupby("method"):
         fig.add_trace(go.Scatter(x=g["compute/pipeline_flops"], y=g["eval/gold"], mode="markers", name=method,
                                  error_y=_err(g, "eval/gold"),
-                                 text=[f"{_label(r)} s{r['seed']}" for _, r in g.iterrows()], marker=dict(size=10)))
+                                 text=[f"{setting(r)} s{r['seed']}" for _, r in g.iterrows()], marker=dict(size=10)))
     if level is not None:
         fig.add_hline(y=level, line_dash="dot", annotation_text=f"level {level:g}")
     fig.update_layout(title="Gold reward against training compute<br><sup>pipeline FLOPs: the run, its SFT run and "

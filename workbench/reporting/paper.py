@@ -24,7 +24,7 @@ import pandas as pd
 
 from ..core import methods, settings
 from ..measurement import findings
-from ..measurement.results import aggregate, cost_to_reach
+from ..measurement.results import aggregate, cost_to_reach, setting
 from .figures import FIGURES
 
 REPO = settings.REPO
@@ -176,18 +176,13 @@ def _what_moved(arms: pd.DataFrame) -> str:
         return (f"No arm's gold reward differs from its SFT policy's with a paired 95 % interval that excludes 0 (of "
                 f"{len(arms)}): at this budget the methods are not distinguishable from noise, and none was shown better "
                 "than another.")
-    names = lambda rows: ", ".join(f"{_label(r)} {_fmt(r[m])} [{_fmt(r[f'{m}_lo'])}, {_fmt(r[f'{m}_hi'])}]"  # noqa: E731
+    names = lambda rows: ", ".join(f"{setting(r)}: {_fmt(r[m])} [{_fmt(r[f'{m}_lo'])}, {_fmt(r[f'{m}_hi'])}]"  # noqa: E731
                                    for _, r in rows.iterrows())
     parts = [f"{len(up)} of {len(arms)} arms beat their SFT policy on gold with a paired 95 % interval above 0 ({names(up)})"
              if len(up) else f"none of {len(arms)} arms beat its SFT policy on gold with a paired 95 % interval above 0"]
     if len(down):
         parts.append(f"{len(down)} fell below it ({names(down)})")
     return "; ".join(parts) + ". Which of them is better than another needs their paired difference, not these."
-
-
-def _label(row) -> str:
-    beta = row.get("beta")
-    return str(row["method"]) if beta is None or pd.isna(beta) else f"{row['method']} (β {_fmt(beta)})"
 
 
 def _length_baseline(table: pd.DataFrame) -> str:
