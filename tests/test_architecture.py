@@ -9,7 +9,7 @@ import pytest
 
 from workbench import __main__ as cli
 from workbench.modeling import runs
-from workbench.orchestration import sweep
+from workbench.orchestration import grid as grids
 from workbench.training import train
 
 PACKAGE = Path(__file__).resolve().parents[1] / "workbench"
@@ -135,7 +135,7 @@ def _from_cli(capsys, method, params) -> dict:
 def _from_notebook(notebook, params) -> dict:
     """Run the notebook's cells up to its make_config call with the parameters injected after the parameters
     cell, as papermill does."""
-    nb = json.loads((sweep.NOTEBOOKS / notebook).read_text())
+    nb = json.loads((grids.NOTEBOOKS / notebook).read_text())
     ns = {}
     for cell in nb["cells"]:
         if cell["cell_type"] != "code":
@@ -152,8 +152,8 @@ def _from_notebook(notebook, params) -> dict:
 def _from_grid(tmp_path, notebook, params) -> dict:
     grid = tmp_path / "g.yaml"
     grid.write_text(json.dumps({"name": "g", "stages": [{"stage": "s", "notebook": notebook, "params": params}]}))
-    _, jobs = sweep.load_grid(grid)
-    return runs.to_jsonable(sweep.job_config(jobs[0])[1])
+    _, jobs = grids.load_grid(grid)
+    return runs.to_jsonable(grids.job_config(jobs[0])[1])
 
 
 @pytest.mark.parametrize("notebook,method,params", [
@@ -162,7 +162,7 @@ def _from_grid(tmp_path, notebook, params) -> dict:
                             "max_new_tokens": 12, "per_device_train_batch_size": 4, "learning_rate": 2e-4}),
 ])
 def test_the_command_line_a_notebook_and_a_grid_build_the_same_config(capsys, tmp_path, notebook, method, params):
-    nb_params = sweep.notebook_parameters(sweep.NOTEBOOKS / notebook)
+    nb_params = grids.notebook_parameters(grids.NOTEBOOKS / notebook)
     params = {k: v for k, v in params.items() if k in nb_params}  # what this notebook exposes
     assert len(params) >= 6, sorted(nb_params)
     # the same parameters everywhere: the notebook's own, with these over them
@@ -187,21 +187,21 @@ def test_any_config_field_reaches_the_command_line_a_grid_and_a_notebook(capsys,
     """One schema: a config field that no notebook names (a new one needs only its declaration) is an option of the
     command line, a grid's stage parameter or ``--set``, and a notebook's parameter through its one ``overrides``
     dict, checked against the schema; a misspelt one is refused with the close match."""
-    assert field not in sweep.notebook_parameters(sweep.NOTEBOOKS / notebook)
+    assert field not in grids.notebook_parameters(grids.NOTEBOOKS / notebook)
     from_cli = _from_cli(capsys, method, {field: value})
     from_nb = _from_notebook(notebook, {"method": method, "overrides": {field: value}})
     from_grid = _from_grid(tmp_path, notebook, {"method": method, field: value})
     assert from_cli[field] == from_nb[field] == from_grid[field] == value
-    _, jobs = sweep.load_grid(PACKAGE.parent / "grids" / "ci.yaml", {"model": "x", field: value})  # --set reaches its arms
-    trained = [j for j in jobs if "method" in sweep.notebook_parameters(j.notebook)]
+    _, jobs = grids.load_grid(PACKAGE.parent / "grids" / "ci.yaml", {"model": "x", field: value})  # --set reaches its arms
+    trained = [j for j in jobs if "method" in grids.notebook_parameters(j.notebook)]
     reached = [j for j in trained if (j.params.get("overrides") or {}).get(field) == value]
     assert reached, "no job of the grid got it"
     for j in trained:  # every job whose arm has the field, and only those
-        arm, cfg = sweep.job_config(j)
+        arm, cfg = grids.job_config(j)
         assert (j in reached) == (field in train.config_fields(arm)), (j.label, arm)
         assert j not in reached or getattr(cfg, field) == value
     with pytest.raises(ValueError, match=f"did you mean {field}"):
-        sweep.load_grid(PACKAGE.parent / "grids" / "ci.yaml", {"model": "x", field[:-1] + "x": value})
+        grids.load_grid(PACKAGE.parent / "grids" / "ci.yaml", {"model": "x", field[:-1] + "x": value})
 
 
 def test_arm_names_and_aliases_resolve_in_one_place():

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from workbench.orchestration import executors, sweep
+from workbench.orchestration import grid as grids
 from workbench.modeling.runs import is_complete
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,7 +192,7 @@ def test_stage_resources_are_validated_with_the_grid(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(grid))
     with pytest.raises(ValueError) as e:
-        sweep.load_grid(path)
+        grids.load_grid(path)
     for needle in ("unknown resource 'gpu'", "resources.cpus must be > 0", "'slurm' must be a mapping"):
         assert needle in str(e.value), needle
 
@@ -207,7 +208,7 @@ def test_a_sweep_state_from_before_per_job_files_is_read_and_split(tmp_path):
 
 
 def test_progress_names_running_jobs_and_estimates_from_finished_ones():
-    jobs = [sweep.Job("sft", Path("x.ipynb"), {"seed": s}, grid_keys=("seed",)) for s in range(4)]
+    jobs = [grids.Job("sft", Path("x.ipynb"), {"seed": s}, grid_keys=("seed",)) for s in range(4)]
     now = time.time()
     state = {jobs[0].id: {"status": "done", "seconds": 100.0}, jobs[1].id: {"status": "done", "seconds": 200.0},
              jobs[2].id: {"status": "running", "started": now - 30}, jobs[3].id: {"status": "queued"}}
@@ -270,7 +271,7 @@ def test_ci_grid_on_ray_runs_two_jobs_at_once_and_survives_kills(tiny_model_dir,
     finally:
         os.chdir(old)
     state = sweep.read_state(root / "sweeps" / "ci")
-    _, jobs = sweep.load_grid(REPO / "grids" / "ci.yaml", overrides)
+    _, jobs = grids.load_grid(REPO / "grids" / "ci.yaml", overrides)
     for job_id, entry in killed.items():  # what had finished before a kill was kept, not run again
         if entry["status"] == "done" and not next(j for j in jobs if j.id == job_id).always:
             assert state[job_id] == entry

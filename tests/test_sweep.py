@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from workbench.reporting import paper
+from workbench.orchestration import grid as grids
 from workbench.orchestration import sweep
 from workbench.training import train
 from workbench.modeling.runs import is_complete
@@ -29,7 +30,7 @@ GRIDS = sorted((REPO / "grids").glob("*.yaml"))
 def test_notebooks_are_clean_parameterized_and_define_nothing(path):
     nb = json.loads(path.read_text())
     assert nb["metadata"]["kernelspec"]["name"] == "python3" and nb["metadata"]["language_info"]["name"] == "python"
-    params = sweep.notebook_parameters(path)  # exactly one parameters cell, literals only
+    params = grids.notebook_parameters(path)  # exactly one parameters cell, literals only
     assert params
     import papermill
 
@@ -60,14 +61,14 @@ def test_there_is_a_notebook_for_each_stage_of_the_study():
 
 @pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.name)
 def test_every_grid_file_loads_and_validates(path):
-    grid, jobs = sweep.load_grid(path)
+    grid, jobs = grids.load_grid(path)
     assert jobs and len({j.id for j in jobs}) == len(jobs), "job ids are unique"
     stages = [s["stage"] for s in grid["stages"]]
     assert stages[0] and all(j.stage in stages for j in jobs)
 
 
 def test_gpu_grid_is_the_real_study():
-    _, jobs = sweep.load_grid(REPO / "grids" / "gpu.yaml")
+    _, jobs = grids.load_grid(REPO / "grids" / "gpu.yaml")
     methods = {j.params.get("method") for j in jobs}
     assert {"ppo", "rloo", "grpo", "dpo", "ipo", "kto", "orpo", "simpo"} <= methods
     assert {j.params.get("seed") for j in jobs if j.stage in ("rl", "preference")} == {0, 1, 2}
@@ -87,8 +88,8 @@ def test_the_main_job_is_the_known_gold_study_with_shared_data_and_seeded_arms()
     """grids/main.yaml: SFT, the gold-labelled dataset and the proxies are built once (seed 0), every arm the issue
     names is there once per seed, the proxy and the policy arms read the dataset's disjoint halves, the RL arms are
     measured by the gold, PPO also runs against the gold itself, and the evaluation reads the dataset."""
-    _, one = sweep.load_grid(REPO / "grids" / "main.yaml")
-    _, three = sweep.load_grid(REPO / "grids" / "main.yaml", seeds=[0, 1, 2])
+    _, one = grids.load_grid(REPO / "grids" / "main.yaml")
+    _, three = grids.load_grid(REPO / "grids" / "main.yaml", seeds=[0, 1, 2])
     shared = [j for j in one if j.stage in ("sft", "gold-pairs", "noisy", "proxy", "proxy-small", "proxy-noisy")]
     assert all(j.params["seed"] == 0 for j in shared) and [j for j in three if j in shared] == shared
     arms = [j for j in one if j not in shared and not j.always]
@@ -107,11 +108,10 @@ def test_the_main_job_is_the_known_gold_study_with_shared_data_and_seeded_arms()
 
 
 def test_seeds_run_the_hh_study_once_per_seed_and_pair_references_by_seed():
-    from workbench.orchestration import sweep as sw
     from workbench.__main__ import _seed_list
 
-    _, one = sw.load_grid(REPO / "grids" / "hh.yaml")
-    _, three = sw.load_grid(REPO / "grids" / "hh.yaml", seeds=[0, 1, 2])
+    _, one = grids.load_grid(REPO / "grids" / "hh.yaml")
+    _, three = grids.load_grid(REPO / "grids" / "hh.yaml", seeds=[0, 1, 2])
     trained = [j for j in one if not j.always]
     judges = [j for j in trained if j.stage in ("proxy", "gold")]  # their params fix seed 0: one pair for all seeds
     assert len(judges) == 2 and all(j.params["seed"] == 0 for j in judges)
@@ -127,7 +127,7 @@ def test_seeds_run_the_hh_study_once_per_seed_and_pair_references_by_seed():
     state[sft.id] = {"status": "done", "run": "/runs/sft-seed-2"}
     for j in three:  # every other referenced job is done too, in some other folder
         state.setdefault(j.id, {"status": "done", "run": f"/runs/{j.id}"})
-    params, why = sw._resolve(ppo, state, three)
+    params, why = grids.resolve_refs(ppo, state, three)
     assert why is None and params["sft_run"] == "/runs/sft-seed-2"
     assert params["reward_model"] == state[judges[0].id]["run"]  # seed 2's PPO is judged by the one proxy
     assert _seed_list("0,1,2") == [0, 1, 2]
@@ -135,16 +135,15 @@ def test_seeds_run_the_hh_study_once_per_seed_and_pair_references_by_seed():
         with pytest.raises(Exception, match="--seeds"):
             _seed_list(bad)
     with pytest.raises(ValueError, match="seeds must be"):
-        sw.load_grid(REPO / "grids" / "hh.yaml", seeds=[])
+        grids.load_grid(REPO / "grids" / "hh.yaml", seeds=[])
 
 
 @pytest.mark.parametrize("grid", ["hh.yaml", "gpu.yaml"])
 def test_no_policy_trains_on_the_gold_judges_half(grid):
     """The human-label grids judge by a "gold" reward model trained on prompt half b: every job that trains a policy
     (SFT, the preference arms, PPO's and online DPO's prompts) reads half a, the proxy's, and nothing reads all."""
-    from workbench.orchestration import sweep as sw
 
-    _, jobs = sw.load_grid(REPO / "grids" / grid)
+    _, jobs = grids.load_grid(REPO / "grids" / grid)
     gold = [j for j in jobs if j.stage == "gold"]
     assert gold and {j.params["half"] for j in gold} == {"b"}
     policies = [j for j in jobs if not j.always and j.stage not in ("gold", "proxy")]
@@ -162,7 +161,7 @@ def test_a_bad_grid_lists_every_problem_before_running(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(ValueError) as e:
-        sweep.load_grid(path)
+        grids.load_grid(path)
     msg = str(e.value)
     for needle in ("unknown key 'colour'", "unknown parameter 'max_stepz'", "seed='zero' should be a int",
                    "'@nope' refers to no earlier stage", "no notebook", "must be a non-empty list", "nothing was run"):
@@ -170,7 +169,7 @@ def test_a_bad_grid_lists_every_problem_before_running(tmp_path):
     path.write_text(yaml.safe_dump({"name": "b2", "stages": [
         {"stage": "dpo", "notebook": "04_preference.ipynb", "params": {"beta": -1.0}}]}))
     with pytest.raises(ValueError, match="beta must be > 0"):
-        sweep.load_grid(path)
+        grids.load_grid(path)
 
 
 def test_a_setting_no_stage_takes_is_refused_with_close_matches():
@@ -178,8 +177,8 @@ def test_a_setting_no_stage_takes_is_refused_with_close_matches():
     the close matches; a key that some stage takes is accepted."""
     with pytest.raises(ValueError, match=r"--set learning_rat: no stage of this grid takes 'learning_rat'; "
                                          r"did you mean learning_rate"):
-        sweep.load_grid(REPO / "grids" / "ci.yaml", {"learning_rat": 1e-4})
-    _, jobs = sweep.load_grid(REPO / "grids" / "ci.yaml", {"learning_rate": 1e-4})
+        grids.load_grid(REPO / "grids" / "ci.yaml", {"learning_rat": 1e-4})
+    _, jobs = grids.load_grid(REPO / "grids" / "ci.yaml", {"learning_rate": 1e-4})
     assert jobs
 
 
@@ -189,12 +188,12 @@ def test_a_users_setting_replaces_the_defaults_says_where_a_stage_keeps_its_own_
     over its own params; a key a stage sweeps as a grid axis, a stage the grid lacks, or a key the stage does not
     take, is refused; ``--set report_to=...`` reaches every training stage."""
     grid = REPO / "grids" / "main.yaml"
-    _, jobs = sweep.load_grid(grid, {"n_train": 128, "data_source": "/my/data", "proxy.max_steps": 3})
+    _, jobs = grids.load_grid(grid, {"n_train": 128, "data_source": "/my/data", "proxy.max_steps": 3})
     said = capsys.readouterr().err
     by = {j.stage: j for j in jobs}
     stages = {st["stage"]: st for st in yaml.safe_load(grid.read_text())["stages"]}
     for j in jobs:  # the user's value where the stage names none of its own, the stage's where it does
-        if "n_train" in sweep.notebook_parameters(j.notebook):
+        if "n_train" in grids.notebook_parameters(j.notebook):
             own = stages[j.stage].get("params") or {}
             assert j.params["n_train"] == own.get("n_train", 128), j.stage
     assert by["sft"].params["data_source"] == "/my/data" and by["sft"].params["n_train"] == 64
@@ -202,17 +201,17 @@ def test_a_users_setting_replaces_the_defaults_says_where_a_stage_keeps_its_own_
     assert "--set n_train=128 replaces the grid's default; kept by the stage(s) that name their own: " in said
     assert "proxy-small (96)" in said and "kto ('@gold-pairs')" in said
     assert by["proxy"].params["max_steps"] == 3 and by["proxy-small"].params["max_steps"] != 3
-    _, scoped = sweep.load_grid(grid, {"kto.data_source": "/my/kto.jsonl"})
+    _, scoped = grids.load_grid(grid, {"kto.data_source": "/my/kto.jsonl"})
     assert {j.stage: j for j in scoped}["kto"].params["data_source"] == "/my/kto.jsonl"
-    _, tracked = sweep.load_grid(grid, {"report_to": "tensorboard"})  # a tracker for every training stage
-    training = [j for j in tracked if "report_to" in sweep.notebook_parameters(j.notebook)]
+    _, tracked = grids.load_grid(grid, {"report_to": "tensorboard"})  # a tracker for every training stage
+    training = [j for j in tracked if "report_to" in grids.notebook_parameters(j.notebook)]
     assert len(training) >= 10 and all(j.params["report_to"] == "tensorboard" for j in training)
     with pytest.raises(ValueError, match=r"--set method: stage 'preference' sweeps method over \['dpo', 'ipo'\]"):
-        sweep.load_grid(grid, {"method": "dpo"})
+        grids.load_grid(grid, {"method": "dpo"})
     with pytest.raises(ValueError, match=r"--set prxy.max_steps: no stage 'prxy'"):
-        sweep.load_grid(grid, {"prxy.max_steps": 3})
+        grids.load_grid(grid, {"prxy.max_steps": 3})
     with pytest.raises(ValueError, match=r"stage 'proxy' does not take 'beta'"):
-        sweep.load_grid(grid, {"proxy.beta": 0.1})
+        grids.load_grid(grid, {"proxy.beta": 0.1})
 
 # ----------------------------------------------------------------------------------------------------------
 # The CI sweep, end to end
@@ -302,7 +301,7 @@ def test_every_finished_job_has_exactly_one_run_folder_named_by_its_id(ci_sweep,
     """After three kills: every complete run folder is the one folder of a finished job (named by the job's id),
     none is missing or extra; the partial folders killed jobs left were replaced."""
     root, _, result = ci_sweep
-    _, jobs = sweep.load_grid(REPO / "grids" / "ci.yaml", {"model": str(tiny_model_dir), "data_source": str(hh_dir)})
+    _, jobs = grids.load_grid(REPO / "grids" / "ci.yaml", {"model": str(tiny_model_dir), "data_source": str(hh_dir)})
     state = _state(root)
     complete = {str(p) for p in root.iterdir() if is_complete(p)}
     runs = {e["run"] for e in state.values() if e["status"] == "done" and e.get("run")}
@@ -310,7 +309,7 @@ def test_every_finished_job_has_exactly_one_run_folder_named_by_its_id(ci_sweep,
     for job in jobs:
         entry = state[job.id]
         if entry.get("run"):
-            assert Path(entry["run"]).name.endswith("__" + sweep.job_run_id(job))
+            assert Path(entry["run"]).name.endswith("__" + grids.job_run_id(job))
     assert not [p for p in root.iterdir() if p.name.endswith(".partial")]
 
 
