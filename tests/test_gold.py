@@ -315,7 +315,7 @@ def test_the_sweep_ends_with_the_frontier_the_overoptimisation_figure_and_a_draf
         assert needle in draft, needle
     frontier = __import__("workbench.reporting.figures", fromlist=["fig_frontier"]).fig_frontier(table)
     names = {t.name for t in frontier.data if t.name}
-    assert any(n.startswith("ppo gt") for n in names) and any(n.startswith("best-of-n") for n in names)
+    assert any(n.startswith("ppo (gt)") for n in names) and any(n.startswith("best-of-n") for n in names)
     assert any(n.startswith("dpo") for n in names)
     over = __import__("workbench.reporting.figures", fromlist=["x"]).fig_overoptimization(table)
     names = {t.name for t in over.data if t.name}
