@@ -1,6 +1,8 @@
 """The QLoRA path on a CUDA GPU: NF4 weights on the device, bf16 compute, a DPO step, PPO and RLOO. Skipped with a visible
 reason where there is no GPU (conftest.py); run on a GPU machine with `bash scripts/test.sh -m gpu`."""
 
+import json
+
 import pytest
 import torch
 
@@ -55,4 +57,23 @@ def test_ppo_and_rloo_on_gpu_in_bf16(tiny_model_dir, hh_dir, tmp_path):
     assert (path / "critic" / "value_head.pt").exists()
     path = train.train("rloo", train.RLOOArgs(model=model_cfg, data=data_cfg, runs_dir=str(tmp_path), max_steps=2,
                                               max_completion_length=8), reward_fn=reward)
+    assert (path / "records" / "heldout_rollouts.jsonl").exists()
+
+
+def test_grpo_generates_with_vllm_on_gpu(tiny_model_dir, hh_dir, tmp_path):
+    """use_vllm=True (TRL's colocated vLLM) on GRPO with the QLoRA policy: TRL loads the base into vLLM beside the
+    trainer and pushes the merged adapter before each generation. Needs the ``vllm`` extra as well as a GPU."""
+    import importlib.util
+
+    from workbench.modeling import rewards
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed (pip install -e '.[vllm]'): use_vllm=True is not exercised here")
+    reward = rewards.TokenSetReward(range(0, 49152, 2))
+    _, cfg = train.make_config("grpo", model=str(tiny_model_dir), data_source=str(hh_dir), split="test", n_train=8,
+                               n_score=4, max_length=256, runs_dir=str(tmp_path), max_steps=2, max_new_tokens=8,
+                               use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.2)
+    path = train.train("grpo", cfg, reward_fn=reward)
+    metrics = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    assert any(key.startswith("rewards/") for m in metrics for key in m)  # TRL logged the reward of vLLM's samples
     assert (path / "records" / "heldout_rollouts.jsonl").exists()

@@ -399,3 +399,11 @@ def test_the_sweeps_grid_shares_the_main_jobs_stages_word_for_word():
     online, by_gold = main["online"]["params"], sweeps["online-gt"]["params"]
     assert {k: v for k, v in by_gold.items() if k not in ("reward_model", "run_name")} == {
         k: v for k, v in online.items() if k != "reward_model"}
+
+
+def test_use_vllm_set_on_a_sweep_reaches_the_arms_that_generate_through_trl_only():
+    """``--set use_vllm=true`` on the GPU study: TRL's GRPO and RLOO jobs take it (in their notebook's overrides),
+    our PPO, online DPO, the preference arms and the evaluation keep their own sampler."""
+    _, jobs = grids.load_grid(REPO / "grids" / "gpu.yaml", overrides={"use_vllm": True})
+    took = {(j.stage, j.params.get("method")): (j.params.get("overrides") or {}).get("use_vllm") for j in jobs}
+    assert {k for k, v in took.items() if v} == {("rl", "rloo"), ("rl", "grpo"), ("rlaifreward", "grpo")}

@@ -401,3 +401,32 @@ def test_the_seed_reaches_ktos_order_of_examples(hh_pairs):
     shuffled by the run's seed: another seed trains on another order of the same rows, one seed always on the same."""
     rows = lambda seed: [(r["completion"][0]["content"], r["label"]) for r in train._dataset("unpaired", hh_pairs[:20], seed)]  # noqa: E731
     assert rows(0) == rows(0) and sorted(rows(0)) == sorted(rows(1)) and rows(0) != rows(1)
+
+
+@pytest.mark.parametrize("method", ["rloo", "grpo", "trl-online-dpo"])
+def test_vllm_is_trls_option_and_what_it_needs_is_asked_before_anything_loads(tiny_model_dir, hh_dir, tmp_path,
+                                                                              monkeypatch, method):
+    """use_vllm (TRL's own field on its generating arms) reaches the config from flat parameters; without vLLM, or
+    without a CUDA GPU, the run fails in validation with what to do, before a model loads or a run folder exists."""
+    import importlib.util
+
+    _, cfg = train.make_config(method, model=str(tiny_model_dir), data_source=str(hh_dir), split="test",
+                               runs_dir=str(tmp_path), reward_model="vader", use_vllm=True, vllm_mode="colocate")
+    assert cfg.use_vllm is True and cfg.vllm_mode == "colocate"
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"vLLM is not installed.*pip install -e '\.\[vllm\]'"):
+        train.train(method, cfg)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        train.train(method, cfg)
+    assert list(tmp_path.iterdir()) == []  # no run folder: nothing was started
+
+
+def test_arms_that_sample_with_the_workbenchs_sampler_name_where_vllm_is_an_option():
+    with pytest.raises(ValueError, match=r"unknown parameter 'use_vllm' \(generation by vLLM is TRL's option of "
+                                         r"rloo, grpo, trl-online-dpo; this arm samples with the workbench's own"):
+        train.make_config("ppo", use_vllm=True)
+    with pytest.raises(ValueError, match="unknown parameter 'vllm_mode'.*TRL's option of"):
+        train.make_config("online-dpo", vllm_mode="server")

@@ -331,6 +331,12 @@ def config_fields(method: str) -> list[str]:
     return sorted({*own, *MODEL_PARAMS, *DATA_PARAMS, *dict(arm.aliases)})
 
 
+def _vllm_hint() -> str:
+    takes = [name for name, arm in ARMS.items() if any(f.name == "use_vllm" for f in dataclasses.fields(arm.config))]
+    return (f" (generation by vLLM is TRL's option of {', '.join(takes)}; this arm samples with the workbench's own "
+            "sampler, workbench/modeling/decoding.py)")
+
+
 def make_config(method: str, **params):
     """(arm, config) from flat parameters: the arm's own fields (``beta``, ``max_steps``, ``learning_rate``, any TRL
     option), the model's (``MODEL_PARAMS``) and the data's (``DATA_PARAMS``). The one way from flat parameters to a
@@ -357,7 +363,8 @@ def make_config(method: str, **params):
             problems.append(_check_type(key, value, defaults[key], fields_[key].type))
         else:
             near = difflib.get_close_matches(key, config_fields(arm_name), n=1)
-            problems.append(f"unknown parameter '{key}'" + (f" (did you mean '{near[0]}'?)" if near else ""))
+            problems.append(f"unknown parameter '{key}'" + (_vllm_hint() if key.startswith(("use_vllm", "vllm_")) else
+                                                            f" (did you mean '{near[0]}'?)" if near else ""))
     data_defaults = data.DataConfig()
     problems += [_check_type(k, v, getattr(data_defaults, k)) for k, v in data_kw.items()]
     problems = [p for p in problems if p]

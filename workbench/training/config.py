@@ -118,6 +118,27 @@ def check_checkpoint_every(checkpoint_every: int | None, run_id: str | None) -> 
 # Each field's help, for ``--help``, the notebooks' parameter docs and docs/config.md
 
 
+def check_vllm(cfg) -> None:
+    """``use_vllm``, TRL's option of GRPO, RLOO and TRL's online DPO (generation by vLLM instead of
+    ``model.generate``), asks here for what vLLM needs, before anything loads: vLLM installed (the ``vllm`` extra)
+    and a CUDA GPU, which both of TRL's modes need ("colocate": vLLM beside the trainer on its GPU; "server": a
+    ``trl vllm-serve`` process that the trainer sends its weights to over NCCL). Without this, TRL fails deep in the
+    trainer's construction, after the model has loaded."""
+    if not getattr(cfg, "use_vllm", False):
+        return
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError("use_vllm=True, but vLLM is not installed: install it beside the GPU (pip install -e "
+                         "'.[vllm]'; docs/arms.md#generation-by-vllm-on-a-gpu), or leave use_vllm off to generate "
+                         "with transformers.")
+    if not torch.cuda.is_available():
+        raise ValueError(f"use_vllm=True (vllm_mode={getattr(cfg, 'vllm_mode', None)!r}) needs a CUDA GPU: vLLM "
+                         "generates on GPUs only. On this machine leave use_vllm off.")
+
+
 def field_help(cls) -> dict[str, str]:
     """{field: help} of a config class: a field's ``metadata["help"]`` (TRL's and transformers' fields carry it),
     and the comment written with the field's declaration in the workbench's source (beside it, or the comment lines

@@ -35,7 +35,7 @@ from ..core.compute import TokenCounter
 from ..modeling.judge import Judge, apply_labels, judge_labels
 from ..modeling.rewards import JudgeReward, load_reward
 from ..modeling.runs import Run
-from .config import check_judge_fields, score_beta, snapshot_steps
+from .config import check_judge_fields, check_vllm, score_beta, snapshot_steps
 
 log = console.logger(__name__)
 
@@ -126,6 +126,7 @@ def validate(method: str, cfg) -> None:
     if not isinstance(cfg, arm.config):
         raise TypeError(f"method '{method}' takes a {arm.config.__name__}, got {type(cfg).__name__}.")
     check_judge_fields(cfg)
+    check_vllm(cfg)
     trackers.check(getattr(cfg, "report_to", None))
     if hasattr(cfg, "check"):  # the arm's own checks (DPO's loss types, ...), again: fields may have changed since
         cfg.check()
