@@ -401,12 +401,8 @@ def load_hh(
                     raise HHFormatError(location, line_no, e.field, e.problem, fix) from None
                 report.count(e.reason, f"{location}:{line_no}")
                 continue
-            if tokenizer is not None:
-                n_prompt, n_chosen, n_rejected = token_lengths(tokenizer, pair)
-                if max_length is not None and n_prompt + max(n_chosen, n_rejected) > max_length:
-                    report.count("over_length", f"{location}:{line_no}")
-                    continue
-                tokens.append((n_prompt, n_chosen, n_rejected))
+            if not _fits(tokenizer, pair, max_length, report, f"{location}:{line_no}", tokens):
+                continue
             # Quirk counters: the same test the parser uses, so they say how often merging mattered.
             n_turns = len(pair["prompt"]) + 1
             if any(len(_MARKER.findall("\n\n" + t.lstrip())) != n_turns for t in (chosen, rejected)):
@@ -474,6 +470,19 @@ def check_pair_row(row, location: str, line: int) -> dict:
     return row
 
 
+def _fits(tokenizer, pair: dict, max_length: int | None, report: "ValidationReport", where: str, tokens: list) -> bool:
+    """Whether ``pair`` fits ``max_length`` tokens (its prompt and longer reply); one that does not is counted as
+    ``over_length`` at ``where``, one that does adds its token counts to ``tokens``. Without a tokenizer all fit."""
+    if tokenizer is None:
+        return True
+    n_prompt, n_chosen, n_rejected = token_lengths(tokenizer, pair)
+    if max_length is not None and n_prompt + max(n_chosen, n_rejected) > max_length:
+        report.count("over_length", where)
+        return False
+    tokens.append((n_prompt, n_chosen, n_rejected))
+    return True
+
+
 def read_pairs(path, *, tokenizer=None, max_length: int | None = None) -> tuple[list[dict], "ValidationReport"]:
     """The pairs of a pairs file (``<folder>/pairs.jsonl``) and a report as ``load_hh``'s: every line checked
     (``check_pair_row``: a bad line is an error naming file, line and field), pairs over ``max_length`` tokens
@@ -488,12 +497,8 @@ def read_pairs(path, *, tokenizer=None, max_length: int | None = None) -> tuple[
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise HHFormatError(str(path), line_no, "<json>", f"not valid JSON ({e})", _PAIR_FIX + ".") from None
         row = check_pair_row(row, str(path), line_no)
-        if tokenizer is not None:
-            n_prompt, n_chosen, n_rejected = token_lengths(tokenizer, row)
-            if max_length is not None and n_prompt + max(n_chosen, n_rejected) > max_length:
-                report.count("over_length", f"{path}:{line_no}")
-                continue
-            tokens.append((n_prompt, n_chosen, n_rejected))
+        if not _fits(tokenizer, row, max_length, report, f"{path}:{line_no}", tokens):
+            continue
         examples.append(row)
     report.kept = len(examples)
     report.lengths = length_stats(examples, tokens if tokenizer is not None else None)
