@@ -484,6 +484,12 @@ def test_every_figure_is_exported(study, tmp_path):
     assert f"length-only rule fitted on {int(table['pairs/length_rule_n_train'].iloc[0])} training pairs" in caveats
     assert table["pairs/length_rule_fit"].iloc[0] in caveats and "the longer response wins" in caveats
     assert f"{(gold - rule) * 100:+.1f} points against the length-only rule" in caveats
+    # the cost figure names settings as the tables do (PPO against the gold apart from PPO against the proxy)
+    cost = figures.fig_cost(table)
+    pol = figures._policies(table).dropna(subset=["compute/pipeline_flops", "eval/gold"])
+    assert len(pol) and {t.name for t in cost.data} == {results.setting(r) for _, r in pol.iterrows()}
+    for fig in (figures.fig_win_rates(table), acc, cost):  # subtitles in lines that fit the figure's width
+        assert all(len(line) <= 100 for line in fig.layout.title.text.split("<sup>")[1].removesuffix("</sup>").split("<br>")), fig.layout.title.text
     paths = figures.export_all(table, tmp_path)
     assert len(paths) == len(figures.FIGURES) * 3
     for p in paths:

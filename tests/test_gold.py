@@ -319,6 +319,10 @@ def test_the_sweep_ends_with_the_frontier_the_overoptimisation_figure_and_a_draf
     assert any(n.startswith("dpo") for n in names)
     over = __import__("workbench.reporting.figures", fromlist=["x"]).fig_overoptimization(table)
     names = {t.name for t in over.data if t.name}
-    assert {"gold, PPO against the proxy, seed 0", "gold, PPO against the gold, seed 0",
-            "proxy, PPO against the proxy, seed 0"} <= names
-    assert any(n.startswith("gold, best-of-n vs proxy") for n in names)
+    assert {"PPO against the proxy, seed 0", "PPO against the gold, seed 0", "proxy, PPO against the proxy, seed 0"} <= names
+    assert any(n.startswith("best-of-n vs proxy") for n in names)
+    # one legend entry per run or proxy (its proxy curve, dashed, toggles with it), each run its own colour
+    shown = [t for t in over.data if t.showlegend is not False]
+    assert all(not t.name.startswith("proxy, ") for t in shown)
+    ppo_colours = [t.line.color for t in shown if t.name.startswith("PPO against")]
+    assert len(ppo_colours) == len(set(ppo_colours))

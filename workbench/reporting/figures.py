@@ -38,9 +38,9 @@ def _or_none(x) -> list:
 
 def _seeds_note(agg: pd.DataFrame) -> str:
     seeds = sorted({s for x in agg.get("seeds", []) for s in str(x).split(",") if s})
-    return (f"seeds {','.join(seeds)}; bars: 95% intervals: across seeds a two-level bootstrap over prompts and seeds "
-            "for gold, proxy, KL and length, a t-interval for the rest; with one seed the run's bootstrap over prompts"
-            if seeds else "")
+    return (f"seeds {','.join(seeds)}; bars: 95% intervals, across seeds a two-level bootstrap over prompts and seeds<br>"
+            "for gold, proxy, KL and length, a t-interval for the rest; one seed: a bootstrap over prompts"
+            if seeds else "")  # two lines: one ran past a 720-pixel figure's edge
 
 
 def _policies(table: pd.DataFrame) -> pd.DataFrame:
@@ -156,12 +156,12 @@ def fig_overoptimization(table: pd.DataFrame) -> go.Figure:
         tag = f"{r['name']} ({pairs} pairs)"
         d = rows["kl_bound"] ** 0.5
         g = rows["gold_gain"] / sd["gold"]
-        fig.add_trace(go.Scatter(x=d, y=g, mode="lines+markers", name=f"gold, best-of-n vs {tag}",
+        fig.add_trace(go.Scatter(x=d, y=g, mode="lines+markers", name=f"best-of-n vs {tag}",
                                  line=dict(color=colour), legendgroup=tag,
                                  error_y=dict(type="data", symmetric=False, array=((rows["gold_gain_hi"] - rows["gold_gain"]) / sd["gold"]).tolist(),
                                               arrayminus=((rows["gold_gain"] - rows["gold_gain_lo"]) / sd["gold"]).tolist())), row=1, col=1)
         fig.add_trace(go.Scatter(x=d, y=rows["proxy_gain"] / sd["proxy"], mode="lines", name=f"proxy, best-of-n vs {tag}",
-                                 line=dict(color=colour, dash="dash"), legendgroup=tag), row=1, col=1)
+                                 line=dict(color=colour, dash="dash"), legendgroup=tag, showlegend=False), row=1, col=1)
         if "bon/fit_gold_alpha" in summary:
             grid = [x / 50 * float(d.max()) for x in range(51)]
             a, b = summary["bon/fit_gold_alpha"], summary["bon/fit_gold_beta"]
@@ -173,9 +173,10 @@ def fig_overoptimization(table: pd.DataFrame) -> go.Figure:
                                 .read_text()).get("bon/proxy_sd") for r, _ in bon if _is_main(table, r)), None)
     for i, (key, g) in enumerate(snaps[snaps["method"] == "ppo"].groupby(["name", "seed"]) if len(snaps) else []):
         g = g.sort_values("step")
-        colour = ["#F58518", "#B279A2", "#72B7B2", "#9D755D"][i % 4]
+        colour = ["#F58518", "#B279A2", "#72B7B2", "#9D755D", "#FF9DA6", "#EECA3B"][i % 6]  # none of the left's
         cfg = json.loads((Path(g["path"].iloc[0]) / "config.json").read_text())
         target = "the gold" if cfg.get("reward_model") == cfg.get("gold_reward_model") else "the proxy"
+        marker = dict(symbol="diamond" if target == "the gold" else "circle", size=8)
         tag = f"PPO against {target}{'' if key[0] in ('default', 'gt') else f' ({key[0]})'}, seed {key[1]}"
         x = [0.0] + (g["eval/kl"].clip(lower=0) ** 0.5).tolist()
         if "eval/gold_vs_sft" in g:
@@ -183,16 +184,18 @@ def fig_overoptimization(table: pd.DataFrame) -> go.Figure:
             err = dict(type="data", symmetric=False,
                        array=[0.0] + ((g["eval/gold_vs_sft_hi"] - g["eval/gold_vs_sft"]) / units.get("gold", 1.0)).tolist(),
                        arrayminus=[0.0] + ((g["eval/gold_vs_sft"] - g["eval/gold_vs_sft_lo"]) / units.get("gold", 1.0)).tolist())
-            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=f"gold, {tag}", line=dict(color=colour),
-                                     error_y=err, text=["SFT"] + [f"step {s}" for s in g["step"]]), row=1, col=2)
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=tag, line=dict(color=colour), marker=marker,
+                                     legendgroup=tag, error_y=err, text=["SFT"] + [f"step {s}" for s in g["step"]]),
+                          row=1, col=2)
         if "eval/proxy_vs_sft" in g and proxy_sd:
             fig.add_trace(go.Scatter(x=x, y=[0.0] + (g["eval/proxy_vs_sft"] / proxy_sd).tolist(), mode="lines",
-                                     name=f"proxy, {tag}", line=dict(color=colour, dash="dash")), row=1, col=2)
+                                     name=f"proxy, {tag}", line=dict(color=colour, dash="dash"), legendgroup=tag,
+                                     showlegend=False), row=1, col=2)
     fig.add_hline(y=0, line_color="gray", line_width=1)
     fig.update_xaxes(title_text="√KL(π ‖ π_ref), √nats")
     fig.update_yaxes(title_text="gain over SFT, in SDs of SFT's scores", row=1, col=1)
-    fig.update_layout(title="Over-optimisation<br><sup>solid: gold; dashed: the proxy; thin: Gao et al.'s d(α − βd) "
-                      "fitted to the gold; 95% intervals over prompts</sup>",
+    fig.update_layout(title="Over-optimisation<br><sup>solid: gold; dashed: the proxy, in the same colour; thin: Gao et al.'s "
+                      "d(α − βd) fitted to the gold; 95% intervals over prompts</sup>",
                       **{**_LAYOUT, "width": 1100, "height": 520})
     return fig
 
@@ -217,7 +220,7 @@ def fig_win_rates(table: pd.DataFrame) -> go.Figure:
                                      showlegend=col == 1), row=1, col=col)
         fig.add_hline(y=0.5, line_dash="dot", line_color="gray", row=1, col=col)
     fig.update_layout(title=f"Win rate (gold reward)<br><sup>{_seeds_note(agg)}</sup>", barmode="group",
-                      yaxis_title="win rate", yaxis_range=[0, 1], **_LAYOUT)
+                      yaxis_title="win rate", yaxis_range=[0, 1], margin=dict(t=130), **_LAYOUT)  # room for two lines
     return fig
 
 
@@ -247,7 +250,7 @@ def fig_accuracy(table: pd.DataFrame) -> go.Figure:
             fig.add_trace(go.Scatter(x=[labels[0], labels[-1]], y=[y, y], mode="lines", name=f"{name}: {y:.3f}",
                                      line=dict(dash=dash, color=colour, width=2)))
     fig.update_layout(title=f"Held-out preference accuracy<br><sup>{_seeds_note(agg)}</sup>",
-                      yaxis_title="accuracy", yaxis_range=[0, 1], **_LAYOUT)
+                      yaxis_title="accuracy", yaxis_range=[0, 1], margin=dict(t=130), **_LAYOUT)
     return fig
 
 
@@ -257,8 +260,9 @@ def fig_cost(table: pd.DataFrame, level: float | None = None) -> go.Figure:
     compute buys how much reward."""
     pol = _policies(table).dropna(subset=["compute/pipeline_flops", "eval/gold"]) if "eval/gold" in table else table.iloc[:0]
     fig = go.Figure()
-    for method, g in pol.groupby("method"):
-        fig.add_trace(go.Scatter(x=g["compute/pipeline_flops"], y=g["eval/gold"], mode="markers", name=method,
+    pol = pol.assign(setting=[setting(r) for _, r in pol.iterrows()]) if len(pol) else pol.assign(setting=[])
+    for name, g in pol.groupby("setting"):  # one colour per setting, as in the tables: PPO and PPO-GT apart
+        fig.add_trace(go.Scatter(x=g["compute/pipeline_flops"], y=g["eval/gold"], mode="markers", name=name,
                                  error_y=_err(g, "eval/gold"),
                                  text=[f"{setting(r)} s{r['seed']}" for _, r in g.iterrows()], marker=dict(size=10)))
     if level is not None:
