@@ -189,6 +189,8 @@ def test_results_table_win_rates_and_aggregates_on_known_numbers(tmp_path):
     dpo = [_fake_run(tmp_path, "dpo", s, 0.1, [1, -1, 1, 1], [1, 1, 1, 1], [120, 80, 120, 120], 2e9 * (s + 1),
                      sft_run=str(sft)) for s in range(3)]
     table = results.results_table([sft, *dpo])
+    assert list(results.results_table([*reversed(dpo), sft])["run"]) == list(table["run"])  # one order, however asked
+    assert list(table["method"]) == ["dpo"] * 3 + ["sft"] and list(table["seed"]) == [0, 1, 2, 0]
     row = table[table["run"] == dpo[0].name].iloc[0]
     assert row["win/sft"] == pytest.approx(0.75)  # 3 of 4 samples beat the SFT sample on the same (prompt, index)
     assert row["baseline_run"] == sft.name
@@ -203,6 +205,20 @@ def test_results_table_win_rates_and_aggregates_on_known_numbers(tmp_path):
     cost = results.cost_to_reach(table, level=0.5).set_index("method")
     assert cost.loc["dpo", "compute/pipeline_flops"] == pytest.approx(3e9)  # the cheapest dpo run reaching 0.5
     assert cost.loc["dpo", "runs_reaching"] == 3 and math.isnan(cost.loc["sft", "compute/pipeline_flops"])
+
+
+def test_cost_to_reach_is_per_setting_as_the_tables_name_them():
+    """PPO against the gold and PPO against the proxy are two settings of one method: each its own cost and count."""
+    import pandas as pd
+
+    table = pd.DataFrame([
+        {"method": "ppo", "name": "default", "beta": 0.05, "eval/gold": 0.6, "compute/pipeline_flops": 2e9},
+        {"method": "ppo", "name": "gt", "beta": 0.05, "eval/gold": 0.7, "compute/pipeline_flops": 1e9},
+        {"method": "ppo", "name": "gt", "beta": 0.05, "eval/gold": 0.2, "compute/pipeline_flops": 5e8}])
+    cost = results.cost_to_reach(table, level=0.5).set_index("setting")
+    assert cost.loc["ppo β=0.05", "runs"] == 1 and cost.loc["ppo (gt) β=0.05", "runs"] == 2
+    assert cost.loc["ppo (gt) β=0.05", "compute/pipeline_flops"] == 1e9  # its cheaper run did not reach the level
+    assert cost.loc["ppo (gt) β=0.05", "runs_reaching"] == 1 and (cost["method"] == "ppo").all()
 
 
 def test_across_seeds_per_sample_quantities_get_the_two_level_bootstrap(tmp_path):

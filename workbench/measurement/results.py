@@ -114,6 +114,9 @@ def results_table(runs, eval_name: str = "default") -> pd.DataFrame:
             cfg = evals[r["path"]]["config"]
             r.update(_win_vs(evals[r["path"]], evals[base["path"]], cfg["n_bootstrap"], cfg["seed"]))
             r["baseline_run"] = base["run"]
+    # one order whoever asks (a sweep passes its runs in job order, a runs root is read sorted by folder name), so the
+    # tables, figures and draft of one set of runs come out the same from the main job and from ``workbench paper``
+    rows.sort(key=lambda r: (setting(r), r["seed"] is None, r["seed"] or 0, r["run"]))
     table = pd.DataFrame(rows)
     table = table.drop(columns=["config"]) if len(table) else table
     table.attrs["eval_name"] = eval_name
@@ -332,14 +335,16 @@ def paired_arms(table: pd.DataFrame, key: str = "gold_score", n_boot: int = 1000
 
 def cost_to_reach(table: pd.DataFrame, level: float, metric: str = "eval/gold",
                   cost: str = "compute/pipeline_flops", strict: bool = False) -> pd.DataFrame:
-    """Per method: the least ``cost`` among its runs whose ``metric`` reached ``level`` (above it, with ``strict``;
-    NaN when none did), and how many runs reached it. With ``metric="eval/gold_vs_sft_lo"``, level 0 and ``strict``,
-    a run counts when it beats its SFT policy with a paired interval above 0."""
+    """Per setting (``setting``: as the tables name them, so PPO against the gold apart from PPO against the proxy):
+    the least ``cost`` among its runs whose ``metric`` reached ``level`` (above it, with ``strict``; NaN when none
+    did), and how many runs reached it. With ``metric="eval/gold_vs_sft_lo"``, level 0 and ``strict``, a run counts
+    when it beats its SFT policy with a paired interval above 0."""
     out = []
-    for method, g in table[table["method"].map(methods.role) != "reward-model"].groupby("method"):
-        if metric not in g or cost not in g:
-            continue
+    runs = table[table["method"].map(methods.role) != "reward-model"]
+    if not len(runs) or metric not in runs or cost not in runs:
+        return pd.DataFrame(out)
+    for name, g in runs.assign(setting=[setting(r) for _, r in runs.iterrows()]).groupby("setting"):
         ok = g[g[metric] > level] if strict else g[g[metric] >= level]
-        out.append({"method": method, "level": level, "runs": len(g), "runs_reaching": len(ok),
-                    cost: ok[cost].min() if len(ok) else np.nan})
+        out.append({"setting": name, "method": g["method"].iloc[0], "level": level, "runs": len(g),
+                    "runs_reaching": len(ok), cost: ok[cost].min() if len(ok) else np.nan})
     return pd.DataFrame(out)

@@ -129,7 +129,7 @@ def _compute(table: pd.DataFrame, agg: pd.DataFrame) -> str:
         cost = cost_to_reach(table[~table["method"].map(methods.role).isin(["start", "reward-model"])], 0.0, metric="eval/gold_vs_sft_lo",
                              strict=True)
         out += ("\n\nCost to beat the SFT policy's gold reward (the paired difference's 95% lower bound above 0): " +
-                "; ".join(f"{r['method']}: {_fmt(r['compute/pipeline_flops'])} FLOPs ({r['runs_reaching']}/{r['runs']} runs)"
+                "; ".join(f"{r['setting']}: {_fmt(r['compute/pipeline_flops'])} FLOPs ({r['runs_reaching']}/{r['runs']} runs)"
                           for _, r in cost.iterrows()) + ".")
     else:  # a point estimate against SFT's mean is no comparison: without a paired difference, no cost to reach
         out += ("\n\nNo run has a gold difference to its SFT policy paired by prompt (the evaluation had no gold reward "
