@@ -260,7 +260,7 @@ def fig_cost(table: pd.DataFrame, level: float | None = None) -> go.Figure:
     compute buys how much reward."""
     pol = _policies(table).dropna(subset=["compute/pipeline_flops", "eval/gold"]) if "eval/gold" in table else table.iloc[:0]
     fig = go.Figure()
-    pol = pol.assign(setting=[setting(r) for _, r in pol.iterrows()]) if len(pol) else pol.assign(setting=[])
+    pol = pol.assign(setting=[setting(r) for _, r in pol.iterrows()])
     for name, g in pol.groupby("setting"):  # one colour per setting, as in the tables: PPO and PPO-GT apart
         fig.add_trace(go.Scatter(x=g["compute/pipeline_flops"], y=g["eval/gold"], mode="markers", name=name,
                                  error_y=_err(g, "eval/gold"),

@@ -114,10 +114,6 @@ def check_checkpoint_every(checkpoint_every: int | None, run_id: str | None) -> 
                          "ways. Checkpoint on one process, or train without --checkpoint-every.")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Each field's help, for ``--help``, the notebooks' parameter docs and docs/config.md
-
-
 def check_vllm(cfg) -> None:
     """``use_vllm``, TRL's option of GRPO, RLOO and TRL's online DPO (generation by vLLM instead of
     ``model.generate``), asks here for what vLLM needs, before anything loads: vLLM installed (the ``vllm`` extra)
@@ -137,6 +133,10 @@ def check_vllm(cfg) -> None:
     if not torch.cuda.is_available():
         raise ValueError(f"use_vllm=True (vllm_mode={getattr(cfg, 'vllm_mode', None)!r}) needs a CUDA GPU: vLLM "
                          "generates on GPUs only. On this machine leave use_vllm off.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Each field's help, for ``--help``, the notebooks' parameter docs and docs/config.md
 
 
 def field_help(cls) -> dict[str, str]:
